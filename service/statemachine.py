@@ -1,0 +1,147 @@
+"""Explicit state machines: an enum, an allowed-transitions table, a typed error on a bad transition."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+
+
+class InvalidTransition(Exception):
+    """A state change the transitions table does not allow (HTTP 409)."""
+
+    def __init__(self, kind: str, current: enum.Enum, target: enum.Enum) -> None:
+        super().__init__(f"{kind} cannot go from {current.value!r} to {target.value!r}")
+        self.kind = kind
+        self.current = current
+        self.target = target
+
+
+class RunPhase(enum.StrEnum):
+    pending = "pending"
+    starting = "starting"
+    running = "running"
+    restarting = "restarting"
+    needs_attention = "needs_attention"
+    completed = "completed"
+    failed = "failed"
+    stopped = "stopped"
+
+
+class DesiredState(enum.StrEnum):
+    running = "running"
+    stopped = "stopped"
+
+
+RUN_TRANSITIONS: Mapping[RunPhase, frozenset[RunPhase]] = {
+    RunPhase.pending: frozenset({RunPhase.starting, RunPhase.stopped, RunPhase.failed}),
+    RunPhase.starting: frozenset(
+        {RunPhase.running, RunPhase.restarting, RunPhase.needs_attention, RunPhase.failed, RunPhase.stopped,
+         RunPhase.completed}
+    ),
+    RunPhase.running: frozenset(
+        {RunPhase.restarting, RunPhase.needs_attention, RunPhase.completed, RunPhase.failed, RunPhase.stopped}
+    ),
+    RunPhase.restarting: frozenset(
+        {RunPhase.starting, RunPhase.needs_attention, RunPhase.failed, RunPhase.stopped}
+    ),
+    # An operator (or the orchestrator after a repair) may resume a run that asked for help.
+    RunPhase.needs_attention: frozenset(
+        {RunPhase.starting, RunPhase.restarting, RunPhase.stopped, RunPhase.failed}
+    ),
+    # A stopped or failed run can be started again by hand; a completed run is final.
+    RunPhase.stopped: frozenset({RunPhase.starting}),
+    RunPhase.failed: frozenset({RunPhase.starting}),
+    RunPhase.completed: frozenset(),
+}
+
+TERMINAL_PHASES = frozenset({RunPhase.completed, RunPhase.failed, RunPhase.stopped})
+ACTIVE_PHASES = frozenset({RunPhase.starting, RunPhase.running, RunPhase.restarting})
+
+
+def check_run_transition(current: RunPhase, target: RunPhase) -> None:
+    if target not in RUN_TRANSITIONS[current]:
+        raise InvalidTransition("run", current, target)
+
+
+class NodeState(enum.StrEnum):
+    healthy = "healthy"
+    suspect = "suspect"
+    cordoned = "cordoned"
+    draining = "draining"
+    probation = "probation"
+    retired = "retired"
+
+
+NODE_TRANSITIONS: Mapping[NodeState, frozenset[NodeState]] = {
+    NodeState.healthy: frozenset({NodeState.suspect, NodeState.cordoned, NodeState.draining, NodeState.retired}),
+    NodeState.suspect: frozenset({NodeState.healthy, NodeState.cordoned, NodeState.draining, NodeState.retired}),
+    NodeState.draining: frozenset({NodeState.cordoned, NodeState.healthy, NodeState.retired}),
+    # Repair puts a node on probation; an operator may also put it straight back.
+    NodeState.cordoned: frozenset({NodeState.probation, NodeState.healthy, NodeState.retired}),
+    NodeState.probation: frozenset({NodeState.healthy, NodeState.suspect, NodeState.cordoned, NodeState.retired}),
+    # A retired (lemon) node returns only by an explicit operator action, to probation.
+    NodeState.retired: frozenset({NodeState.probation}),
+}
+
+SCHEDULABLE_NODE_STATES = frozenset({NodeState.healthy, NodeState.probation})
+
+
+def check_node_transition(current: NodeState, target: NodeState) -> None:
+    if target not in NODE_TRANSITIONS[current]:
+        raise InvalidTransition("node", current, target)
+
+
+class CheckpointState(enum.StrEnum):
+    writing = "writing"
+    committed = "committed"
+    verified = "verified"
+    corrupt = "corrupt"
+    deleted = "deleted"
+
+
+CHECKPOINT_TRANSITIONS: Mapping[CheckpointState, frozenset[CheckpointState]] = {
+    CheckpointState.writing: frozenset({CheckpointState.committed, CheckpointState.corrupt, CheckpointState.deleted}),
+    CheckpointState.committed: frozenset(
+        {CheckpointState.verified, CheckpointState.corrupt, CheckpointState.deleted}
+    ),
+    CheckpointState.verified: frozenset({CheckpointState.corrupt, CheckpointState.deleted}),
+    CheckpointState.corrupt: frozenset({CheckpointState.deleted, CheckpointState.verified}),
+    CheckpointState.deleted: frozenset(),
+}
+
+
+def check_checkpoint_transition(current: CheckpointState, target: CheckpointState) -> None:
+    if target not in CHECKPOINT_TRANSITIONS[current]:
+        raise InvalidTransition("checkpoint", current, target)
+
+
+class LogKind(enum.StrEnum):
+    failure = "failure"
+    diagnosis = "diagnosis"
+    action = "action"
+    decision = "decision"
+    note = "note"
+
+
+class Severity(enum.StrEnum):
+    info = "info"
+    warning = "warning"
+    error = "error"
+    critical = "critical"
+
+
+class Role(enum.StrEnum):
+    viewer = "viewer"
+    operator = "operator"
+    admin = "admin"
+    trainer = "trainer"
+
+
+class DiagnosticStatus(enum.StrEnum):
+    pending = "pending"
+    passed = "passed"
+    failed = "failed"
+    degraded = "degraded"
+    skipped = "skipped"
+    timeout = "timeout"
+    error = "error"
