@@ -20,8 +20,9 @@ class Settings(BaseSettings):
     mode: Literal["dev", "prod"] = Field("dev", description="`prod` refuses default secrets.")
     home: Path = Field(Path(".trainops"), description="State directory of the embedded mode.")
     database_url: str | None = Field(
-        None, description="SQLAlchemy URL; default sqlite:///<home>/trainops.db. "
-        "Production: postgresql+psycopg://user@host/db."
+        None,
+        description="SQLAlchemy URL; default sqlite:///<home>/trainops.db. "
+        "Production: postgresql+psycopg://user@host/db.",
     )
     broker_url: str | None = Field(None, description="Celery broker (redis://...); unset = in-process.")
     api_host: str = "127.0.0.1"

@@ -35,8 +35,14 @@ class DesiredState(enum.StrEnum):
 RUN_TRANSITIONS: Mapping[RunPhase, frozenset[RunPhase]] = {
     RunPhase.pending: frozenset({RunPhase.starting, RunPhase.stopped, RunPhase.failed}),
     RunPhase.starting: frozenset(
-        {RunPhase.running, RunPhase.restarting, RunPhase.needs_attention, RunPhase.failed, RunPhase.stopped,
-         RunPhase.completed}
+        {
+            RunPhase.running,
+            RunPhase.restarting,
+            RunPhase.needs_attention,
+            RunPhase.failed,
+            RunPhase.stopped,
+            RunPhase.completed,
+        }
     ),
     RunPhase.running: frozenset(
         {RunPhase.restarting, RunPhase.needs_attention, RunPhase.completed, RunPhase.failed, RunPhase.stopped}
@@ -73,12 +79,18 @@ class NodeState(enum.StrEnum):
 
 
 NODE_TRANSITIONS: Mapping[NodeState, frozenset[NodeState]] = {
-    NodeState.healthy: frozenset({NodeState.suspect, NodeState.cordoned, NodeState.draining, NodeState.retired}),
-    NodeState.suspect: frozenset({NodeState.healthy, NodeState.cordoned, NodeState.draining, NodeState.retired}),
+    NodeState.healthy: frozenset(
+        {NodeState.suspect, NodeState.cordoned, NodeState.draining, NodeState.retired}
+    ),
+    NodeState.suspect: frozenset(
+        {NodeState.healthy, NodeState.cordoned, NodeState.draining, NodeState.retired}
+    ),
     NodeState.draining: frozenset({NodeState.cordoned, NodeState.healthy, NodeState.retired}),
     # Repair puts a node on probation; an operator may also put it straight back.
     NodeState.cordoned: frozenset({NodeState.probation, NodeState.healthy, NodeState.retired}),
-    NodeState.probation: frozenset({NodeState.healthy, NodeState.suspect, NodeState.cordoned, NodeState.retired}),
+    NodeState.probation: frozenset(
+        {NodeState.healthy, NodeState.suspect, NodeState.cordoned, NodeState.retired}
+    ),
     # A retired (lemon) node returns only by an explicit operator action, to probation.
     NodeState.retired: frozenset({NodeState.probation}),
 }
@@ -100,7 +112,9 @@ class CheckpointState(enum.StrEnum):
 
 
 CHECKPOINT_TRANSITIONS: Mapping[CheckpointState, frozenset[CheckpointState]] = {
-    CheckpointState.writing: frozenset({CheckpointState.committed, CheckpointState.corrupt, CheckpointState.deleted}),
+    CheckpointState.writing: frozenset(
+        {CheckpointState.committed, CheckpointState.corrupt, CheckpointState.deleted}
+    ),
     CheckpointState.committed: frozenset(
         {CheckpointState.verified, CheckpointState.corrupt, CheckpointState.deleted}
     ),

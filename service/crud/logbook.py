@@ -60,7 +60,7 @@ def list_logbook(
         query = query.where(LogEntry.kind.in_(list(kinds)))
     if min_severity is not None:
         order = list(Severity)
-        query = query.where(LogEntry.severity.in_(order[order.index(min_severity):]))
+        query = query.where(LogEntry.severity.in_(order[order.index(min_severity) :]))
     if since is not None:
         query = query.where(LogEntry.time >= since)
     if until is not None:

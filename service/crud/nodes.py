@@ -63,7 +63,9 @@ def register_node(
     )
     created = node is None
     if node is None:
-        node = Node(hostname=hostname, labels=labels or {}, state=NodeState.healthy, state_changed_at=utcnow())
+        node = Node(
+            hostname=hostname, labels=labels or {}, state=NodeState.healthy, state_changed_at=utcnow()
+        )
         session.add(node)
     elif labels is not None:
         node.labels = labels
@@ -94,7 +96,12 @@ def _replace_gpus(session: Session, node: Node, gpus: Sequence[dict[str, Any]]) 
         gpu = by_index.get(int(spec["index"]))
         if gpu is None:
             node.gpus.append(
-                Gpu(index=int(spec["index"]), uuid=spec["uuid"], model=spec["model"], memory_mb=spec["memory_mb"])
+                Gpu(
+                    index=int(spec["index"]),
+                    uuid=spec["uuid"],
+                    model=spec["model"],
+                    memory_mb=spec["memory_mb"],
+                )
             )
         else:
             gpu.uuid, gpu.model, gpu.memory_mb = spec["uuid"], spec["model"], spec["memory_mb"]
@@ -143,13 +150,15 @@ def transition_node(
     return node
 
 
-def cordon_node(session: Session, *, hostname: str, reason: str, author: str,
-                evidence: dict[str, Any] | None = None) -> Node:
+def cordon_node(
+    session: Session, *, hostname: str, reason: str, author: str, evidence: dict[str, Any] | None = None
+) -> Node:
     node = get_node(session, hostname=hostname, for_update=True)
     if node.state == NodeState.retired:
         raise Conflict(f"node {hostname} is retired; put it on probation before cordoning it")
-    return transition_node(session, node=node, target=NodeState.cordoned, reason=reason, author=author,
-                           evidence=evidence)
+    return transition_node(
+        session, node=node, target=NodeState.cordoned, reason=reason, author=author, evidence=evidence
+    )
 
 
 def uncordon_node(session: Session, *, hostname: str, reason: str, author: str) -> Node:
