@@ -1,0 +1,259 @@
+"""Rank 0's reporting to the control plane (docs/reporting-contract.md), off the training thread.
+
+`make_reporter` returns a do-nothing `NullReporter` when `TRAINOPS_API_URL` is unset. Otherwise `HttpReporter`:
+the loop calls `metric()` / `heartbeat()` / `checkpoint()` (non-blocking: a bounded queue; when it is full the
+record goes straight to the spool file). A background thread sends a batch every `interval_s`. Whatever cannot
+be delivered (control plane down, 5xx, timeout) is appended to `spool/pending.jsonl`; before any new batch the
+spool is replayed in order, so no metric is lost and nothing is reordered past a failure. The server is idempotent
+on (run, attempt, step) and (run, path), so a replay after a half-delivered batch is harmless. A spool left by a
+previous attempt is replayed by the next one. Heartbeats are only useful live, so they are never spooled.
+A 4xx answer (other than 408/429) means the server rejects the payload: it is moved to `spool/rejected.jsonl`
+instead of blocking the spool forever.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+MAX_POINTS_PER_REQUEST = 10_000
+
+
+class NullReporter:
+    def metric(self, point: dict[str, Any]) -> None:
+        """Reporting disabled (no TRAINOPS_API_URL)."""
+
+    def heartbeat(self, step: int) -> None:
+        """Reporting disabled."""
+
+    def checkpoint(self, body: dict[str, Any]) -> None:
+        """Reporting disabled."""
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Nothing to flush."""
+
+
+class _Retry(Exception):
+    """Delivery failed in a way that may succeed later."""
+
+
+class Spool:
+    """Append-only JSONL of undelivered records, rewritten atomically after a (partial) replay."""
+
+    def __init__(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.path = directory / "pending.jsonl"
+        self.rejected = directory / "rejected.jsonl"
+        self.lock = threading.Lock()
+
+    def append(self, records: list[dict[str, Any]]) -> None:
+        if not records:
+            return
+        with self.lock, self.path.open("a") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in records))
+            f.flush()
+            os.fsync(f.fileno())
+
+    def read(self) -> list[dict[str, Any]]:
+        with self.lock:
+            if not self.path.exists():
+                return []
+            lines = self.path.read_text().splitlines()
+        out = []
+        for line in lines:
+            try:
+                out.append(json.loads(line))
+            except ValueError:  # a line torn by a crash mid-append
+                continue
+        return out
+
+    def drop_first(self, n: int) -> None:
+        """Remove the first n records (delivered), keeping anything appended meanwhile."""
+        with self.lock:
+            lines = self.path.read_text().splitlines(keepends=True) if self.path.exists() else []
+            rest = lines[n:]
+            tmp = self.path.with_name(".pending.tmp")
+            tmp.write_text("".join(rest))
+            os.replace(tmp, self.path)
+
+    def reject(self, records: list[dict[str, Any]], reason: str) -> None:
+        with self.lock, self.rejected.open("a") as f:
+            f.write("".join(json.dumps({"reason": reason, **r}) + "\n" for r in records))
+
+
+class HttpReporter:
+    def __init__(self, *, url: str, token: str, run_id: int, attempt: int, rank: int, host: str, spool_dir: Path,
+                 interval_s: float = 1.0, queue_size: int = 10_000, log: Callable[[str], None] = print,
+                 transport: httpx.BaseTransport | None = None) -> None:
+        self.run_id, self.attempt, self.rank, self.host = run_id, attempt, rank, host
+        self.interval_s = interval_s
+        self.log = log
+        self.spool = Spool(spool_dir)
+        self.queue: queue.Queue[dict[str, Any]] = queue.Queue(maxsize=queue_size)
+        self.client = httpx.Client(base_url=url.rstrip("/"), headers={"Authorization": f"Bearer {token}"},
+                                   timeout=5.0, transport=transport)
+        self._heartbeat: int | None = None
+        self._heartbeat_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._down_since: float | None = None
+        self._thread = threading.Thread(target=self._run, name="trainops-reporter", daemon=True)
+        self._thread.start()
+
+    # -- called from the training loop: never blocks on the network -------------------------------------------
+    def metric(self, point: dict[str, Any]) -> None:
+        self._enqueue({"kind": "metrics", "attempt": self.attempt, "point": point})
+
+    def checkpoint(self, body: dict[str, Any]) -> None:
+        self._enqueue({"kind": "checkpoint", "body": {"attempt": self.attempt, **body}})
+
+    def heartbeat(self, step: int) -> None:
+        with self._heartbeat_lock:
+            self._heartbeat = step
+
+    def _enqueue(self, record: dict[str, Any]) -> None:
+        try:
+            self.queue.put_nowait(record)
+        except queue.Full:
+            self.spool.append([record])
+
+    # -- background thread --------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.flush_once()
+        self.flush_once()
+
+    def _drain(self) -> list[dict[str, Any]]:
+        batch = []
+        while True:
+            try:
+                batch.append(self.queue.get_nowait())
+            except queue.Empty:
+                return batch
+
+    def flush_once(self) -> bool:
+        """Replay the spool, then send what is queued; spool whatever fails. True if everything got through."""
+        batch = self._drain()
+        if self._replay_spool():
+            delivered = self._deliver_all(batch)
+        else:  # still down: queue behind the spool, in order
+            self.spool.append(batch)
+            delivered = False
+        self._send_heartbeat()
+        return delivered
+
+    def _replay_spool(self) -> bool:
+        pending = self.spool.read()
+        if not pending:
+            return True
+        done = 0
+        try:
+            for group in _groups(pending):
+                self._post(group)
+                done += len(group)
+        except _Retry:
+            return False
+        finally:
+            if done:
+                self.spool.drop_first(done)
+        self.log(f"reporter: replayed {done} spooled records")
+        return True
+
+    def _deliver_all(self, batch: list[dict[str, Any]]) -> bool:
+        if not batch:
+            return True
+        groups = _groups(batch)
+        for i, group in enumerate(groups):
+            try:
+                self._post(group)
+            except _Retry:
+                self.spool.append([r for g in groups[i:] for r in g])
+                return False
+        return True
+
+    def _post(self, group: list[dict[str, Any]]) -> None:
+        if group[0]["kind"] == "metrics":
+            url = f"/api/v1/runs/{self.run_id}/metrics"
+            body = {"attempt": group[0]["attempt"], "points": [r["point"] for r in group]}
+        else:
+            url = f"/api/v1/runs/{self.run_id}/checkpoints"
+            body = group[0]["body"]
+        try:
+            response = self.client.post(url, json=body)
+        except httpx.HTTPError as e:
+            self._mark_down(str(e))
+            raise _Retry from e
+        if response.status_code >= 500 or response.status_code in (408, 429):
+            self._mark_down(f"HTTP {response.status_code}")
+            raise _Retry
+        if response.status_code >= 400:
+            self.log(f"reporter: {url} rejected {len(group)} records: HTTP {response.status_code} {response.text}")
+            self.spool.reject(group, f"HTTP {response.status_code}")
+        if self._down_since is not None:
+            self.log(f"reporter: control plane back after {time.time() - self._down_since:.1f}s")
+            self._down_since = None
+
+    def _mark_down(self, why: str) -> None:
+        if self._down_since is None:
+            self._down_since = time.time()
+            self.log(f"reporter: control plane unreachable ({why}); spooling to {self.spool.path}")
+
+    def _send_heartbeat(self) -> None:
+        with self._heartbeat_lock:
+            step, self._heartbeat = self._heartbeat, None
+        if step is None or self._down_since is not None:
+            return
+        try:
+            self.client.post(f"/api/v1/runs/{self.run_id}/heartbeats",
+                             json={"attempt": self.attempt, "rank": self.rank, "host": self.host, "step": step})
+        except httpx.HTTPError:
+            pass  # a missed heartbeat is superseded by the next one
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Final flush (bounded); anything undelivered stays in the spool for the next attempt."""
+        self._stop.set()
+        self._thread.join(timeout_s)
+        leftover = self._drain()
+        self.spool.append(leftover)
+        self.client.close()
+
+
+def _groups(records: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """Consecutive metrics of one attempt become one request (<= 10,000 points); each checkpoint is its own."""
+    groups: list[list[dict[str, Any]]] = []
+    for r in records:
+        last = groups[-1] if groups else None
+        if (last and r["kind"] == "metrics" and last[0]["kind"] == "metrics"
+                and last[0]["attempt"] == r["attempt"] and len(last) < MAX_POINTS_PER_REQUEST):
+            last.append(r)
+        else:
+            groups.append([r])
+    return groups
+
+
+def host_for_rank(rank: int, world: int) -> str:
+    """Contract: with N hosts and W ranks, rank r runs on hosts[r * N // W]."""
+    hosts = [h for h in os.environ.get("TRAINOPS_HOSTS", "").split(",") if h.strip()]
+    if not hosts:
+        return os.uname().nodename
+    return hosts[rank * len(hosts) // world].strip()
+
+
+def make_reporter(*, rank: int, world: int, spool_dir: Path, interval_s: float,
+                  log: Callable[[str], None]) -> HttpReporter | NullReporter:
+    """HttpReporter on rank 0 when TRAINOPS_API_URL is set, else NullReporter."""
+    url = os.environ.get("TRAINOPS_API_URL")
+    if rank != 0 or not url:
+        return NullReporter()
+    return HttpReporter(url=url, token=os.environ.get("TRAINOPS_TOKEN", ""),
+                        run_id=int(os.environ.get("TRAINOPS_RUN_ID", "0")),
+                        attempt=int(os.environ.get("TRAINOPS_ATTEMPT", "1")),
+                        rank=rank, host=host_for_rank(rank, world), spool_dir=spool_dir, interval_s=interval_s,
+                        log=log)

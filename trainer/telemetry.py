@@ -1,0 +1,125 @@
+"""Per-step signals the OPT team used to decide restarts, and the local files that record them.
+
+- `ActivationNorm`: forward hook on the final block; accumulates the squared L2 norm of its output on the device
+  (no host sync). Reported value: sqrt(sum over all ranks and tokens of ||h_t||^2 / tokens), the root-mean-square
+  per-token L2 norm, which does not change with batch size or world size.
+- `StepStats`: the one all_reduce per step of [loss, act sum of squares, act tokens, grad sum of squares].
+- `HeartbeatFile`: `heartbeats/rank{R}.json`, rewritten atomically after every step by the training loop itself,
+  so a hung loop leaves a stale step for the orchestrator to see.
+- `MetricsFile`: `metrics/rank{R}.jsonl`, one JSON line per step (rank 0's is the full record).
+Disabled telemetry swaps in the `Null*` objects; the loop does not branch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+# Dense fp16/bf16 peak TFLOP/s per device, for MFU. OPT reached 147 TFLOP/s per A100 (47% of 312).
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "A10G": 125.0, "L4": 121.0, "V100": 125.0}
+OPT_A100_TFLOPS = 147.0
+
+
+def device_peak_tflops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+class ActivationNorm:
+    def __init__(self, module: nn.Module, device: torch.device) -> None:
+        self.sumsq = torch.zeros((), dtype=torch.float32, device=device)
+        self.tokens = 0
+        module.register_forward_hook(self._hook)
+
+    def _hook(self, module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+        if not module.training:  # validation passes do not count
+            return
+        self.sumsq += torch.linalg.vector_norm(output.detach(), dtype=torch.float32).square()
+        self.tokens += output.shape[0] * output.shape[1]
+
+    def take(self) -> tuple[torch.Tensor, int]:
+        out = (self.sumsq.clone(), self.tokens)
+        self.sumsq.zero_()
+        self.tokens = 0
+        return out
+
+
+class NullActivationNorm:
+    def __init__(self, device: torch.device) -> None:
+        self._zero = torch.zeros((), dtype=torch.float32, device=device)
+
+    def take(self) -> tuple[torch.Tensor, int]:
+        return self._zero, 0
+
+
+def reduce_step_stats(loss: torch.Tensor, act_sumsq: torch.Tensor, act_tokens: int, grad_sumsq: torch.Tensor,
+                      world: int) -> tuple[float, float | None, float]:
+    """One all_reduce -> (mean loss over ranks, global act norm or None, global grad norm). Non-finite values
+    propagate, so every rank sees the same overflow/divergence verdict."""
+    stats = torch.stack([loss.double(), act_sumsq.double(), torch.tensor(float(act_tokens), dtype=torch.float64,
+                         device=loss.device), grad_sumsq.double()])
+    dist.all_reduce(stats)
+    loss_sum, act_sq, tokens, grad_sq = stats.tolist()
+    act_norm = math.sqrt(act_sq / tokens) if tokens > 0 else None
+    return loss_sum / world, act_norm, math.sqrt(grad_sq) if grad_sq >= 0 else float("nan")
+
+
+def atomic_write_json(path: Path, obj: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
+
+
+class HeartbeatFile:
+    def __init__(self, directory: Path, *, rank: int, host: str) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.path = directory / f"rank{rank}.json"
+        self.fixed = {"host": host, "pid": os.getpid(), "rank": rank}
+
+    def beat(self, step: int) -> None:
+        atomic_write_json(self.path, {"step": step, "time": time.time(), **self.fixed})
+
+
+class NullHeartbeat:
+    def beat(self, step: int) -> None:
+        """Heartbeats disabled."""
+
+
+class MetricsFile:
+    def __init__(self, directory: Path, *, rank: int) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self._file = (directory / f"rank{rank}.jsonl").open("a", buffering=1)
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class NullMetricsFile:
+    def write(self, record: dict[str, Any]) -> None:
+        """Local metrics disabled."""
+
+    def close(self) -> None:
+        """Nothing to close."""
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """Records of a metrics file; for a step logged by several attempts, the last one wins."""
+    by_step: dict[int, dict[str, Any]] = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            by_step[record["step"]] = record
+    return [by_step[s] for s in sorted(by_step)]

@@ -1,0 +1,407 @@
+"""Embedded OPT trainer: FSDP2, dynamic loss scaling, activation-norm telemetry, atomic checkpoints, exact resume.
+
+Launch (see docs/trainer.md):
+
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --nnodes 1 --nproc-per-node 2 --rdzv-backend c10d \\
+        --rdzv-endpoint 127.0.0.1:29500 -m trainer.train --preset tiny --max-steps 40 --run-dir runs/demo
+
+Exit codes (docs/reporting-contract.md): 0 reached max_steps, 2 bad configuration, 42 diverged (non-finite loss
+on some rank; metrics flushed first), anything else is a crash.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import os
+import socket
+import statistics
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.fsdp import FSDPModule, fully_shard
+
+from trainer.checkpoint import Checkpointer, CheckpointInfo, dir_size, latest_valid_checkpoint, verify_checkpoint
+from trainer.config import ConfigError, TrainConfig, parse_args
+from trainer.data import TokenStream, prepare_tokens
+from trainer.faults import FaultInjector, faults_from_env
+from trainer.model import PRESETS, OPTModel, build_model, flops_per_token, init_weights, preset_model_config
+from trainer.precision import DynamicLossScaler, mixed_precision_policy
+from trainer.reporting import NullReporter, host_for_rank, make_reporter
+from trainer.schedule import LRSchedule
+from trainer.telemetry import (
+    ActivationNorm,
+    HeartbeatFile,
+    MetricsFile,
+    NullActivationNorm,
+    NullHeartbeat,
+    NullMetricsFile,
+    device_peak_tflops,
+    reduce_step_stats,
+)
+
+EXIT_OK, EXIT_CONFIG, EXIT_DIVERGED = 0, 2, 42
+WINDOW = 50  # recent loss / act-norm values kept in checkpoint metadata
+
+
+class RunLog:
+    """`trainer.log`, shared by all ranks (O_APPEND line writes); rank 0 also prints."""
+
+    def __init__(self, path: Path, rank: int) -> None:
+        self.rank = rank
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+
+    def __call__(self, message: str) -> None:
+        line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} rank{self.rank} {message}\n"
+        os.write(self.fd, line.encode())
+        if self.rank == 0:
+            print(line, end="", flush=True)
+
+
+def init_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
+    """torchrun env (or a single local process when launched without it); explicit PG timeout."""
+    if "RANK" not in os.environ:  # plain `python -m trainer.train`: a world of one
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // local_world))
+    dist.init_process_group("cpu:gloo,cuda:nccl" if use_cuda else "gloo",
+                            timeout=timedelta(seconds=cfg.pg_timeout_s))
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def shard_model(model: OPTModel, precision: str, world: int, predivide: bool, device: torch.device) -> float:
+    """FSDP2 per block, then the root (embeddings, final LN); returns the loss pre-divide factor.
+
+    OPT's gradient pre-divide: instead of averaging by N after the reduction, divide by sqrt(N) before (folded into
+    the loss multiplier) and by sqrt(N) after (FSDP's divide factor with a plain sum reduction).
+    """
+    policy = mixed_precision_policy(precision)
+    for block in model.layers:
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    if predivide and world > 1:
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.set_gradient_divide_factor(math.sqrt(world))
+                module.set_force_sum_reduction_for_comms(True)
+        return 1.0 / math.sqrt(world)
+    return 1.0
+
+
+def build_optimizer(model: OPTModel, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW (0.9, 0.95), decoupled weight decay 0.1 on matrices; none on biases and LayerNorm gains."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}],
+                             lr=0.0, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps)
+
+
+def local_grads(model: OPTModel) -> list[torch.Tensor]:
+    return [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+            for p in model.parameters() if p.grad is not None]
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    state: dict[str, Any] = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def finite_or_none(x: float | None) -> float | None:
+    return x if x is not None and math.isfinite(x) else None
+
+
+def resolve_batch(cfg: TrainConfig, seq_len: int, world: int) -> tuple[int, int]:
+    """(global batch tokens, gradient-accumulation steps)."""
+    batch_tokens = cfg.global_batch_tokens or PRESETS[cfg.preset].batch_tokens
+    per_micro = seq_len * cfg.micro_batch_size * world
+    if batch_tokens % per_micro:
+        raise ConfigError(f"global batch of {batch_tokens} tokens is not a multiple of seq_len x micro_batch_size"
+                          f" x world = {seq_len} x {cfg.micro_batch_size} x {world}")
+    return batch_tokens, batch_tokens // per_micro
+
+
+def validate(model: OPTModel, stream: TokenStream, cfg: TrainConfig, rank: int, world: int,
+             device: torch.device) -> float:
+    model.eval()
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    with torch.no_grad():
+        for batch in stream.val_batches(n_batches=cfg.val_batches, rank=rank, world=world,
+                                        micro_batch=cfg.micro_batch_size):
+            logits = model(batch.inputs.to(device))
+            total += F.cross_entropy(logits.float().flatten(0, 1), batch.targets.to(device).flatten())
+    dist.all_reduce(total)
+    model.train()
+    return total.item() / (cfg.val_batches * world)
+
+
+def train(cfg: TrainConfig) -> int:
+    rank, world, device = init_distributed(cfg)
+    run_dir = Path(cfg.run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log = RunLog(run_dir / "trainer.log", rank)
+    attempt = int(os.environ.get("TRAINOPS_ATTEMPT", "1"))
+    host = host_for_rank(rank, world)
+    log(f"start attempt={attempt} world={world} device={device} host={host} pid={os.getpid()} config={cfg.to_json()}")
+
+    # ---- data: tokenizer + token array built once on rank 0, read by all ----
+    preset = PRESETS[cfg.preset]
+    seq_len = cfg.seq_len or preset.model.max_seq_len
+    batch_tokens, accum = resolve_batch(cfg, seq_len, world)
+    if rank == 0:
+        prepare_tokens(corpus=cfg.corpus, cache_dir=run_dir / "cache",
+                       vocab_size=cfg.bpe_vocab_size or preset.model.vocab_size, tokenizer_dir=cfg.tokenizer_dir)
+    dist.barrier()
+    tok_path, ids_path = prepare_tokens(corpus=cfg.corpus, cache_dir=run_dir / "cache",
+                                        vocab_size=cfg.bpe_vocab_size or preset.model.vocab_size,
+                                        tokenizer_dir=cfg.tokenizer_dir)
+    tokens = np.load(ids_path)
+    stream = TokenStream(tokens, seq_len=seq_len, seed=cfg.seed)
+
+    # ---- model: meta -> FSDP2 shards -> materialise -> seeded init (identical at any world size) ----
+    model_cfg = preset_model_config(cfg.preset, max_seq_len=seq_len,
+                                    dropout=preset.model.dropout if cfg.dropout is None else cfg.dropout)
+    if int(tokens.max()) >= model_cfg.vocab_size:
+        raise ConfigError(f"tokenizer ids reach {int(tokens.max())} but the model's vocab is {model_cfg.vocab_size}")
+    model = build_model(model_cfg)
+    loss_multiplier = shard_model(model, cfg.precision, world, cfg.grad_predivide, device)
+    model.to_empty(device=device)
+    init_weights(model, cfg.seed)
+    model.train()
+    optimizer = build_optimizer(model, cfg)
+    torch.manual_seed(cfg.seed * 1000 + rank + 1)  # dropout stream, distinct per rank
+    log(f"model {cfg.preset}: {model.num_params():,} parameters, seq_len={seq_len}, batch={batch_tokens} tokens "
+        f"(micro {cfg.micro_batch_size} x accum {accum} x world {world}), precision={cfg.precision}")
+
+    # ---- components (disabled ones are do-nothing objects) ----
+    faults = FaultInjector(cfg.fault, rank=rank, log=log)
+    scaler = DynamicLossScaler.for_precision(cfg.precision, initial=cfg.initial_loss_scale,
+                                             window=cfg.loss_scale_window, floor=cfg.min_loss_scale)
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else (
+        preset.warmup_steps or math.ceil((preset.warmup_tokens or 0) / batch_tokens))
+    schedule = LRSchedule(peak_lr=cfg.lr or preset.peak_lr, warmup_steps=warmup,
+                          total_steps=math.ceil((cfg.total_tokens or preset.total_tokens) / batch_tokens),
+                          min_ratio=cfg.min_lr_ratio, scale=cfg.lr_scale or 1.0)
+    clip = cfg.clip or 1.0
+    reporter = (make_reporter(rank=rank, world=world, spool_dir=run_dir / "spool", interval_s=cfg.report_interval_s,
+                              log=log) if cfg.telemetry else NullReporter())
+    heartbeat = HeartbeatFile(run_dir / "heartbeats", rank=rank, host=host) if cfg.telemetry else NullHeartbeat()
+    metrics = MetricsFile(run_dir / "metrics", rank=rank) if cfg.telemetry else NullMetricsFile()
+    act_norm_hook = ActivationNorm(model.final_block, device) if cfg.telemetry else NullActivationNorm(device)
+
+    def on_commit(info: CheckpointInfo, checksum: str) -> None:
+        reporter.checkpoint({
+            "step": info.step, "tokens": info.meta["tokens"], "path": str(info.path),
+            "size_bytes": dir_size(info.path), "checksum": checksum, "state": "committed",
+            "loss_scale": info.meta["loss_scale"], "lr": info.meta["lr"], "clip": info.meta["clip"],
+            "loss": finite_or_none(info.meta["loss"]), "act_norm": finite_or_none(info.meta["act_norm"]),
+            "metadata": {k: info.meta[k] for k in ("loss_window", "act_norm_window", "data_position", "attempt")},
+        })
+
+    checkpointer = Checkpointer(run_dir / "checkpoints", rank=rank, mode=cfg.checkpoint_mode,
+                                keep=cfg.keep_checkpoints, on_commit=on_commit,
+                                before_marker=faults.in_checkpoint_commit, log=log)
+
+    # ---- resume and overrides ----
+    step, tokens_seen, data_position = 0, 0, 0
+    loss_window: collections.deque[float] = collections.deque(maxlen=WINDOW)
+    act_window: collections.deque[float] = collections.deque(maxlen=WINDOW)
+    overrides: dict[str, float] = {}
+    if cfg.resume_from:
+        ckpt = (latest_valid_checkpoint(run_dir / "checkpoints") if cfg.resume_from == "latest"
+                else Path(cfg.resume_from))
+        if isinstance(ckpt, Path):
+            ok, reason = verify_checkpoint(ckpt)
+            if not ok:
+                raise ConfigError(f"checkpoint {ckpt} is not loadable: {reason}")
+        ckpt_path = ckpt.path if isinstance(ckpt, CheckpointInfo) else ckpt
+        if ckpt_path is None:
+            log("resume_from=latest: no committed checkpoint yet, starting fresh")
+        else:
+            meta, rng = checkpointer.load(ckpt_path, model, optimizer)
+            step, tokens_seen, data_position = meta["step"], meta["tokens"], meta["data_position"]
+            loss_window.extend(meta["loss_window"])
+            act_window.extend(meta["act_norm_window"])
+            scaler.load_state_dict(meta["scaler"])
+            schedule.peak_lr, schedule.scale = meta["schedule"]["peak_lr"], meta["schedule"]["scale"]
+            clip = meta["clip"]
+            if rng is not None:
+                set_rng_state(rng, device)
+            else:
+                log(f"no RNG state for rank {rank} in {ckpt_path} (world size changed); dropout stream reseeded")
+            overrides["resumed_from_step"] = step
+            log(f"resumed from {ckpt_path} at step {step}, {tokens_seen} tokens")
+    if cfg.lr is not None:
+        schedule.peak_lr = overrides["lr"] = cfg.lr
+    if cfg.lr_scale is not None:
+        schedule.scale = overrides["lr_scale"] = cfg.lr_scale
+    if cfg.clip is not None:
+        clip = overrides["clip"] = cfg.clip
+    if cfg.reset_loss_scale:
+        scaler.scale, scaler.clean_steps = (cfg.initial_loss_scale if scaler.enabled else 1.0), 0
+        overrides["reset_loss_scale"] = 1.0
+    if cfg.skip_batches:
+        data_position += cfg.skip_batches
+        overrides["skip_batches"] = cfg.skip_batches
+    for key, value in overrides.items():
+        log(f"override applied: {key}={value}")
+    if rank == 0 and overrides:
+        with (run_dir / "overrides.jsonl").open("a") as f:
+            f.write(json.dumps({"attempt": attempt, "step": step, "time": time.time(), **overrides}) + "\n")
+
+    flops_token = flops_per_token(model_cfg, seq_len)
+    peak_tflops = cfg.peak_tflops or device_peak_tflops(device)
+    step_times: list[float] = []
+    first_step = step + 1
+    heartbeat.beat(step)
+
+    # ---- the loop ----
+    while step < cfg.max_steps:
+        step += 1
+        faults.at_step_start(step)
+        t0 = time.perf_counter()
+        lr = schedule.lr_at(step) * faults.lr_factor(step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        loss_sum = torch.zeros((), dtype=torch.float32, device=device)
+        for micro in range(accum):
+            batch = stream.batch(step_index=data_position, micro_index=micro, rank=rank, world=world,
+                                 micro_batch=cfg.micro_batch_size, accum_steps=accum)
+            logits = model(batch.inputs.to(device, non_blocking=True))
+            loss = F.cross_entropy(logits.float().flatten(0, 1), batch.targets.to(device).flatten())
+            (loss * (scaler.scale * loss_multiplier / accum)).backward()
+            loss_sum += loss.detach()
+        faults.after_backward(step, model)
+
+        # Unscale the local gradient shards, then one all_reduce for loss, activation norm and grad norm.
+        grads = local_grads(model)
+        torch._foreach_mul_(grads, 1.0 / scaler.scale)
+        grad_sumsq = torch.stack(torch._foreach_norm(grads)).float().square().sum() if grads else loss_sum * 0
+        act_sumsq, act_tokens = act_norm_hook.take()
+        loss_value, act_norm, grad_norm = reduce_step_stats(loss_sum / accum, act_sumsq, act_tokens, grad_sumsq,
+                                                            world)
+
+        overflow = not math.isfinite(grad_norm)
+        if overflow or not math.isfinite(loss_value):
+            optimizer.zero_grad(set_to_none=True)
+        else:
+            clip_coef = clip / (grad_norm + 1e-6)
+            if clip_coef < 1.0:
+                torch._foreach_mul_(grads, clip_coef)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        scaler.update(overflow=overflow)
+        tokens_seen += batch_tokens
+        data_position += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        step_time = time.perf_counter() - t0
+        step_times.append(step_time)
+
+        tokens_per_s = batch_tokens / step_time
+        tflops = flops_token * tokens_per_s / world / 1e12
+        values: dict[str, float | None] = {"overflow": float(overflow), "grad_accum": float(accum)}
+        if peak_tflops:
+            values["mfu"] = tflops / peak_tflops
+        if cfg.val_interval and step % cfg.val_interval == 0:
+            val_loss = validate(model, stream, cfg, rank, world, device)
+            values.update(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50.0)))
+        if step == first_step and overrides:
+            values.update({f"override_{k}": float(v) for k, v in overrides.items()})
+        point = {"step": step, "time": time.time(), "tokens": tokens_seen, "loss": loss_value,
+                 "grad_norm": grad_norm, "loss_scale": scaler.scale, "act_norm": act_norm, "lr": lr, "clip": clip,
+                 "tokens_per_s": tokens_per_s, "tflops_per_gpu": tflops, "step_time_s": step_time,
+                 "values": values}
+        metrics.write({**point, "attempt": attempt, "rank": rank})
+        reporter.metric(_json_safe(point))
+        reporter.heartbeat(step)
+        heartbeat.beat(step)
+
+        if not math.isfinite(loss_value):  # divergence guard: same verdict on every rank (reduced loss)
+            log(f"diverged: non-finite loss {loss_value} at step {step}; flushing metrics and exiting "
+                f"{EXIT_DIVERGED}")
+            checkpointer.close()
+            metrics.close()
+            reporter.close()
+            dist.destroy_process_group()
+            return EXIT_DIVERGED
+
+        loss_window.append(loss_value)
+        if act_norm is not None:
+            act_window.append(act_norm)
+        if (cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0) or step == cfg.max_steps:
+            meta = {"step": step, "tokens": tokens_seen, "data_position": data_position, "attempt": attempt,
+                    "time": time.time(), "loss": loss_value, "act_norm": act_norm, "loss_scale": scaler.scale,
+                    "lr": lr, "clip": clip, "loss_window": list(loss_window), "act_norm_window": list(act_window),
+                    "scaler": scaler.state_dict(), "schedule": schedule.state_dict(), "world_size": world,
+                    "preset": cfg.preset, "precision": cfg.precision, "seq_len": seq_len,
+                    "batch_tokens": batch_tokens}
+            stall = checkpointer.save(step, model, optimizer, meta, rng_state(device))
+            log(f"checkpoint of step {step} started ({cfg.checkpoint_mode}); loop blocked {stall:.3f}s")
+
+    checkpointer.close()
+    metrics.close()
+    reporter.close()
+    if rank == 0:
+        steady = step_times[2:] or step_times
+        median = statistics.median(steady) if steady else float("nan")
+        summary = {"steps": len(step_times), "final_step": step, "median_step_time_s": median,
+                   "tokens_per_s": batch_tokens / median if steady else None,
+                   "tflops_per_device": flops_token * batch_tokens / median / world / 1e12 if steady else None,
+                   "peak_tflops": peak_tflops, "world_size": world, "batch_tokens": batch_tokens}
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        log(f"done at step {step}: {json.dumps(summary)}")
+    dist.destroy_process_group()
+    return EXIT_OK
+
+
+def _json_safe(point: dict[str, Any]) -> dict[str, Any]:
+    """Strict JSON for the control plane: non-finite numbers become null (not measured / not representable)."""
+    out = {k: finite_or_none(v) if isinstance(v, float) else v for k, v in point.items() if k != "values"}
+    out["values"] = {k: finite_or_none(v) for k, v in point["values"].items()}
+    if point["loss"] is not None and not math.isfinite(point["loss"]):
+        out["values"]["nonfinite_loss"] = 1.0
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = parse_args(sys.argv[1:] if argv is None else argv)
+        if env_faults := faults_from_env():
+            cfg = TrainConfig(**{**cfg.__dict__, "fault": [*cfg.fault, *env_faults]})
+        return train(cfg)
+    except ConfigError as e:
+        print(f"trainer: error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+
+
+if __name__ == "__main__":
+    sys.exit(main())
