@@ -7,14 +7,16 @@ Layout of `<run_dir>/checkpoints/`:
         __0_0.distcp ...     DCP shards of model + optimizer (fp32 master weights, Adam state)
         .metadata            DCP index
         rng_rank{R}.pt       per-rank RNG states (dropout streams)
-        meta.json            step, tokens, loss scale, LR, clip, loss/act-norm windows, data position, scheduler
+        meta.json            step, tokens, loss scale, LR, clip, loss/act-norm windows, data position,
+        scheduler
         manifest.json        size and sha256 of every file above
         COMMITTED            marker, written last
         PINNED               optional: retention never deletes this one (written by the orchestrator)
 
 Commit protocol: all files are written (and fsynced) into `.tmp_step_N`, rank 0 writes the manifest, renames
 the directory to `step_N`, fsyncs the parent, then writes `COMMITTED`. A directory without the marker, with a
-missing/extra/changed file, or with a bad manifest is reported invalid by `verify_checkpoint` and never chosen.
+missing/extra/changed file, or with a bad manifest is reported invalid by `verify_checkpoint` and never
+chosen.
 
 Everything above `Checkpointer` works without torch.distributed (the orchestrator calls it).
 """
@@ -80,16 +82,22 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def _payload_files(path: Path) -> list[Path]:
-    return sorted(p for p in path.rglob("*") if p.is_file() and p.relative_to(path).as_posix() not in _UNLISTED)
+    return sorted(
+        p for p in path.rglob("*") if p.is_file() and p.relative_to(path).as_posix() not in _UNLISTED
+    )
 
 
 def write_manifest(path: Path) -> str:
     """Hash every payload file into manifest.json; returns the checkpoint checksum ("sha256:...")."""
-    files = {p.relative_to(path).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
-             for p in _payload_files(path)}
+    files = {
+        p.relative_to(path).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
+        for p in _payload_files(path)
+    }
     digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
-    atomic_write_text(path / MANIFEST, json.dumps({"format": 1, "files": files, "checksum": f"sha256:{digest}"},
-                                                  indent=1, sort_keys=True))
+    atomic_write_text(
+        path / MANIFEST,
+        json.dumps({"format": 1, "files": files, "checksum": f"sha256:{digest}"}, indent=1, sort_keys=True),
+    )
     return f"sha256:{digest}"
 
 
@@ -122,7 +130,8 @@ def verify_checkpoint(path: str | Path, *, deep: bool = True) -> tuple[bool, str
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:
-    """The checkpoint's metadata (step, tokens, loss_scale, lr, clip, loss, act_norm, windows, ...), no tensors."""
+    """The checkpoint's metadata (step, tokens, loss_scale, lr, clip, loss, act_norm, windows, ...), no
+    tensors."""
     return json.loads((Path(path) / META).read_text())
 
 
@@ -161,8 +170,11 @@ def list_checkpoints(checkpoint_dir: str | Path, *, deep: bool = True) -> list[C
                 meta = read_meta(path)
             except (OSError, ValueError) as e:
                 ok, reason = False, f"unreadable meta.json: {e}"
-        infos.append(CheckpointInfo(path=path, step=step, ok=ok, reason=reason,
-                                    pinned=(path / PINNED).exists(), meta=meta))
+        infos.append(
+            CheckpointInfo(
+                path=path, step=step, ok=ok, reason=reason, pinned=(path / PINNED).exists(), meta=meta
+            )
+        )
     return sorted(infos, key=lambda i: i.step)
 
 
@@ -183,8 +195,7 @@ def apply_retention(checkpoint_dir: str | Path, keep: int) -> list[Path]:
     committed = [i for i in infos if i.ok]
     kept = {i.path for i in committed[-keep:]}
     newest = committed[-1].step if committed else -1
-    doomed = [i.path for i in infos
-              if not i.pinned and i.path not in kept and (i.ok or i.step < newest)]
+    doomed = [i.path for i in infos if not i.pinned and i.path not in kept and (i.ok or i.step < newest)]
     for path in doomed:
         shutil.rmtree(path, ignore_errors=True)
     return doomed
@@ -207,16 +218,18 @@ def dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Distributed saving and loading (needs an initialised process group).
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 def _reused_cpu_stager() -> Any:
     """A DCP async stager copying the state into CPU buffers allocated once and reused for every save.
 
-    Allocating (and first-touching) fresh buffers is most of a naive staging copy's cost; with reused buffers the
-    training loop's stall is one memcpy of the local shards. One save is in flight at a time, so reuse is safe.
+    Allocating (and first-touching) fresh buffers is most of a naive staging copy's cost; with reused
+    buffers the
+    training loop's stall is one memcpy of the local shards. One save is in flight at a time, so reuse is
+    safe.
     """
     import torch
     from torch.distributed._state_dict_utils import _copy_state_dict, _create_cpu_state_dict
@@ -296,8 +309,9 @@ class Checkpointer:
             dcp.save(state, checkpoint_id=str(tmp))
             self._finish(step, tmp, meta, None)
         else:
-            upload = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._pg,
-                                    async_stager=self._stager)
+            upload = dcp.async_save(
+                state, checkpoint_id=str(tmp), process_group=self._pg, async_stager=self._stager
+            )
             self.pending = self._committer.submit(self._finish, step, tmp, meta, upload)
         return time.perf_counter() - t0
 

@@ -11,6 +11,7 @@ import argparse
 import ast
 import dataclasses
 import inspect
+import itertools
 import json
 import textwrap
 import types
@@ -42,7 +43,8 @@ class TrainConfig:
     global_batch_tokens: int | None = None
     """Tokens per optimizer step over all ranks; unset = the preset's batch. Sets gradient accumulation."""
     precision: Literal["fp16", "bf16", "fp32"] = "fp16"
-    """Compute precision. fp16 = OPT: fp16 compute, fp32 master weights/Adam state/reduction, dynamic loss scale."""
+    """Compute precision. fp16 = OPT: fp16 compute, fp32 master weights/Adam state/reduction, dynamic loss
+    scale."""
     lr: float | None = None
     """Absolute peak learning rate; unset = the preset's (Table 1)."""
     lr_scale: float | None = None
@@ -120,14 +122,20 @@ class TrainConfig:
             (self.max_steps >= 1, "max_steps must be >= 1"),
             (self.seq_len is None or self.seq_len >= 2, "seq_len must be >= 2"),
             (self.micro_batch_size >= 1, "micro_batch_size must be >= 1"),
-            (self.global_batch_tokens is None or self.global_batch_tokens > 0, "global_batch_tokens must be > 0"),
+            (
+                self.global_batch_tokens is None or self.global_batch_tokens > 0,
+                "global_batch_tokens must be > 0",
+            ),
             (self.lr is None or self.lr > 0, "lr must be > 0"),
             (self.lr_scale is None or self.lr_scale > 0, "lr_scale must be > 0"),
             (self.warmup_steps is None or self.warmup_steps >= 0, "warmup_steps must be >= 0"),
             (self.total_tokens is None or self.total_tokens > 0, "total_tokens must be > 0"),
             (0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio must be in [0, 1]"),
             (self.clip is None or self.clip > 0, "clip must be > 0"),
-            (self.initial_loss_scale >= self.min_loss_scale > 0, "need initial_loss_scale >= min_loss_scale > 0"),
+            (
+                self.initial_loss_scale >= self.min_loss_scale > 0,
+                "need initial_loss_scale >= min_loss_scale > 0",
+            ),
             (self.loss_scale_window >= 1, "loss_scale_window must be >= 1"),
             (self.dropout is None or 0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)"),
             (self.skip_batches >= 0, "skip_batches must be >= 0"),
@@ -138,12 +146,16 @@ class TrainConfig:
             (self.threads is None or self.threads >= 1, "threads must be >= 1"),
             (self.peak_tflops is None or self.peak_tflops > 0, "peak_tflops must be > 0"),
             (self.bpe_vocab_size is None or self.bpe_vocab_size >= 300, "bpe_vocab_size must be >= 300"),
-            (not self.run_dir.strip() == "", "run_dir must not be empty"),
+            (self.run_dir.strip() != "", "run_dir must not be empty"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
-        if self.resume_from is not None and self.resume_from != "latest" and not Path(self.resume_from).is_dir():
+        if (
+            self.resume_from is not None
+            and self.resume_from != "latest"
+            and not Path(self.resume_from).is_dir()
+        ):
             raise ConfigError(f"resume_from {self.resume_from!r} is neither 'latest' nor a directory")
         for spec in self.fault:
             try:
@@ -160,9 +172,13 @@ def _field_docs(cls: type) -> dict[str, str]:
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     body = tree.body[0].body  # type: ignore[attr-defined]
     docs: dict[str, str] = {}
-    for node, nxt in zip(body, body[1:], strict=False):
-        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
-                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)):
+    for node, nxt in itertools.pairwise(body):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+        ):
             docs[node.target.id] = " ".join(str(nxt.value.value).split())
     return docs
 
@@ -181,8 +197,11 @@ def _scalar_type(tp: Any) -> tuple[Any, bool]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m trainer.train", description="Embedded OPT trainer (launch with torchrun).",
-                     argument_default=argparse.SUPPRESS)
+    parser = _Parser(
+        prog="python -m trainer.train",
+        description="Embedded OPT trainer (launch with torchrun).",
+        argument_default=argparse.SUPPRESS,
+    )
     parser.add_argument("--config", help="JSON file of field values; flags given on the command line win.")
     hints = typing.get_type_hints(TrainConfig)
     docs = _field_docs(TrainConfig)
@@ -197,8 +216,13 @@ def build_parser() -> argparse.ArgumentParser:
         elif typing.get_origin(tp) is list:
             parser.add_argument(flag, action="append", dest=f.name, help=help_text)
         else:
-            parser.add_argument(flag, type=tp, metavar=tp.__name__.upper(), dest=f.name,
-                                help=help_text + (" (optional)" if optional else ""))
+            parser.add_argument(
+                flag,
+                type=tp,
+                metavar=tp.__name__.upper(),
+                dest=f.name,
+                help=help_text + (" (optional)" if optional else ""),
+            )
     return parser
 
 

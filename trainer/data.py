@@ -1,7 +1,9 @@
 """Tokenised text stream: local text files -> byte-level BPE ids -> deterministic, resumable batches.
 
-Nothing is downloaded. The tokenizer is either a GPT-2-style `vocab.json` + `merges.txt` the user supplies, or a
-byte-level BPE trained with `tokenizers` on the corpus at first use and cached (so a resumed run re-reads exactly
+Nothing is downloaded. The tokenizer is either a GPT-2-style `vocab.json` + `merges.txt` the user supplies,
+or a
+byte-level BPE trained with `tokenizers` on the corpus at first use and cached (so a resumed run re-reads
+exactly
 the same ids). The default corpus ships in `trainer/data/corpus.txt`.
 
 Batches are a pure function of (global batch index, rank, world size): sequence `g` of the run is window
@@ -113,7 +115,9 @@ class TokenStream:
 
     @lru_cache(maxsize=2)  # noqa: B019 -- one stream per process, two live epochs at most
     def _permutation(self, epoch: int) -> torch.Tensor:
-        return torch.randperm(self.n_windows, generator=torch.Generator().manual_seed(self.seed * 7919 + epoch))
+        return torch.randperm(
+            self.n_windows, generator=torch.Generator().manual_seed(self.seed * 7919 + epoch)
+        )
 
     def sequence(self, index: int) -> torch.Tensor:
         """The `index`-th training sequence of the run (seq_len + 1 tokens)."""
@@ -121,8 +125,9 @@ class TokenStream:
         start = int(self._permutation(epoch)[offset]) * self.seq_len
         return self.train[start : start + self.seq_len + 1]
 
-    def batch(self, *, step_index: int, micro_index: int, rank: int, world: int, micro_batch: int,
-              accum_steps: int) -> Batch:
+    def batch(
+        self, *, step_index: int, micro_index: int, rank: int, world: int, micro_batch: int, accum_steps: int
+    ) -> Batch:
         """Micro-batch `micro_index` of rank `rank` in global batch `step_index` (0-based).
 
         The global batch is the same set of sequences for any (world, accum_steps) split of it.
@@ -137,5 +142,7 @@ class TokenStream:
         n = (len(self.val) - 1) // self.seq_len
         for b in range(n_batches):
             idx = [((b * world + rank) * micro_batch + i) % n for i in range(micro_batch)]
-            rows = torch.stack([self.val[j * self.seq_len : j * self.seq_len + self.seq_len + 1] for j in idx])
+            rows = torch.stack(
+                [self.val[j * self.seq_len : j * self.seq_len + self.seq_len + 1] for j in idx]
+            )
             yield Batch(inputs=rows[:, :-1].contiguous(), targets=rows[:, 1:].contiguous())

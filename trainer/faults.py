@@ -1,13 +1,14 @@
 """Fault injection for tests and the demo: the failures the OPT team met, on demand.
 
-Specs are `kind:key=value,...` strings (flag `--fault`, repeatable, or env `TRAINOPS_FAULTS` separated by `;`):
+Specs are `kind:key=value,...` strings (flag `--fault`, repeatable, or env `TRAINOPS_FAULTS` separated by
+`;`):
 
-    crash:step=N[,rank=R][,code=C | ,signal=KILL]   exit with code C (default 13) or die by SIGKILL at step N
-    hang:step=N[,rank=R]                            sleep forever at the start of step N (heartbeat goes stale)
-    inf_grad:step=N[,rank=R]                        put an inf in one local gradient after backward at step N
-    diverge:step=N[,factor=100]                     multiply the LR by `factor` from step N on
-    slow:rank=R[,step=N][,delay=0.2]                straggler: sleep `delay` s every step from step N (default 1)
-    crash_in_checkpoint:step=N[,rank=0]             SIGKILL while committing the step-N checkpoint (torn save)
+    crash:step=N[,rank=R][,code=C | ,signal=KILL]  exit with code C (default 13) or die by SIGKILL at step N
+    hang:step=N[,rank=R]                           sleep forever at the start of step N (heartbeat goes stale)
+    inf_grad:step=N[,rank=R]                       put an inf in one local gradient after backward at step N
+    diverge:step=N[,factor=100]                    multiply the LR by `factor` from step N on
+    slow:rank=R[,step=N][,delay=0.2]               straggler: sleep `delay` s per step from step N (default 1)
+    crash_in_checkpoint:step=N[,rank=0]            SIGKILL while committing the step-N checkpoint (torn save)
 
 `rank` defaults to 0 for crash/hang/inf_grad; `diverge` applies on every rank. With no specs every hook is a
 no-op, so the training loop calls them unconditionally.
@@ -18,6 +19,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -47,8 +49,11 @@ def parse_fault(spec: str) -> Fault:
         if not eq:
             raise ValueError(f"expected key=value, got {item!r}")
         params[key.strip()] = value.strip()
-    allowed = {"crash": {"step", "rank", "code", "signal"}, "slow": {"step", "rank", "delay"},
-               "diverge": {"step", "factor"}}.get(kind, {"step", "rank"})
+    allowed = {
+        "crash": {"step", "rank", "code", "signal"},
+        "slow": {"step", "rank", "delay"},
+        "diverge": {"step", "factor"},
+    }.get(kind, {"step", "rank"})
     if unknown := set(params) - allowed:
         raise ValueError(f"{kind} does not take {', '.join(sorted(unknown))}")
     if kind != "slow" and "step" not in params:
@@ -76,7 +81,7 @@ def faults_from_env() -> list[str]:
 
 
 class FaultInjector:
-    def __init__(self, specs: list[str], *, rank: int, log: callable = print) -> None:  # type: ignore[valid-type]
+    def __init__(self, specs: list[str], *, rank: int, log: Callable[[str], None] = print) -> None:
         self.rank = rank
         self.log = log
         self.faults = [f for f in map(parse_fault, specs) if f.rank is None or f.rank == rank]

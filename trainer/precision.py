@@ -1,9 +1,13 @@
 """Mixed precision: FSDP2 policy per precision, and the dynamic loss scaler (fp16, as OPT trained).
 
-fp16: parameters are all-gathered and computed in fp16, gradients reduced in fp32, master weights and Adam state
-stay fp32 (sharded). The loss is multiplied by the scale before backward; after backward the caller unscales the
-local gradient shards and all-reduces their squared norm together with the step's other statistics, so every rank
-sees the same overflow verdict from that single reduction. On overflow the step is skipped and the scale halved
+fp16: parameters are all-gathered and computed in fp16, gradients reduced in fp32, master weights and Adam
+state
+stay fp32 (sharded). The loss is multiplied by the scale before backward; after backward the caller unscales
+the
+local gradient shards and all-reduces their squared norm together with the step's other statistics, so every
+rank
+sees the same overflow verdict from that single reduction. On overflow the step is skipped and the scale
+halved
 (never below the floor); after `window` clean steps in a row it doubles.
 bf16/fp32: no scaling (scale fixed at 1.0), but a non-finite gradient still skips the step.
 """

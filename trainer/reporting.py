@@ -1,11 +1,14 @@
 """Rank 0's reporting to the control plane (docs/reporting-contract.md), off the training thread.
 
-`make_reporter` returns a do-nothing `NullReporter` when `TRAINOPS_API_URL` is unset. Otherwise `HttpReporter`:
+`make_reporter` returns a do-nothing `NullReporter` when `TRAINOPS_API_URL` is unset. Otherwise
+`HttpReporter`:
 the loop calls `metric()` / `heartbeat()` / `checkpoint()` (non-blocking: a bounded queue; when it is full the
 record goes straight to the spool file). A background thread sends a batch every `interval_s`. Whatever cannot
 be delivered (control plane down, 5xx, timeout) is appended to `spool/pending.jsonl`; before any new batch the
-spool is replayed in order, so no metric is lost and nothing is reordered past a failure. The server is idempotent
-on (run, attempt, step) and (run, path), so a replay after a half-delivered batch is harmless. A spool left by a
+spool is replayed in order, so no metric is lost and nothing is reordered past a failure. The server is
+idempotent
+on (run, attempt, step) and (run, path), so a replay after a half-delivered batch is harmless. A spool left
+by a
 previous attempt is replayed by the next one. Heartbeats are only useful live, so they are never spooled.
 A 4xx answer (other than 408/429) means the server rejects the payload: it is moved to `spool/rejected.jsonl`
 instead of blocking the spool forever.
@@ -13,6 +16,7 @@ instead of blocking the spool forever.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -90,16 +94,32 @@ class Spool:
 
 
 class HttpReporter:
-    def __init__(self, *, url: str, token: str, run_id: int, attempt: int, rank: int, host: str, spool_dir: Path,
-                 interval_s: float = 1.0, queue_size: int = 10_000, log: Callable[[str], None] = print,
-                 transport: httpx.BaseTransport | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        url: str,
+        token: str,
+        run_id: int,
+        attempt: int,
+        rank: int,
+        host: str,
+        spool_dir: Path,
+        interval_s: float = 1.0,
+        queue_size: int = 10_000,
+        log: Callable[[str], None] = print,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
         self.run_id, self.attempt, self.rank, self.host = run_id, attempt, rank, host
         self.interval_s = interval_s
         self.log = log
         self.spool = Spool(spool_dir)
         self.queue: queue.Queue[dict[str, Any]] = queue.Queue(maxsize=queue_size)
-        self.client = httpx.Client(base_url=url.rstrip("/"), headers={"Authorization": f"Bearer {token}"},
-                                   timeout=5.0, transport=transport)
+        self.client = httpx.Client(
+            base_url=url.rstrip("/"),
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=5.0,
+            transport=transport,
+        )
         self._heartbeat: int | None = None
         self._heartbeat_lock = threading.Lock()
         self._stop = threading.Event()
@@ -107,7 +127,7 @@ class HttpReporter:
         self._thread = threading.Thread(target=self._run, name="trainops-reporter", daemon=True)
         self._thread.start()
 
-    # -- called from the training loop: never blocks on the network -------------------------------------------
+    # -- called from the training loop: never blocks on the network ------------------------------------------
     def metric(self, point: dict[str, Any]) -> None:
         self._enqueue({"kind": "metrics", "attempt": self.attempt, "point": point})
 
@@ -124,7 +144,7 @@ class HttpReporter:
         except queue.Full:
             self.spool.append([record])
 
-    # -- background thread --------------------------------------------------------------------------------------
+    # -- background thread -----------------------------------------------------------------------------------
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
             self.flush_once()
@@ -139,7 +159,8 @@ class HttpReporter:
                 return batch
 
     def flush_once(self) -> bool:
-        """Replay the spool, then send what is queued; spool whatever fails. True if everything got through."""
+        """Replay the spool, then send what is queued; spool whatever fails. True if everything got
+        through."""
         batch = self._drain()
         if self._replay_spool():
             delivered = self._deliver_all(batch)
@@ -194,7 +215,9 @@ class HttpReporter:
             self._mark_down(f"HTTP {response.status_code}")
             raise _Retry
         if response.status_code >= 400:
-            self.log(f"reporter: {url} rejected {len(group)} records: HTTP {response.status_code} {response.text}")
+            self.log(
+                f"reporter: {url} rejected {len(group)} records: HTTP {response.status_code} {response.text}"
+            )
             self.spool.reject(group, f"HTTP {response.status_code}")
         if self._down_since is not None:
             self.log(f"reporter: control plane back after {time.time() - self._down_since:.1f}s")
@@ -210,11 +233,11 @@ class HttpReporter:
             step, self._heartbeat = self._heartbeat, None
         if step is None or self._down_since is not None:
             return
-        try:
-            self.client.post(f"/api/v1/runs/{self.run_id}/heartbeats",
-                             json={"attempt": self.attempt, "rank": self.rank, "host": self.host, "step": step})
-        except httpx.HTTPError:
-            pass  # a missed heartbeat is superseded by the next one
+        with contextlib.suppress(httpx.HTTPError):  # a missed heartbeat is superseded by the next one
+            self.client.post(
+                f"/api/v1/runs/{self.run_id}/heartbeats",
+                json={"attempt": self.attempt, "rank": self.rank, "host": self.host, "step": step},
+            )
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Final flush (bounded); anything undelivered stays in the spool for the next attempt."""
@@ -226,12 +249,18 @@ class HttpReporter:
 
 
 def _groups(records: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
-    """Consecutive metrics of one attempt become one request (<= 10,000 points); each checkpoint is its own."""
+    """Consecutive metrics of one attempt become one request (<= 10,000 points); each checkpoint is its
+    own."""
     groups: list[list[dict[str, Any]]] = []
     for r in records:
         last = groups[-1] if groups else None
-        if (last and r["kind"] == "metrics" and last[0]["kind"] == "metrics"
-                and last[0]["attempt"] == r["attempt"] and len(last) < MAX_POINTS_PER_REQUEST):
+        if (
+            last
+            and r["kind"] == "metrics"
+            and last[0]["kind"] == "metrics"
+            and last[0]["attempt"] == r["attempt"]
+            and len(last) < MAX_POINTS_PER_REQUEST
+        ):
             last.append(r)
         else:
             groups.append([r])
@@ -246,14 +275,21 @@ def host_for_rank(rank: int, world: int) -> str:
     return hosts[rank * len(hosts) // world].strip()
 
 
-def make_reporter(*, rank: int, world: int, spool_dir: Path, interval_s: float,
-                  log: Callable[[str], None]) -> HttpReporter | NullReporter:
+def make_reporter(
+    *, rank: int, world: int, spool_dir: Path, interval_s: float, log: Callable[[str], None]
+) -> HttpReporter | NullReporter:
     """HttpReporter on rank 0 when TRAINOPS_API_URL is set, else NullReporter."""
     url = os.environ.get("TRAINOPS_API_URL")
     if rank != 0 or not url:
         return NullReporter()
-    return HttpReporter(url=url, token=os.environ.get("TRAINOPS_TOKEN", ""),
-                        run_id=int(os.environ.get("TRAINOPS_RUN_ID", "0")),
-                        attempt=int(os.environ.get("TRAINOPS_ATTEMPT", "1")),
-                        rank=rank, host=host_for_rank(rank, world), spool_dir=spool_dir, interval_s=interval_s,
-                        log=log)
+    return HttpReporter(
+        url=url,
+        token=os.environ.get("TRAINOPS_TOKEN", ""),
+        run_id=int(os.environ.get("TRAINOPS_RUN_ID", "0")),
+        attempt=int(os.environ.get("TRAINOPS_ATTEMPT", "1")),
+        rank=rank,
+        host=host_for_rank(rank, world),
+        spool_dir=spool_dir,
+        interval_s=interval_s,
+        log=log,
+    )

@@ -1,5 +1,7 @@
-"""OPT learning-rate schedule: linear warm-up from 0 to peak, then linear decay to `min_ratio` x peak at the end
-of the token budget, flat afterwards. Mid-flight changes (the OPT team's LR cuts) are the `scale` multiplier and
+"""OPT learning-rate schedule: linear warm-up from 0 to peak, then linear decay to `min_ratio` x peak at the
+end
+of the token budget, flat afterwards. Mid-flight changes (the OPT team's LR cuts) are the `scale` multiplier
+and
 the absolute `peak_lr`; both are checkpointed and inherited on resume unless overridden."""
 
 from __future__ import annotations

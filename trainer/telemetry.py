@@ -1,10 +1,13 @@
 """Per-step signals the OPT team used to decide restarts, and the local files that record them.
 
-- `ActivationNorm`: forward hook on the final block; accumulates the squared L2 norm of its output on the device
-  (no host sync). Reported value: sqrt(sum over all ranks and tokens of ||h_t||^2 / tokens), the root-mean-square
+- `ActivationNorm`: forward hook on the final block; accumulates the squared L2 norm of its output on the
+device
+  (no host sync). Reported value: sqrt(sum over all ranks and tokens of ||h_t||^2 / tokens), the
+  root-mean-square
   per-token L2 norm, which does not change with batch size or world size.
 - `StepStats`: the one all_reduce per step of [loss, act sum of squares, act tokens, grad sum of squares].
-- `HeartbeatFile`: `heartbeats/rank{R}.json`, rewritten atomically after every step by the training loop itself,
+- `HeartbeatFile`: `heartbeats/rank{R}.json`, rewritten atomically after every step by the training loop
+itself,
   so a hung loop leaves a stale step for the orchestrator to see.
 - `MetricsFile`: `metrics/rank{R}.jsonl`, one JSON line per step (rank 0's is the full record).
 Disabled telemetry swaps in the `Null*` objects; the loop does not branch.
@@ -62,12 +65,19 @@ class NullActivationNorm:
         return self._zero, 0
 
 
-def reduce_step_stats(loss: torch.Tensor, act_sumsq: torch.Tensor, act_tokens: int, grad_sumsq: torch.Tensor,
-                      world: int) -> tuple[float, float | None, float]:
+def reduce_step_stats(
+    loss: torch.Tensor, act_sumsq: torch.Tensor, act_tokens: int, grad_sumsq: torch.Tensor, world: int
+) -> tuple[float, float | None, float]:
     """One all_reduce -> (mean loss over ranks, global act norm or None, global grad norm). Non-finite values
     propagate, so every rank sees the same overflow/divergence verdict."""
-    stats = torch.stack([loss.double(), act_sumsq.double(), torch.tensor(float(act_tokens), dtype=torch.float64,
-                         device=loss.device), grad_sumsq.double()])
+    stats = torch.stack(
+        [
+            loss.double(),
+            act_sumsq.double(),
+            torch.tensor(float(act_tokens), dtype=torch.float64, device=loss.device),
+            grad_sumsq.double(),
+        ]
+    )
     dist.all_reduce(stats)
     loss_sum, act_sq, tokens, grad_sq = stats.tolist()
     act_norm = math.sqrt(act_sq / tokens) if tokens > 0 else None

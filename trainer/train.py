@@ -1,11 +1,13 @@
-"""Embedded OPT trainer: FSDP2, dynamic loss scaling, activation-norm telemetry, atomic checkpoints, exact resume.
+"""Embedded OPT trainer: FSDP2, dynamic loss scaling, activation-norm telemetry, atomic checkpoints, exact
+resume.
 
 Launch (see docs/trainer.md):
 
     TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --nnodes 1 --nproc-per-node 2 --rdzv-backend c10d \\
         --rdzv-endpoint 127.0.0.1:29500 -m trainer.train --preset tiny --max-steps 40 --run-dir runs/demo
 
-Exit codes (docs/reporting-contract.md): 0 reached max_steps, 2 bad configuration, 42 diverged (non-finite loss
+Exit codes (docs/reporting-contract.md): 0 reached max_steps, 2 bad configuration, 42 diverged (non-finite
+loss
 on some rank; metrics flushed first), anything else is a crash.
 """
 
@@ -29,7 +31,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
-from trainer.checkpoint import Checkpointer, CheckpointInfo, dir_size, latest_valid_checkpoint, verify_checkpoint
+from trainer.checkpoint import (
+    Checkpointer,
+    CheckpointInfo,
+    dir_size,
+    latest_valid_checkpoint,
+    verify_checkpoint,
+)
 from trainer.config import ConfigError, TrainConfig, parse_args
 from trainer.data import TokenStream, prepare_tokens
 from trainer.faults import FaultInjector, faults_from_env
@@ -72,8 +80,14 @@ def init_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        os.environ.update(
+            RANK="0",
+            WORLD_SIZE="1",
+            LOCAL_RANK="0",
+            LOCAL_WORLD_SIZE="1",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+        )
     use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if use_cuda:
@@ -83,15 +97,17 @@ def init_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
         device = torch.device("cpu")
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
     torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // local_world))
-    dist.init_process_group("cpu:gloo,cuda:nccl" if use_cuda else "gloo",
-                            timeout=timedelta(seconds=cfg.pg_timeout_s))
+    dist.init_process_group(
+        "cpu:gloo,cuda:nccl" if use_cuda else "gloo", timeout=timedelta(seconds=cfg.pg_timeout_s)
+    )
     return dist.get_rank(), dist.get_world_size(), device
 
 
 def shard_model(model: OPTModel, precision: str, world: int, predivide: bool, device: torch.device) -> float:
     """FSDP2 per block, then the root (embeddings, final LN); returns the loss pre-divide factor.
 
-    OPT's gradient pre-divide: instead of averaging by N after the reduction, divide by sqrt(N) before (folded into
+    OPT's gradient pre-divide: instead of averaging by N after the reduction, divide by sqrt(N) before
+    (folded into
     the loss multiplier) and by sqrt(N) after (FSDP's divide factor with a plain sum reduction).
     """
     policy = mixed_precision_policy(precision)
@@ -111,14 +127,20 @@ def build_optimizer(model: OPTModel, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW (0.9, 0.95), decoupled weight decay 0.1 on matrices; none on biases and LayerNorm gains."""
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}],
-                             lr=0.0, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps)
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=0.0,
+        betas=(cfg.beta1, cfg.beta2),
+        eps=cfg.adam_eps,
+    )
 
 
 def local_grads(model: OPTModel) -> list[torch.Tensor]:
-    return [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
-            for p in model.parameters() if p.grad is not None]
+    return [
+        p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+        for p in model.parameters()
+        if p.grad is not None
+    ]
 
 
 def rng_state(device: torch.device) -> dict[str, Any]:
@@ -143,18 +165,22 @@ def resolve_batch(cfg: TrainConfig, seq_len: int, world: int) -> tuple[int, int]
     batch_tokens = cfg.global_batch_tokens or PRESETS[cfg.preset].batch_tokens
     per_micro = seq_len * cfg.micro_batch_size * world
     if batch_tokens % per_micro:
-        raise ConfigError(f"global batch of {batch_tokens} tokens is not a multiple of seq_len x micro_batch_size"
-                          f" x world = {seq_len} x {cfg.micro_batch_size} x {world}")
+        raise ConfigError(
+            f"global batch of {batch_tokens} tokens is not a multiple of seq_len x micro_batch_size"
+            f" x world = {seq_len} x {cfg.micro_batch_size} x {world}"
+        )
     return batch_tokens, batch_tokens // per_micro
 
 
-def validate(model: OPTModel, stream: TokenStream, cfg: TrainConfig, rank: int, world: int,
-             device: torch.device) -> float:
+def validate(
+    model: OPTModel, stream: TokenStream, cfg: TrainConfig, rank: int, world: int, device: torch.device
+) -> float:
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=device)
     with torch.no_grad():
-        for batch in stream.val_batches(n_batches=cfg.val_batches, rank=rank, world=world,
-                                        micro_batch=cfg.micro_batch_size):
+        for batch in stream.val_batches(
+            n_batches=cfg.val_batches, rank=rank, world=world, micro_batch=cfg.micro_batch_size
+        ):
             logits = model(batch.inputs.to(device))
             total += F.cross_entropy(logits.float().flatten(0, 1), batch.targets.to(device).flatten())
     dist.all_reduce(total)
@@ -169,27 +195,40 @@ def train(cfg: TrainConfig) -> int:
     log = RunLog(run_dir / "trainer.log", rank)
     attempt = int(os.environ.get("TRAINOPS_ATTEMPT", "1"))
     host = host_for_rank(rank, world)
-    log(f"start attempt={attempt} world={world} device={device} host={host} pid={os.getpid()} config={cfg.to_json()}")
+    log(
+        f"start attempt={attempt} world={world} device={device} host={host} pid={os.getpid()} "
+        f"config={cfg.to_json()}"
+    )
 
     # ---- data: tokenizer + token array built once on rank 0, read by all ----
     preset = PRESETS[cfg.preset]
     seq_len = cfg.seq_len or preset.model.max_seq_len
     batch_tokens, accum = resolve_batch(cfg, seq_len, world)
     if rank == 0:
-        prepare_tokens(corpus=cfg.corpus, cache_dir=run_dir / "cache",
-                       vocab_size=cfg.bpe_vocab_size or preset.model.vocab_size, tokenizer_dir=cfg.tokenizer_dir)
+        prepare_tokens(
+            corpus=cfg.corpus,
+            cache_dir=run_dir / "cache",
+            vocab_size=cfg.bpe_vocab_size or preset.model.vocab_size,
+            tokenizer_dir=cfg.tokenizer_dir,
+        )
     dist.barrier()
-    tok_path, ids_path = prepare_tokens(corpus=cfg.corpus, cache_dir=run_dir / "cache",
-                                        vocab_size=cfg.bpe_vocab_size or preset.model.vocab_size,
-                                        tokenizer_dir=cfg.tokenizer_dir)
+    _, ids_path = prepare_tokens(
+        corpus=cfg.corpus,
+        cache_dir=run_dir / "cache",
+        vocab_size=cfg.bpe_vocab_size or preset.model.vocab_size,
+        tokenizer_dir=cfg.tokenizer_dir,
+    )
     tokens = np.load(ids_path)
     stream = TokenStream(tokens, seq_len=seq_len, seed=cfg.seed)
 
     # ---- model: meta -> FSDP2 shards -> materialise -> seeded init (identical at any world size) ----
-    model_cfg = preset_model_config(cfg.preset, max_seq_len=seq_len,
-                                    dropout=preset.model.dropout if cfg.dropout is None else cfg.dropout)
+    model_cfg = preset_model_config(
+        cfg.preset, max_seq_len=seq_len, dropout=preset.model.dropout if cfg.dropout is None else cfg.dropout
+    )
     if int(tokens.max()) >= model_cfg.vocab_size:
-        raise ConfigError(f"tokenizer ids reach {int(tokens.max())} but the model's vocab is {model_cfg.vocab_size}")
+        raise ConfigError(
+            f"tokenizer ids reach {int(tokens.max())} but the model's vocab is {model_cfg.vocab_size}"
+        )
     model = build_model(model_cfg)
     loss_multiplier = shard_model(model, cfg.precision, world, cfg.grad_predivide, device)
     model.to_empty(device=device)
@@ -197,37 +236,72 @@ def train(cfg: TrainConfig) -> int:
     model.train()
     optimizer = build_optimizer(model, cfg)
     torch.manual_seed(cfg.seed * 1000 + rank + 1)  # dropout stream, distinct per rank
-    log(f"model {cfg.preset}: {model.num_params():,} parameters, seq_len={seq_len}, batch={batch_tokens} tokens "
-        f"(micro {cfg.micro_batch_size} x accum {accum} x world {world}), precision={cfg.precision}")
+    log(
+        f"model {cfg.preset}: {model.num_params():,} parameters, seq_len={seq_len}, "
+        f"batch={batch_tokens} tokens "
+        f"(micro {cfg.micro_batch_size} x accum {accum} x world {world}), precision={cfg.precision}"
+    )
 
     # ---- components (disabled ones are do-nothing objects) ----
     faults = FaultInjector(cfg.fault, rank=rank, log=log)
-    scaler = DynamicLossScaler.for_precision(cfg.precision, initial=cfg.initial_loss_scale,
-                                             window=cfg.loss_scale_window, floor=cfg.min_loss_scale)
-    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else (
-        preset.warmup_steps or math.ceil((preset.warmup_tokens or 0) / batch_tokens))
-    schedule = LRSchedule(peak_lr=cfg.lr or preset.peak_lr, warmup_steps=warmup,
-                          total_steps=math.ceil((cfg.total_tokens or preset.total_tokens) / batch_tokens),
-                          min_ratio=cfg.min_lr_ratio, scale=cfg.lr_scale or 1.0)
+    scaler = DynamicLossScaler.for_precision(
+        cfg.precision, initial=cfg.initial_loss_scale, window=cfg.loss_scale_window, floor=cfg.min_loss_scale
+    )
+    warmup = (
+        cfg.warmup_steps
+        if cfg.warmup_steps is not None
+        else (preset.warmup_steps or math.ceil((preset.warmup_tokens or 0) / batch_tokens))
+    )
+    schedule = LRSchedule(
+        peak_lr=cfg.lr or preset.peak_lr,
+        warmup_steps=warmup,
+        total_steps=math.ceil((cfg.total_tokens or preset.total_tokens) / batch_tokens),
+        min_ratio=cfg.min_lr_ratio,
+        scale=cfg.lr_scale or 1.0,
+    )
     clip = cfg.clip or 1.0
-    reporter = (make_reporter(rank=rank, world=world, spool_dir=run_dir / "spool", interval_s=cfg.report_interval_s,
-                              log=log) if cfg.telemetry else NullReporter())
-    heartbeat = HeartbeatFile(run_dir / "heartbeats", rank=rank, host=host) if cfg.telemetry else NullHeartbeat()
+    reporter = (
+        make_reporter(
+            rank=rank, world=world, spool_dir=run_dir / "spool", interval_s=cfg.report_interval_s, log=log
+        )
+        if cfg.telemetry
+        else NullReporter()
+    )
+    heartbeat = (
+        HeartbeatFile(run_dir / "heartbeats", rank=rank, host=host) if cfg.telemetry else NullHeartbeat()
+    )
     metrics = MetricsFile(run_dir / "metrics", rank=rank) if cfg.telemetry else NullMetricsFile()
     act_norm_hook = ActivationNorm(model.final_block, device) if cfg.telemetry else NullActivationNorm(device)
 
     def on_commit(info: CheckpointInfo, checksum: str) -> None:
-        reporter.checkpoint({
-            "step": info.step, "tokens": info.meta["tokens"], "path": str(info.path),
-            "size_bytes": dir_size(info.path), "checksum": checksum, "state": "committed",
-            "loss_scale": info.meta["loss_scale"], "lr": info.meta["lr"], "clip": info.meta["clip"],
-            "loss": finite_or_none(info.meta["loss"]), "act_norm": finite_or_none(info.meta["act_norm"]),
-            "metadata": {k: info.meta[k] for k in ("loss_window", "act_norm_window", "data_position", "attempt")},
-        })
+        reporter.checkpoint(
+            {
+                "step": info.step,
+                "tokens": info.meta["tokens"],
+                "path": str(info.path),
+                "size_bytes": dir_size(info.path),
+                "checksum": checksum,
+                "state": "committed",
+                "loss_scale": info.meta["loss_scale"],
+                "lr": info.meta["lr"],
+                "clip": info.meta["clip"],
+                "loss": finite_or_none(info.meta["loss"]),
+                "act_norm": finite_or_none(info.meta["act_norm"]),
+                "metadata": {
+                    k: info.meta[k] for k in ("loss_window", "act_norm_window", "data_position", "attempt")
+                },
+            }
+        )
 
-    checkpointer = Checkpointer(run_dir / "checkpoints", rank=rank, mode=cfg.checkpoint_mode,
-                                keep=cfg.keep_checkpoints, on_commit=on_commit,
-                                before_marker=faults.in_checkpoint_commit, log=log)
+    checkpointer = Checkpointer(
+        run_dir / "checkpoints",
+        rank=rank,
+        mode=cfg.checkpoint_mode,
+        keep=cfg.keep_checkpoints,
+        on_commit=on_commit,
+        before_marker=faults.in_checkpoint_commit,
+        log=log,
+    )
 
     # ---- resume and overrides ----
     step, tokens_seen, data_position = 0, 0, 0
@@ -235,8 +309,11 @@ def train(cfg: TrainConfig) -> int:
     act_window: collections.deque[float] = collections.deque(maxlen=WINDOW)
     overrides: dict[str, float] = {}
     if cfg.resume_from:
-        ckpt = (latest_valid_checkpoint(run_dir / "checkpoints") if cfg.resume_from == "latest"
-                else Path(cfg.resume_from))
+        ckpt = (
+            latest_valid_checkpoint(run_dir / "checkpoints")
+            if cfg.resume_from == "latest"
+            else Path(cfg.resume_from)
+        )
         if isinstance(ckpt, Path):
             ok, reason = verify_checkpoint(ckpt)
             if not ok:
@@ -255,7 +332,10 @@ def train(cfg: TrainConfig) -> int:
             if rng is not None:
                 set_rng_state(rng, device)
             else:
-                log(f"no RNG state for rank {rank} in {ckpt_path} (world size changed); dropout stream reseeded")
+                log(
+                    f"no RNG state for rank {rank} in {ckpt_path} (world size changed); "
+                    "dropout stream reseeded"
+                )
             overrides["resumed_from_step"] = step
             log(f"resumed from {ckpt_path} at step {step}, {tokens_seen} tokens")
     if cfg.lr is not None:
@@ -293,8 +373,14 @@ def train(cfg: TrainConfig) -> int:
 
         loss_sum = torch.zeros((), dtype=torch.float32, device=device)
         for micro in range(accum):
-            batch = stream.batch(step_index=data_position, micro_index=micro, rank=rank, world=world,
-                                 micro_batch=cfg.micro_batch_size, accum_steps=accum)
+            batch = stream.batch(
+                step_index=data_position,
+                micro_index=micro,
+                rank=rank,
+                world=world,
+                micro_batch=cfg.micro_batch_size,
+                accum_steps=accum,
+            )
             logits = model(batch.inputs.to(device, non_blocking=True))
             loss = F.cross_entropy(logits.float().flatten(0, 1), batch.targets.to(device).flatten())
             (loss * (scaler.scale * loss_multiplier / accum)).backward()
@@ -306,8 +392,9 @@ def train(cfg: TrainConfig) -> int:
         torch._foreach_mul_(grads, 1.0 / scaler.scale)
         grad_sumsq = torch.stack(torch._foreach_norm(grads)).float().square().sum() if grads else loss_sum * 0
         act_sumsq, act_tokens = act_norm_hook.take()
-        loss_value, act_norm, grad_norm = reduce_step_stats(loss_sum / accum, act_sumsq, act_tokens, grad_sumsq,
-                                                            world)
+        loss_value, act_norm, grad_norm = reduce_step_stats(
+            loss_sum / accum, act_sumsq, act_tokens, grad_sumsq, world
+        )
 
         overflow = not math.isfinite(grad_norm)
         if overflow or not math.isfinite(loss_value):
@@ -336,18 +423,31 @@ def train(cfg: TrainConfig) -> int:
             values.update(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50.0)))
         if step == first_step and overrides:
             values.update({f"override_{k}": float(v) for k, v in overrides.items()})
-        point = {"step": step, "time": time.time(), "tokens": tokens_seen, "loss": loss_value,
-                 "grad_norm": grad_norm, "loss_scale": scaler.scale, "act_norm": act_norm, "lr": lr, "clip": clip,
-                 "tokens_per_s": tokens_per_s, "tflops_per_gpu": tflops, "step_time_s": step_time,
-                 "values": values}
+        point = {
+            "step": step,
+            "time": time.time(),
+            "tokens": tokens_seen,
+            "loss": loss_value,
+            "grad_norm": grad_norm,
+            "loss_scale": scaler.scale,
+            "act_norm": act_norm,
+            "lr": lr,
+            "clip": clip,
+            "tokens_per_s": tokens_per_s,
+            "tflops_per_gpu": tflops,
+            "step_time_s": step_time,
+            "values": values,
+        }
         metrics.write({**point, "attempt": attempt, "rank": rank})
         reporter.metric(_json_safe(point))
         reporter.heartbeat(step)
         heartbeat.beat(step)
 
         if not math.isfinite(loss_value):  # divergence guard: same verdict on every rank (reduced loss)
-            log(f"diverged: non-finite loss {loss_value} at step {step}; flushing metrics and exiting "
-                f"{EXIT_DIVERGED}")
+            log(
+                f"diverged: non-finite loss {loss_value} at step {step}; flushing metrics and exiting "
+                f"{EXIT_DIVERGED}"
+            )
             checkpointer.close()
             metrics.close()
             reporter.close()
@@ -358,12 +458,27 @@ def train(cfg: TrainConfig) -> int:
         if act_norm is not None:
             act_window.append(act_norm)
         if (cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0) or step == cfg.max_steps:
-            meta = {"step": step, "tokens": tokens_seen, "data_position": data_position, "attempt": attempt,
-                    "time": time.time(), "loss": loss_value, "act_norm": act_norm, "loss_scale": scaler.scale,
-                    "lr": lr, "clip": clip, "loss_window": list(loss_window), "act_norm_window": list(act_window),
-                    "scaler": scaler.state_dict(), "schedule": schedule.state_dict(), "world_size": world,
-                    "preset": cfg.preset, "precision": cfg.precision, "seq_len": seq_len,
-                    "batch_tokens": batch_tokens}
+            meta = {
+                "step": step,
+                "tokens": tokens_seen,
+                "data_position": data_position,
+                "attempt": attempt,
+                "time": time.time(),
+                "loss": loss_value,
+                "act_norm": act_norm,
+                "loss_scale": scaler.scale,
+                "lr": lr,
+                "clip": clip,
+                "loss_window": list(loss_window),
+                "act_norm_window": list(act_window),
+                "scaler": scaler.state_dict(),
+                "schedule": schedule.state_dict(),
+                "world_size": world,
+                "preset": cfg.preset,
+                "precision": cfg.precision,
+                "seq_len": seq_len,
+                "batch_tokens": batch_tokens,
+            }
             stall = checkpointer.save(step, model, optimizer, meta, rng_state(device))
             log(f"checkpoint of step {step} started ({cfg.checkpoint_mode}); loop blocked {stall:.3f}s")
 
@@ -373,10 +488,16 @@ def train(cfg: TrainConfig) -> int:
     if rank == 0:
         steady = step_times[2:] or step_times
         median = statistics.median(steady) if steady else float("nan")
-        summary = {"steps": len(step_times), "final_step": step, "median_step_time_s": median,
-                   "tokens_per_s": batch_tokens / median if steady else None,
-                   "tflops_per_device": flops_token * batch_tokens / median / world / 1e12 if steady else None,
-                   "peak_tflops": peak_tflops, "world_size": world, "batch_tokens": batch_tokens}
+        summary = {
+            "steps": len(step_times),
+            "final_step": step,
+            "median_step_time_s": median,
+            "tokens_per_s": batch_tokens / median if steady else None,
+            "tflops_per_device": flops_token * batch_tokens / median / world / 1e12 if steady else None,
+            "peak_tflops": peak_tflops,
+            "world_size": world,
+            "batch_tokens": batch_tokens,
+        }
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         log(f"done at step {step}: {json.dumps(summary)}")
     dist.destroy_process_group()
@@ -384,7 +505,8 @@ def train(cfg: TrainConfig) -> int:
 
 
 def _json_safe(point: dict[str, Any]) -> dict[str, Any]:
-    """Strict JSON for the control plane: non-finite numbers become null (not measured / not representable)."""
+    """Strict JSON for the control plane: non-finite numbers become null (not measured / not
+    representable)."""
     out = {k: finite_or_none(v) if isinstance(v, float) else v for k, v in point.items() if k != "values"}
     out["values"] = {k: finite_or_none(v) for k, v in point["values"].items()}
     if point["loss"] is not None and not math.isfinite(point["loss"]):
