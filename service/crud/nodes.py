@@ -168,3 +168,22 @@ def uncordon_node(session: Session, *, hostname: str, reason: str, author: str) 
     if node.state == NodeState.healthy:
         raise Conflict(f"node {hostname} is not cordoned")
     return transition_node(session, node=node, target=target, reason=reason, author=author)
+
+
+def record_blame(
+    session: Session, *, node: Node, reason: str, author: str, run_id: int | None = None
+) -> Node:
+    """Charge the node with one run failure (its ``blame_count``), and log why."""
+    node.blame_count += 1
+    write_log(
+        session,
+        kind=LogKind.failure,
+        severity=Severity.warning,
+        message=f"node {node.hostname} implicated in a run failure ({node.blame_count} so far): {reason}",
+        author=author,
+        run_id=run_id,
+        node_id=node.id,
+        evidence={"blame_count": node.blame_count, "failure": reason},
+    )
+    session.flush()
+    return node

@@ -1,0 +1,96 @@
+"""Dependencies shared by the routes: one transaction per request, and who is calling."""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Callable, Iterator
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Path, Query, Request, status
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session
+
+from service.config import Settings
+from service.crud.tokens import Principal, authenticate
+from service.db import transaction
+from service.statemachine import Role
+
+# Database ids are 32-bit integers; larger numbers are refused as input, not passed to the database.
+MAX_ID = 2**31 - 1
+RunId = Annotated[int, Path(ge=1, le=MAX_ID, description="Run id")]
+EntityId = Annotated[int, Path(ge=1, le=MAX_ID)]
+MAX_STEP = 2**62
+Limit = Annotated[int, Query(ge=1, le=500, description="Page size.")]
+Offset = Annotated[int, Query(ge=0, le=MAX_ID, description="Rows to skip.")]
+
+ROLE_RANK = {Role.viewer: 1, Role.operator: 2, Role.admin: 3}
+
+bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer <token>`")
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    # scope="function" below: the transaction commits before the response is sent, so a client never
+    # sees success for work that did not commit.
+    with transaction(request.app.state.session_factory) as session:
+        yield session
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
+
+
+def _unauthorized(message: str) -> HTTPException:
+    return HTTPException(status.HTTP_401_UNAUTHORIZED, message, headers={"WWW-Authenticate": "Bearer"})
+
+
+def get_principal(
+    settings: SettingsDep,
+    session: SessionDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+) -> Principal:
+    if credentials is None or credentials.scheme.lower() != "bearer" or not credentials.credentials:
+        raise _unauthorized("missing bearer token")
+    secret = credentials.credentials
+    if hmac.compare_digest(secret.encode(), settings.bootstrap_admin_token.get_secret_value().encode()):
+        return Principal(name="bootstrap-admin", role=Role.admin)
+    principal = authenticate(session, secret=secret)
+    if principal is None:
+        raise _unauthorized("invalid or revoked token")
+    return principal
+
+
+PrincipalDep = Annotated[Principal, Depends(get_principal)]
+
+
+def require(role: Role) -> Callable[[Principal], Principal]:
+    def check(principal: PrincipalDep) -> Principal:
+        rank = ROLE_RANK.get(principal.role, 0)
+        if rank < ROLE_RANK[role]:
+            raise HTTPException(
+                status.HTTP_403_FORBIDDEN,
+                f"this needs the {role.value} role; the token has {principal.role.value}",
+            )
+        return principal
+
+    return check
+
+
+def require_ingest(principal: PrincipalDep, run_id: RunId) -> Principal:
+    """Trainer tokens may feed only their own run; operators and admins may feed any."""
+    if principal.role == Role.trainer:
+        if principal.run_id != run_id:
+            raise HTTPException(
+                status.HTTP_403_FORBIDDEN, f"this trainer token is for run {principal.run_id}"
+            )
+        return principal
+    return require(Role.operator)(principal)
+
+
+Viewer = Annotated[Principal, Depends(require(Role.viewer))]
+Operator = Annotated[Principal, Depends(require(Role.operator))]
+Admin = Annotated[Principal, Depends(require(Role.admin))]
+Ingestor = Annotated[Principal, Depends(require_ingest)]

@@ -1,0 +1,77 @@
+"""Checkpoints: registered and committed by the trainer, judged and pinned by operators and orchestrator."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Response, status
+
+from service.api.deps import EntityId, Ingestor, Limit, Offset, Operator, RunId, SessionDep, Viewer
+from service.crud import checkpoints as ckpt_crud
+from service.crud import runs as runs_crud
+from service.schemas import CheckpointCreate, CheckpointMark, CheckpointPublic, Page
+from service.statemachine import CheckpointState
+
+router = APIRouter(tags=["checkpoints"])
+CheckpointId = EntityId
+
+
+@router.post(
+    "/runs/{run_id}/checkpoints", status_code=status.HTTP_201_CREATED, response_model=CheckpointPublic
+)
+def register_checkpoint(
+    run_id: RunId, body: CheckpointCreate, session: SessionDep, _: Ingestor, response: Response
+) -> CheckpointPublic:
+    runs_crud.get_run(session, run_id=run_id)
+    ckpt, created = ckpt_crud.register_checkpoint(session, run_id=run_id, data=body.model_dump())
+    if not created:
+        response.status_code = status.HTTP_200_OK
+    return CheckpointPublic.model_validate(ckpt)
+
+
+@router.post("/runs/{run_id}/checkpoints/{checkpoint_id}/commit", response_model=CheckpointPublic)
+def commit_checkpoint(
+    run_id: RunId, checkpoint_id: CheckpointId, session: SessionDep, _: Ingestor
+) -> CheckpointPublic:
+    return CheckpointPublic.model_validate(
+        ckpt_crud.commit_checkpoint(session, checkpoint_id=checkpoint_id, run_id=run_id)
+    )
+
+
+@router.get("/runs/{run_id}/checkpoints", response_model=Page[CheckpointPublic])
+def list_checkpoints(
+    run_id: RunId,
+    session: SessionDep,
+    _: Viewer,
+    state: Annotated[list[CheckpointState] | None, Query()] = None,
+    limit: Limit = 100,
+    offset: Offset = 0,
+) -> Page[CheckpointPublic]:
+    runs_crud.get_run(session, run_id=run_id)
+    rows, total = ckpt_crud.list_checkpoints(
+        session, run_id=run_id, states=state or (), limit=limit, offset=offset
+    )
+    return Page(
+        items=[CheckpointPublic.model_validate(c) for c in rows], total=total, limit=limit, offset=offset
+    )
+
+
+@router.get("/checkpoints/{checkpoint_id}", response_model=CheckpointPublic)
+def get_checkpoint(checkpoint_id: CheckpointId, session: SessionDep, _: Viewer) -> CheckpointPublic:
+    return CheckpointPublic.model_validate(ckpt_crud.get_checkpoint(session, checkpoint_id=checkpoint_id))
+
+
+@router.post("/checkpoints/{checkpoint_id}/mark", response_model=CheckpointPublic)
+def mark_checkpoint(
+    checkpoint_id: CheckpointId, body: CheckpointMark, session: SessionDep, who: Operator
+) -> CheckpointPublic:
+    ckpt = ckpt_crud.mark_checkpoint(
+        session,
+        checkpoint_id=checkpoint_id,
+        author=who.author,
+        reason=body.reason,
+        state=CheckpointState(body.state) if body.state else None,
+        healthy=body.healthy,
+        pinned=body.pinned,
+    )
+    return CheckpointPublic.model_validate(ckpt)

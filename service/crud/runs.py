@@ -1,0 +1,326 @@
+"""Runs and their attempts: creation, desired state, phase changes and operator overrides."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from service.crud.logbook import write_log
+from service.errors import Conflict, NotFound
+from service.models import Attempt, Checkpoint, Run, utcnow
+from service.statemachine import (
+    ACTIVE_PHASES,
+    CheckpointState,
+    DesiredState,
+    LogKind,
+    RunPhase,
+    Severity,
+    check_run_transition,
+)
+
+
+def get_run(session: Session, *, run_id: int, for_update: bool = False) -> Run:
+    query = sa.select(Run).where(Run.id == run_id)
+    if for_update:
+        query = query.with_for_update()
+    run = session.scalar(query)
+    if run is None:
+        raise NotFound(f"run {run_id} does not exist")
+    return run
+
+
+def create_run(
+    session: Session, *, name: str, owner: str, config: dict[str, Any], start: bool, author: str
+) -> Run:
+    if session.scalar(sa.select(Run.id).where(Run.name == name)) is not None:
+        raise Conflict(f"a run named {name!r} already exists")
+    run = Run(
+        name=name,
+        owner=owner,
+        config=config,
+        phase=RunPhase.pending,
+        desired_state=DesiredState.running if start else DesiredState.stopped,
+    )
+    session.add(run)
+    session.flush()
+    write_log(
+        session,
+        kind=LogKind.action,
+        message=f"run {name} created" + (" and asked to start" if start else ""),
+        author=author,
+        run_id=run.id,
+        evidence={"config": config},
+    )
+    return run
+
+
+def list_runs(
+    session: Session,
+    *,
+    phases: Sequence[RunPhase] = (),
+    owner: str | None = None,
+    name_contains: str | None = None,
+    limit: int = 50,
+    offset: int = 0,
+) -> tuple[list[Run], int]:
+    query = sa.select(Run)
+    if phases:
+        query = query.where(Run.phase.in_(list(phases)))
+    if owner is not None:
+        query = query.where(Run.owner == owner)
+    if name_contains:
+        query = query.where(Run.name.contains(name_contains, autoescape=True))
+    total = session.scalar(sa.select(sa.func.count()).select_from(query.subquery())) or 0
+    rows = session.scalars(query.order_by(Run.id.desc()).limit(limit).offset(offset)).all()
+    return list(rows), total
+
+
+def set_run_phase(
+    session: Session,
+    *,
+    run: Run,
+    target: RunPhase,
+    reason: str,
+    author: str,
+    evidence: dict[str, Any] | None = None,
+    severity: Severity = Severity.info,
+    kind: LogKind = LogKind.decision,
+) -> Run:
+    """Move a run along its state machine and log why; same-phase is a no-op (idempotent apply)."""
+    if run.phase == target:
+        return run
+    check_run_transition(run.phase, target)
+    previous = run.phase
+    run.phase = target
+    run.phase_reason = reason
+    now = utcnow()
+    if target == RunPhase.starting and run.started_at is None:
+        run.started_at = now
+    if target in (RunPhase.completed, RunPhase.failed, RunPhase.stopped):
+        run.finished_at = now
+    elif run.finished_at is not None:
+        run.finished_at = None
+    write_log(
+        session,
+        kind=kind,
+        severity=severity,
+        message=f"run {run.name}: {previous.value} -> {target.value}: {reason}",
+        author=author,
+        run_id=run.id,
+        evidence={"from": previous.value, "to": target.value, **(evidence or {})},
+    )
+    session.flush()
+    return run
+
+
+def start_run(session: Session, *, run_id: int, author: str) -> Run:
+    run = get_run(session, run_id=run_id, for_update=True)
+    if run.phase == RunPhase.completed:
+        raise Conflict(f"run {run.name} has completed; create a new run to train further")
+    if run.desired_state != DesiredState.running:
+        run.desired_state = DesiredState.running
+        write_log(
+            session,
+            kind=LogKind.action,
+            message=f"run {run.name} asked to start",
+            author=author,
+            run_id=run.id,
+            evidence={"phase": run.phase.value},
+        )
+    return run
+
+
+def stop_run(session: Session, *, run_id: int, reason: str, author: str) -> Run:
+    run = get_run(session, run_id=run_id, for_update=True)
+    if run.phase == RunPhase.completed:
+        raise Conflict(f"run {run.name} has completed; there is nothing to stop")
+    if run.desired_state != DesiredState.stopped:
+        run.desired_state = DesiredState.stopped
+        run.pending_restart = None
+        write_log(
+            session,
+            kind=LogKind.action,
+            message=f"run {run.name} asked to stop: {reason}",
+            author=author,
+            run_id=run.id,
+            evidence={"phase": run.phase.value},
+        )
+    # Nothing runs in these phases, so the stop is complete now; active runs are stopped by the orchestrator.
+    if run.phase in (RunPhase.pending, RunPhase.needs_attention):
+        set_run_phase(
+            session, run=run, target=RunPhase.stopped, reason=reason, author=author, kind=LogKind.action
+        )
+    return run
+
+
+def request_restart(
+    session: Session,
+    *,
+    run_id: int,
+    author: str,
+    reason: str,
+    from_checkpoint_id: int | None = None,
+    lr: float | None = None,
+    lr_scale: float | None = None,
+    clip: float | None = None,
+    reset_loss_scale: bool = False,
+    skip_batches: int = 0,
+) -> Run:
+    """An operator's restart with overrides. LR and clip persist for later attempts; the rest is one-shot."""
+    run = get_run(session, run_id=run_id, for_update=True)
+    if run.phase == RunPhase.completed:
+        raise Conflict(f"run {run.name} has completed and cannot be restarted")
+    if from_checkpoint_id is not None:
+        ckpt = session.get(Checkpoint, from_checkpoint_id)
+        if ckpt is None or ckpt.run_id != run.id:
+            raise NotFound(f"checkpoint {from_checkpoint_id} does not belong to run {run.id}")
+        if ckpt.state not in (CheckpointState.committed, CheckpointState.verified):
+            raise Conflict(
+                f"checkpoint {from_checkpoint_id} is {ckpt.state.value}; only committed or "
+                "verified checkpoints can be restored"
+            )
+    before = {"lr_scale": run.lr_scale, "lr": run.lr_override, "clip": run.clip_override}
+    if lr_scale is not None:
+        run.lr_scale = lr_scale
+    if lr is not None:
+        run.lr_override = lr
+    if clip is not None:
+        run.clip_override = clip
+    run.pending_restart = {
+        "requested_at": utcnow().isoformat(),
+        "author": author,
+        "reason": reason,
+        "from_checkpoint_id": from_checkpoint_id,
+        "reset_loss_scale": reset_loss_scale,
+        "skip_batches": skip_batches,
+    }
+    run.desired_state = DesiredState.running
+    write_log(
+        session,
+        kind=LogKind.action,
+        message=f"restart of run {run.name} requested: {reason}",
+        author=author,
+        run_id=run.id,
+        evidence={
+            "before": before,
+            "after": {"lr_scale": run.lr_scale, "lr": run.lr_override, "clip": run.clip_override},
+            "pending_restart": run.pending_restart,
+        },
+    )
+    return run
+
+
+# ---- attempts -------------------------------------------------------------------------------------
+
+
+def list_attempts(session: Session, *, run_id: int) -> list[Attempt]:
+    get_run(session, run_id=run_id)
+    return list(session.scalars(sa.select(Attempt).where(Attempt.run_id == run_id).order_by(Attempt.number)))
+
+
+def get_attempt(session: Session, *, run_id: int, number: int) -> Attempt:
+    attempt = session.scalar(sa.select(Attempt).where(Attempt.run_id == run_id, Attempt.number == number))
+    if attempt is None:
+        raise NotFound(f"run {run_id} has no attempt {number}")
+    return attempt
+
+
+def active_attempt(session: Session, *, run_id: int) -> Attempt | None:
+    return session.scalar(
+        sa.select(Attempt)
+        .where(Attempt.run_id == run_id, Attempt.ended_at.is_(None))
+        .order_by(Attempt.number.desc())
+    )
+
+
+def create_attempt(
+    session: Session,
+    *,
+    run: Run,
+    hosts: Sequence[str],
+    restored_from_checkpoint_id: int | None,
+    overrides: dict[str, Any],
+    launcher: dict[str, Any],
+    start_step: int,
+    author: str,
+) -> Attempt:
+    if active_attempt(session, run_id=run.id) is not None:
+        raise Conflict(f"run {run.name} already has an attempt in progress")
+    if run.phase not in ACTIVE_PHASES and run.phase not in (
+        RunPhase.pending,
+        RunPhase.stopped,
+        RunPhase.failed,
+        RunPhase.needs_attention,
+    ):
+        raise Conflict(f"run {run.name} is {run.phase.value}; no attempt can start")
+    number = (session.scalar(sa.select(sa.func.max(Attempt.number)).where(Attempt.run_id == run.id)) or 0) + 1
+    attempt = Attempt(
+        run_id=run.id,
+        number=number,
+        hosts=list(hosts),
+        restored_from_checkpoint_id=restored_from_checkpoint_id,
+        overrides=overrides,
+        launcher=launcher,
+        start_step=start_step,
+    )
+    session.add(attempt)
+    session.flush()
+    write_log(
+        session,
+        kind=LogKind.action,
+        message=f"run {run.name}: attempt {number} launched on {', '.join(hosts) or 'no hosts'}"
+        + (f" from step {start_step}" if start_step else ""),
+        author=author,
+        run_id=run.id,
+        evidence={
+            "attempt": number,
+            "hosts": list(hosts),
+            "overrides": overrides,
+            "restored_from_checkpoint_id": restored_from_checkpoint_id,
+            "launcher": launcher,
+        },
+    )
+    return attempt
+
+
+def end_attempt(
+    session: Session,
+    *,
+    attempt: Attempt,
+    exit_reason: str,
+    exit_code: int | None,
+    last_step: int | None,
+    steps_lost: int | None,
+    author: str,
+    evidence: dict[str, Any] | None = None,
+) -> Attempt:
+    if attempt.ended_at is not None:
+        return attempt
+    attempt.ended_at = utcnow()
+    attempt.exit_reason = exit_reason
+    attempt.exit_code = exit_code
+    attempt.last_step = last_step
+    attempt.steps_lost = steps_lost
+    severity = Severity.info if exit_reason in ("completed", "stopped") else Severity.error
+    write_log(
+        session,
+        kind=LogKind.failure if severity == Severity.error else LogKind.action,
+        severity=severity,
+        message=f"attempt {attempt.number} ended: {exit_reason}"
+        + (f" (exit code {exit_code})" if exit_code is not None else ""),
+        author=author,
+        run_id=attempt.run_id,
+        evidence={
+            "attempt": attempt.number,
+            "exit_reason": exit_reason,
+            "exit_code": exit_code,
+            "last_step": last_step,
+            "steps_lost": steps_lost,
+            **(evidence or {}),
+        },
+    )
+    session.flush()
+    return attempt

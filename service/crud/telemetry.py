@@ -1,0 +1,246 @@
+"""Per-step metrics and heartbeats from trainer ranks.
+
+Ingestion is the hot path of the control plane (a 992-GPU run reports every step for months), so it
+is one set-based statement per batch: ``INSERT ... SELECT FROM unnest(arrays) ON CONFLICT DO NOTHING``
+on PostgreSQL, ``INSERT OR IGNORE`` executemany on SQLite. The primary key (run, attempt, step) makes
+a re-sent batch add nothing.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from service.models import Heartbeat, Metric, utcnow
+
+WIDE_FIELDS = (
+    "tokens",
+    "loss",
+    "grad_norm",
+    "loss_scale",
+    "act_norm",
+    "lr",
+    "clip",
+    "tokens_per_s",
+    "tflops_per_gpu",
+    "step_time_s",
+)
+FLOAT_FIELDS = WIDE_FIELDS[1:]
+# SQLite turns NaN into NULL, and a NaN loss is the very signal of a divergence: NaN fields are stored as
+# NULL on every backend and named in ``values["nan"]``, from which reads restore them.
+NAN_KEY = "nan"
+
+
+def _normalise_point(point: dict[str, Any]) -> dict[str, Any]:
+    nan_fields = [f for f in FLOAT_FIELDS if isinstance(point.get(f), float) and math.isnan(point[f])]
+    if not nan_fields:
+        return point
+    values = dict(point.get("values") or {})
+    values[NAN_KEY] = nan_fields
+    return {**point, **dict.fromkeys(nan_fields), "values": values}
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    accepted: int
+    duplicates: int
+
+
+def ingest_metrics(
+    session: Session, *, run_id: int, attempt: int, points: Sequence[dict[str, Any]]
+) -> IngestResult:
+    if not points:
+        return IngestResult(0, 0)
+    now = utcnow()
+    points = [_normalise_point(p) for p in points]
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        inserted = _ingest_postgres(session, run_id=run_id, attempt=attempt, points=points, now=now)
+    else:
+        inserted = _ingest_generic(session, run_id=run_id, attempt=attempt, points=points, now=now)
+    return IngestResult(accepted=inserted, duplicates=len(points) - inserted)
+
+
+def _point_time(point: dict[str, Any], now: dt.datetime) -> dt.datetime:
+    t = point.get("time")
+    if t is None:
+        return now
+    if isinstance(t, dt.datetime):
+        return t if t.tzinfo else t.replace(tzinfo=dt.UTC)
+    return dt.datetime.fromtimestamp(float(t), dt.UTC)
+
+
+def _ingest_postgres(
+    session: Session, *, run_id: int, attempt: int, points: Sequence[dict[str, Any]], now: dt.datetime
+) -> int:
+    columns: dict[str, list[Any]] = {
+        "step": [p["step"] for p in points],
+        "time": [_point_time(p, now) for p in points],
+        "tokens": [p.get("tokens") for p in points],
+    }
+    for name in FLOAT_FIELDS:
+        columns[name] = [p.get(name) for p in points]
+    columns["values"] = [json.dumps(p["values"]) if p.get("values") else None for p in points]
+    sql = sa.text(
+        """
+        INSERT INTO metrics (run_id, attempt, step, time, tokens, loss, grad_norm, loss_scale, act_norm,
+                             lr, clip, tokens_per_s, tflops_per_gpu, step_time_s, "values")
+        SELECT :run_id, :attempt, u.* FROM unnest(
+            CAST(:step AS bigint[]), CAST(:time AS timestamptz[]), CAST(:tokens AS bigint[]),
+            CAST(:loss AS float8[]), CAST(:grad_norm AS float8[]), CAST(:loss_scale AS float8[]),
+            CAST(:act_norm AS float8[]), CAST(:lr AS float8[]), CAST(:clip AS float8[]),
+            CAST(:tokens_per_s AS float8[]), CAST(:tflops_per_gpu AS float8[]),
+            CAST(:step_time_s AS float8[]), CAST(:values AS json[])
+        ) AS u
+        ON CONFLICT DO NOTHING
+        """
+    )
+    result = session.execute(sql, {"run_id": run_id, "attempt": attempt, **columns})
+    return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+
+def _ingest_generic(
+    session: Session, *, run_id: int, attempt: int, points: Sequence[dict[str, Any]], now: dt.datetime
+) -> int:
+    rows = [
+        {
+            "run_id": run_id,
+            "attempt": attempt,
+            "step": p["step"],
+            "time": _point_time(p, now),
+            "values": p.get("values") or None,
+            **{name: p.get(name) for name in WIDE_FIELDS},
+        }
+        for p in points
+    ]
+    before = (
+        session.scalar(
+            sa.select(sa.func.count())
+            .select_from(Metric)
+            .where(Metric.run_id == run_id, Metric.attempt == attempt)
+        )
+        or 0
+    )
+    session.execute(sqlite.insert(Metric).on_conflict_do_nothing(), rows)
+    after = (
+        session.scalar(
+            sa.select(sa.func.count())
+            .select_from(Metric)
+            .where(Metric.run_id == run_id, Metric.attempt == attempt)
+        )
+        or 0
+    )
+    return int(after - before)
+
+
+def query_metrics(
+    session: Session,
+    *,
+    run_id: int,
+    start_step: int | None = None,
+    end_step: int | None = None,
+    attempt: int | None = None,
+    max_points: int = 1000,
+) -> tuple[list[dict[str, Any]], int, int]:
+    """Rows in a step range; past ``max_points`` rows, averages over equal step buckets.
+
+    Returns (rows, total rows in range, bucket width in steps; 1 = not downsampled).
+    """
+    where = [Metric.run_id == run_id]
+    if start_step is not None:
+        where.append(Metric.step >= start_step)
+    if end_step is not None:
+        where.append(Metric.step <= end_step)
+    if attempt is not None:
+        where.append(Metric.attempt == attempt)
+    stats = session.execute(
+        sa.select(sa.func.count(), sa.func.min(Metric.step), sa.func.max(Metric.step)).where(*where)
+    ).one()
+    total, lo, hi = int(stats[0]), stats[1], stats[2]
+    if total == 0:
+        return [], 0, 1
+    if total <= max_points:
+        rows = session.scalars(sa.select(Metric).where(*where).order_by(Metric.step, Metric.attempt)).all()
+        return [_row(m) for m in rows], total, 1
+    width = max(1, math.ceil((hi - lo + 1) / max_points))
+    bucket = (Metric.step - lo) // width
+    query = (
+        sa.select(
+            sa.func.min(Metric.step).label("step"),
+            sa.func.max(Metric.attempt).label("attempt"),
+            sa.func.max(Metric.time).label("time"),
+            sa.func.max(Metric.tokens).label("tokens"),
+            *[sa.func.avg(getattr(Metric, f)).label(f) for f in FLOAT_FIELDS],
+        )
+        .where(*where)
+        .group_by(bucket)
+        .order_by(sa.func.min(Metric.step))
+    )
+    out = []
+    for r in session.execute(query).mappings():
+        row = dict(r)
+        if isinstance(row["time"], str):  # SQLite returns aggregates of datetimes as text
+            row["time"] = dt.datetime.fromisoformat(row["time"])
+        out.append({**row, "values": None})
+    return out, total, width
+
+
+def _row(m: Metric) -> dict[str, Any]:
+    row = {
+        "step": m.step,
+        "attempt": m.attempt,
+        "time": m.time,
+        "values": m.values,
+        **{name: getattr(m, name) for name in WIDE_FIELDS},
+    }
+    for name in (m.values or {}).get(NAN_KEY, ()):
+        row[name] = math.nan
+    return row
+
+
+def latest_metric(session: Session, *, run_id: int) -> Metric | None:
+    return session.scalar(
+        sa.select(Metric).where(Metric.run_id == run_id).order_by(Metric.attempt.desc(), Metric.step.desc())
+    )
+
+
+def record_heartbeat(
+    session: Session,
+    *,
+    run_id: int,
+    attempt: int,
+    rank: int,
+    host: str | None,
+    step: int,
+    at: dt.datetime | None = None,
+) -> None:
+    values = {
+        "run_id": run_id,
+        "attempt": attempt,
+        "rank": rank,
+        "host": host,
+        "step": step,
+        "time": at or utcnow(),
+    }
+    insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+    stmt = insert(Heartbeat).values(**values)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=["run_id", "attempt", "rank"],
+        set_={"host": stmt.excluded.host, "step": stmt.excluded.step, "time": stmt.excluded.time},
+    )
+    session.execute(stmt)
+
+
+def list_heartbeats(session: Session, *, run_id: int, attempt: int | None = None) -> list[Heartbeat]:
+    query = sa.select(Heartbeat).where(Heartbeat.run_id == run_id)
+    if attempt is not None:
+        query = query.where(Heartbeat.attempt == attempt)
+    return list(session.scalars(query.order_by(Heartbeat.attempt, Heartbeat.rank)))

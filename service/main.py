@@ -1,0 +1,134 @@
+"""The control plane's FastAPI application."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+import sqlalchemy as sa
+from fastapi import APIRouter, FastAPI, Request, Response, status
+from fastapi.responses import JSONResponse
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.api.routes import checkpoints, diagnostics, logbook, nodes, runs, system, telemetry, tokens
+from service.config import Settings, get_settings
+from service.db import engine_from_settings, make_session_factory
+from service.errors import ServiceError
+from service.metrics import HTTP_REQUEST_DURATION
+from service.statemachine import InvalidTransition
+
+log = logging.getLogger("trainops.api")
+
+API_PREFIX = "/api/v1"
+
+
+def create_app(
+    settings: Settings | None = None, *, session_factory: sessionmaker[Session] | None = None
+) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = None
+        if session_factory is None:
+            engine = engine_from_settings(settings)
+            app.state.session_factory = make_session_factory(engine)
+        else:
+            app.state.session_factory = session_factory
+        yield
+        if engine is not None:
+            engine.dispose()
+
+    app = FastAPI(
+        title="trainops",
+        version="0.1.0",
+        summary="Operations service for long, large training runs.",
+        description="Tracks runs, attempts, nodes, diagnostics, checkpoints, metrics and the logbook. "
+        "Authenticate with `Authorization: Bearer <token>`; roles viewer < operator < admin, plus per-run "
+        "trainer tokens that may only feed their run.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    if session_factory is not None:
+        app.state.session_factory = session_factory
+
+    api = APIRouter(prefix=API_PREFIX)
+    for module in (runs, telemetry, checkpoints, nodes, diagnostics, logbook, tokens):
+        api.include_router(module.router)
+    app.include_router(api)
+    app.include_router(system.router)
+    _install_error_handlers(app)
+    _install_timing(app)
+    return app
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ServiceError)
+    async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=exc.status_code)
+
+    @app.exception_handler(InvalidTransition)
+    async def _invalid_transition(_: Request, exc: InvalidTransition) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=status.HTTP_409_CONFLICT)
+
+    @app.exception_handler(sa.exc.IntegrityError)
+    async def _integrity(_: Request, exc: sa.exc.IntegrityError) -> JSONResponse:
+        log.info("integrity error: %s", exc.orig)
+        return JSONResponse({"detail": "the request conflicts with stored data"}, status_code=409)
+
+    @app.exception_handler(sa.exc.DataError)
+    async def _data_error(_: Request, exc: sa.exc.DataError) -> JSONResponse:
+        log.info("data error: %s", exc.orig)
+        return JSONResponse({"detail": "a value is out of range for the database"}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # Logged with its traceback here; the caller gets a message, never a traceback.
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return JSONResponse(
+            {"detail": f"internal error ({type(exc).__name__}); see the service log"}, status_code=500
+        )
+
+    @app.exception_handler(sa.exc.OperationalError)
+    async def _db_down(_: Request, exc: sa.exc.OperationalError) -> JSONResponse:
+        log.warning("database error: %s", exc.orig)
+        return JSONResponse(
+            {"detail": "database unavailable, retry later"}, status_code=503, headers={"Retry-After": "5"}
+        )
+
+
+def _route_template(app: FastAPI, request: Request) -> str:
+    """The template of the route a request hit, e.g. ``/api/v1/runs/{run_id}``.
+
+    Labels use templates, never concrete paths (ids would explode the label set). The templates come
+    from the OpenAPI document, the one public, flat list of the app's routes.
+    """
+    patterns: list[tuple[re.Pattern[str], str]] | None = getattr(app.state, "route_patterns", None)
+    if patterns is None:
+        patterns = [
+            (re.compile("^" + re.sub(r"\\{[^/]+?\\}", "[^/]+", re.escape(path)) + "$"), path)
+            for path in app.openapi()["paths"]
+        ]
+        app.state.route_patterns = patterns
+    path = request.url.path
+    for pattern, template in patterns:
+        if pattern.match(path):
+            return template
+    return "unmatched"
+
+
+def _install_timing(app: FastAPI) -> None:
+    @app.middleware("http")
+    async def _time_request(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        start = time.perf_counter()
+        response = await call_next(request)
+        template = _route_template(app, request)
+        HTTP_REQUEST_DURATION.labels(request.method, template, f"{response.status_code // 100}xx").observe(
+            time.perf_counter() - start
+        )
+        return response

@@ -1,0 +1,129 @@
+"""A researcher creates a run, an on-call engineer starts, stops and restarts it with OPT's levers."""
+
+from __future__ import annotations
+
+from fastapi.testclient import TestClient
+
+from tests.conftest import make_run
+
+
+def test_create_list_and_get_runs(admin: TestClient) -> None:
+    created = make_run(admin, "opt-125m-a", preset="125M", host_count=16)
+    assert created["phase"] == "pending"
+    assert created["desired_state"] == "stopped"
+    assert created["config"]["host_count"] == 16
+    make_run(admin, "opt-125m-b")
+    make_run(admin, "other")
+
+    r = admin.get("/api/v1/runs", params={"name": "opt-125m"})
+    assert r.status_code == 200
+    page = r.json()
+    assert page["total"] == 2
+    assert {i["name"] for i in page["items"]} == {"opt-125m-a", "opt-125m-b"}
+
+    r = admin.get("/api/v1/runs", params={"limit": 1, "offset": 1})
+    assert r.json()["total"] == 3 and len(r.json()["items"]) == 1
+
+    r = admin.get(f"/api/v1/runs/{created['id']}")
+    assert r.status_code == 200 and r.json()["name"] == "opt-125m-a"
+
+    r = admin.get("/api/v1/runs", params={"phase": "running"})
+    assert r.json()["total"] == 0
+
+
+def test_duplicate_run_name_is_a_conflict_and_keeps_the_first(admin: TestClient) -> None:
+    first = make_run(admin, "dup")
+    r = admin.post("/api/v1/runs", json={"name": "dup", "owner": "bob", "config": {"target_steps": 5}})
+    assert r.status_code == 409
+    assert "already exists" in r.json()["detail"]
+    assert admin.get(f"/api/v1/runs/{first['id']}").json()["owner"] == "alice"
+
+
+def test_start_and_stop_are_recorded_in_the_logbook(admin: TestClient) -> None:
+    run = make_run(admin)
+    r = admin.post(f"/api/v1/runs/{run['id']}/start")
+    assert r.status_code == 200 and r.json()["desired_state"] == "running"
+    r = admin.post(f"/api/v1/runs/{run['id']}/stop", json={"reason": "cluster maintenance"})
+    assert r.status_code == 200
+    # nothing was running yet, so the stop completes at once
+    assert r.json()["phase"] == "stopped"
+    log = admin.get("/api/v1/logbook", params={"run_id": run["id"]}).json()["items"]
+    messages = [e["message"] for e in log]
+    assert any("asked to start" in m for m in messages)
+    assert any("cluster maintenance" in m for m in messages)
+    assert all(e["author"] == "user:bootstrap-admin" for e in log)
+
+
+def test_restart_with_overrides_sets_standing_and_one_shot_overrides(admin: TestClient) -> None:
+    run = make_run(admin)
+    ckpt = admin.post(
+        f"/api/v1/runs/{run['id']}/checkpoints",
+        json={"attempt": 1, "step": 10, "path": "/ckpt/step_10", "state": "committed", "loss_scale": 2.0},
+    ).json()
+    r = admin.post(
+        f"/api/v1/runs/{run['id']}/restart",
+        json={
+            "reason": "loss spike at step 12",
+            "from_checkpoint_id": ckpt["id"],
+            "lr_scale": 0.5,
+            "clip": 0.3,
+            "reset_loss_scale": True,
+            "skip_batches": 3,
+        },
+    )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["lr_scale"] == 0.5 and body["clip_override"] == 0.3
+    assert body["desired_state"] == "running"
+    assert body["pending_restart"]["from_checkpoint_id"] == ckpt["id"]
+    assert (
+        body["pending_restart"]["skip_batches"] == 3 and body["pending_restart"]["reset_loss_scale"] is True
+    )
+    entry = admin.get("/api/v1/logbook", params={"run_id": run["id"], "newest_first": True}).json()["items"][
+        0
+    ]
+    assert "loss spike at step 12" in entry["message"]
+    assert entry["evidence"]["before"]["clip"] is None and entry["evidence"]["after"]["clip"] == 0.3
+
+
+def test_restart_refuses_a_corrupt_or_foreign_checkpoint(admin: TestClient) -> None:
+    run = make_run(admin, "a")
+    other = make_run(admin, "b")
+    ckpt = admin.post(f"/api/v1/runs/{other['id']}/checkpoints", json={"step": 1, "path": "/x"}).json()
+    r = admin.post(
+        f"/api/v1/runs/{run['id']}/restart", json={"reason": "r", "from_checkpoint_id": ckpt["id"]}
+    )
+    assert r.status_code == 404
+    own = admin.post(f"/api/v1/runs/{run['id']}/checkpoints", json={"step": 1, "path": "/y"}).json()
+    assert (
+        admin.post(
+            f"/api/v1/checkpoints/{own['id']}/mark", json={"reason": "bad sha", "state": "corrupt"}
+        ).status_code
+        == 200
+    )
+    r = admin.post(f"/api/v1/runs/{run['id']}/restart", json={"reason": "r", "from_checkpoint_id": own["id"]})
+    assert r.status_code == 409 and "corrupt" in r.json()["detail"]
+    # the refused restarts changed nothing
+    assert admin.get(f"/api/v1/runs/{run['id']}").json()["pending_restart"] is None
+
+
+def test_restart_overrides_are_validated(admin: TestClient) -> None:
+    run = make_run(admin)
+    for bad in (
+        {"reason": "x", "lr": -1},
+        {"reason": "x", "clip": 0},
+        {"reason": "x", "skip_batches": -2},
+        {"reason": ""},
+        {"reason": "x", "lr_scale": "half"},
+        {"reason": "x", "unknown": 1},
+    ):
+        r = admin.post(f"/api/v1/runs/{run['id']}/restart", json=bad)
+        assert r.status_code == 422, (bad, r.text)
+    assert admin.get(f"/api/v1/runs/{run['id']}").json()["lr_scale"] == 1.0
+
+
+def test_attempts_are_listed_per_run(admin: TestClient) -> None:
+    run = make_run(admin)
+    assert admin.get(f"/api/v1/runs/{run['id']}/attempts").json() == []
+    assert admin.get(f"/api/v1/runs/{run['id']}/attempts/1").status_code == 404
+    assert admin.get("/api/v1/runs/999999/attempts").status_code == 404

@@ -1,0 +1,100 @@
+"""Trainer ranks report metrics and heartbeats; a re-sent batch adds nothing; long runs are downsampled."""
+
+from __future__ import annotations
+
+import math
+
+from fastapi.testclient import TestClient
+
+from tests.conftest import make_run, make_token
+
+
+def _points(start: int, n: int) -> list[dict]:
+    return [
+        {
+            "step": s,
+            "loss": 10.0 - s * 0.01,
+            "loss_scale": 65536.0,
+            "act_norm": 40.0 + s,
+            "lr": 6e-4,
+            "clip": 1.0,
+            "tokens": s * 4096,
+            "values": {"mfu": 0.4},
+        }
+        for s in range(start, start + n)
+    ]
+
+
+def test_ingestion_is_idempotent(admin: TestClient) -> None:
+    run = make_run(admin)
+    trainer = make_token(admin, "trainer", run_id=run["id"])
+    url = f"/api/v1/runs/{run['id']}/metrics"
+    r = admin.post(url, json={"attempt": 1, "points": _points(0, 50)}, headers=trainer)
+    assert r.status_code == 200 and r.json() == {"accepted": 50, "duplicates": 0}
+    # the reporter's retry after a lost reply re-sends an overlapping batch
+    r = admin.post(url, json={"attempt": 1, "points": _points(40, 20)}, headers=trainer)
+    assert r.json() == {"accepted": 10, "duplicates": 10}
+    series = admin.get(url, params={"max_points": 1000}).json()
+    assert series["total"] == 60 and series["bucket_steps"] == 1
+    assert [p["step"] for p in series["points"]] == list(range(60))
+    assert series["points"][5]["values"] == {"mfu": 0.4}
+
+
+def test_recomputed_steps_of_a_new_attempt_are_kept_apart(admin: TestClient) -> None:
+    run = make_run(admin)
+    url = f"/api/v1/runs/{run['id']}/metrics"
+    admin.post(url, json={"attempt": 1, "points": _points(0, 20)})
+    r = admin.post(url, json={"attempt": 2, "points": _points(10, 20)})
+    assert r.json() == {"accepted": 20, "duplicates": 0}
+    assert admin.get(url, params={"attempt": 2}).json()["total"] == 20
+    assert admin.get(url, params={"start_step": 10, "end_step": 19}).json()["total"] == 20
+
+
+def test_non_finite_loss_is_stored_and_returned(admin: TestClient) -> None:
+    run = make_run(admin)
+    url = f"/api/v1/runs/{run['id']}/metrics"
+    body = '{"attempt": 1, "points": [{"step": 1, "loss": NaN, "grad_norm": Infinity, "loss_scale": 0.5}]}'
+    r = admin.post(url, content=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == 200, r.text
+    point = admin.get(url).json()["points"][0]
+    assert point["loss"] == "NaN" and point["grad_norm"] == "Infinity" and point["loss_scale"] == 0.5
+
+
+def test_long_ranges_are_downsampled_into_step_buckets(admin: TestClient) -> None:
+    run = make_run(admin)
+    url = f"/api/v1/runs/{run['id']}/metrics"
+    admin.post(url, json={"attempt": 1, "points": _points(0, 1000)})
+    series = admin.get(url, params={"max_points": 100}).json()
+    assert series["total"] == 1000
+    assert series["bucket_steps"] == 10
+    assert len(series["points"]) == 100
+    first = series["points"][0]
+    assert first["step"] == 0
+    assert math.isclose(first["act_norm"], sum(40.0 + s for s in range(10)) / 10)
+    ranged = admin.get(url, params={"start_step": 500, "end_step": 599, "max_points": 50}).json()
+    assert ranged["total"] == 100 and ranged["bucket_steps"] == 2 and ranged["points"][0]["step"] == 500
+
+
+def test_heartbeats_keep_the_latest_per_rank(admin: TestClient) -> None:
+    run = make_run(admin)
+    trainer = make_token(admin, "trainer", run_id=run["id"])
+    url = f"/api/v1/runs/{run['id']}/heartbeats"
+    for step in (1, 2, 3):
+        for rank in (0, 1):
+            r = admin.post(
+                url, json={"attempt": 1, "rank": rank, "host": f"h{rank}", "step": step}, headers=trainer
+            )
+            assert r.status_code == 204
+    beats = admin.get(url).json()
+    assert [(b["rank"], b["step"], b["host"]) for b in beats] == [(0, 3, "h0"), (1, 3, "h1")]
+
+
+def test_a_batch_with_a_bad_point_is_refused_whole(admin: TestClient) -> None:
+    run = make_run(admin)
+    url = f"/api/v1/runs/{run['id']}/metrics"
+    pts = [*_points(0, 5), {"step": -1}]
+    r = admin.post(url, json={"attempt": 1, "points": pts})
+    assert r.status_code == 422
+    assert admin.get(url).json()["total"] == 0
+    too_many = {"attempt": 1, "points": [{"step": i} for i in range(10_001)]}
+    assert admin.post(url, json=too_many).status_code == 422
