@@ -1,0 +1,363 @@
+"""The `trainops` command line: serves the control plane and talks to it over its REST API."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated, Any, NoReturn
+
+import httpx
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from service.config import Settings, get_settings
+
+app = typer.Typer(
+    help="trainops: operations for long, large training runs.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+runs_app = typer.Typer(help="Inspect and steer runs.", no_args_is_help=True)
+nodes_app = typer.Typer(help="Inspect, cordon and uncordon hosts.", no_args_is_help=True)
+tokens_app = typer.Typer(help="Manage API tokens (admin).", no_args_is_help=True)
+db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
+app.add_typer(runs_app, name="runs")
+app.add_typer(nodes_app, name="nodes")
+app.add_typer(tokens_app, name="tokens")
+app.add_typer(db_app, name="db")
+
+console = Console()
+err_console = Console(stderr=True)
+
+UrlOpt = Annotated[str | None, typer.Option("--url", envvar="TRAINOPS_API_URL", help="Control plane URL.")]
+TokenOpt = Annotated[str | None, typer.Option("--token", envvar="TRAINOPS_TOKEN", help="Bearer token.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print raw JSON.")]
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    err_console.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code)
+
+
+def _settings() -> Settings:
+    try:
+        return get_settings()
+    except ValueError as exc:  # pydantic's ValidationError is a ValueError
+        fail(f"invalid configuration: {exc}", 2)
+
+
+class ApiClient:
+    """A thin client of the REST API that turns every failure into a one-line CLI error."""
+
+    def __init__(self, url: str | None, token: str | None) -> None:
+        settings = _settings()
+        self.base = (url or settings.resolved_api_url).rstrip("/")
+        secret = token or (settings.token.get_secret_value() if settings.token else None)
+        if secret is None and settings.mode == "dev":
+            secret = settings.bootstrap_admin_token.get_secret_value()
+        self.headers = {"Authorization": f"Bearer {secret}"} if secret else {}
+
+    def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            r = httpx.request(method, f"{self.base}/api/v1{path}", headers=self.headers, timeout=30, **kwargs)
+        except httpx.HTTPError as exc:
+            fail(f"cannot reach the control plane at {self.base}: {exc}. Is `trainops up` running?")
+        if r.status_code >= 400:
+            try:
+                detail = r.json().get("detail", r.text)
+            except ValueError:
+                detail = r.text
+            if isinstance(detail, list):  # FastAPI validation errors
+                detail = "; ".join(
+                    f"{'.'.join(str(p) for p in d.get('loc', []))}: {d.get('msg')}" for d in detail
+                )
+            fail(f"{method} {path} -> HTTP {r.status_code}: {detail}")
+        return r.json() if r.content else None
+
+
+def _emit(data: Any, as_json: bool, table: Table | None = None) -> None:
+    if as_json or table is None:
+        console.print_json(json.dumps(data, default=str))
+    else:
+        console.print(table)
+
+
+# ---- serving ---------------------------------------------------------------------------------------
+
+
+@app.command()
+def up(
+    host: Annotated[str | None, typer.Option(help="Bind address.")] = None,
+    port: Annotated[int | None, typer.Option(help="Port.")] = None,
+    migrate_first: Annotated[
+        bool, typer.Option("--migrate/--no-migrate", help="Upgrade the schema first.")
+    ] = True,
+) -> None:
+    """Serve the control plane (embedded defaults: SQLite under ./.trainops, no Redis)."""
+    import uvicorn
+
+    from service import migrate
+    from service.main import create_app
+
+    settings = _settings()
+    if migrate_first:
+        migrate.upgrade(settings.resolved_database_url)
+    bind_host, bind_port = host or settings.api_host, port or settings.api_port
+    console.print(
+        f"trainops control plane on http://{bind_host}:{bind_port}  (docs: /docs, "
+        f"database: {settings.resolved_database_url.split('@')[-1]})"
+    )
+    uvicorn.run(create_app(settings), host=bind_host, port=bind_port, log_level="warning")
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision.")] = "head") -> None:
+    """Apply the schema migrations to the configured database."""
+    from service import migrate
+
+    url = _settings().resolved_database_url
+    try:
+        migrate.upgrade(url, revision)
+    except Exception as exc:  # any driver or alembic error becomes one clear line
+        fail(f"migration failed: {type(exc).__name__}: {exc}")
+    console.print(f"database at {url.split('@')[-1]} is at revision {revision}")
+
+
+@db_app.command("downgrade")
+def db_downgrade(revision: Annotated[str, typer.Argument(help="Target revision, e.g. base.")]) -> None:
+    """Roll the schema back to a revision."""
+    from service import migrate
+
+    url = _settings().resolved_database_url
+    try:
+        migrate.downgrade(url, revision)
+    except Exception as exc:
+        fail(f"migration failed: {type(exc).__name__}: {exc}")
+    console.print(f"database at {url.split('@')[-1]} is at revision {revision}")
+
+
+# ---- runs ------------------------------------------------------------------------------------------
+
+
+@runs_app.command("list")
+def runs_list(
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+    phase: Annotated[list[str] | None, typer.Option()] = None,
+    limit: int = 50,
+    as_json: JsonOpt = False,
+) -> None:
+    """List runs, newest first."""
+    page = ApiClient(url, token).request("GET", "/runs", params={"phase": phase or [], "limit": limit})
+    table = Table("id", "name", "owner", "phase", "desired", "restarts", "created")
+    for r in page["items"]:
+        table.add_row(
+            str(r["id"]),
+            r["name"],
+            r["owner"],
+            r["phase"],
+            r["desired_state"],
+            str(r["restart_count"]),
+            r["created_at"][:19],
+        )
+    table.caption = f"{len(page['items'])} of {page['total']}"
+    _emit(page, as_json, table)
+
+
+@runs_app.command("show")
+def runs_show(run_id: int, url: UrlOpt = None, token: TokenOpt = None, as_json: JsonOpt = False) -> None:
+    """Show one run with its attempts."""
+    client = ApiClient(url, token)
+    run = client.request("GET", f"/runs/{run_id}")
+    attempts = client.request("GET", f"/runs/{run_id}/attempts")
+    if as_json:
+        _emit({"run": run, "attempts": attempts}, True)
+        return
+    console.print(
+        f"[bold]{run['name']}[/] (id {run['id']}, owner {run['owner']}): phase [bold]{run['phase']}[/], "
+        f"desired {run['desired_state']}"
+    )
+    if run["phase_reason"]:
+        console.print(f"  reason: {run['phase_reason']}")
+    console.print(
+        f"  overrides: lr_scale={run['lr_scale']} lr={run['lr_override']} clip={run['clip_override']}"
+    )
+    table = Table("attempt", "hosts", "from ckpt", "start step", "last step", "exit", "code", "steps lost")
+    for a in attempts:
+        table.add_row(
+            str(a["number"]),
+            ",".join(a["hosts"]),
+            str(a["restored_from_checkpoint_id"] or "-"),
+            str(a["start_step"]),
+            str(a["last_step"] or "-"),
+            a["exit_reason"] or "running",
+            str(a["exit_code"] if a["exit_code"] is not None else "-"),
+            str(a["steps_lost"] or 0),
+        )
+    console.print(table)
+
+
+@runs_app.command("restart")
+def runs_restart(
+    run_id: int,
+    reason: Annotated[str, typer.Option(help="Why; goes to the logbook.")],
+    from_checkpoint: Annotated[int | None, typer.Option(help="Checkpoint id to restore.")] = None,
+    lr_scale: Annotated[float | None, typer.Option()] = None,
+    lr: Annotated[float | None, typer.Option()] = None,
+    clip: Annotated[float | None, typer.Option()] = None,
+    reset_loss_scale: Annotated[bool, typer.Option()] = False,
+    skip_batches: Annotated[int, typer.Option()] = 0,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Restart a run with overrides (the OPT team's levers)."""
+    body = {
+        "reason": reason,
+        "from_checkpoint_id": from_checkpoint,
+        "lr_scale": lr_scale,
+        "lr": lr,
+        "clip": clip,
+        "reset_loss_scale": reset_loss_scale,
+        "skip_batches": skip_batches,
+    }
+    run = ApiClient(url, token).request(
+        "POST", f"/runs/{run_id}/restart", json={k: v for k, v in body.items() if v is not None}
+    )
+    console.print(f"restart of {run['name']} requested")
+
+
+@runs_app.command("stop")
+def runs_stop(
+    run_id: int,
+    reason: Annotated[str, typer.Option()] = "stopped by operator",
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Ask a run to stop."""
+    run = ApiClient(url, token).request("POST", f"/runs/{run_id}/stop", json={"reason": reason})
+    console.print(f"{run['name']}: desired state {run['desired_state']}, phase {run['phase']}")
+
+
+@runs_app.command("start")
+def runs_start(run_id: int, url: UrlOpt = None, token: TokenOpt = None) -> None:
+    """Ask a run to start."""
+    run = ApiClient(url, token).request("POST", f"/runs/{run_id}/start")
+    console.print(f"{run['name']}: desired state {run['desired_state']}, phase {run['phase']}")
+
+
+# ---- nodes -----------------------------------------------------------------------------------------
+
+
+@nodes_app.command("list")
+def nodes_list(
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+    state: Annotated[list[str] | None, typer.Option()] = None,
+    limit: int = 500,
+    as_json: JsonOpt = False,
+) -> None:
+    """List hosts with their state and GPU count."""
+    page = ApiClient(url, token).request("GET", "/nodes", params={"state": state or [], "limit": limit})
+    table = Table("host", "state", "gpus", "failures", "blame", "reason")
+    for n in page["items"]:
+        table.add_row(
+            n["hostname"],
+            n["state"],
+            str(len(n["gpus"])),
+            str(n["failure_count"]),
+            str(n["blame_count"]),
+            n["state_reason"] or "",
+        )
+    table.caption = f"{len(page['items'])} of {page['total']}"
+    _emit(page, as_json, table)
+
+
+@nodes_app.command("cordon")
+def nodes_cordon(
+    host: str,
+    reason: Annotated[str, typer.Option(help="Required; goes to the logbook.")],
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Take a host out of service."""
+    node = ApiClient(url, token).request("POST", f"/nodes/{host}/cordon", json={"reason": reason})
+    console.print(f"{node['hostname']}: {node['state']} ({node['state_reason']})")
+
+
+@nodes_app.command("uncordon")
+def nodes_uncordon(
+    host: str,
+    reason: Annotated[str, typer.Option(help="Required; goes to the logbook.")],
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Return a host to service."""
+    node = ApiClient(url, token).request("POST", f"/nodes/{host}/uncordon", json={"reason": reason})
+    console.print(f"{node['hostname']}: {node['state']} ({node['state_reason']})")
+
+
+# ---- logbook and tokens ----------------------------------------------------------------------------
+
+
+@app.command()
+def logbook(
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+    run_id: Annotated[int | None, typer.Option("--run")] = None,
+    host: Annotated[str | None, typer.Option()] = None,
+    kind: Annotated[list[str] | None, typer.Option()] = None,
+    limit: int = 100,
+    note: Annotated[str | None, typer.Option(help="Post this note instead of listing.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Read the logbook (oldest first), or post a note."""
+    client = ApiClient(url, token)
+    if note is not None:
+        entry = client.request("POST", "/logbook", json={"message": note, "run_id": run_id, "hostname": host})
+        console.print(f"note {entry['id']} posted")
+        return
+    params: dict[str, Any] = {"limit": limit, "kind": kind or []}
+    if run_id is not None:
+        params["run_id"] = run_id
+    if host is not None:
+        params["host"] = host
+    page = client.request("GET", "/logbook", params=params)
+    print_logbook(page["items"]) if not as_json else _emit(page, True)
+
+
+def print_logbook(entries: list[dict[str, Any]]) -> None:
+    table = Table("time", "kind", "sev", "author", "message", show_lines=False)
+    colours = {"critical": "bold red", "error": "red", "warning": "yellow"}
+    for e in entries:
+        style = colours.get(e["severity"], "")
+        table.add_row(str(e["time"])[11:19], e["kind"], e["severity"], e["author"], e["message"], style=style)
+    console.print(table)
+
+
+@tokens_app.command("create")
+def tokens_create(
+    name: Annotated[str, typer.Option(help="Who or what will use it.")],
+    role: Annotated[str, typer.Option(help="viewer, operator, admin or trainer.")],
+    run_id: Annotated[int | None, typer.Option("--run", help="Run a trainer token may feed.")] = None,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Create a token; its secret is printed once."""
+    body: dict[str, Any] = {"name": name, "role": role}
+    if run_id is not None:
+        body["run_id"] = run_id
+    created = ApiClient(url, token).request("POST", "/tokens", json=body)
+    console.print(f"token {created['id']} ({created['role']}) for {created['name']}:")
+    print(created["token"])
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
