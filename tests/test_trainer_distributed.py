@@ -1,0 +1,243 @@
+"""The trainer as the orchestrator sees it: real torchrun processes, two ranks, FSDP2 over gloo on CPU."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.trainer_helpers import explain, metrics, model_weights, run_trainer, start_trainer
+from trainer.checkpoint import list_checkpoints, read_meta, verify_checkpoint
+from trainer.data import TokenStream
+from trainer.model import build_model, init_weights, preset_model_config
+from trainer.telemetry import ActivationNorm
+
+pytestmark = pytest.mark.slow
+FP32 = ["--precision", "fp32"]
+
+
+class _Receiver(BaseHTTPRequestHandler):
+    """Records every request: a stand-in HTTP endpoint so the test sees exactly what rank 0 sends."""
+
+    requests: list[tuple[str, str, Any]]
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.server.requests.append((self.path, self.headers["Authorization"], body))  # type: ignore[attr-defined]
+        code = 204 if self.path.endswith("heartbeats") else 200
+        self.send_response(code)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    def log_message(self, *args: object) -> None:
+        """Quiet."""
+
+
+@pytest.fixture
+def receiver() -> Any:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Receiver)
+    server.requests = []  # type: ignore[attr-defined]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+
+
+def test_two_ranks_learn_real_text_in_fp16_and_report_everything(tmp_path: Path, receiver: Any) -> None:
+    run_dir = tmp_path / "run"
+    env = {
+        "TRAINOPS_API_URL": f"http://127.0.0.1:{receiver.server_port}",
+        "TRAINOPS_TOKEN": "tok-1",
+        "TRAINOPS_RUN_ID": "7",
+        "TRAINOPS_ATTEMPT": "1",
+        "TRAINOPS_HOSTS": "h1,h2",
+    }
+    result = run_trainer(
+        run_dir,
+        "--max-steps",
+        "16",
+        "--checkpoint-interval",
+        "8",
+        "--val-interval",
+        "8",
+        "--report-interval-s",
+        "0.2",
+        env=env,
+    )
+    assert result.returncode == 0, explain(result)
+
+    points = metrics(run_dir)
+    assert [p["step"] for p in points] == list(range(1, 17))
+    first, last = np.mean([p["loss"] for p in points[:3]]), np.mean([p["loss"] for p in points[-3:]])
+    assert last < first - 0.5, f"loss did not fall on the shipped corpus: {first:.3f} -> {last:.3f}"
+    for p in points:
+        assert p["loss_scale"] == 65536.0 and math.isfinite(p["grad_norm"]) and p["act_norm"] > 0
+        assert p["tokens_per_s"] > 0 and p["tflops_per_gpu"] > 0 and p["clip"] == 1.0 and p["lr"] > 0
+    assert "val_loss" in points[7]["values"] and "val_ppl" in points[15]["values"]
+
+    # every rank leaves a heartbeat with its simulated host; both checkpoints are committed and self-describing
+    beats = [json.loads((run_dir / "heartbeats" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [(b["rank"], b["host"], b["step"]) for b in beats] == [(0, "h1", 16), (1, "h2", 16)]
+    infos = list_checkpoints(run_dir / "checkpoints")
+    assert [(i.step, i.ok) for i in infos] == [(8, True), (16, True)]
+    meta = read_meta(infos[-1].path)
+    assert (
+        meta["tokens"] == 16 * 512 and meta["loss"] == points[-1]["loss"] and len(meta["loss_window"]) == 16
+    )
+
+    # rank 0 delivered every point, both checkpoints and heartbeats to the control plane, with its token
+    posted = [(path, auth, body) for path, auth, body in receiver.requests]
+    assert {auth for _, auth, _ in posted} == {"Bearer tok-1"}
+    steps = [pt["step"] for path, _, b in posted if path == "/api/v1/runs/7/metrics" for pt in b["points"]]
+    assert sorted(steps) == list(range(1, 17))
+    registered = [b for path, _, b in posted if path == "/api/v1/runs/7/checkpoints"]
+    assert [(b["step"], b["state"], b["attempt"]) for b in registered] == [
+        (8, "committed", 1),
+        (16, "committed", 1),
+    ]
+    assert registered[-1]["checksum"].startswith("sha256:") and registered[-1]["path"] == str(infos[-1].path)
+    assert any(path == "/api/v1/runs/7/heartbeats" for path, _, _ in posted)
+    assert (
+        not (run_dir / "spool" / "pending.jsonl").exists()
+        or not (run_dir / "spool" / "pending.jsonl").read_text()
+    )
+
+
+def test_resume_after_a_crash_is_bitwise_identical_to_an_uninterrupted_run(tmp_path: Path) -> None:
+    common = [*FP32, "--max-steps", "20", "--checkpoint-interval", "10", "--checkpoint-mode", "sync"]
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    assert (r := run_trainer(straight, *common)).returncode == 0, explain(r)
+
+    crashed = run_trainer(interrupted, *common, "--fault", "crash:step=14,rank=1,code=13")
+    assert crashed.returncode == 13, explain(crashed)
+    assert [p["step"] for p in metrics(interrupted)][-1] == 13
+    resumed = run_trainer(interrupted, *common, "--resume-from", "latest", env={"TRAINOPS_ATTEMPT": "2"})
+    assert resumed.returncode == 0, explain(resumed)
+    assert "resumed from" in resumed.stdout and "step_00000010 at step 10" in resumed.stdout
+
+    a, b = metrics(straight), metrics(interrupted)
+    assert [p["loss"] for p in a] == [
+        p["loss"] for p in b
+    ]  # steps 11..13 of attempt 1 superseded by attempt 2
+    assert [p["grad_norm"] for p in a] == [p["grad_norm"] for p in b]
+    assert [p["attempt"] for p in b][10:] == [2] * 10
+    wa = model_weights(straight / "checkpoints" / "step_00000020", tmp_path)
+    wb = model_weights(interrupted / "checkpoints" / "step_00000020", tmp_path)
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        assert torch.equal(wa[name], wb[name]), name
+
+
+def test_a_checkpoint_torn_by_a_kill_mid_save_is_never_loaded(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    common = [*FP32, "--max-steps", "8", "--checkpoint-interval", "4"]
+    torn = run_trainer(run_dir, *common, "--fault", "crash_in_checkpoint:step=8")
+    assert torn.returncode == 128 + signal.SIGKILL, explain(torn)
+
+    infos = {i.step: i for i in list_checkpoints(run_dir / "checkpoints")}
+    assert infos[4].ok and not infos[8].ok and "COMMITTED" in infos[8].reason
+    assert (
+        run_dir / "checkpoints" / "step_00000008" / "manifest.json"
+    ).exists()  # all files there, no marker
+
+    resumed = run_trainer(run_dir, *common, "--resume-from", "latest")
+    assert resumed.returncode == 0, explain(resumed)
+    assert "step_00000004 at step 4" in resumed.stdout
+    assert verify_checkpoint(run_dir / "checkpoints" / "step_00000008") == (True, "ok")
+
+
+def test_an_inf_gradient_on_one_rank_makes_every_rank_skip_and_halve(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    result = run_trainer(
+        run_dir,
+        "--max-steps",
+        "4",
+        "--checkpoint-interval",
+        "1",
+        "--checkpoint-mode",
+        "sync",
+        "--fault",
+        "inf_grad:step=3,rank=1",
+    )
+    assert result.returncode == 0, explain(result)
+    for rank in (0, 1):
+        seen = [(p["step"], p["loss_scale"], p["values"]["overflow"]) for p in metrics(run_dir, rank)]
+        assert seen == [(1, 65536.0, 0.0), (2, 65536.0, 0.0), (3, 32768.0, 1.0), (4, 32768.0, 0.0)], rank
+    assert math.isinf(metrics(run_dir)[2]["grad_norm"])
+    before = model_weights(run_dir / "checkpoints" / "step_00000002", tmp_path)
+    after = model_weights(run_dir / "checkpoints" / "step_00000003", tmp_path)
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the step was skipped on every shard
+    assert read_meta(run_dir / "checkpoints" / "step_00000003")["scaler"]["overflows"] == 1
+
+
+def test_activation_and_gradient_norms_match_a_single_process_reference(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    result = run_trainer(run_dir, *FP32, "--max-steps", "1", "--dropout", "0", "--seed", "5")
+    assert result.returncode == 0, explain(result)
+    reported = metrics(run_dir)[0]
+
+    # The same step in one process: same init (seeded, shard-independent), both ranks' micro-batches at once.
+    tokens = np.load(next((run_dir / "cache").glob("tokens-*.npy")))
+    stream = TokenStream(tokens, seq_len=128, seed=5)
+    batches = [
+        stream.batch(step_index=0, micro_index=0, rank=r, world=2, micro_batch=2, accum_steps=1)
+        for r in (0, 1)
+    ]
+    inputs = torch.cat([b.inputs for b in batches])
+    targets = torch.cat([b.targets for b in batches])
+    model = build_model(preset_model_config("tiny", dropout=0.0), device="cpu")
+    init_weights(model, 5)
+    hook = ActivationNorm(model.final_block, torch.device("cpu"))
+    loss = F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten())
+    loss.backward()
+    act_sumsq, act_tokens = hook.take()
+    grad_norm = torch.sqrt(sum(p.grad.double().square().sum() for p in model.parameters()))
+
+    assert reported["loss"] == pytest.approx(loss.item(), rel=1e-5)
+    assert reported["act_norm"] == pytest.approx(math.sqrt(act_sumsq.item() / act_tokens), rel=1e-5)
+    assert reported["grad_norm"] == pytest.approx(grad_norm.item(), rel=1e-4)
+
+
+def test_divergence_exits_42_after_flushing_metrics(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    result = run_trainer(run_dir, "--max-steps", "30", "--fault", "diverge:step=3,factor=100000")
+    assert result.returncode == 42, explain(result)
+    last = metrics(run_dir)[-1]
+    assert not math.isfinite(last["loss"]) and last["step"] < 30
+    assert "diverged: non-finite loss" in (run_dir / "trainer.log").read_text()
+
+
+def test_a_hung_rank_leaves_a_stale_heartbeat_step(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    proc = start_trainer(
+        run_dir, *FP32, "--max-steps", "50", "--fault", "hang:step=3,rank=1", "--pg-timeout-s", "120"
+    )
+    beat_file = run_dir / "heartbeats" / "rank1.json"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if beat_file.exists() and json.loads(beat_file.read_text())["step"] == 2:
+                break
+            time.sleep(0.2)
+        first = json.loads(beat_file.read_text())
+        time.sleep(3)
+        assert proc.poll() is None  # still running, not crashed
+        for rank in (0, 1):
+            beat = json.loads((run_dir / "heartbeats" / f"rank{rank}.json").read_text())
+            assert beat["step"] <= 3 and time.time() - beat["time"] > 2.5, beat
+        assert json.loads(beat_file.read_text()) == first
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
