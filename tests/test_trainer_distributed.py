@@ -87,7 +87,7 @@ def test_two_ranks_learn_real_text_in_fp16_and_report_everything(tmp_path: Path,
         assert p["tokens_per_s"] > 0 and p["tflops_per_gpu"] > 0 and p["clip"] == 1.0 and p["lr"] > 0
     assert "val_loss" in points[7]["values"] and "val_ppl" in points[15]["values"]
 
-    # every rank leaves a heartbeat with its simulated host; both checkpoints are committed and self-describing
+    # each rank leaves a heartbeat with its simulated host; both checkpoints are committed, self-describing
     beats = [json.loads((run_dir / "heartbeats" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [(b["rank"], b["host"], b["step"]) for b in beats] == [(0, "h1", 16), (1, "h2", 16)]
     infos = list_checkpoints(run_dir / "checkpoints")

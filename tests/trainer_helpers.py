@@ -1,4 +1,4 @@
-"""Launch the real trainer (torchrun via trainer.launch) from tests, and read what it leaves in its run dir."""
+"""Launch the real trainer (torchrun via trainer.launch) from tests; read what it leaves in its run dir."""
 
 from __future__ import annotations
 
@@ -93,4 +93,5 @@ def model_weights(checkpoint: Path, tmp: Path) -> dict[str, torch.Tensor]:
 
 
 def explain(result: subprocess.CompletedProcess[str]) -> str:
-    return f"exit {result.returncode}\n--- stdout ---\n{result.stdout[-4000:]}\n--- stderr ---\n{result.stderr[-4000:]}"
+    out, err = result.stdout[-4000:], result.stderr[-4000:]
+    return f"exit {result.returncode}\n--- stdout ---\n{out}\n--- stderr ---\n{err}"

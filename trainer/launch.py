@@ -3,8 +3,8 @@
     python -m trainer.launch --nnodes 1 --nproc-per-node 2 --rdzv-backend c10d \\
         --rdzv-endpoint 127.0.0.1:29500 -- --preset tiny --max-steps 40 --run-dir runs/demo
 
-Everything before `--` goes to torchrun, everything after to `trainer.train`. Plain torchrun reports any worker
-failure as exit code 1, which would hide the contract's codes; this wrapper maps them back:
+Everything before `--` goes to torchrun, everything after to `trainer.train`. Plain torchrun reports any
+worker failure as exit code 1, which would hide the contract's codes; this wrapper maps them back:
 42 if any rank diverged, 2 if every failed rank rejected the configuration, else the code of the first failure
 (128 + N for death by signal N, as a shell reports it). The flags are validated before any process starts, and
 `TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1` is set (restarts fail intermittently without it).
