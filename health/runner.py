@@ -1,0 +1,90 @@
+"""Running a set of checks in an isolated process, each under its own time limit.
+
+A check that hangs (a wedged driver call, a stuck collective) cannot be interrupted inside a Python
+thread, so checks run in a child process that is killed when a check overruns; the overrun check is
+reported as ``timeout`` and the remaining checks continue in a fresh child. Children come from a
+forkserver, so they are cheap to start and never inherit the worker's threads or CUDA state.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from multiprocessing.connection import Connection
+
+from health.checks import ALL_CHECKS
+from health.checks.context import CheckContext
+from health.results import CheckResult, CheckStatus, Fault
+
+_MP = multiprocessing.get_context("forkserver")
+_MP.set_forkserver_preload(["health.checks"])
+
+
+def _run_one(name: str, ctx: CheckContext) -> CheckResult:
+    start = time.perf_counter()
+    try:
+        result = ALL_CHECKS[name](ctx)
+    except Exception as error:  # a crashing check is a finding about the host, reported as such
+        result = CheckResult(
+            check=name,
+            status=CheckStatus.error,
+            reason=f"check raised {type(error).__name__}: {error}",
+            faults=[Fault.check_error],
+        )
+    result.duration_s = time.perf_counter() - start
+    return result
+
+
+def _child_main(names: list[str], ctx: CheckContext, conn: Connection) -> None:
+    for name in names:
+        conn.send(_run_one(name, ctx).to_json())
+    conn.close()
+
+
+def run_isolated(names: list[str], ctx: CheckContext, *, timeout_s: float) -> list[CheckResult]:
+    """Run ``names`` in order in child processes; a check running past ``timeout_s`` is killed."""
+    results: list[CheckResult] = []
+    remaining = list(names)
+    while remaining:
+        receiver, sender = _MP.Pipe(duplex=False)
+        child = _MP.Process(target=_child_main, args=(remaining, ctx, sender), daemon=True)
+        child.start()
+        sender.close()
+        try:
+            while remaining:
+                name = remaining[0]
+                if not receiver.poll(timeout_s):
+                    child.kill()
+                    results.append(
+                        CheckResult(
+                            check=name,
+                            status=CheckStatus.timeout,
+                            reason=f"check did not finish within {timeout_s:g} s; its process was killed",
+                            faults=[Fault.check_timeout],
+                            duration_s=timeout_s,
+                        )
+                    )
+                    remaining.pop(0)
+                    break
+                try:
+                    results.append(CheckResult.from_json(receiver.recv()))
+                except EOFError:
+                    child.join(5)
+                    results.append(
+                        CheckResult(
+                            check=name,
+                            status=CheckStatus.error,
+                            reason=f"check process died (exit code {child.exitcode})",
+                            faults=[Fault.check_error],
+                        )
+                    )
+                    remaining.pop(0)
+                    break
+                remaining.pop(0)
+        finally:
+            receiver.close()
+            child.join(5)
+            if child.is_alive():
+                child.kill()
+                child.join()
+    return results

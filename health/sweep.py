@@ -1,0 +1,470 @@
+"""Control side: fan checks out to host queues, gather with a deadline, store, judge, cordon.
+
+:func:`run_sweep` is what the orchestrator (before a restart), the API and Celery beat call. It writes
+every result to ``diagnostics``, reports hosts that missed the deadline as a finding, applies the cordon
+policy through ``transition_node`` (the logbook says why and who decided) and mirrors cordons to the
+configured scheduler adapters.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+from celery.exceptions import TimeoutError as CeleryTimeout
+from sqlalchemy.orm import Session, sessionmaker
+
+from health.celery_app import HealthCelery
+from health.celery_app import app as default_app
+from health.config import host_queue
+from health.policy import CordonRules, Decision, Verdict, classify, decide, decide_blame
+from health.results import CheckResult, CheckStatus, Fault, HostReport, Level
+from health.scheduler import SchedulerAdapter
+from service.crud.diagnostics import list_diagnostics, record_diagnostic
+from service.crud.logbook import write_log
+from service.crud.nodes import get_node, list_nodes, record_blame, transition_node
+from service.db import engine_from_settings, make_session_factory, transaction
+from service.models import Node, utcnow
+from service.statemachine import DiagnosticStatus, LogKind, NodeState, Severity
+
+WORKER_CHECK = "health.worker"
+
+
+@dataclass(kw_only=True)
+class HostOutcome:
+    host: str
+    verdict: Verdict
+    previous_state: NodeState
+    state: NodeState
+    reason: str
+    results: int
+
+
+@dataclass(kw_only=True)
+class SweepReport:
+    """What a sweep found and did."""
+
+    sweep_id: str
+    level: Level
+    started_at: dt.datetime
+    finished_at: dt.datetime
+    deadline_s: float
+    hosts: list[HostOutcome] = field(default_factory=list)
+    results_ingested: int = 0
+    unknown_hosts: list[str] = field(default_factory=list)
+    adapter_errors: list[str] = field(default_factory=list)
+
+    def _with(self, verdicts: set[Verdict]) -> list[str]:
+        return [h.host for h in self.hosts if h.verdict in verdicts]
+
+    @property
+    def missed(self) -> list[str]:
+        return self._with({Verdict.missed})
+
+    def in_state(self, state: NodeState) -> list[str]:
+        return [h.host for h in self.hosts if h.state is state]
+
+    @property
+    def changed(self) -> list[HostOutcome]:
+        return [h for h in self.hosts if h.state is not h.previous_state]
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "sweep_id": self.sweep_id,
+            "level": self.level.value,
+            "hosts": len(self.hosts),
+            "results_ingested": self.results_ingested,
+            "missed_deadline": self.missed,
+            "changed": {h.host: f"{h.previous_state.value}->{h.state.value}" for h in self.changed},
+            "unknown_hosts": self.unknown_hosts,
+            "seconds": (self.finished_at - self.started_at).total_seconds(),
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            **self.summary(),
+            "started_at": self.started_at.isoformat(),
+            "finished_at": self.finished_at.isoformat(),
+            "deadline_s": self.deadline_s,
+            "adapter_errors": self.adapter_errors,
+            "outcomes": [
+                {
+                    "host": h.host,
+                    "verdict": h.verdict.value,
+                    "previous_state": h.previous_state.value,
+                    "state": h.state.value,
+                    "reason": h.reason,
+                    "results": h.results,
+                }
+                for h in self.hosts
+            ],
+        }
+
+
+@lru_cache(maxsize=1)
+def control_session_factory() -> sessionmaker[Session]:
+    """The control plane's database, for control-side tasks run by a Celery worker."""
+    from service.config import get_settings
+
+    return make_session_factory(engine_from_settings(get_settings()))
+
+
+def _targets(
+    session_factory: sessionmaker[Session], hosts: Sequence[str] | None, default_gpus: int
+) -> tuple[dict[str, int], list[str]]:
+    """host -> expected GPU count for the hosts to sweep (all non-retired ones when ``hosts`` is None)."""
+    with transaction(session_factory) as session:
+        if hosts is None:
+            states = [s for s in NodeState if s is not NodeState.retired]
+            nodes, _ = list_nodes(session, states=states, limit=1_000_000)
+        else:
+            nodes, _ = list_nodes(session, hostnames=list(hosts), limit=1_000_000)
+        found = {n.hostname: (len(n.gpus) or default_gpus) for n in nodes}
+    unknown = sorted(set(hosts or ()) - set(found))
+    return found, unknown
+
+
+def _stored(result: CheckResult, worker: str | None) -> dict[str, Any]:
+    return {
+        "faults": list(result.faults),
+        "duration_s": result.duration_s,
+        "worker": worker,
+        "data": result.measurements,
+    }
+
+
+def _result_from_row(
+    kind: str, status: DiagnosticStatus, reason: str | None, measurements: dict[str, Any]
+) -> CheckResult:
+    return CheckResult(
+        check=kind,
+        status=CheckStatus(status.value) if status.value in CheckStatus.__members__ else CheckStatus.error,
+        reason=reason or status.value,
+        faults=list(measurements.get("faults", [])),
+    )
+
+
+def history_of(session: Session, *, hostname: str, exclude_sweep: str, rules: CordonRules) -> list[Verdict]:
+    """Verdicts of this host's previous sweeps, newest first, re-judged from ``diagnostics`` by ``rules``."""
+    from health.checks import ALL_CHECKS
+
+    rows, _ = list_diagnostics(
+        session, hostname=hostname, limit=rules.history_sweeps() * (len(ALL_CHECKS) + 1)
+    )
+    by_sweep: dict[str, tuple[Level, list[CheckResult]]] = {}
+    for diag, _host in rows:
+        if diag.sweep_id is None or diag.sweep_id == exclude_sweep:
+            continue
+        level = Level(diag.level) if diag.level in Level.__members__ else Level.quick
+        by_sweep.setdefault(diag.sweep_id, (level, []))[1].append(
+            _result_from_row(diag.kind, diag.status, diag.reason, diag.measurements or {})
+        )
+    # Insertion order follows the rows: newest sweep first. The oldest may be cut by the limit; drop it.
+    verdicts = [classify(results, level, rules)[0] for level, results in by_sweep.values()]
+    return verdicts[: rules.history_sweeps()]
+
+
+def _apply(session: Session, *, node: Node, decision: Decision, author: str, sweep_id: str | None) -> None:
+    if decision.target is None or decision.target is node.state:
+        return
+    transition_node(
+        session,
+        node=node,
+        target=decision.target,
+        reason=decision.reason,
+        author=author,
+        evidence={**decision.evidence, "sweep_id": sweep_id},
+        kind=LogKind.decision,
+    )
+
+
+def ingest_host(
+    session_factory: sessionmaker[Session],
+    *,
+    host: str,
+    level: Level,
+    results: list[CheckResult],
+    worker: str | None,
+    sweep_id: str,
+    rules: CordonRules,
+    author: str,
+) -> HostOutcome:
+    """Store one host's results and apply the policy to it, in one transaction."""
+    now = utcnow()
+    with transaction(session_factory) as session:
+        node = get_node(session, hostname=host, for_update=True)
+        for result in results:
+            record_diagnostic(
+                session,
+                node_id=node.id,
+                kind=result.check,
+                level=level.value,
+                status=DiagnosticStatus(result.status.value),
+                reason=result.reason,
+                measurements=_stored(result, worker),
+                started_at=now - dt.timedelta(seconds=result.duration_s),
+                finished_at=now,
+                sweep_id=sweep_id,
+            )
+        verdict, findings = classify(results, level, rules)
+        previous = node.state
+        if verdict is Verdict.clean and node.state is NodeState.healthy:
+            # The common case needs no history: nothing to decide.
+            return HostOutcome(
+                host=host,
+                verdict=verdict,
+                previous_state=previous,
+                state=previous,
+                reason="",
+                results=len(results),
+            )
+        history = history_of(session, hostname=host, exclude_sweep=sweep_id, rules=rules)
+        decision = decide(state=node.state, verdict=verdict, findings=findings, history=history, rules=rules)
+        _apply(session, node=node, decision=decision, author=author, sweep_id=sweep_id)
+        return HostOutcome(
+            host=host,
+            verdict=verdict,
+            previous_state=previous,
+            state=node.state,
+            reason=decision.reason,
+            results=len(results),
+        )
+
+
+def _mirror(
+    session_factory: sessionmaker[Session],
+    outcome: HostOutcome,
+    adapters: Sequence[SchedulerAdapter],
+    author: str,
+) -> list[str]:
+    """Mirror a state change to the external schedulers; a failure is logged, never silently dropped."""
+    cordon = outcome.state in (NodeState.cordoned, NodeState.retired)
+    release = outcome.state is NodeState.healthy and outcome.previous_state in (
+        NodeState.cordoned,
+        NodeState.retired,
+    )
+    if not (cordon or release):
+        return []
+    errors: list[str] = []
+    for adapter in adapters:
+        action = "cordon" if cordon else "uncordon"
+        try:
+            if cordon:
+                adapter.cordon(outcome.host, outcome.reason)
+            else:
+                adapter.uncordon(outcome.host, outcome.reason)
+        except Exception as error:  # one scheduler's outage must not stop the others or the sweep
+            errors.append(f"{adapter.name}: {outcome.host}: {error}")
+            with transaction(session_factory) as session:
+                node = get_node(session, hostname=outcome.host)
+                write_log(
+                    session,
+                    kind=LogKind.failure,
+                    severity=Severity.error,
+                    message=f"{adapter.name} could not {action} {outcome.host}: {error}",
+                    author=f"{author}/{adapter.name}",
+                    node_id=node.id,
+                    evidence={"adapter": adapter.name, "state": outcome.state.value, "error": str(error)},
+                )
+    return errors
+
+
+def run_sweep(
+    session_factory: sessionmaker[Session],
+    *,
+    hosts: Sequence[str] | None = None,
+    level: Level | str = Level.quick,
+    deadline_s: float | None = None,
+    checks: list[str] | None = None,
+    author: str = "health/sweep",
+    app: HealthCelery | None = None,
+    rules: CordonRules | None = None,
+    adapters: Sequence[SchedulerAdapter] = (),
+) -> SweepReport:
+    """Run ``level`` checks on ``hosts`` (default: every registered, non-retired host) and act on them.
+
+    Waits at most ``deadline_s`` (default: the config's deadline for the level) for all hosts; a host
+    that has not answered by then is recorded as ``timeout`` and judged as a missed deadline. Each host
+    is stored and judged as soon as its results arrive, so a broken host is cordoned without waiting
+    for the slowest one. ``adapters`` are external schedulers (Slurm, Kubernetes) mirroring each cordon;
+    the node state itself is the own pool and always changes.
+    """
+    app = app or default_app
+    level = Level(level)
+    rules = rules or CordonRules()
+    config = app.health_config
+    deadline_s = deadline_s or (config.quick_deadline_s if level is Level.quick else config.deep_deadline_s)
+    started = utcnow()
+    start = time.monotonic()
+    sweep_id = f"{level.value}-{started:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
+    targets, unknown = _targets(session_factory, hosts, config.expected_gpus)
+    if app.embedded_worker is not None:
+        app.embedded_worker.ensure(targets)
+
+    pending: dict[str, str] = {}
+    for host, gpus in targets.items():
+        async_result = app.send_task(
+            "health.run_checks",
+            kwargs={
+                "host": host,
+                "level": level.value,
+                "checks": checks,
+                "expected_gpus": gpus,
+                "reference_time": time.time(),
+            },
+            queue=host_queue(host),
+            # A worker that comes back after the sweep gave up must not run stale checks.
+            expires=deadline_s,
+        )
+        pending[async_result.id] = host
+
+    report = SweepReport(
+        sweep_id=sweep_id, level=level, started_at=started, finished_at=started, deadline_s=deadline_s
+    )
+    report.unknown_hosts = unknown
+    remaining = dict(pending)
+    try:
+        for task_id, meta in app.backend.get_many(
+            set(pending), timeout=max(0.01, deadline_s - (time.monotonic() - start)), interval=0.02
+        ):
+            host = remaining.pop(task_id)
+            outcome = _ingest_meta(
+                session_factory,
+                host=host,
+                meta=meta,
+                level=level,
+                sweep_id=sweep_id,
+                rules=rules,
+                author=author,
+            )
+            report.hosts.append(outcome)
+            report.results_ingested += outcome.results
+            report.adapter_errors += _mirror(session_factory, outcome, adapters, author)
+    except CeleryTimeout:
+        pass
+    for task_id, host in remaining.items():
+        missed = CheckResult(
+            check=WORKER_CHECK,
+            status=CheckStatus.timeout,
+            reason=f"no answer on queue {host_queue(host)} within {deadline_s:g} s "
+            "(worker down, stuck, or host unreachable)",
+            faults=[Fault.missed_deadline],
+            measurements={"task_id": task_id},
+        )
+        outcome = ingest_host(
+            session_factory,
+            host=host,
+            level=level,
+            results=[missed],
+            worker=None,
+            sweep_id=sweep_id,
+            rules=rules,
+            author=author,
+        )
+        report.hosts.append(outcome)
+        report.results_ingested += 1
+        report.adapter_errors += _mirror(session_factory, outcome, adapters, author)
+    report.finished_at = utcnow()
+    return report
+
+
+def _ingest_meta(
+    session_factory: sessionmaker[Session],
+    *,
+    host: str,
+    meta: dict[str, Any],
+    level: Level,
+    sweep_id: str,
+    rules: CordonRules,
+    author: str,
+) -> HostOutcome:
+    if meta.get("status") == "SUCCESS":
+        host_report = HostReport.from_json(meta["result"])
+        results, worker = host_report.results, host_report.worker
+    else:
+        # The task itself failed (not a check): a finding about the worker, with the error it raised.
+        results = [
+            CheckResult(
+                check=WORKER_CHECK,
+                status=CheckStatus.error,
+                reason=f"health task {meta.get('status')}: {meta.get('result')!r}",
+                faults=[Fault.check_error],
+            )
+        ]
+        worker = None
+    return ingest_host(
+        session_factory,
+        host=host,
+        level=level,
+        results=results,
+        worker=worker,
+        sweep_id=sweep_id,
+        rules=rules,
+        author=author,
+    )
+
+
+def trigger_sweep(
+    *,
+    hosts: Sequence[str] | None,
+    level: Level | str,
+    deadline_s: float | None = None,
+    checks: list[str] | None = None,
+    author: str = "health/api",
+    app: HealthCelery | None = None,
+) -> str:
+    """Start a sweep on the shared queue without waiting; returns the Celery task id of the sweep."""
+    app = app or default_app
+    if app.embedded_worker is not None:
+        app.embedded_worker.ensure(())
+    result = app.send_task(
+        "health.sweep",
+        kwargs={
+            "hosts": list(hosts) if hosts is not None else None,
+            "level": Level(level).value,
+            "deadline_s": deadline_s,
+            "checks": checks,
+            "author": author,
+        },
+    )
+    return str(result.id)
+
+
+def blame_nodes(
+    session_factory: sessionmaker[Session],
+    *,
+    hosts: Sequence[str],
+    failure: str,
+    author: str,
+    run_id: int | None = None,
+    rules: CordonRules | None = None,
+    adapters: Sequence[SchedulerAdapter] = (),
+) -> list[HostOutcome]:
+    """Charge ``hosts`` with a run failure; a node blamed ``lemon_blame_count`` times is retired for good."""
+    rules = rules or CordonRules()
+    outcomes: list[HostOutcome] = []
+    for host in hosts:
+        with transaction(session_factory) as session:
+            node = get_node(session, hostname=host, for_update=True)
+            previous = node.state
+            record_blame(session, node=node, reason=failure, author=author, run_id=run_id)
+            decision = decide_blame(
+                state=node.state, blame_count=node.blame_count, reason=failure, rules=rules
+            )
+            _apply(session, node=node, decision=decision, author=author, sweep_id=None)
+            outcome = HostOutcome(
+                host=host,
+                verdict=Verdict.soft,
+                previous_state=previous,
+                state=node.state,
+                reason=decision.reason,
+                results=0,
+            )
+        outcomes.append(outcome)
+        _mirror(session_factory, outcome, adapters, author)
+    return outcomes
