@@ -6,9 +6,7 @@ import json
 import math
 import os
 import signal
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.trainer_helpers import explain, metrics, model_weights, run_trainer, start_trainer
+from tests.trainer_helpers import explain, metrics, model_weights, run_trainer, start_receiver, start_trainer
 from trainer.checkpoint import list_checkpoints, read_meta, verify_checkpoint
 from trainer.data import TokenStream
 from trainer.model import build_model, init_weights, preset_model_config
@@ -27,30 +25,9 @@ pytestmark = pytest.mark.slow
 FP32 = ["--precision", "fp32"]
 
 
-class _Receiver(BaseHTTPRequestHandler):
-    """Records every request: a stand-in HTTP endpoint so the test sees exactly what rank 0 sends."""
-
-    requests: list[tuple[str, str, Any]]
-
-    def do_POST(self) -> None:
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        self.server.requests.append((self.path, self.headers["Authorization"], body))  # type: ignore[attr-defined]
-        code = 204 if self.path.endswith("heartbeats") else 200
-        self.send_response(code)
-        self.send_header("Content-Length", "2")
-        self.end_headers()
-        self.wfile.write(b"{}")
-
-    def log_message(self, *args: object) -> None:
-        """Quiet."""
-
-
 @pytest.fixture
 def receiver() -> Any:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Receiver)
-    server.requests = []  # type: ignore[attr-defined]
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    server = start_receiver()
     yield server
     server.shutdown()
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -95,3 +98,29 @@ def model_weights(checkpoint: Path, tmp: Path) -> dict[str, torch.Tensor]:
 def explain(result: subprocess.CompletedProcess[str]) -> str:
     out, err = result.stdout[-4000:], result.stderr[-4000:]
     return f"exit {result.returncode}\n--- stdout ---\n{out}\n--- stderr ---\n{err}"
+
+
+class _Receiver(BaseHTTPRequestHandler):
+    """Records every POST (path, Authorization, JSON body) and answers with the server's `status`."""
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        server: Any = self.server
+        server.requests.append((self.path, self.headers["Authorization"], body))
+        code = 204 if self.path.endswith("heartbeats") else server.status
+        self.send_response(code)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    def log_message(self, *args: object) -> None:
+        """Quiet."""
+
+
+def start_receiver(port: int = 0, status: int = 200) -> Any:
+    """A real local HTTP endpoint on a thread; `.requests` lists what arrived, in order. `.shutdown()` it."""
+    server: Any = ThreadingHTTPServer(("127.0.0.1", port), _Receiver)
+    server.requests = []
+    server.status = status
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
