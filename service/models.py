@@ -112,6 +112,12 @@ class Attempt(Base):
     exit_reason: Mapped[str | None] = mapped_column(sa.String(64))
     exit_code: Mapped[int | None]
     steps_lost: Mapped[int | None]
+    # What the orchestrator found (failure class, onset, signals), and the times that give MTTD and MTTR:
+    # last step progress before the failure, when the failure was detected, the attempt's first new step.
+    findings: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    last_progress_at: Mapped[dt.datetime | None]
+    detected_at: Mapped[dt.datetime | None]
+    first_step_at: Mapped[dt.datetime | None]
 
     run: Mapped[Run] = relationship(back_populates="attempts")
 

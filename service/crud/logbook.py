@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -11,6 +12,17 @@ from sqlalchemy.orm import Session
 
 from service.models import LogEntry
 from service.statemachine import LogKind, Severity
+
+
+def jsonable(value: Any) -> Any:
+    """Evidence as strict JSON: PostgreSQL's json type has no NaN or Infinity, so those become strings."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    return value
 
 
 def write_log(
@@ -31,7 +43,7 @@ def write_log(
         severity=severity,
         run_id=run_id,
         node_id=node_id,
-        evidence=evidence or {},
+        evidence=jsonable(evidence or {}),
     )
     session.add(entry)
     session.flush()

@@ -1,0 +1,120 @@
+"""The orchestrator's typed config (one per component, read once at the edge)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(kw_only=True)
+class DivergenceConfig:
+    loss_spike_window: int = 20
+    """Trailing steps whose median and MAD are the baseline of the loss-spike test."""
+    loss_spike_ratio: float = 1.5
+    """A step spikes when its loss exceeds the trailing median by this factor ..."""
+    loss_spike_z: float = 6.0
+    """... and by this many robust standard deviations (1.4826 x MAD)."""
+    loss_spike_patience: int = 3
+    """Consecutive spiking steps before it counts as a divergence (OPT saw many spikes that recovered)."""
+    min_loss_scale: float = 1.0
+    """A dynamic loss scale below this is a divergence signal (OPT restarted from checkpoints >= 1.0)."""
+    act_norm_window: int = 20
+    """Trailing steps whose median is the activation norm's baseline."""
+    act_norm_multiple: float = 2.0
+    """The final layer's activation norm above this multiple of its baseline is runaway growth ..."""
+    act_norm_patience: int = 5
+    """... when it stays there for this many consecutive steps."""
+    min_points: int = 8
+    """Steps needed in a trailing window before the spike and runaway tests judge anything."""
+
+    def __post_init__(self) -> None:
+        if self.loss_spike_ratio <= 1 or self.act_norm_multiple <= 1:
+            raise ValueError("loss_spike_ratio and act_norm_multiple must be > 1")
+        if (
+            min(
+                self.loss_spike_window, self.act_norm_window, self.loss_spike_patience, self.act_norm_patience
+            )
+            < 1
+        ):
+            raise ValueError("windows and patiences must be >= 1")
+        if self.min_points > min(self.loss_spike_window, self.act_norm_window):
+            raise ValueError("min_points must not exceed the trailing windows")
+
+
+@dataclass(kw_only=True)
+class RestartPointConfig:
+    act_norm_trend_window: int = 20
+    """Steps after a checkpoint over which the activation norm's trend is measured (OPT's restart rule)."""
+    act_norm_flat_tolerance: float = 0.002
+    """Largest relative slope per step (slope / mean norm) still called flat; above it, the norm rises."""
+    min_trend_points: int = 5
+    """Fewer stored points after a checkpoint than this and its trend is unknown (it does not qualify)."""
+
+
+@dataclass(kw_only=True)
+class RemediationConfig:
+    lr_factor: float = 0.5
+    """LR scale multiplier per divergence, compounding across repeats."""
+    min_lr_scale: float = 0.05
+    """Floor of the compounded LR scale."""
+    lowered_clip: float = 0.3
+    """Gradient clipping after `clip_after_divergences` divergences (OPT lowered 1.0 -> 0.3)."""
+    clip_after_divergences: int = 2
+    """Divergences before the clip is lowered."""
+    reset_loss_scale: bool = True
+    """Reset the dynamic loss scaler on a divergence restart (recovered some of OPT's divergences)."""
+    skip_spike_window: bool = False
+    """Also skip the batches between the restored checkpoint and the divergence onset."""
+    max_restarts: int = 20
+    """Restarts allowed within `restart_window_s` before the run needs attention."""
+    restart_window_s: float = 3600.0
+    """Window of the restart budget."""
+    no_progress_restarts: int = 3
+    """Consecutive restarts that do not advance the newest checkpoint before the run needs attention."""
+    backoff_base_s: float = 1.0
+    """First delay between a failure and the relaunch; doubles with each consecutive failure."""
+    backoff_max_s: float = 60.0
+    """Largest back-off delay."""
+    hosts_wait_s: float = 120.0
+    """How long to wait for enough healthy hosts before the run needs attention."""
+    deep_check_before_relaunch: bool = True
+    """Run deep diagnostics on the hosts of the next attempt after a hardware failure."""
+    deep_check_deadline_s: float = 120.0
+    """Deadline for those diagnostics."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.lr_factor < 1:
+            raise ValueError("lr_factor must be in (0, 1)")
+        if not 0 < self.min_lr_scale <= 1:
+            raise ValueError("min_lr_scale must be in (0, 1]")
+        if self.backoff_base_s < 0 or self.backoff_max_s < self.backoff_base_s:
+            raise ValueError("need 0 <= backoff_base_s <= backoff_max_s")
+
+
+@dataclass(kw_only=True)
+class OrchestratorConfig:
+    loop_interval_s: float = 1.0
+    """Period of the reconcile loop (events may wake it earlier; they never decide)."""
+    heartbeat_interval_s: float = 2.0
+    """How often trainer ranks are expected to beat (they beat every step; this bounds the check)."""
+    hang_timeout_s: float = 12.0
+    """No step progress for this long on any rank is a hang (goal: detected within 15 s)."""
+    startup_grace_s: float = 180.0
+    """Time an attempt may take to reach its first step (process start, model build, checkpoint load)."""
+    runs_dir: str = ".trainops/runs"
+    """Where each run's files live: <runs_dir>/<run name>/ (checkpoints, heartbeats, logs)."""
+    api_url: str | None = None
+    """Control plane URL given to trainers for reporting; None = trainers do not report over HTTP."""
+    straggler_ratio: float = 3.0
+    """A rank whose step time exceeds the median of the others by this factor is a straggler."""
+    divergence: DivergenceConfig = field(default_factory=DivergenceConfig)
+    restart_point: RestartPointConfig = field(default_factory=RestartPointConfig)
+    remediation: RemediationConfig = field(default_factory=RemediationConfig)
+
+    def __post_init__(self) -> None:
+        # NVRx invariant: declare a hang only after several missed heartbeats, or slow steps look hung.
+        if self.heartbeat_interval_s >= self.hang_timeout_s:
+            raise ValueError("heartbeat_interval_s must be < hang_timeout_s")
+        if self.loop_interval_s <= 0 or self.loop_interval_s > self.hang_timeout_s:
+            raise ValueError("loop_interval_s must be in (0, hang_timeout_s]")
+        if self.straggler_ratio <= 1:
+            raise ValueError("straggler_ratio must be > 1")

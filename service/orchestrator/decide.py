@@ -1,0 +1,490 @@
+"""`decide()`: a pure function from a run's desired and observed state to the actions that reconcile them.
+
+No I/O here; everything it needs is in `ObservedRun`. Table-tested in tests/test_orchestrator_decide.py.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from service.orchestrator.config import OrchestratorConfig
+from service.orchestrator.detect import (
+    DivergenceFinding,
+    FailureClass,
+    MetricSample,
+    RankBeat,
+    classify_exit,
+    detect_divergence,
+    detect_hang,
+    detect_straggler,
+)
+from service.orchestrator.launcher import ProcessStatus
+from service.orchestrator.policy import FailureRecord, plan_remediation
+from service.orchestrator.restart_point import CheckpointCandidate, pick_restart_checkpoint
+from service.statemachine import DesiredState, NodeState, RunPhase
+
+BAD_NODE_STATES = frozenset({NodeState.suspect, NodeState.cordoned, NodeState.draining, NodeState.retired})
+
+
+# ---- what decide() sees ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ObservedAttempt:
+    number: int
+    hosts: tuple[str, ...]
+    started_at: float
+    world_size: int
+    process: ProcessStatus
+    beats: tuple[RankBeat, ...] = ()
+    samples: tuple[MetricSample, ...] = ()  # this attempt's metrics, oldest first
+    last_step: int | None = None  # newest step reported by any source
+    first_step_seen: bool = False
+
+
+@dataclass(frozen=True)
+class EndedAttempt:
+    number: int
+    hosts: tuple[str, ...]
+    ended_at: float
+    outcome: str  # "completed", "stopped", "superseded" or a FailureClass value
+    findings: Mapping[str, Any] = field(default_factory=dict)
+    newest_checkpoint_step: int | None = None
+
+
+@dataclass(frozen=True)
+class ObservedRun:
+    run_id: int
+    name: str
+    desired: DesiredState
+    phase: RunPhase
+    target_steps: int
+    host_count: int
+    max_restarts: int
+    lr_scale: float
+    lr_override: float | None
+    clip_override: float | None
+    pending_restart: Mapping[str, Any] | None
+    now: float
+    attempt: ObservedAttempt | None
+    history: tuple[EndedAttempt, ...]  # ended attempts, oldest first
+    node_states: Mapping[str, NodeState]  # every registered host
+    busy_hosts: frozenset[str]  # hosts used by other runs' active attempts
+    checkpoints: tuple[CheckpointCandidate, ...]
+    act_norms: Mapping[int, float] = field(default_factory=dict)  # step -> norm along the surviving lineage
+    waiting_for_hosts_since: float | None = None
+
+
+# ---- what decide() asks for ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EndAttempt:
+    outcome: str
+    reason: str
+    kill: bool
+    exit_code: int | None = None
+    evidence: Mapping[str, Any] = field(default_factory=dict)
+    cordon_hosts: tuple[str, ...] = ()
+    blame_hosts: tuple[str, ...] = ()
+    last_progress_at: float | None = None
+
+
+@dataclass(frozen=True)
+class Launch:
+    hosts: tuple[str, ...]
+    checkpoint: CheckpointCandidate | None
+    overrides: Mapping[str, Any]  # lr_scale, lr, clip (standing); reset_loss_scale, skip_batches (one-shot)
+    reason: str
+    evidence: Mapping[str, Any] = field(default_factory=dict)
+    deep_check: bool = False  # run deep diagnostics on `hosts` first (after a hardware failure)
+    consume_pending_restart: bool = False
+
+
+@dataclass(frozen=True)
+class SetPhase:
+    target: RunPhase
+    reason: str
+    evidence: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Escalate:
+    reason: str
+    evidence: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MarkFirstStep:
+    attempt: int
+
+
+@dataclass(frozen=True)
+class WaitForHosts:
+    needed: int
+    available: int
+
+
+Action = EndAttempt | Launch | SetPhase | Escalate | MarkFirstStep | WaitForHosts
+
+
+def decide(run: ObservedRun, cfg: OrchestratorConfig) -> list[Action]:
+    if run.desired == DesiredState.stopped:
+        return _decide_stopped(run)
+    if run.phase == RunPhase.completed:
+        return []
+    if run.attempt is not None:
+        return _decide_active(run, cfg)
+    return _decide_idle(run, cfg)
+
+
+def _decide_stopped(run: ObservedRun) -> list[Action]:
+    if run.attempt is not None:
+        return [EndAttempt("stopped", "the run was asked to stop", kill=True)]
+    if run.phase not in (RunPhase.stopped, RunPhase.completed, RunPhase.failed):
+        return [SetPhase(RunPhase.stopped, "stopped as asked; no attempt is running")]
+    return []
+
+
+def _decide_active(run: ObservedRun, cfg: OrchestratorConfig) -> list[Action]:
+    attempt = run.attempt
+    assert attempt is not None
+    if run.pending_restart:
+        return [
+            EndAttempt(
+                "superseded",
+                f"operator restart: {run.pending_restart.get('reason', '')}",
+                kill=True,
+                evidence={"pending_restart": dict(run.pending_restart)},
+            )
+        ]
+
+    if attempt.process.state == "exited":
+        code = attempt.process.exit_code if attempt.process.exit_code is not None else 1
+        finding = classify_exit(code)
+        last = attempt.last_step or 0
+        if finding.outcome == "completed":
+            if last >= run.target_steps:
+                return [
+                    EndAttempt(
+                        "completed", f"reached the target step {run.target_steps}", kill=False, exit_code=code
+                    ),
+                    SetPhase(RunPhase.completed, f"reached the target step {run.target_steps}"),
+                ]
+            return [
+                EndAttempt(
+                    FailureClass.crash,
+                    f"exited 0 at step {last}, before the target {run.target_steps}",
+                    kill=False,
+                    exit_code=code,
+                )
+            ]
+        evidence: dict[str, Any] = {"exit": finding.detail, "last_step": attempt.last_step}
+        outcome = finding.outcome
+        if outcome == FailureClass.divergence:
+            found = detect_divergence(attempt.samples, cfg.divergence)
+            evidence["onset_step"] = found.onset_step if found else _first_nonfinite(attempt.samples, last)
+            if found:
+                evidence["signals"] = list(found.signals)
+        return [
+            EndAttempt(
+                outcome,
+                finding.detail,
+                kill=True,
+                exit_code=code,
+                evidence=evidence,
+                last_progress_at=_last_progress(attempt),
+            )
+        ]
+
+    if attempt.process.state == "lost":
+        return [
+            EndAttempt(
+                FailureClass.lost, attempt.process.detail, kill=True, last_progress_at=_last_progress(attempt)
+            )
+        ]
+
+    actions: list[Action] = []
+    if attempt.beats and not attempt.first_step_seen:
+        actions.append(MarkFirstStep(attempt.number))
+        if run.phase == RunPhase.starting:
+            actions.append(SetPhase(RunPhase.running, f"attempt {attempt.number} made its first step"))
+
+    bad = {h: run.node_states.get(h) for h in attempt.hosts if run.node_states.get(h) in BAD_NODE_STATES}
+    if bad:
+        suspects = tuple(sorted(h for h, s in bad.items() if s == NodeState.suspect))
+        return [
+            *actions,
+            EndAttempt(
+                FailureClass.hardware,
+                "host(s) in use became unfit: "
+                + ", ".join(f"{h} is {s.value}" for h, s in sorted(bad.items()) if s is not None),
+                kill=True,
+                cordon_hosts=suspects,
+                evidence={"hosts": {h: s.value for h, s in bad.items() if s is not None}},
+                last_progress_at=_last_progress(attempt),
+            ),
+        ]
+
+    hang = detect_hang(
+        attempt.beats,
+        world_size=attempt.world_size,
+        now=run.now,
+        attempt_started_at=attempt.started_at,
+        hang_timeout_s=cfg.hang_timeout_s,
+        startup_grace_s=cfg.startup_grace_s,
+    )
+    if hang is not None:
+        return [
+            *actions,
+            EndAttempt(
+                FailureClass.hang,
+                hang.detail,
+                kill=True,
+                evidence=hang.evidence,
+                blame_hosts=hang.behind_hosts,
+                last_progress_at=_last_progress(attempt),
+            ),
+        ]
+
+    divergence = detect_divergence(attempt.samples, cfg.divergence)
+    if divergence is not None:
+        return [*actions, _end_for_divergence(divergence, attempt)]
+
+    # Ranks report their own step time as a trailing mean, so one observation is already smoothed.
+    straggler = detect_straggler(attempt.beats, ratio=cfg.straggler_ratio)
+    if straggler is not None:
+        slowdown = straggler.step_time_s / straggler.others_median_s
+        return [
+            *actions,
+            EndAttempt(
+                FailureClass.hardware,
+                f"straggler: rank {straggler.rank} on {straggler.host}: {straggler.step_time_s:.2f} s/step, "
+                f"{slowdown:.1f}x the others",
+                kill=True,
+                cordon_hosts=(straggler.host,),
+                evidence={
+                    "rank": straggler.rank,
+                    "host": straggler.host,
+                    "step_time_s": straggler.step_time_s,
+                    "others_median_s": straggler.others_median_s,
+                },
+                last_progress_at=_last_progress(attempt),
+            ),
+        ]
+    return actions
+
+
+def _end_for_divergence(found: DivergenceFinding, attempt: ObservedAttempt) -> EndAttempt:
+    return EndAttempt(
+        FailureClass.divergence,
+        found.detail,
+        kill=True,
+        evidence={"onset_step": found.onset_step, "signals": list(found.signals), **found.evidence},
+        last_progress_at=_last_progress(attempt),
+    )
+
+
+def _first_nonfinite(samples: Sequence[MetricSample], fallback: int) -> int:
+    for s in samples:
+        if s.loss is not None and not math.isfinite(s.loss):
+            return s.step
+    return fallback + 1
+
+
+def failure_of(outcome: str) -> FailureClass | None:
+    """The failure class of an ended attempt's outcome; None for completed, stopped or superseded."""
+    try:
+        return FailureClass(outcome)
+    except ValueError:
+        return None
+
+
+def _last_progress(attempt: ObservedAttempt) -> float | None:
+    return max((b.time for b in attempt.beats), default=None)
+
+
+def _decide_idle(run: ObservedRun, cfg: OrchestratorConfig) -> list[Action]:
+    resumable = run.phase in (RunPhase.pending, RunPhase.starting, RunPhase.running, RunPhase.restarting)
+    if not resumable and not run.pending_restart:
+        return []  # stopped, failed or needing attention: a human decides (restart through the API)
+    last = run.history[-1] if run.history else None
+    failure = failure_of(last.outcome) if last else None
+
+    standing = {"lr_scale": run.lr_scale, "lr": run.lr_override, "clip": run.clip_override}
+    overrides: dict[str, Any] = dict(standing)
+    notes: list[str] = []
+    actions: list[Action] = []
+
+    if run.pending_restart:
+        # Manual control wins: the operator's restart is obeyed without a budget check.
+        chosen_id = run.pending_restart.get("from_checkpoint_id")
+        usable = [c for c in run.checkpoints if c.usable]
+        checkpoint = (
+            next((c for c in usable if c.id == chosen_id), None)
+            if chosen_id
+            else (max(usable, key=lambda c: c.step) if usable else None)
+        )
+        if chosen_id and checkpoint is None:
+            return [Escalate(f"the operator asked for checkpoint {chosen_id}, which is no longer intact")]
+        overrides["reset_loss_scale"] = bool(run.pending_restart.get("reset_loss_scale"))
+        overrides["skip_batches"] = int(run.pending_restart.get("skip_batches") or 0)
+        reason = (
+            f"operator restart ({run.pending_restart.get('author')}): {run.pending_restart.get('reason')}"
+        )
+        return _launch_or_wait(
+            run,
+            cfg,
+            checkpoint=checkpoint,
+            overrides=overrides,
+            reason=reason,
+            evidence={"pending_restart": dict(run.pending_restart)},
+            deep_check=False,
+            consume=True,
+        )
+
+    if failure is not None:
+        records = [
+            FailureRecord(
+                ended_at=a.ended_at,
+                failure=FailureClass(a.outcome) if a.outcome in FailureClass.__members__ else None,
+                newest_checkpoint_step=a.newest_checkpoint_step,
+            )
+            for a in run.history
+        ]
+        plan = plan_remediation(
+            failure,
+            records,
+            lr_scale=run.lr_scale,
+            clip=run.clip_override,
+            now=run.now,
+            cfg=cfg.remediation,
+            max_restarts=run.max_restarts,
+        )
+        if plan.escalate:
+            return [Escalate(plan.escalate, {"failure": failure.value, "attempts": len(run.history)})]
+        if run.now < plan.not_before:
+            return []  # back-off; the next loop looks again
+        overrides.update(plan.overrides)
+        notes.extend(plan.notes)
+        onset = last.findings.get("onset_step") if last else None
+        choice = pick_restart_checkpoint(
+            run.checkpoints,
+            failure=failure,
+            cfg=cfg.restart_point,
+            divergence_onset=onset,
+            act_norms=run.act_norms,
+            min_loss_scale=cfg.divergence.min_loss_scale,
+        )
+        if failure == FailureClass.divergence and choice.checkpoint is None:
+            return [
+                Escalate(
+                    f"divergence at step {onset} and {choice.reason}",
+                    {"rejected": [list(r) for r in choice.rejected]},
+                )
+            ]
+        if (
+            failure == FailureClass.divergence
+            and cfg.remediation.skip_spike_window
+            and onset is not None
+            and choice.checkpoint is not None
+        ):
+            overrides["skip_batches"] = max(0, int(onset) - choice.checkpoint.step)
+            notes.append(f"skipping the {overrides['skip_batches']} batches up to the onset")
+        if run.phase in (RunPhase.running, RunPhase.starting):
+            actions.append(SetPhase(RunPhase.restarting, f"attempt {last.number} failed: {failure.value}"))
+        reason = f"restart after {failure.value}: {choice.reason}"
+        if notes:
+            reason += "; " + "; ".join(notes)
+        evidence = {
+            "failure": failure.value,
+            "restart_point": choice.reason,
+            "rejected_checkpoints": [list(r) for r in choice.rejected],
+            "remediation": list(notes),
+        }
+        return actions + _launch_or_wait(
+            run,
+            cfg,
+            checkpoint=choice.checkpoint,
+            overrides=overrides,
+            reason=reason,
+            evidence=evidence,
+            deep_check=failure == FailureClass.hardware and cfg.remediation.deep_check_before_relaunch,
+            consume=False,
+        )
+
+    # First launch, or resuming after a clean end (stopped and started again): newest intact checkpoint.
+    usable = [c for c in run.checkpoints if c.usable]
+    checkpoint = max(usable, key=lambda c: c.step) if usable else None
+    reason = "first launch" if not run.history else "resuming"
+    reason += f" from checkpoint step {checkpoint.step}" if checkpoint else " from scratch"
+    return _launch_or_wait(
+        run,
+        cfg,
+        checkpoint=checkpoint,
+        overrides=overrides,
+        reason=reason,
+        evidence={},
+        deep_check=False,
+        consume=False,
+    )
+
+
+def _launch_or_wait(
+    run: ObservedRun,
+    cfg: OrchestratorConfig,
+    *,
+    checkpoint: CheckpointCandidate | None,
+    overrides: dict[str, Any],
+    reason: str,
+    evidence: dict[str, Any],
+    deep_check: bool,
+    consume: bool,
+) -> list[Action]:
+    hosts = pick_hosts(run)
+    if hosts is None:
+        available = len(schedulable_hosts(run))
+        waited_since = run.waiting_for_hosts_since
+        if waited_since is not None and run.now - waited_since > cfg.remediation.hosts_wait_s:
+            return [
+                Escalate(
+                    f"only {available} healthy host(s) free, the run needs {run.host_count}; waited "
+                    f"{run.now - waited_since:.0f} s",
+                    {"available": available},
+                )
+            ]
+        return [WaitForHosts(run.host_count, available)]
+    return [
+        Launch(
+            hosts,
+            checkpoint,
+            overrides,
+            reason,
+            evidence,
+            deep_check=deep_check,
+            consume_pending_restart=consume,
+        )
+    ]
+
+
+def schedulable_hosts(run: ObservedRun) -> list[str]:
+    return sorted(
+        h
+        for h, s in run.node_states.items()
+        if s in (NodeState.healthy, NodeState.probation) and h not in run.busy_hosts
+    )
+
+
+def pick_hosts(run: ObservedRun) -> tuple[str, ...] | None:
+    """`host_count` healthy free hosts, keeping the previous attempt's where they are still fit (locality),
+    then filling up with spares in name order."""
+    free = schedulable_hosts(run)
+    if len(free) < run.host_count:
+        return None
+    previous = list(run.history[-1].hosts) if run.history else []
+    chosen = [h for h in previous if h in free][: run.host_count]
+    chosen += [h for h in free if h not in chosen][: run.host_count - len(chosen)]
+    return tuple(chosen)

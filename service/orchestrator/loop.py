@@ -1,0 +1,611 @@
+"""The reconcile loop: observe -> decide (pure) -> apply (idempotent) -> record, on a timer.
+
+All state lives in the control plane's database and in the attempt's files (exit status, heartbeats), so a
+restarted orchestrator picks up where the last one stopped: it adopts running attempts, learns how finished
+ones ended, and never launches a second attempt while one is recorded as active.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.crud.checkpoints import mark_checkpoint, register_checkpoint
+from service.crud.logbook import write_log
+from service.crud.runs import active_attempt, create_attempt, end_attempt, get_run, set_run_phase
+from service.crud.tokens import create_token
+from service.db import transaction
+from service.models import Attempt, Checkpoint, Metric, Node, Run
+from service.orchestrator.config import OrchestratorConfig
+from service.orchestrator.decide import (
+    Action,
+    EndAttempt,
+    EndedAttempt,
+    Escalate,
+    Launch,
+    MarkFirstStep,
+    ObservedAttempt,
+    ObservedRun,
+    SetPhase,
+    WaitForHosts,
+    decide,
+    failure_of,
+)
+from service.orchestrator.detect import MetricSample, RankBeat
+from service.orchestrator.health_gateway import HealthGateway
+from service.orchestrator.launcher import (
+    Launcher,
+    LaunchSpec,
+    ProcessStatus,
+    build_trainer_args,
+    read_rank_beats,
+)
+from service.orchestrator.restart_point import CheckpointCandidate
+from service.statemachine import (
+    TERMINAL_PHASES,
+    CheckpointState,
+    DesiredState,
+    LogKind,
+    Role,
+    RunPhase,
+    Severity,
+)
+
+log = logging.getLogger("trainops.orchestrator")
+AUTHOR = "system:orchestrator"
+SAMPLE_WINDOW = 400  # newest metric rows of an attempt that divergence detection looks at
+
+Pager = Callable[[int, str, dict[str, Any]], None]
+
+
+def _ts(value: dt.datetime | None) -> float | None:
+    return value.timestamp() if value is not None else None
+
+
+def _from_ts(value: float | None) -> dt.datetime | None:
+    return dt.datetime.fromtimestamp(value, dt.UTC) if value is not None else None
+
+
+def parse_faults(specs: Sequence[str], attempt: int) -> list[str]:
+    """Run-config fault specs are `ATTEMPT:SPEC` (inject SPEC into that attempt only) or a bare SPEC
+    (attempt 1 only), so a fault does not fire again on the restarted attempt."""
+    chosen = []
+    for spec in specs:
+        head, sep, rest = spec.partition(":")
+        if sep and head.isdigit():
+            if int(head) == attempt:
+                chosen.append(rest)
+        elif attempt == 1:
+            chosen.append(spec)
+    return chosen
+
+
+class Orchestrator:
+    def __init__(
+        self,
+        session_factory: sessionmaker[Session],
+        cfg: OrchestratorConfig,
+        *,
+        launcher: Launcher,
+        health: HealthGateway,
+        pager: Pager | None = None,
+        trainer_env: dict[str, str] | None = None,
+    ) -> None:
+        self.factory = session_factory
+        self.cfg = cfg
+        self.launcher = launcher
+        self.health = health
+        self.pager = pager
+        self.trainer_env = trainer_env or {}
+        self.runs_dir = Path(cfg.runs_dir).resolve()
+        self._waiting_since: dict[int, float] = {}
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self.loop_seconds: list[float] = []
+
+    # ---- the loop -----------------------------------------------------------------------------------
+
+    def run_forever(self) -> None:
+        while not self._stop.is_set():
+            started = time.monotonic()
+            try:
+                self.reconcile_once()
+            except Exception:  # one bad pass must not end the loop; the next pass observes afresh
+                log.exception("reconcile pass failed")
+            self.loop_seconds = [*self.loop_seconds[-99:], time.monotonic() - started]
+            self._wake.wait(self.cfg.loop_interval_s)
+            self._wake.clear()
+
+    def wake(self) -> None:
+        """Events may wake the loop early; they never decide anything."""
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    def reconcile_once(self) -> dict[int, list[Action]]:
+        done: dict[int, list[Action]] = {}
+        for run_id in self._runs_to_reconcile():
+            try:
+                self._sync_checkpoints(run_id)
+                observed = self.observe(run_id)
+                actions = decide(observed, self.cfg)
+                self.apply(observed, actions)
+                done[run_id] = actions
+            except Exception:
+                log.exception("reconciling run %s failed", run_id)
+        return done
+
+    def _runs_to_reconcile(self) -> list[int]:
+        with transaction(self.factory) as session:
+            active = sa.select(Attempt.run_id).where(Attempt.ended_at.is_(None))
+            query = sa.select(Run.id).where(
+                sa.or_(
+                    Run.id.in_(active),
+                    sa.and_(Run.desired_state == DesiredState.running, Run.phase != RunPhase.completed),
+                    sa.and_(
+                        Run.desired_state == DesiredState.stopped, Run.phase.not_in(list(TERMINAL_PHASES))
+                    ),
+                )
+            )
+            return list(session.scalars(query.order_by(Run.id)))
+
+    def run_dir(self, run: Run) -> Path:
+        return self.runs_dir / run.name
+
+    # ---- observe ------------------------------------------------------------------------------------
+
+    def observe(self, run_id: int) -> ObservedRun:
+        now = time.time()
+        with transaction(self.factory) as session:
+            run = get_run(session, run_id=run_id)
+            run_dir = self.run_dir(run)
+            attempts = list(
+                session.scalars(sa.select(Attempt).where(Attempt.run_id == run_id).order_by(Attempt.number))
+            )
+            current = next((a for a in attempts if a.ended_at is None), None)
+            history = tuple(
+                EndedAttempt(
+                    number=a.number,
+                    hosts=tuple(a.hosts),
+                    ended_at=_ts(a.ended_at) or now,
+                    outcome=a.exit_reason or "lost",
+                    findings=a.findings or {},
+                    newest_checkpoint_step=(a.findings or {}).get("newest_checkpoint_step"),
+                )
+                for a in attempts
+                if a.ended_at is not None
+            )
+            nodes = {n.hostname: n.state for n in session.scalars(sa.select(Node))}
+            busy: set[str] = set()
+            for a in session.scalars(
+                sa.select(Attempt).where(Attempt.ended_at.is_(None), Attempt.run_id != run_id)
+            ):
+                busy.update(a.hosts)
+            checkpoints = self._candidates(session, run_id)
+            observed_attempt = self._observe_attempt(session, run, current, run_dir, now) if current else None
+            act_norms = self._act_norm_lineage(session, run_id, min((c.step for c in checkpoints), default=0))
+            cfg = run.config or {}
+            return ObservedRun(
+                run_id=run.id,
+                name=run.name,
+                desired=run.desired_state,
+                phase=run.phase,
+                target_steps=int(cfg.get("target_steps", 1)),
+                host_count=int(cfg.get("host_count", 1)),
+                max_restarts=int(cfg.get("max_restarts", self.cfg.remediation.max_restarts)),
+                lr_scale=run.lr_scale,
+                lr_override=run.lr_override,
+                clip_override=run.clip_override,
+                pending_restart=run.pending_restart,
+                now=now,
+                attempt=observed_attempt,
+                history=history,
+                node_states=nodes,
+                busy_hosts=frozenset(busy),
+                checkpoints=tuple(checkpoints),
+                act_norms=act_norms,
+                waiting_for_hosts_since=self._waiting_since.get(run_id),
+            )
+
+    def _observe_attempt(
+        self, session: Session, run: Run, attempt: Attempt, run_dir: Path, now: float
+    ) -> ObservedAttempt:
+        info = attempt.launcher or {}
+        started = _ts(attempt.started_at) or now
+        if "tag" not in info:
+            status = ProcessStatus("lost", detail="the launch was not recorded")
+        else:
+            status = self.launcher.status(info)
+        beats = tuple(
+            RankBeat(
+                rank=int(b["rank"]),
+                host=str(b.get("host", "?")),
+                step=int(b["step"]),
+                time=float(b["time"]),
+                step_time_s=b.get("step_time_s"),
+            )
+            for b in read_rank_beats(run_dir, since=started)
+        )
+        rows = session.execute(
+            sa.select(Metric.step, Metric.loss, Metric.loss_scale, Metric.act_norm, Metric.values)
+            .where(Metric.run_id == run.id, Metric.attempt == attempt.number)
+            .order_by(Metric.step.desc())
+            .limit(SAMPLE_WINDOW)
+        ).all()
+        samples = tuple(
+            MetricSample(
+                step=r.step,
+                loss=math.nan if "loss" in ((r.values or {}).get("nan") or ()) else r.loss,
+                loss_scale=r.loss_scale,
+                act_norm=r.act_norm,
+            )
+            for r in reversed(rows)
+        )
+        last_step = max([b.step for b in beats] + [s.step for s in samples], default=None)
+        return ObservedAttempt(
+            number=attempt.number,
+            hosts=tuple(attempt.hosts),
+            started_at=started,
+            world_size=int(info.get("world_size", len(attempt.hosts))),
+            process=status,
+            beats=beats,
+            samples=samples,
+            last_step=last_step,
+            first_step_seen=attempt.first_step_at is not None,
+        )
+
+    def _candidates(self, session: Session, run_id: int) -> list[CheckpointCandidate]:
+        from trainer.checkpoint import verify_checkpoint
+
+        rows = session.scalars(
+            sa.select(Checkpoint).where(
+                Checkpoint.run_id == run_id,
+                Checkpoint.state.in_(
+                    [CheckpointState.committed, CheckpointState.verified, CheckpointState.corrupt]
+                ),
+            )
+        )
+        out = []
+        for c in rows:
+            usable, why = c.state != CheckpointState.corrupt, "marked corrupt"
+            if usable:
+                ok, reason = verify_checkpoint(c.path, deep=False)  # marker, manifest, sizes: cheap
+                usable, why = ok, reason
+            out.append(
+                CheckpointCandidate(
+                    id=c.id,
+                    step=c.step,
+                    path=c.path,
+                    usable=usable,
+                    loss_scale=c.loss_scale,
+                    act_norm=c.act_norm,
+                    unusable_reason="" if usable else why,
+                )
+            )
+        return out
+
+    def _act_norm_lineage(self, session: Session, run_id: int, from_step: int) -> dict[int, float]:
+        """Per step, the activation norm of the newest attempt that computed it (the surviving history)."""
+        rows = session.execute(
+            sa.select(Metric.step, Metric.attempt, Metric.act_norm)
+            .where(Metric.run_id == run_id, Metric.step >= from_step, Metric.act_norm.is_not(None))
+            .order_by(Metric.step, Metric.attempt)
+        ).all()
+        return {r.step: r.act_norm for r in rows if r.act_norm is not None and math.isfinite(r.act_norm)}
+
+    def _sync_checkpoints(self, run_id: int) -> None:
+        """Register committed checkpoints found on disk that the trainer could not report (control plane
+        down while it saved): the restart decision must see every checkpoint."""
+        from trainer.checkpoint import list_checkpoints
+
+        with transaction(self.factory) as session:
+            run = get_run(session, run_id=run_id)
+            known = set(session.scalars(sa.select(Checkpoint.path).where(Checkpoint.run_id == run_id)))
+            for info in list_checkpoints(self.run_dir(run) / "checkpoints", deep=False):
+                if not info.ok or str(info.path) in known:
+                    continue
+                meta = info.meta
+                register_checkpoint(
+                    session,
+                    run_id=run_id,
+                    data={
+                        "attempt": meta.get("attempt"),
+                        "step": info.step,
+                        "tokens": meta.get("tokens"),
+                        "path": str(info.path),
+                        "state": CheckpointState.committed,
+                        "loss_scale": meta.get("loss_scale"),
+                        "lr": meta.get("lr"),
+                        "clip": meta.get("clip"),
+                        "loss": _finite(meta.get("loss")),
+                        "act_norm": _finite(meta.get("act_norm")),
+                        "metadata": {"registered_by": "orchestrator (found on disk)"},
+                    },
+                )
+
+    # ---- apply and record ---------------------------------------------------------------------------
+
+    def apply(self, observed: ObservedRun, actions: Sequence[Action]) -> None:
+        for action in actions:
+            if isinstance(action, WaitForHosts):
+                self._wait_for_hosts(observed, action)
+                continue
+            self._waiting_since.pop(observed.run_id, None)
+            if isinstance(action, EndAttempt):
+                self._end_attempt(observed, action)
+            elif isinstance(action, Launch):
+                self._launch(observed, action)
+            elif isinstance(action, SetPhase):
+                with transaction(self.factory) as session:
+                    run = get_run(session, run_id=observed.run_id, for_update=True)
+                    set_run_phase(
+                        session,
+                        run=run,
+                        target=action.target,
+                        reason=action.reason,
+                        author=AUTHOR,
+                        evidence=dict(action.evidence),
+                    )
+            elif isinstance(action, Escalate):
+                self._escalate(observed, action)
+            elif isinstance(action, MarkFirstStep):
+                with transaction(self.factory) as session:
+                    attempt = active_attempt(session, run_id=observed.run_id)
+                    if attempt is not None and attempt.first_step_at is None:
+                        first = (
+                            min((b.time for b in observed.attempt.beats), default=time.time())
+                            if observed.attempt
+                            else time.time()
+                        )
+                        attempt.first_step_at = _from_ts(first)
+
+    def _wait_for_hosts(self, observed: ObservedRun, action: WaitForHosts) -> None:
+        if observed.run_id in self._waiting_since:
+            return
+        self._waiting_since[observed.run_id] = observed.now
+        with transaction(self.factory) as session:
+            write_log(
+                session,
+                kind=LogKind.decision,
+                severity=Severity.warning,
+                author=AUTHOR,
+                run_id=observed.run_id,
+                message=f"waiting for healthy hosts: {action.available} free, {action.needed} needed "
+                f"(deadline {self.cfg.remediation.hosts_wait_s:.0f} s)",
+                evidence={"available": action.available, "needed": action.needed},
+            )
+
+    def _end_attempt(self, observed: ObservedRun, action: EndAttempt) -> None:
+        assert observed.attempt is not None
+        detected = time.time()
+        with transaction(self.factory) as session:
+            attempt = active_attempt(session, run_id=observed.run_id)
+            info = dict(attempt.launcher or {}) if attempt else {}
+        if action.kill and "tag" in info:
+            self.launcher.kill(info)
+        newest = max((c.step for c in observed.checkpoints if c.usable), default=None)
+        with transaction(self.factory) as session:
+            attempt = active_attempt(session, run_id=observed.run_id)
+            if attempt is None or attempt.number != observed.attempt.number:
+                return  # already ended by an earlier pass
+            final = self.launcher.status(info) if "tag" in info else None
+            code = action.exit_code
+            if code is None and final is not None and final.state == "exited":
+                code = final.exit_code
+            attempt.findings = {
+                **dict(action.evidence),
+                "failure": action.outcome,
+                "detail": action.reason,
+                "newest_checkpoint_step": newest,
+            }
+            attempt.detected_at = _from_ts(detected)
+            attempt.last_progress_at = _from_ts(action.last_progress_at)
+            end_attempt(
+                session,
+                attempt=attempt,
+                exit_reason=str(action.outcome),
+                exit_code=code,
+                last_step=observed.attempt.last_step,
+                steps_lost=None,
+                author=AUTHOR,
+                evidence={"reason": action.reason, **dict(action.evidence)},
+            )
+            run = get_run(session, run_id=observed.run_id, for_update=True)
+            if action.outcome == "stopped":
+                set_run_phase(
+                    session,
+                    run=run,
+                    target=RunPhase.stopped,
+                    reason=action.reason,
+                    author=AUTHOR,
+                    kind=LogKind.action,
+                )
+            elif failure_of(str(action.outcome)) is not None and run.phase in (
+                RunPhase.running,
+                RunPhase.starting,
+            ):
+                set_run_phase(
+                    session,
+                    run=run,
+                    target=RunPhase.restarting,
+                    severity=Severity.warning,
+                    reason=f"attempt {attempt.number}: {action.outcome}: {action.reason}",
+                    author=AUTHOR,
+                    evidence={"attempt": attempt.number, **dict(action.evidence)},
+                )
+        if action.cordon_hosts:
+            self.health.cordon(
+                action.cordon_hosts,
+                reason=f"{action.outcome}: {action.reason}",
+                evidence=dict(action.evidence),
+                run_id=observed.run_id,
+            )
+        if action.blame_hosts:
+            self.health.blame(
+                action.blame_hosts, reason=f"{action.outcome} of run {observed.name}", run_id=observed.run_id
+            )
+
+    def _escalate(self, observed: ObservedRun, action: Escalate) -> None:
+        with transaction(self.factory) as session:
+            run = get_run(session, run_id=observed.run_id, for_update=True)
+            if run.phase == RunPhase.needs_attention:
+                return
+            set_run_phase(
+                session,
+                run=run,
+                target=RunPhase.needs_attention,
+                reason=action.reason,
+                author=AUTHOR,
+                severity=Severity.critical,
+                evidence=dict(action.evidence),
+            )
+            run.pending_restart = None
+        if self.pager is not None:
+            try:
+                self.pager(observed.run_id, action.reason, dict(action.evidence))
+            except Exception:  # paging is best effort; the logbook entry above is the record
+                log.exception("paging on-call failed")
+
+    def _launch(self, observed: ObservedRun, action: Launch) -> None:
+        from trainer.checkpoint import verify_checkpoint
+
+        if action.deep_check:
+            fit = self.health.deep_check(action.hosts, deadline_s=self.cfg.remediation.deep_check_deadline_s)
+            unfit = sorted(h for h in action.hosts if not fit.get(h, False))
+            with transaction(self.factory) as session:
+                write_log(
+                    session,
+                    kind=LogKind.diagnosis,
+                    author=AUTHOR,
+                    run_id=observed.run_id,
+                    severity=Severity.warning if unfit else Severity.info,
+                    message=f"deep diagnostics before relaunch on {', '.join(action.hosts)}: "
+                    + (f"unfit: {', '.join(unfit)}" if unfit else "all passed"),
+                    evidence={"hosts": fit},
+                )
+            if unfit:
+                return  # the next pass sees their new states and picks other hosts
+        if action.checkpoint is not None:
+            ok, why = verify_checkpoint(action.checkpoint.path, deep=True)
+            if not ok:
+                with transaction(self.factory) as session:
+                    mark_checkpoint(
+                        session,
+                        checkpoint_id=action.checkpoint.id,
+                        author=AUTHOR,
+                        state=CheckpointState.corrupt,
+                        healthy=False,
+                        reason=f"failed verification before restore: {why}",
+                    )
+                return  # the next pass chooses again without it
+        overrides = {
+            k: v
+            for k, v in action.overrides.items()
+            if (v is not None and v is not False and v != 0) or k == "lr_scale"
+        }
+        with transaction(self.factory) as session:
+            run = get_run(session, run_id=observed.run_id, for_update=True)
+            if active_attempt(session, run_id=run.id) is not None:
+                return
+            number = (
+                session.scalar(sa.select(sa.func.max(Attempt.number)).where(Attempt.run_id == run.id)) or 0
+            ) + 1
+            run_dir = self.run_dir(run)
+            cfg = run.config or {}
+            _, secret = create_token(
+                session, name=f"{run.name}-attempt-{number}", role=Role.trainer, run_id=run.id
+            )
+            spec = LaunchSpec(
+                run_id=run.id,
+                run_name=run.name,
+                attempt=number,
+                hosts=action.hosts,
+                procs_per_host=int(cfg.get("procs_per_host", 1)),
+                run_dir=run_dir,
+                trainer_args=tuple(
+                    build_trainer_args(
+                        config=cfg,
+                        run_dir=run_dir,
+                        resume_from=action.checkpoint.path if action.checkpoint else None,
+                        overrides=overrides,
+                        faults=parse_faults(cfg.get("faults") or [], number),
+                    )
+                ),
+                env={**self.trainer_env, "TRAINOPS_TOKEN": secret},
+            )
+            info = self.launcher.prepare(spec)
+            if run.phase != RunPhase.starting:
+                set_run_phase(session, run=run, target=RunPhase.starting, reason=action.reason, author=AUTHOR)
+            attempt = create_attempt(
+                session,
+                run=run,
+                hosts=action.hosts,
+                restored_from_checkpoint_id=action.checkpoint.id if action.checkpoint else None,
+                overrides=overrides,
+                launcher=info,
+                start_step=action.checkpoint.step if action.checkpoint else 0,
+                author=AUTHOR,
+            )
+            previous = session.scalar(
+                sa.select(Attempt).where(Attempt.run_id == run.id, Attempt.number == number - 1)
+            )
+            if previous is not None and previous.last_step is not None:
+                previous.steps_lost = max(0, previous.last_step - attempt.start_step)
+            if previous is not None and failure_of(previous.exit_reason or "") is not None:
+                run.restart_count += 1
+            run.lr_scale = float(action.overrides.get("lr_scale") or run.lr_scale)
+            if action.overrides.get("clip") is not None:
+                run.clip_override = float(action.overrides["clip"])
+            if action.consume_pending_restart:
+                run.pending_restart = None
+            if run.desired_state != DesiredState.running:
+                run.desired_state = DesiredState.running
+            write_log(
+                session,
+                kind=LogKind.decision,
+                author=AUTHOR,
+                run_id=run.id,
+                message=f"attempt {number}: {action.reason}",
+                evidence={
+                    **dict(action.evidence),
+                    "hosts": list(action.hosts),
+                    "overrides": overrides,
+                    "checkpoint": action.checkpoint.path if action.checkpoint else None,
+                },
+            )
+        try:
+            started = self.launcher.start(spec, info)
+        except Exception as exc:
+            with transaction(self.factory) as session:
+                attempt = active_attempt(session, run_id=observed.run_id)
+                if attempt is not None:
+                    end_attempt(
+                        session,
+                        attempt=attempt,
+                        exit_reason="crash",
+                        exit_code=None,
+                        last_step=None,
+                        steps_lost=None,
+                        author=AUTHOR,
+                        evidence={"launch_error": repr(exc)},
+                    )
+            raise
+        with transaction(self.factory) as session:
+            attempt = active_attempt(session, run_id=observed.run_id)
+            if attempt is not None and attempt.number == number:
+                attempt.launcher = {**info, **started}
+
+
+def _finite(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and math.isfinite(value) else None

@@ -1,0 +1,96 @@
+"""Remediation policy: what to change before a relaunch, and when to stop and page a human."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from service.orchestrator.config import RemediationConfig
+from service.orchestrator.detect import FailureClass
+
+
+@dataclass(frozen=True)
+class FailureRecord:
+    """One ended attempt, as the policy sees the run's history."""
+
+    ended_at: float
+    failure: FailureClass | None  # None = the attempt ended without failing (operator restart, stop)
+    newest_checkpoint_step: int | None  # newest committed checkpoint when it ended
+
+
+@dataclass(frozen=True)
+class Remediation:
+    overrides: dict[str, Any] = field(default_factory=dict)
+    not_before: float = 0.0  # back-off: do not relaunch before this time
+    escalate: str | None = None  # reason to stop retrying and page on-call
+    notes: tuple[str, ...] = ()
+
+
+def backoff_s(consecutive_failures: int, cfg: RemediationConfig) -> float:
+    if consecutive_failures <= 0:
+        return 0.0
+    return min(cfg.backoff_max_s, cfg.backoff_base_s * 2 ** (consecutive_failures - 1))
+
+
+def plan_remediation(
+    failure: FailureClass,
+    history: Sequence[FailureRecord],
+    *,
+    lr_scale: float,
+    clip: float | None,
+    now: float,
+    cfg: RemediationConfig,
+    max_restarts: int | None = None,
+) -> Remediation:
+    """Overrides for the next attempt after `failure`, the back-off, or the reason to escalate.
+
+    `history` holds the run's ended attempts oldest first, including the one that just failed.
+    """
+    if failure == FailureClass.config:
+        return Remediation(escalate="the trainer refused its configuration; restarting cannot fix that")
+
+    failures = [r for r in history if r.failure is not None]
+    budget = cfg.max_restarts if max_restarts is None else min(max_restarts, cfg.max_restarts)
+    recent = [r for r in failures if now - r.ended_at <= cfg.restart_window_s]
+    if len(recent) > budget:
+        return Remediation(
+            escalate=f"restart budget spent: {len(recent)} failures in the last "
+            f"{cfg.restart_window_s:.0f} s (budget {budget})"
+        )
+
+    # No progress: the last N failed attempts all ended with the same newest checkpoint.
+    tail = failures[-(cfg.no_progress_restarts + 1) :]
+    if len(tail) == cfg.no_progress_restarts + 1 and len({r.newest_checkpoint_step for r in tail}) == 1:
+        return Remediation(
+            escalate=f"no progress: {len(tail)} consecutive failed attempts without a newer "
+            f"checkpoint than step {tail[-1].newest_checkpoint_step}"
+        )
+
+    consecutive = 0
+    for r in reversed(history):
+        if r.failure is None:
+            break
+        consecutive += 1
+    not_before = (history[-1].ended_at if history else now) + backoff_s(consecutive, cfg)
+
+    overrides: dict[str, Any] = {}
+    notes: list[str] = []
+    if failure == FailureClass.divergence:
+        divergences = sum(1 for r in failures if r.failure == FailureClass.divergence)
+        new_scale = max(cfg.min_lr_scale, lr_scale * cfg.lr_factor)
+        overrides["lr_scale"] = new_scale
+        notes.append(
+            f"LR scale {lr_scale:g} -> {new_scale:g} (x{cfg.lr_factor:g} per divergence, floor "
+            f"{cfg.min_lr_scale:g})"
+        )
+        if divergences >= cfg.clip_after_divergences and (clip is None or clip > cfg.lowered_clip):
+            overrides["clip"] = cfg.lowered_clip
+            notes.append(
+                f"gradient clipping {clip if clip is not None else 1.0:g} -> {cfg.lowered_clip:g} after "
+                f"{divergences} divergences"
+            )
+        if cfg.reset_loss_scale:
+            overrides["reset_loss_scale"] = True
+            notes.append("dynamic loss scale reset")
+    return Remediation(overrides=overrides, not_before=not_before, notes=tuple(notes))
