@@ -31,5 +31,6 @@ def readyz(request: Request) -> JSONResponse:
 
 
 @router.get("/metrics")
-def metrics() -> Response:
-    return Response(generate_latest(registry_for_scrape()), media_type=CONTENT_TYPE_LATEST)
+def metrics(request: Request) -> Response:
+    registry = registry_for_scrape(request.app.state.session_factory, request.app.state.settings.broker_url)
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
