@@ -36,6 +36,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 # (function, task options) of every task; each app registers all of them on itself, so a bound task's
 # ``self.app`` is the app that runs it (its broker, backend and health config).
 _TASKS: list[tuple[Callable[..., Any], dict[str, Any]]] = []
+_ROUTES: dict[str, dict[str, str]] = {}
 
 
 class HealthCelery(Celery):
@@ -58,6 +59,7 @@ class HealthCelery(Celery):
             result_serializer="json",
             accept_content=["json"],
             task_default_queue=SHARED_QUEUE,
+            task_routes=dict(_ROUTES),
             task_create_missing_queues=True,
             # One check set at a time per host worker; a task that dies with its worker is not
             # re-delivered to run late: the sweep has already reported the host as missing.
@@ -103,10 +105,11 @@ def health_task(*, name: str, queue: str, time_limit_s: float | None = None) -> 
             finally:
                 TASK_DURATION.labels(task=name, outcome=outcome).observe(time.perf_counter() - start)
 
-        options: dict[str, Any] = {"name": name, "queue": queue, "bind": True, "shared": False}
+        options: dict[str, Any] = {"name": name, "bind": True, "shared": False}
         if time_limit_s is not None:
             options.update(soft_time_limit=time_limit_s, time_limit=time_limit_s + 30)
         _TASKS.append((measured, options))
+        _ROUTES[name] = {"queue": queue}
         return fn
 
     return wrap

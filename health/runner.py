@@ -9,6 +9,7 @@ forkserver, so they are cheap to start and never inherit the worker's threads or
 from __future__ import annotations
 
 import multiprocessing
+import signal
 import time
 from multiprocessing.connection import Connection
 
@@ -35,7 +36,19 @@ def _run_one(name: str, ctx: CheckContext) -> CheckResult:
     return result
 
 
+def _die_with_parent() -> None:
+    """Ask Linux to kill this check process when its parent (the forkserver) goes, so a hung check
+    cannot outlive a worker that was itself killed."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: the worker's own kill on timeout still applies
+
+
 def _child_main(names: list[str], ctx: CheckContext, conn: Connection) -> None:
+    _die_with_parent()
     for name in names:
         conn.send(_run_one(name, ctx).to_json())
     conn.close()
