@@ -198,6 +198,39 @@ def runs_show(run_id: int, url: UrlOpt = None, token: TokenOpt = None, as_json: 
     console.print(table)
 
 
+@runs_app.command("goodput")
+def runs_goodput(run_id: int, url: UrlOpt = None, token: TokenOpt = None, as_json: JsonOpt = False) -> None:
+    """Productive time over wall time, where the rest went, and MTTD/MTTR per failure class."""
+    g = ApiClient(url, token).request("GET", f"/runs/{run_id}/goodput")
+    if as_json:
+        _emit(g, True)
+        return
+    print_goodput(g)
+
+
+def print_goodput(g: dict[str, Any]) -> None:
+    ratio = f"{g['goodput']:.1%}" if g["goodput"] is not None else "n/a"
+    console.print(
+        f"goodput [bold]{ratio}[/]: {g['productive_s']:.1f} s productive of {g['wall_s']:.1f} s wall, "
+        f"{g['attempts']} attempt(s), {g['steps_surviving']} steps kept, {g['steps_recomputed']} "
+        "recomputed"
+    )
+    console.print(
+        "  lost: "
+        + ", ".join(f"{k.removesuffix('_s').replace('_', ' ')} {v:.1f} s" for k, v in g["lost"].items())
+    )
+    if g["failures"]:
+        table = Table("failure", "count", "mean time to detect", "mean time to recover")
+        for name, f in g["failures"].items():
+            table.add_row(
+                name,
+                str(f["count"]),
+                f"{f['mean_time_to_detect_s']:.1f} s" if f["mean_time_to_detect_s"] is not None else "-",
+                f"{f['mean_time_to_recover_s']:.1f} s" if f["mean_time_to_recover_s"] is not None else "-",
+            )
+        console.print(table)
+
+
 @runs_app.command("restart")
 def runs_restart(
     run_id: int,

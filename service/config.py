@@ -34,6 +34,10 @@ class Settings(BaseSettings):
         description="An admin token accepted without a database row, so a fresh install can be driven. "
         "Must be changed outside dev mode.",
     )
+    orchestrator_config: Path | None = Field(None, description="JSON file of orchestrator settings.")
+    page_webhook_url: str | None = Field(
+        None, description="Webhook POSTed when a run needs attention (for setups without Alertmanager)."
+    )
     max_page_size: int = Field(500, ge=1)
     max_ingest_points: int = Field(10_000, ge=1)
     db_pool_size: int = Field(10, ge=1)

@@ -168,6 +168,30 @@ class AttemptPublic(ORM):
     exit_reason: str | None
     exit_code: int | None
     steps_lost: int | None
+    findings: dict[str, Any]
+    last_progress_at: dt.datetime | None
+    detected_at: dt.datetime | None
+    first_step_at: dt.datetime | None
+
+
+class FailureTimesPublic(BaseModel):
+    count: int
+    mean_time_to_detect_s: float | None
+    mean_time_to_recover_s: float | None
+
+
+class GoodputPublic(BaseModel):
+    """Productive time (steps that survive) over wall time, and where the rest went."""
+
+    run_id: int
+    wall_s: float
+    productive_s: float
+    goodput: float | None
+    lost: dict[str, float]
+    steps_surviving: int
+    steps_recomputed: int
+    attempts: int
+    failures: dict[str, FailureTimesPublic]
 
 
 # ---- telemetry -------------------------------------------------------------------------------------

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request, Response, status
 
-from service.api.deps import Limit, Offset, SessionDep, Viewer
+from health.api import SweepRequest, SweepResult, diagnose, health_app_for
+from service.api.deps import Limit, Offset, Operator, SessionDep, SettingsDep, Viewer
 from service.crud import diagnostics as diag_crud
 from service.schemas import DiagnosticPublic, Page
 from service.statemachine import DiagnosticStatus
@@ -41,3 +42,23 @@ def list_diagnostics(
         for d, h in rows
     ]
     return Page(items=items, total=total, limit=limit, offset=offset)
+
+
+@router.post("/sweep", response_model=SweepResult)
+def sweep(
+    body: SweepRequest, request: Request, settings: SettingsDep, who: Operator, response: Response
+) -> SweepResult:
+    """Sweep the given hosts (default: all registered) at a level; 202 with a task id unless ``wait``."""
+    result = diagnose(
+        request.app.state.session_factory,
+        health_app_for(request.app.state, settings),
+        hosts=body.hosts,
+        level=body.level,
+        checks=body.checks,
+        wait=body.wait,
+        deadline_s=body.deadline_s,
+        author=who.author,
+    )
+    if not result.finished:
+        response.status_code = status.HTTP_202_ACCEPTED
+    return result

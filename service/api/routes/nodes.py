@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Query, Response, status
+from fastapi import APIRouter, Path, Query, Request, Response, status
 
-from service.api.deps import Limit, Offset, Operator, SessionDep, Viewer
+from health.api import HostDiagnosticsRequest, SweepResult, diagnose, health_app_for
+from service.api.deps import Limit, Offset, Operator, SessionDep, SettingsDep, Viewer
 from service.crud import nodes as nodes_crud
 from service.schemas import NodeCreate, NodePublic, NodeStateChange, Page
 from service.statemachine import NodeState
@@ -56,3 +57,28 @@ def cordon_node(host: Host, body: NodeStateChange, session: SessionDep, who: Ope
 def uncordon_node(host: Host, body: NodeStateChange, session: SessionDep, who: Operator) -> NodePublic:
     node = nodes_crud.uncordon_node(session, hostname=host, reason=body.reason, author=who.author)
     return NodePublic.model_validate(node)
+
+
+@router.post("/{host}/diagnostics", response_model=SweepResult)
+def diagnose_node(
+    host: Host,
+    body: HostDiagnosticsRequest,
+    request: Request,
+    settings: SettingsDep,
+    who: Operator,
+    response: Response,
+) -> SweepResult:
+    """Run the health checks on one host (``wait``: the results; else 202 with the sweep's task id)."""
+    result = diagnose(
+        request.app.state.session_factory,
+        health_app_for(request.app.state, settings),
+        hosts=[host],
+        level=body.level,
+        checks=body.checks,
+        wait=body.wait,
+        deadline_s=body.deadline_s,
+        author=who.author,
+    )
+    if not result.finished:
+        response.status_code = status.HTTP_202_ACCEPTED
+    return result

@@ -8,7 +8,16 @@ from fastapi import APIRouter, Query, status
 
 from service.api.deps import EntityId, Limit, Offset, Operator, RunId, SessionDep, Viewer
 from service.crud import runs as runs_crud
-from service.schemas import AttemptPublic, Page, RestartRequest, RunCreate, RunPublic, StopRequest
+from service.orchestrator.goodput import compute_goodput
+from service.schemas import (
+    AttemptPublic,
+    GoodputPublic,
+    Page,
+    RestartRequest,
+    RunCreate,
+    RunPublic,
+    StopRequest,
+)
 from service.statemachine import RunPhase
 
 router = APIRouter(prefix="/runs", tags=["runs"])
@@ -65,6 +74,11 @@ def stop_run(run_id: RunId, session: SessionDep, who: Operator, body: StopReques
 def restart_run(run_id: RunId, body: RestartRequest, session: SessionDep, who: Operator) -> RunPublic:
     run = runs_crud.request_restart(session, run_id=run_id, author=who.author, **body.model_dump())
     return RunPublic.model_validate(run)
+
+
+@router.get("/{run_id}/goodput", response_model=GoodputPublic)
+def run_goodput(run_id: RunId, session: SessionDep, _: Viewer) -> GoodputPublic:
+    return GoodputPublic.model_validate(compute_goodput(session, run_id=run_id).as_dict())
 
 
 @router.get("/{run_id}/attempts", response_model=list[AttemptPublic])

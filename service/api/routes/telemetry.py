@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Callable, Coroutine
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Response, status
+import pydantic
+from fastapi import APIRouter, Query, Request, Response, status
+from fastapi.routing import APIRoute
 
 from service.api.deps import MAX_ID, MAX_STEP, Ingestor, RunId, SessionDep, Viewer
 from service.crud import runs as runs_crud
@@ -22,15 +25,53 @@ from service.schemas import (
 router = APIRouter(prefix="/runs/{run_id}", tags=["telemetry"])
 
 
-@router.post("/metrics", response_model=IngestReply)
+class _MetricBatchRequest(Request):
+    """Decodes and validates a metric batch in one pass of pydantic-core's JSON parser.
+
+    FastAPI decodes a body with ``json.loads`` and then validates the Python objects: for a 1,000-point
+    batch that is ~2.5x the time of ``model_validate_json`` (bench/ingest.py). A valid batch is
+    returned here as a ``MetricBatch``, which FastAPI's own validation then passes through unchanged.
+    Anything else (invalid JSON or an invalid point) falls back to FastAPI's usual path, so errors,
+    their 422 shape and the order of checks (authentication first) are exactly as for any route.
+    """
+
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            try:
+                self._json = MetricBatch.model_validate_json(await self.body())
+            except pydantic.ValidationError:
+                return await super().json()
+        return self._json
+
+
+class _MetricBatchRoute(APIRoute):
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def fast_body_handler(request: Request) -> Response:
+            return await handler(_MetricBatchRequest(request.scope, request.receive))
+
+        return fast_body_handler
+
+
 def ingest_metrics(run_id: RunId, body: MetricBatch, session: SessionDep, _: Ingestor) -> IngestReply:
     runs_crud.get_run(session, run_id=run_id)
+    # The fields as they are (vars), not model_dump() copies: the ingestion neither keeps nor mutates them.
     result = telemetry.ingest_metrics(
-        session, run_id=run_id, attempt=body.attempt, points=[p.model_dump() for p in body.points]
+        session, run_id=run_id, attempt=body.attempt, points=[vars(p) for p in body.points]
     )
     METRIC_POINTS_INGESTED.inc(result.accepted)
     METRIC_POINTS_DUPLICATE.inc(result.duplicates)
     return IngestReply(accepted=result.accepted, duplicates=result.duplicates)
+
+
+router.add_api_route(
+    "/metrics",
+    ingest_metrics,
+    methods=["POST"],
+    response_model=IngestReply,
+    route_class_override=_MetricBatchRoute,
+)
 
 
 @router.get("/metrics", response_model=MetricSeries)

@@ -1,0 +1,113 @@
+"""Goodput accounting: how much of the wall time produced steps that survive.
+
+productive = the step times of the surviving lineage (for each step, the attempt that computed it last);
+lost = wall - productive, split into recomputed steps (work a rollback threw away), detection delay (last
+progress -> failure noticed), restart downtime (noticed -> first step of the next attempt) and other
+(start-up, checkpoint stalls, time between steps not covered by step times).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from service.crud.runs import get_run
+from service.models import Attempt, Metric
+
+
+@dataclass
+class FailureTimes:
+    count: int
+    mean_time_to_detect_s: float | None
+    mean_time_to_recover_s: float | None
+
+
+@dataclass
+class Goodput:
+    run_id: int
+    wall_s: float
+    productive_s: float
+    goodput: float | None
+    lost: dict[str, float]
+    steps_surviving: int
+    steps_recomputed: int
+    attempts: int
+    failures: dict[str, FailureTimes] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def compute_goodput(session: Session, *, run_id: int, now: float | None = None) -> Goodput:
+    run = get_run(session, run_id=run_id)
+    attempts = list(
+        session.scalars(sa.select(Attempt).where(Attempt.run_id == run_id).order_by(Attempt.number))
+    )
+    rows = session.execute(
+        sa.select(Metric.step, Metric.attempt, Metric.step_time_s)
+        .where(Metric.run_id == run_id)
+        .order_by(Metric.step, Metric.attempt)
+    ).all()
+    surviving: dict[int, float] = {}
+    all_time = 0.0
+    for r in rows:
+        t = r.step_time_s or 0.0
+        all_time += t
+        surviving[r.step] = t  # ordered by attempt: the newest attempt's row wins
+    productive = sum(surviving.values())
+    recomputed_steps = len(rows) - len(surviving)
+    if attempts:
+        start = attempts[0].started_at.timestamp()
+        end = (run.finished_at.timestamp() if run.finished_at else None) or (now or time.time())
+        wall = max(0.0, end - start)
+    else:
+        wall = 0.0
+
+    detect: dict[str, list[float]] = defaultdict(list)
+    recover: dict[str, list[float]] = defaultdict(list)
+    detection_delay = restart_downtime = 0.0
+    for a, nxt in zip(attempts, [*attempts[1:], None], strict=True):
+        failure = (a.findings or {}).get("failure") or a.exit_reason
+        if a.detected_at is None or failure in (None, "completed", "stopped"):
+            continue
+        if a.last_progress_at is not None:
+            d = max(0.0, (a.detected_at - a.last_progress_at).total_seconds())
+            detect[failure].append(d)
+            detection_delay += d
+        if nxt is not None and nxt.first_step_at is not None:
+            r = max(0.0, (nxt.first_step_at - a.detected_at).total_seconds())
+            recover[failure].append(r)
+            restart_downtime += r
+
+    recomputed_s = all_time - productive
+    lost = {
+        "recomputed_steps_s": round(recomputed_s, 3),
+        "detection_delay_s": round(detection_delay, 3),
+        "restart_downtime_s": round(restart_downtime, 3),
+    }
+    lost["other_s"] = round(max(0.0, wall - productive - sum(lost.values())), 3)
+    classes = set(detect) | set(recover)
+    return Goodput(
+        run_id=run_id,
+        wall_s=round(wall, 3),
+        productive_s=round(productive, 3),
+        goodput=round(productive / wall, 4) if wall > 0 else None,
+        lost=lost,
+        steps_surviving=len(surviving),
+        steps_recomputed=recomputed_steps,
+        attempts=len(attempts),
+        failures={
+            c: FailureTimes(
+                count=max(len(detect.get(c, [])), len(recover.get(c, []))),
+                mean_time_to_detect_s=round(statistics.mean(detect[c]), 3) if detect.get(c) else None,
+                mean_time_to_recover_s=round(statistics.mean(recover[c]), 3) if recover.get(c) else None,
+            )
+            for c in sorted(classes)
+        },
+    )
