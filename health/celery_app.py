@@ -51,6 +51,8 @@ class HealthCelery(Celery):
             set_as_current=False,
         )
         self.health_config = config
+        # The control plane's database for control-side tasks; None = from the service settings.
+        self.session_factory: Any = None
         self.embedded_worker: EmbeddedWorker | None = EmbeddedWorker(self) if embedded else None
         for fn, options in _TASKS:
             self.task(**options)(fn)
@@ -208,7 +210,7 @@ def sweep_task(
     from health.sweep import control_session_factory, run_sweep
 
     report = run_sweep(
-        control_session_factory(),
+        self.app.session_factory or control_session_factory(),
         hosts=hosts,
         level=Level(level),
         deadline_s=deadline_s,
@@ -225,7 +227,11 @@ def quick_sweep_task(self: Any) -> dict[str, Any]:
     from health.sweep import control_session_factory, run_sweep
 
     report = run_sweep(
-        control_session_factory(), hosts=None, level=Level.quick, author="health/beat", app=self.app
+        self.app.session_factory or control_session_factory(),
+        hosts=None,
+        level=Level.quick,
+        author="health/beat",
+        app=self.app,
     )
     return report.summary()
 
