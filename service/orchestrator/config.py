@@ -18,11 +18,15 @@ class DivergenceConfig:
     min_loss_scale: float = 1.0
     """A dynamic loss scale below this is a divergence signal (OPT restarted from checkpoints >= 1.0)."""
     act_norm_window: int = 20
-    """Trailing steps whose median is the activation norm's baseline."""
-    act_norm_multiple: float = 2.0
+    """Trailing steps whose maximum is the activation norm's baseline (the window ends `act_norm_patience`
+    steps back, so a jump that then holds its level still counts for every step of the patience)."""
+    act_norm_multiple: float = 3.0
     """The final layer's activation norm above this multiple of its baseline is runaway growth ..."""
-    act_norm_patience: int = 5
+    act_norm_patience: int = 3
     """... when it stays there for this many consecutive steps."""
+    judge_after_step: int = 20
+    """Training steps before which the spike and runaway tests judge nothing: early in training the loss
+    falls fast and the activation norm grows from its tiny initial value, which is not a divergence."""
     min_points: int = 8
     """Steps needed in a trailing window before the spike and runaway tests judge anything."""
 

@@ -229,6 +229,22 @@ def _decide_active(run: ObservedRun, cfg: OrchestratorConfig) -> list[Action]:
             ),
         ]
 
+    if (attempt.last_step or 0) >= run.target_steps:
+        # Past the target the trainer saves, flushes and tears its process group down: no progress is
+        # expected, only an exit. Give it the start-up grace before calling it stuck.
+        waited = run.now - max((b.time for b in attempt.beats), default=attempt.started_at)
+        if waited > cfg.startup_grace_s:
+            return [
+                *actions,
+                EndAttempt(
+                    FailureClass.hang,
+                    f"reached the target step but did not exit in {waited:.0f} s",
+                    kill=True,
+                    last_progress_at=_last_progress(attempt),
+                ),
+            ]
+        return actions
+
     hang = detect_hang(
         attempt.beats,
         world_size=attempt.world_size,

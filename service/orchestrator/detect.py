@@ -230,7 +230,7 @@ def detect_divergence(samples: Sequence[MetricSample], cfg: DivergenceConfig) ->
     spike_flags: list[tuple[int, bool]] = []
     for i, (step, loss) in enumerate(finite_losses):
         window = [v for _, v in finite_losses[max(0, i - cfg.loss_spike_window) : i]]
-        if len(window) < cfg.min_points:
+        if step < cfg.judge_after_step or len(window) < cfg.min_points:
             continue
         median = statistics.median(window)
         mad = statistics.median(abs(v - median) for v in window)
@@ -247,18 +247,19 @@ def detect_divergence(samples: Sequence[MetricSample], cfg: DivergenceConfig) ->
     norms = [(s.step, s.act_norm) for s in samples if _finite(s.act_norm)]
     norm_flags: list[tuple[int, bool]] = []
     baseline_at: dict[int, float] = {}
+    lag = cfg.act_norm_patience
     for i, (step, norm) in enumerate(norms):
-        window = [v for _, v in norms[max(0, i - cfg.act_norm_window) : i]]
-        if len(window) < cfg.min_points:
+        window = [v for _, v in norms[max(0, i - lag - cfg.act_norm_window) : max(0, i - lag + 1)]]
+        if step < cfg.judge_after_step or len(window) < cfg.min_points:
             continue
-        baseline = statistics.median(window)
+        baseline = max(window)
         baseline_at[step] = baseline
         norm_flags.append((step, norm > cfg.act_norm_multiple * baseline))
     norm_onset = _first_sustained(norm_flags, cfg.act_norm_patience)
     if norm_onset is not None:
         onsets["act_norm_runaway"] = norm_onset
         signals.append(
-            f"final-layer activation norm above {cfg.act_norm_multiple}x its trailing median "
+            f"final-layer activation norm above {cfg.act_norm_multiple}x its trailing maximum "
             f"({baseline_at[norm_onset]:.3g}) from step {norm_onset}"
         )
 
