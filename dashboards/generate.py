@@ -154,7 +154,12 @@ RUN_VARIABLE = {
 
 
 def p95(histogram: str, by: str) -> str:
-    return f"histogram_quantile(0.95, sum by ({by}) (rate({histogram}_bucket[5m])))"
+    # Groups without observations in the window would give NaN; keep only those with traffic.
+    groups = ", ".join(label.strip() for label in by.split(",") if label.strip() != "le")
+    return (
+        f"histogram_quantile(0.95, sum by ({by}) (rate({histogram}_bucket[5m]))"
+        f" and on ({groups}) (sum by ({groups}) (rate({histogram}_count[5m])) > 0))"
+    )
 
 
 def history_sql(select: str, where: str = "") -> str:
