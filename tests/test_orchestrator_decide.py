@@ -1,0 +1,264 @@
+"""decide() as a table: a run's desired and observed state in, the actions that reconcile them out."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import pytest
+
+from service.orchestrator.config import OrchestratorConfig, RemediationConfig
+from service.orchestrator.decide import (
+    EndAttempt,
+    EndedAttempt,
+    Escalate,
+    Launch,
+    MarkFirstStep,
+    ObservedAttempt,
+    ObservedRun,
+    SetPhase,
+    WaitForHosts,
+    decide,
+)
+from service.orchestrator.detect import MetricSample, RankBeat
+from service.orchestrator.launcher import ProcessStatus
+from service.orchestrator.restart_point import CheckpointCandidate
+from service.statemachine import DesiredState, NodeState, RunPhase
+
+NOW = 10_000.0
+CFG = OrchestratorConfig(remediation=RemediationConfig(backoff_base_s=5.0, hosts_wait_s=60.0))
+HEALTHY = {"h1": NodeState.healthy, "h2": NodeState.healthy, "h3": NodeState.healthy}
+
+
+def ckpt(step: int, **kw: Any) -> CheckpointCandidate:
+    return CheckpointCandidate(
+        id=step,
+        step=step,
+        path=f"/ck/{step}",
+        usable=kw.pop("usable", True),
+        loss_scale=kw.pop("loss_scale", 65536.0),
+        **kw,
+    )
+
+
+def attempt(state: str = "running", code: int | None = None, **kw: Any) -> ObservedAttempt:
+    beats = kw.pop("beats", (RankBeat(0, "h1", 30, NOW - 1), RankBeat(1, "h2", 30, NOW - 1)))
+    return ObservedAttempt(
+        number=kw.pop("number", 1),
+        hosts=("h1", "h2"),
+        started_at=NOW - 100,
+        world_size=2,
+        process=ProcessStatus(state, code),
+        beats=beats,
+        last_step=kw.pop("last_step", 30),
+        first_step_seen=kw.pop("first_step_seen", True),
+        **kw,
+    )
+
+
+def run(**kw: Any) -> ObservedRun:
+    base = ObservedRun(
+        run_id=1,
+        name="r",
+        desired=DesiredState.running,
+        phase=RunPhase.running,
+        target_steps=100,
+        host_count=2,
+        max_restarts=10,
+        lr_scale=1.0,
+        lr_override=None,
+        clip_override=None,
+        pending_restart=None,
+        now=NOW,
+        attempt=None,
+        history=(),
+        node_states=HEALTHY,
+        busy_hosts=frozenset(),
+        checkpoints=(),
+    )
+    return replace(base, **kw)
+
+
+def ended(outcome: str, *, number: int = 1, ago: float = 100.0, **findings: Any) -> EndedAttempt:
+    return EndedAttempt(
+        number=number,
+        hosts=("h1", "h2"),
+        ended_at=NOW - ago,
+        outcome=outcome,
+        findings=findings,
+        newest_checkpoint_step=findings.get("newest"),
+    )
+
+
+def flat_then_blowup(onset: int) -> tuple[MetricSample, ...]:
+    pts = [MetricSample(s, 3.0 + 0.01 * (s % 3), 65536.0, 10.0) for s in range(1, onset)]
+    pts += [MetricSample(s, 30.0, 65536.0, 500.0) for s in range(onset, onset + 4)]
+    return tuple(pts)
+
+
+def only(actions: list, kind: type) -> Any:
+    matching = [a for a in actions if isinstance(a, kind)]
+    assert len(matching) == 1, actions
+    return matching[0]
+
+
+def test_stop_kills_the_attempt_then_settles_the_phase() -> None:
+    acts = decide(run(desired=DesiredState.stopped, attempt=attempt()), CFG)
+    assert acts == [EndAttempt("stopped", "the run was asked to stop", kill=True)]
+    assert decide(run(desired=DesiredState.stopped), CFG) == [
+        SetPhase(RunPhase.stopped, "stopped as asked; no attempt is running")
+    ]
+    assert decide(run(desired=DesiredState.stopped, phase=RunPhase.stopped), CFG) == []
+
+
+def test_first_launch_takes_healthy_hosts_from_scratch() -> None:
+    launch = only(decide(run(phase=RunPhase.pending), CFG), Launch)
+    assert (
+        launch.hosts == ("h1", "h2")
+        and launch.checkpoint is None
+        and launch.reason == "first launch from scratch"
+    )
+    assert not launch.deep_check
+
+
+def test_completion_at_the_target() -> None:
+    acts = decide(run(attempt=attempt("exited", 0, last_step=100)), CFG)
+    assert [type(a) for a in acts] == [EndAttempt, SetPhase]
+    assert acts[0].outcome == "completed" and acts[1].target == RunPhase.completed
+    early = only(decide(run(attempt=attempt("exited", 0, last_step=50)), CFG), EndAttempt)
+    assert early.outcome == "crash"
+
+
+@pytest.mark.parametrize(
+    ("code", "outcome"), [(137, "signal"), (1, "crash"), (42, "divergence"), (2, "config")]
+)
+def test_exits_end_the_attempt_with_their_class(code: int, outcome: str) -> None:
+    end = only(decide(run(attempt=attempt("exited", code)), CFG), EndAttempt)
+    assert end.outcome == outcome and end.exit_code == code
+
+
+def test_a_cordoned_host_in_use_is_a_hardware_failure_and_suspects_get_cordoned() -> None:
+    states = {**HEALTHY, "h2": NodeState.suspect}
+    end = only(decide(run(attempt=attempt(), node_states=states), CFG), EndAttempt)
+    assert end.outcome == "hardware" and end.kill and end.cordon_hosts == ("h2",)
+    states = {**HEALTHY, "h2": NodeState.cordoned}
+    end = only(decide(run(attempt=attempt(), node_states=states), CFG), EndAttempt)
+    assert end.outcome == "hardware" and end.cordon_hosts == ()
+
+
+def test_stale_heartbeats_are_a_hang() -> None:
+    stale = (RankBeat(0, "h1", 30, NOW - 20), RankBeat(1, "h2", 29, NOW - 21))
+    end = only(decide(run(attempt=attempt(beats=stale)), CFG), EndAttempt)
+    assert end.outcome == "hang" and end.kill and end.blame_hosts == ("h2",)
+
+
+def test_no_hang_while_the_trainer_shuts_down_after_its_target() -> None:
+    done = (RankBeat(0, "h1", 100, NOW - 20), RankBeat(1, "h2", 100, NOW - 20))
+    assert decide(run(attempt=attempt(beats=done, last_step=100)), CFG) == []
+
+
+def test_divergence_in_the_metric_stream_stops_the_attempt() -> None:
+    end = only(decide(run(attempt=attempt(samples=flat_then_blowup(40))), CFG), EndAttempt)
+    assert end.outcome == "divergence" and end.evidence["onset_step"] == 40
+
+
+def test_first_step_moves_starting_to_running() -> None:
+    acts = decide(run(phase=RunPhase.starting, attempt=attempt(first_step_seen=False)), CFG)
+    assert acts == [MarkFirstStep(1), SetPhase(RunPhase.running, "attempt 1 made its first step")]
+
+
+def test_operator_restart_supersedes_then_launches_as_asked() -> None:
+    pending = {
+        "reason": "spike",
+        "author": "user:alice",
+        "from_checkpoint_id": 20,
+        "skip_batches": 7,
+        "reset_loss_scale": True,
+    }
+    end = only(decide(run(attempt=attempt(), pending_restart=pending), CFG), EndAttempt)
+    assert end.outcome == "superseded" and end.kill
+    launch = only(
+        decide(
+            run(
+                phase=RunPhase.restarting,
+                pending_restart=pending,
+                lr_scale=0.5,
+                checkpoints=(ckpt(10), ckpt(20), ckpt(30)),
+                history=(ended("superseded"),),
+            ),
+            CFG,
+        ),
+        Launch,
+    )
+    assert launch.checkpoint is not None and launch.checkpoint.step == 20 and launch.consume_pending_restart
+    assert launch.overrides["skip_batches"] == 7 and launch.overrides["reset_loss_scale"] is True
+    assert launch.overrides["lr_scale"] == 0.5
+
+
+def test_after_a_divergence_restart_from_the_opt_checkpoint_with_a_lower_lr() -> None:
+    norms = {s: 10.0 for s in range(1, 60)}
+    observed = run(
+        history=(ended("divergence", onset_step=48),),
+        checkpoints=(ckpt(20), ckpt(40), ckpt(50)),
+        act_norms=norms,
+    )
+    acts = decide(observed, CFG)
+    assert isinstance(acts[0], SetPhase) and acts[0].target == RunPhase.restarting
+    launch = only(acts, Launch)
+    assert launch.checkpoint is not None and launch.checkpoint.step == 40
+    assert launch.overrides["lr_scale"] == 0.5 and launch.overrides["reset_loss_scale"] is True
+    assert "divergence" in launch.reason and "LR scale 1 -> 0.5" in launch.reason
+
+
+def test_divergence_with_no_qualifying_checkpoint_escalates() -> None:
+    rising = {s: float(s) for s in range(1, 60)}
+    acts = decide(
+        run(history=(ended("divergence", onset_step=45),), checkpoints=(ckpt(20),), act_norms=rising), CFG
+    )
+    assert isinstance(acts[0], Escalate) and "no checkpoint qualifies" in acts[0].reason
+
+
+def test_after_a_hardware_failure_relaunch_on_a_spare_with_deep_checks() -> None:
+    states = {**HEALTHY, "h2": NodeState.cordoned}
+    launch = only(
+        decide(
+            run(
+                phase=RunPhase.restarting,
+                history=(ended("hardware"),),
+                node_states=states,
+                checkpoints=(ckpt(20),),
+            ),
+            CFG,
+        ),
+        Launch,
+    )
+    assert launch.hosts == ("h1", "h3") and launch.deep_check and launch.checkpoint.step == 20
+
+
+def test_not_enough_hosts_waits_then_escalates() -> None:
+    states = {"h1": NodeState.healthy, "h2": NodeState.cordoned}
+    observed = run(phase=RunPhase.restarting, history=(ended("hardware"),), node_states=states)
+    assert decide(observed, CFG) == [WaitForHosts(2, 1)]
+    late = replace(observed, waiting_for_hosts_since=NOW - 61)
+    assert isinstance(decide(late, CFG)[0], Escalate)
+    busy = run(phase=RunPhase.pending, busy_hosts=frozenset({"h1", "h2"}))
+    assert decide(busy, CFG) == [WaitForHosts(2, 1)]
+
+
+def test_back_off_between_consecutive_failures() -> None:
+    recent = run(phase=RunPhase.restarting, history=(ended("crash", ago=2.0),))
+    assert decide(recent, CFG) == []
+    later = run(phase=RunPhase.restarting, history=(ended("crash", ago=6.0),))
+    assert isinstance(decide(later, CFG)[0], Launch)
+
+
+def test_humans_decide_once_a_run_needs_attention_or_is_done() -> None:
+    assert decide(run(phase=RunPhase.needs_attention, history=(ended("crash"),)), CFG) == []
+    assert decide(run(phase=RunPhase.completed), CFG) == []
+    assert decide(run(phase=RunPhase.failed), CFG) == []
+
+
+def test_restart_budget_escalates() -> None:
+    history = tuple(ended("crash", number=i, ago=100.0 - i, newest=i) for i in range(1, 13))
+    acts = decide(run(phase=RunPhase.restarting, history=history, max_restarts=10), CFG)
+    assert isinstance(acts[0], Escalate) and "budget" in acts[0].reason

@@ -1,0 +1,265 @@
+"""The orchestrator's judgement, as pure functions: what failed, where to restart, what to change."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from service.orchestrator.config import (
+    DivergenceConfig,
+    OrchestratorConfig,
+    RemediationConfig,
+    RestartPointConfig,
+)
+from service.orchestrator.detect import (
+    FailureClass,
+    MetricSample,
+    RankBeat,
+    classify_exit,
+    detect_divergence,
+    detect_hang,
+    detect_straggler,
+)
+from service.orchestrator.policy import FailureRecord, backoff_s, plan_remediation
+from service.orchestrator.restart_point import CheckpointCandidate, act_norm_trend, pick_restart_checkpoint
+
+DATA = Path(__file__).parent / "data"
+
+
+def _recorded(name: str) -> list[MetricSample]:
+    points = json.loads((DATA / name).read_text())["points"]
+    return [MetricSample(p["step"], p["loss"], p["loss_scale"], p["act_norm"]) for p in points]
+
+
+# ---- exits ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("code", "outcome"),
+    [
+        (0, "completed"),
+        (42, "divergence"),
+        (2, "config"),
+        (137, "signal"),
+        (-9, "signal"),
+        (143, "signal"),
+        (1, "crash"),
+        (13, "crash"),
+    ],
+)
+def test_exit_codes_tell_divergence_signal_and_error_apart(code: int, outcome: str) -> None:
+    assert classify_exit(code).outcome == outcome
+
+
+# ---- divergence -----------------------------------------------------------------------------------
+
+
+def test_a_healthy_recorded_run_raises_no_divergence_at_any_point() -> None:
+    samples = _recorded("healthy_tiny_run.json")
+    cfg = DivergenceConfig()
+    # judged as the orchestrator sees it: after every step, on the stream so far
+    for n in range(1, len(samples) + 1):
+        assert detect_divergence(samples[:n], cfg) is None, f"false positive after step {samples[n - 1].step}"
+
+
+def test_the_recorded_lr_blowup_is_caught_at_its_onset() -> None:
+    samples = _recorded("diverged_tiny_run.json")
+    found = detect_divergence(samples, DivergenceConfig())
+    assert found is not None
+    assert found.onset_step == 31  # the first step with the LR x100 applied is step 31's update
+    assert set(found.evidence["onsets"]) >= {"loss_spike", "act_norm_runaway"}
+    # and not a step earlier: the stream up to step 30 is healthy
+    assert detect_divergence([s for s in samples if s.step <= 30], DivergenceConfig()) is None
+
+
+def _flat(n: int, *, loss: float = 3.0, norm: float = 10.0, scale: float = 2.0**16) -> list[MetricSample]:
+    return [
+        MetricSample(step, loss + 0.01 * (step % 3), scale, norm + 0.1 * (step % 2))
+        for step in range(1, n + 1)
+    ]
+
+
+def test_non_finite_loss_is_a_divergence_at_once() -> None:
+    samples = [*_flat(30), MetricSample(31, math.nan, 2.0**15, 10.0)]
+    found = detect_divergence(samples, DivergenceConfig())
+    assert found is not None and found.onset_step == 31 and "non-finite" in found.detail
+
+
+def test_loss_scale_below_one_is_a_divergence() -> None:
+    samples = [*_flat(30), *[MetricSample(s, 3.0, 0.5, 10.0) for s in range(31, 34)]]
+    found = detect_divergence(samples, DivergenceConfig())
+    assert found is not None and found.onset_step == 31 and "loss scale" in found.detail
+
+
+def test_a_single_recovered_spike_is_not_a_divergence() -> None:
+    samples = _flat(40)
+    samples[34] = MetricSample(35, 12.0, 2.0**16, 10.0)
+    assert detect_divergence(samples, DivergenceConfig()) is None
+
+
+def test_runaway_activation_norm_that_holds_its_level_is_caught() -> None:
+    samples = [*_flat(30), *[MetricSample(s, 3.0, 2.0**16, 45.0) for s in range(31, 36)]]
+    found = detect_divergence(samples, DivergenceConfig())
+    assert found is not None and found.onset_step == 31 and "activation norm" in found.detail
+
+
+# ---- hangs and stragglers -------------------------------------------------------------------------
+
+
+def test_hang_is_declared_after_the_timeout_and_not_before() -> None:
+    beats = [RankBeat(0, "h1", 50, time=100.0), RankBeat(1, "h2", 49, time=99.0)]
+    common = {"world_size": 2, "attempt_started_at": 0.0, "hang_timeout_s": 12.0, "startup_grace_s": 60.0}
+    assert detect_hang(beats, now=110.0, **common) is None
+    found = detect_hang(beats, now=113.0, **common)
+    assert found is not None and found.stale_ranks == (0, 1) and found.behind_hosts == ("h2",)
+    assert detect_hang([], now=50.0, **common) is None
+    assert detect_hang([], now=61.0, **common) is not None  # never reached a first step
+
+
+def test_straggler_is_the_rank_far_slower_than_the_others() -> None:
+    beats = [RankBeat(r, f"h{r}", 10, 1.0, step_time_s=0.5) for r in range(3)]
+    assert detect_straggler(beats, ratio=3.0) is None
+    slow = [*beats, RankBeat(3, "h3", 10, 1.0, step_time_s=2.0)]
+    found = detect_straggler(slow, ratio=3.0)
+    assert found is not None and found.host == "h3"
+
+
+# ---- the restart point ----------------------------------------------------------------------------
+
+
+def _ckpt(step: int, *, scale: float | None = 2.0**16, usable: bool = True) -> CheckpointCandidate:
+    return CheckpointCandidate(
+        id=step,
+        step=step,
+        path=f"/c/{step}",
+        usable=usable,
+        loss_scale=scale,
+        unusable_reason="" if usable else "no COMMITTED marker",
+    )
+
+
+def test_hardware_and_hang_restart_from_the_newest_intact_checkpoint() -> None:
+    ckpts = [_ckpt(10), _ckpt(20), _ckpt(30, usable=False)]
+    for failure in (FailureClass.hardware, FailureClass.hang, FailureClass.signal):
+        choice = pick_restart_checkpoint(ckpts, failure=failure, cfg=RestartPointConfig())
+        assert choice.checkpoint is not None and choice.checkpoint.step == 20
+        assert choice.rejected == ((30, "no COMMITTED marker"),)
+    none = pick_restart_checkpoint([], failure=FailureClass.crash, cfg=RestartPointConfig())
+    assert none.checkpoint is None and "scratch" in none.reason
+
+
+def test_divergence_applies_the_opt_rule() -> None:
+    # norms: rising after 10, flat after 20, falling after 30; divergence onset at 45
+    norms = {s: 10.0 + (s - 10) * 0.5 for s in range(11, 21)}
+    norms |= {s: 15.0 for s in range(21, 31)}
+    norms |= {s: 15.0 - (s - 30) * 0.2 for s in range(31, 45)}
+    ckpts = [_ckpt(10), _ckpt(20), _ckpt(30, scale=0.5), _ckpt(40), _ckpt(50)]
+    cfg = RestartPointConfig(act_norm_trend_window=10)
+    choice = pick_restart_checkpoint(
+        ckpts, failure=FailureClass.divergence, cfg=cfg, divergence_onset=45, act_norms=norms
+    )
+    assert choice.checkpoint is not None and choice.checkpoint.step == 20
+    assert "stayed flat" in choice.reason and "loss scale 65536" in choice.reason
+    reasons = dict(choice.rejected)
+    assert "after the divergence onset" in reasons[50]
+    assert "trend after it unknown" in reasons[40]  # 4 points between 40 and the onset
+    assert "loss scale 0.5" in reasons[30]
+    assert 10 not in reasons  # not reached: 20 qualified first
+    # with a window reaching into the falling stretch, the same checkpoint's norm "trended down"
+    wide = pick_restart_checkpoint(
+        ckpts, failure=FailureClass.divergence, cfg=RestartPointConfig(), divergence_onset=45, act_norms=norms
+    )
+    assert wide.checkpoint is not None and wide.checkpoint.step == 20 and "trended down" in wide.reason
+
+
+def test_divergence_goes_further_back_and_escalates_when_nothing_qualifies() -> None:
+    rising = {s: float(s) for s in range(1, 60)}
+    choice = pick_restart_checkpoint(
+        [_ckpt(10), _ckpt(20)],
+        failure=FailureClass.divergence,
+        cfg=RestartPointConfig(),
+        divergence_onset=55,
+        act_norms=rising,
+    )
+    assert choice.checkpoint is None and "no checkpoint qualifies" in choice.reason
+    assert [s for s, _ in choice.rejected] == [20, 10]
+
+
+def test_trend_is_a_relative_least_squares_slope() -> None:
+    slope, n = act_norm_trend(
+        {11: 10.0, 12: 9.0, 13: 8.0, 14: 7.0}, after_step=10, until_step=None, window=20
+    )
+    assert n == 4 and slope is not None and slope < 0
+    assert act_norm_trend({11: 1.0}, after_step=10, until_step=None, window=20) == (None, 1)
+
+
+# ---- remediation and budgets ----------------------------------------------------------------------
+
+
+def test_divergence_lowers_lr_compounding_then_clip_and_resets_the_scaler() -> None:
+    cfg = RemediationConfig()
+    first = plan_remediation(
+        FailureClass.divergence,
+        [FailureRecord(100.0, FailureClass.divergence, 20)],
+        lr_scale=1.0,
+        clip=None,
+        now=100.0,
+        cfg=cfg,
+    )
+    assert first.overrides == {"lr_scale": 0.5, "reset_loss_scale": True}
+    second = plan_remediation(
+        FailureClass.divergence,
+        [
+            FailureRecord(100.0, FailureClass.divergence, 20),
+            FailureRecord(200.0, FailureClass.divergence, 30),
+        ],
+        lr_scale=0.5,
+        clip=None,
+        now=200.0,
+        cfg=cfg,
+    )
+    assert second.overrides == {"lr_scale": 0.25, "clip": 0.3, "reset_loss_scale": True}
+    floor = plan_remediation(
+        FailureClass.divergence,
+        [FailureRecord(1.0, FailureClass.divergence, 1)],
+        lr_scale=0.06,
+        clip=0.3,
+        now=1.0,
+        cfg=cfg,
+    )
+    assert floor.overrides["lr_scale"] == cfg.min_lr_scale and "clip" not in floor.overrides
+
+
+def test_hardware_failures_change_no_hyperparameters_but_back_off() -> None:
+    cfg = RemediationConfig(backoff_base_s=2.0, backoff_max_s=30.0)
+    hist = [FailureRecord(10.0, FailureClass.crash, 10), FailureRecord(20.0, FailureClass.hardware, 20)]
+    plan = plan_remediation(FailureClass.hardware, hist, lr_scale=1.0, clip=None, now=20.0, cfg=cfg)
+    assert plan.overrides == {} and plan.escalate is None
+    assert plan.not_before == 20.0 + 4.0  # two consecutive failures: 2 s x 2
+    assert [backoff_s(n, cfg) for n in range(7)] == [0.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
+
+
+def test_budget_and_no_progress_escalate() -> None:
+    cfg = RemediationConfig(max_restarts=3, no_progress_restarts=3)
+    spent = [FailureRecord(float(t), FailureClass.crash, t) for t in range(4)]
+    assert "budget" in (
+        plan_remediation(FailureClass.crash, spent, lr_scale=1, clip=None, now=5, cfg=cfg).escalate or ""
+    )
+    stuck = [FailureRecord(float(t), FailureClass.crash, 40) for t in range(4)]
+    cfg_big = RemediationConfig(max_restarts=10, no_progress_restarts=3)
+    assert "no progress" in (
+        plan_remediation(FailureClass.crash, stuck, lr_scale=1, clip=None, now=5, cfg=cfg_big).escalate or ""
+    )
+    assert plan_remediation(FailureClass.config, [], lr_scale=1, clip=None, now=0, cfg=cfg).escalate
+
+
+def test_config_invariants_are_checked_at_construction() -> None:
+    with pytest.raises(ValueError, match="heartbeat_interval_s"):
+        OrchestratorConfig(heartbeat_interval_s=20, hang_timeout_s=10)
+    with pytest.raises(ValueError):
+        RemediationConfig(lr_factor=1.5)
+    with pytest.raises(ValueError):
+        DivergenceConfig(min_points=50)
