@@ -1,0 +1,246 @@
+"""Static checks of the observability config: promtool on the rules, amtool on the Alertmanager config,
+dashboard JSON against its generator and the metrics module, the history SQL on PostgreSQL, and
+docker-compose.yml parsed by docker-compose with every file, image and variable it names accounted for."""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+import yaml
+
+from service import migrate
+from service.crud import runs as runs_crud
+from service.crud import telemetry
+from service.db import make_engine, make_session_factory, transaction
+from service.metrics import exported_metric_names
+
+REPO = Path(__file__).resolve().parent.parent
+DASH = REPO / "dashboards"
+RULES = DASH / "prometheus" / "trainops.rules.yml"
+PROMETHEUS_BUILTINS = {"ALERTS", "up"}
+needs_promtool = pytest.mark.skipif(shutil.which("promtool") is None, reason="Debian's prometheus (.ci/run)")
+
+
+def _load_generator():  # type: ignore[no-untyped-def]
+    spec = importlib.util.spec_from_file_location("dashboards_generate", DASH / "generate.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _metric_names(expr: str) -> set[str]:
+    # PromQL identifiers that are metric names: trainops_* plus Prometheus's own series.
+    return set(re.findall(r"\btrainops_[a-z0-9_]+", expr)) | (set(re.findall(r"\b(ALERTS|up)\b", expr)))
+
+
+@needs_promtool
+def test_promtool_checks_and_unit_tests_every_alert() -> None:
+    check = subprocess.run(["promtool", "check", "rules", str(RULES)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    tests = DASH / "prometheus" / "trainops.rules.test.yml"
+    run = subprocess.run(["promtool", "test", "rules", str(tests)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
+    alerts = {r["alert"] for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"]}
+    cases = yaml.safe_load(tests.read_text())["tests"]
+    firing = {c["alertname"] for t in cases for c in t["alert_rule_test"] if c["exp_alerts"]}
+    quiet = {c["alertname"] for t in cases for c in t["alert_rule_test"] if not c["exp_alerts"]}
+    assert alerts == firing == quiet, "every alert needs a firing and a not-firing unit test"
+    config = DASH / "prometheus" / "prometheus.yml"
+    check = subprocess.run(["promtool", "check", "config", "--syntax-only", str(config)], capture_output=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_every_rule_has_a_runbook_and_known_metrics() -> None:
+    known = exported_metric_names() | PROMETHEUS_BUILTINS
+    for group in yaml.safe_load(RULES.read_text())["groups"]:
+        for rule in group["rules"]:
+            assert rule["labels"]["severity"] in ("page", "warning", "info"), rule["alert"]
+            assert len(rule["annotations"]["runbook"]) > 80, rule["alert"]
+            assert rule["annotations"]["summary"], rule["alert"]
+            assert _metric_names(rule["expr"]) <= known, (rule["alert"], _metric_names(rule["expr"]) - known)
+
+
+@pytest.mark.skipif(shutil.which("amtool") is None, reason="Debian's prometheus-alertmanager (.ci/run)")
+def test_alertmanager_config_renders_from_env_and_routes_by_severity(tmp_path: Path) -> None:
+    out = tmp_path / "alertmanager.yml"
+    env = {
+        **os.environ,
+        "PAGERDUTY_ROUTING_KEY": "key|with&odd/chars",
+        "SLACK_WEBHOOK_URL": "https://hooks.slack.com/services/T0/B0/abc",
+        "ONCALL_WEBHOOK_URL": "http://127.0.0.1:9/hook",
+        "ALERTMANAGER_CONFIG_OUT": str(out),
+    }
+    subprocess.run(["sh", str(DASH / "alertmanager" / "render.sh")], env=env, check=True)
+    rendered = yaml.safe_load(out.read_text())
+    page = next(r for r in rendered["receivers"] if r["name"] == "page")
+    assert page["pagerduty_configs"][0]["routing_key"] == "key|with&odd/chars"
+    check = subprocess.run(["amtool", "check-config", str(out)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    for severity, receiver in (("page", "page"), ("warning", "slack"), ("info", "webhook")):
+        routed = subprocess.run(
+            ["amtool", "config", "routes", "test", f"--config.file={out}", f"severity={severity}"],
+            capture_output=True,
+            text=True,
+        )
+        assert routed.stdout.strip() == receiver, (severity, routed.stdout, routed.stderr)
+    missing = subprocess.run(
+        ["sh", str(DASH / "alertmanager" / "render.sh")], env={"PATH": os.environ["PATH"]}
+    )
+    assert missing.returncode != 0, "rendering without the secrets must fail"
+
+
+def test_dashboard_json_is_generated_and_consistent() -> None:
+    generator = _load_generator()
+    rendered = generator.render()
+    assert sorted(rendered) == sorted(p.name for p in (DASH / "grafana").glob("*.json"))
+    provisioned = yaml.safe_load((DASH / "grafana/provisioning/datasources/trainops.yml").read_text())
+    uids = {d["uid"] for d in provisioned["datasources"]}
+    assert uids == {"trainops-prometheus", "trainops-postgres"}
+    known = exported_metric_names() | PROMETHEUS_BUILTINS
+    dashboard_uids = set()
+    for name, text in rendered.items():
+        assert (DASH / "grafana" / name).read_text() == text, (
+            f"{name} is stale: run python dashboards/generate.py"
+        )
+        board = json.loads(text)
+        dashboard_uids.add(board["uid"])
+        ids = [p["id"] for p in board["panels"]]
+        assert len(ids) == len(set(ids)), f"{name}: duplicate panel ids"
+        for panel in board["panels"]:
+            if panel["type"] == "row":
+                continue
+            assert panel["datasource"]["uid"] in uids, (name, panel["title"])
+            assert panel["targets"], (name, panel["title"])
+            for target in panel["targets"]:
+                assert target["datasource"]["uid"] == panel["datasource"]["uid"], (name, panel["title"])
+                if "expr" in target:
+                    used = _metric_names(target["expr"])
+                    assert used and used <= known, (name, panel["title"], used - known)
+        for annotation in board["annotations"]["list"]:
+            assert annotation["datasource"]["uid"] in uids
+            assert _metric_names(annotation["expr"]) <= known
+    assert len(dashboard_uids) == len(rendered)
+    loss_scale = next(p for p in json.loads(rendered["run.json"])["panels"] if p["title"] == "Loss scale")
+    custom = loss_scale["fieldConfig"]["defaults"]["custom"]
+    assert custom["scaleDistribution"]["type"] == "log" and custom["thresholdsStyle"]["mode"] == "line"
+    steps = loss_scale["fieldConfig"]["defaults"]["thresholds"]["steps"]
+    assert [s["value"] for s in steps] == [None, 1.0]
+
+
+def _grafana_sql(sql: str, run: str, start: dt.datetime, end: dt.datetime) -> str:
+    """Expand the Grafana PostgreSQL macros the history panels use, as Grafana does."""
+    sql = re.sub(
+        r"\$__timeGroupAlias\(([\w.]+), \$__interval\)",
+        r'floor(extract(epoch from \1) / 60) * 60 AS "time"',
+        sql,
+    )
+    sql = re.sub(
+        r"\$__timeFilter\(([\w.]+)\)", rf"\1 BETWEEN '{start.isoformat()}' AND '{end.isoformat()}'", sql
+    )
+    sql = sql.replace("$run", run)
+    assert "$" not in sql, f"a Grafana macro this test does not expand: {sql}"
+    return sql
+
+
+@pytest.mark.postgres
+def test_history_panels_sql_runs_on_postgres(postgres_url: str) -> None:
+    migrate.upgrade(postgres_url)
+    engine = make_engine(postgres_url)
+    factory = make_session_factory(engine)
+    now = dt.datetime.now(dt.UTC)
+    with transaction(factory) as session:
+        run = runs_crud.create_run(
+            session, name="opt-history", owner="alice", config={}, start=False, author="t"
+        )
+        points = [
+            {
+                "step": s,
+                "time": (now - dt.timedelta(seconds=10 * (300 - s))).timestamp(),
+                "loss": 5.0,
+                "loss_scale": 1024.0,
+                "act_norm": 40.0,
+                "values": {"val_loss": 5.2} if s % 10 == 0 else {},
+            }
+            for s in range(1, 300)
+        ]
+        telemetry.ingest_metrics(session, run_id=run.id, attempt=1, points=points)
+    board = json.loads((DASH / "grafana" / "run.json").read_text())
+    sql_targets = [
+        (p["title"], t["rawSql"]) for p in board["panels"] for t in p.get("targets", []) if "rawSql" in t
+    ]
+    assert len(sql_targets) == 4
+    with engine.connect() as conn:
+        for title, sql in sql_targets:
+            rows = conn.execute(
+                sa.text(_grafana_sql(sql, "opt-history", now - dt.timedelta(hours=6), now))
+            ).all()
+            # One row per minute (a step every 10 s): 299 steps downsampled, each a time and a value.
+            assert 20 <= len(rows) < 299, (title, len(rows))
+            assert all(len(r) == 2 and r[1] is not None and r[1] > 0 for r in rows), title
+    engine.dispose()
+
+
+COMPOSE_ENV = {
+    "POSTGRES_PASSWORD": "pw",
+    "TRAINOPS_BOOTSTRAP_ADMIN_TOKEN": "admin-token",
+    "PAGERDUTY_ROUTING_KEY": "pd",
+    "SLACK_WEBHOOK_URL": "https://hooks.slack.com/services/x",
+    "ONCALL_WEBHOOK_URL": "http://hook",
+    "GRAFANA_ADMIN_PASSWORD": "gpw",
+}
+
+
+@pytest.mark.skipif(shutil.which("docker-compose") is None, reason="Debian's docker-compose (.ci/run)")
+def test_compose_file_parses_and_names_only_things_that_exist(tmp_path: Path) -> None:
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), **COMPOSE_ENV}
+    config = subprocess.run(
+        ["docker-compose", "-f", str(REPO / "docker-compose.yml"), "config"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert config.returncode == 0, config.stderr
+    resolved = yaml.safe_load(config.stdout)
+    services = resolved["services"]
+    wanted = {"postgres", "redis", "migrate", "api", "orchestrator", "health-worker", "health-beat"}
+    assert wanted | {"prometheus", "alertmanager", "grafana"} <= set(services)
+    assert "healthcheck" in services["postgres"] and "healthcheck" in services["redis"]
+    for name, service in services.items():
+        image = service["image"]
+        assert image == "trainops:latest" or re.fullmatch(r"[\w./-]+:[\w.-]+", image), (name, image)
+        assert image == "trainops:latest" or not image.endswith(":latest"), f"{name}: pin the image version"
+        for volume in service.get("volumes", []):
+            # docker-compose 1.x resolves bind mounts to absolute "source:target[:mode]" strings.
+            source = volume["source"] if isinstance(volume, dict) else volume.split(":", 1)[0]
+            if source.startswith("/"):
+                assert Path(source).exists(), (name, source)
+        command = service.get("command") or []
+        text = " ".join(command) if isinstance(command, list) else command
+        for module in re.findall(r"-m ([\w.]+)", text):
+            assert importlib.util.find_spec(module) is not None, (name, module)
+    assert any(s.get("build") for s in services.values()) and (REPO / "Dockerfile").exists()
+    for name in ("health-host-worker", "trainer"):
+        devices = services[name]["deploy"]["resources"]["reservations"]["devices"]
+        assert devices[0]["capabilities"] == ["gpu"]
+    # Every variable the file reads is documented for operators, and required ones fail loudly when unset.
+    raw = (REPO / "docker-compose.yml").read_text()
+    docs = (REPO / "docs" / "deployment.md").read_text()
+    for variable in set(re.findall(r"\$\{(\w+)", raw)) - {"HOSTNAME"}:
+        assert variable in docs, f"{variable} is not documented in docs/deployment.md"
+    unset = subprocess.run(
+        ["docker-compose", "-f", str(REPO / "docker-compose.yml"), "config", "-q"],
+        capture_output=True,
+        text=True,
+        env={"PATH": os.environ["PATH"], "HOME": str(tmp_path)},
+    )
+    assert unset.returncode != 0 and "POSTGRES_PASSWORD" in unset.stderr
