@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -216,5 +217,12 @@ def test_a_hung_rank_leaves_a_stale_heartbeat_step(tmp_path: Path) -> None:
             assert beat["step"] <= 3 and time.time() - beat["time"] > 2.5, beat
         assert json.loads(beat_file.read_text()) == first
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        # torchrun stops its workers on SIGTERM; they run in their own sessions, so also kill them by pid.
+        proc.terminate()
+        proc.wait(timeout=60)
+        for rank in (0, 1):
+            with contextlib.suppress(OSError, ValueError):
+                os.kill(
+                    json.loads((run_dir / "heartbeats" / f"rank{rank}.json").read_text())["pid"],
+                    signal.SIGKILL,
+                )

@@ -1,0 +1,151 @@
+"""Cost of telemetry, heartbeats and reporting: tokens/s with them on vs off, side by side in one run.
+
+Both arms are the same 2-rank torchrun training (FSDP2 over gloo on CPU), alternated round by round so machine
+noise hits both; the figure is the median over rounds of each round's on/off ratio. "on" = activation-norm
+hook, per-rank heartbeat files, per-rank metrics JSONL, and rank 0's reporter posting every step to a local
+HTTP sink; "off" = `--no-telemetry`. A run's tokens/s comes from the median step time of its steady steps
+(summary.json). Also prints MFU against this CPU's measured fp32 matmul rate (no peak spec exists for a
+shared CPU).
+
+    PYTHONPATH=. .venv/bin/python bench/trainer_overhead.py [--preset tiny] [--steps 60] [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class Sink(BaseHTTPRequestHandler):
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.server.posts += 1  # type: ignore[attr-defined]
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    def log_message(self, *args: object) -> None:
+        """Quiet."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_matmul_tflops(threads: int) -> float:
+    torch.set_num_threads(threads)
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    for _ in range(3):
+        a @ b
+    n, t0 = 20, time.perf_counter()
+    for _ in range(n):
+        a @ b
+    return 2 * 1024**3 * n / (time.perf_counter() - t0) / 1e12
+
+
+def run(run_dir: Path, flags: list[str], env: dict[str, str]) -> dict[str, float]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "trainer.launch",
+        "--nnodes",
+        "1",
+        "--nproc-per-node",
+        "2",
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        f"127.0.0.1:{free_port()}",
+        "--",
+        "--run-dir",
+        str(run_dir),
+        *flags,
+    ]
+    result = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
+    if result.returncode:
+        raise SystemExit(f"trainer failed ({result.returncode}):\n{result.stderr[-3000:]}")
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--precision", default="fp32")
+    args = parser.parse_args()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Sink)
+    server.posts = 0  # type: ignore[attr-defined]
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base_env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    on_env = {
+        **base_env,
+        "TRAINOPS_API_URL": f"http://127.0.0.1:{server.server_port}",
+        "TRAINOPS_TOKEN": "bench",
+        "TRAINOPS_RUN_ID": "1",
+        "TRAINOPS_ATTEMPT": "1",
+    }
+    flags = [
+        "--preset",
+        args.preset,
+        "--max-steps",
+        str(args.steps),
+        "--precision",
+        args.precision,
+        "--checkpoint-interval",
+        "0",
+        "--threads",
+        "1",
+        "--report-interval-s",
+        "0.5",
+    ]
+    arms: dict[str, list[dict[str, float]]] = {"on": [], "off": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.rounds):
+            for arm in ("on", "off") if r % 2 == 0 else ("off", "on"):
+                extra = ["--telemetry"] if arm == "on" else ["--no-telemetry"]
+                summary = run(Path(tmp) / f"{arm}{r}", [*flags, *extra], on_env if arm == "on" else base_env)
+                arms[arm].append(summary)
+                print(
+                    f"round {r} telemetry {arm:3s}: {summary['tokens_per_s']:9.1f} tokens/s "
+                    f"(median step {summary['median_step_time_s'] * 1e3:.1f} ms)",
+                    flush=True,
+                )
+    server.shutdown()
+    tps = {arm: statistics.median(s["tokens_per_s"] for s in runs) for arm, runs in arms.items()}
+    paired = statistics.median(
+        on["tokens_per_s"] / off["tokens_per_s"] for on, off in zip(arms["on"], arms["off"], strict=True)
+    )
+    tflops = statistics.median(s["tflops_per_device"] for s in arms["on"])
+    peak = cpu_matmul_tflops(1)
+    print(f"tokens/s (median over rounds) telemetry on: {tps['on']:.1f}  off: {tps['off']:.1f}")
+    print(
+        f"on/off tokens/s, median of per-round ratios: {paired:.4f} "
+        f"(cost {100 * (1 - paired):.2f}%, target <= 2%)"
+    )
+    print(f"control-plane requests received during 'on' runs: {server.posts}")  # type: ignore[attr-defined]
+    print(
+        f"model TFLOP/s per rank: {tflops:.4f}; this CPU's 1-thread fp32 matmul: {peak:.4f} TFLOP/s; "
+        f"MFU vs that: {tflops / peak:.3f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
