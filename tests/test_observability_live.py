@@ -13,7 +13,6 @@ import datetime as dt
 import json
 import math
 import re
-import shutil
 import subprocess
 import sys
 import threading
@@ -37,10 +36,8 @@ from service.statemachine import DiagnosticStatus, RunPhase
 from tests.conftest import ADMIN_HEADERS
 from tests.livesrv import LiveServer, free_port
 
-pytestmark = [
-    pytest.mark.redis,
-    pytest.mark.skipif(shutil.which("prometheus") is None, reason="Debian's prometheus package (.ci/run)"),
-]
+# Needs Redis and Debian's `prometheus` package, both provided by .ci/run.
+pytestmark = pytest.mark.redis
 
 REPO = Path(__file__).resolve().parent.parent
 PROM_DIR = REPO / "dashboards" / "prometheus"
