@@ -93,22 +93,95 @@ def up(
     migrate_first: Annotated[
         bool, typer.Option("--migrate/--no-migrate", help="Upgrade the schema first.")
     ] = True,
+    orchestrate: Annotated[
+        bool,
+        typer.Option("--orchestrator/--no-orchestrator", help="Run the orchestrator loop in this process."),
+    ] = True,
+    quick_interval: Annotated[
+        float,
+        typer.Option(
+            help="Seconds between embedded quick health sweeps (0 = none; with a broker, Celery beat "
+            "does this)."
+        ),
+    ] = 30.0,
 ) -> None:
-    """Serve the control plane (embedded defaults: SQLite under ./.trainops, no Redis)."""
+    """Serve the control plane (embedded defaults: SQLite under ./.trainops, no Redis), with the
+    orchestrator and, without a broker, the health worker and its beat in the same process."""
+    import threading
+
     import uvicorn
 
     from service import migrate
+    from service.db import engine_from_settings, make_session_factory
     from service.main import create_app
+    from service.orchestrator.runtime import build_orchestrator, start_embedded_beat, start_in_thread
 
     settings = _settings()
     if migrate_first:
         migrate.upgrade(settings.resolved_database_url)
     bind_host, bind_port = host or settings.api_host, port or settings.api_port
+    factory = make_session_factory(engine_from_settings(settings))
+    stop = threading.Event()
+    orch = None
+    if orchestrate:
+        orch = build_orchestrator(settings, factory)
+        start_in_thread(orch)
+    if settings.broker_url is None and quick_interval > 0:
+        start_embedded_beat(factory, interval_s=quick_interval, stop=stop)
     console.print(
         f"trainops control plane on http://{bind_host}:{bind_port}  (docs: /docs, "
-        f"database: {settings.resolved_database_url.split('@')[-1]})"
+        f"database: {settings.resolved_database_url.split('@')[-1]}"
+        f"{', orchestrator on' if orchestrate else ''})"
     )
-    uvicorn.run(create_app(settings), host=bind_host, port=bind_port, log_level="warning")
+    try:
+        uvicorn.run(
+            create_app(settings, session_factory=factory), host=bind_host, port=bind_port, log_level="warning"
+        )
+    finally:
+        stop.set()
+        if orch is not None:
+            orch.stop()
+
+
+@app.command()
+def orchestrator(
+    once: Annotated[bool, typer.Option(help="Run one reconcile pass and exit.")] = False,
+) -> None:
+    """Run the orchestrator's reconcile loop against the configured database."""
+    from service.db import engine_from_settings, make_session_factory
+    from service.orchestrator.runtime import build_orchestrator
+
+    settings = _settings()
+    factory = make_session_factory(engine_from_settings(settings))
+    orch = build_orchestrator(settings, factory)
+    if once:
+        done = orch.reconcile_once()
+        console.print(f"reconciled {len(done)} run(s)")
+        return
+    console.print(f"orchestrator reconciling every {orch.cfg.loop_interval_s:g} s (Ctrl-C to stop)")
+    orch.run_forever()
+
+
+@app.command()
+def demo(
+    exit_when_done: Annotated[
+        bool, typer.Option("--exit", help="Exit when the run ends instead of serving on.")
+    ] = False,
+    port: Annotated[int | None, typer.Option(help="API port (default: TRAINOPS_API_PORT or 8000).")] = None,
+) -> None:
+    """The main job on embedded defaults: a small OPT run survives a killed rank, a GPU fault, a hang and a
+    loss divergence by itself, live in the terminal, with the logbook and goodput at the end."""
+    from pathlib import Path
+
+    from service.demo import run_demo
+
+    settings = _settings()
+    code = run_demo(
+        home=Path(settings.home).resolve() / "demo",
+        port=port or settings.api_port,
+        exit_when_done=exit_when_done,
+    )
+    raise typer.Exit(code)
 
 
 @db_app.command("upgrade")

@@ -12,7 +12,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -95,14 +95,14 @@ class Orchestrator:
         session_factory: sessionmaker[Session],
         cfg: OrchestratorConfig,
         *,
-        launcher: Launcher,
+        launchers: Mapping[str, Launcher],
         health: HealthGateway,
         pager: Pager | None = None,
         trainer_env: dict[str, str] | None = None,
     ) -> None:
         self.factory = session_factory
         self.cfg = cfg
-        self.launcher = launcher
+        self.launchers = dict(launchers)
         self.health = health
         self.pager = pager
         self.trainer_env = trainer_env or {}
@@ -159,6 +159,10 @@ class Orchestrator:
                 )
             )
             return list(session.scalars(query.order_by(Run.id)))
+
+    def launcher_for(self, info: Mapping[str, Any]) -> Launcher:
+        """The launcher that started an attempt (its kind is stored with the attempt)."""
+        return self.launchers[str(info.get("kind", "local"))]
 
     def run_dir(self, run: Run) -> Path:
         return self.runs_dir / run.name
@@ -226,7 +230,7 @@ class Orchestrator:
         if "tag" not in info:
             status = ProcessStatus("lost", detail="the launch was not recorded")
         else:
-            status = self.launcher.status(info)
+            status = self.launcher_for(info).status(info)
         beats = tuple(
             RankBeat(
                 rank=int(b["rank"]),
@@ -393,13 +397,13 @@ class Orchestrator:
             attempt = active_attempt(session, run_id=observed.run_id)
             info = dict(attempt.launcher or {}) if attempt else {}
         if action.kill and "tag" in info:
-            self.launcher.kill(info)
+            self.launcher_for(info).kill(info)
         newest = max((c.step for c in observed.checkpoints if c.usable), default=None)
         with transaction(self.factory) as session:
             attempt = active_attempt(session, run_id=observed.run_id)
             if attempt is None or attempt.number != observed.attempt.number:
                 return  # already ended by an earlier pass
-            final = self.launcher.status(info) if "tag" in info else None
+            final = self.launcher_for(info).status(info) if "tag" in info else None
             code = action.exit_code
             if code is None and final is not None and final.state == "exited":
                 code = final.exit_code
@@ -544,7 +548,13 @@ class Orchestrator:
                 ),
                 env={**self.trainer_env, "TRAINOPS_TOKEN": secret},
             )
-            info = self.launcher.prepare(spec)
+            launcher = self.launchers.get(str(cfg.get("launcher", "local")))
+            if launcher is None:
+                raise ValueError(
+                    f"run {run.name} asks for launcher {cfg.get('launcher')!r}, which this "
+                    f"orchestrator does not have ({', '.join(self.launchers)})"
+                )
+            info = launcher.prepare(spec)
             if run.phase != RunPhase.starting:
                 set_run_phase(session, run=run, target=RunPhase.starting, reason=action.reason, author=AUTHOR)
             attempt = create_attempt(
@@ -585,7 +595,7 @@ class Orchestrator:
                 },
             )
         try:
-            started = self.launcher.start(spec, info)
+            started = launcher.start(spec, info)
         except Exception as exc:
             with transaction(self.factory) as session:
                 attempt = active_attempt(session, run_id=observed.run_id)

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.config import Settings
 from service.orchestrator.config import OrchestratorConfig
 from service.orchestrator.health_gateway import SweepHealthGateway
-from service.orchestrator.launcher import LocalLauncher
+from service.orchestrator.launcher import Launcher, LocalLauncher
 from service.orchestrator.loop import Orchestrator
 
 log = logging.getLogger("trainops.orchestrator")
@@ -42,6 +42,11 @@ def load_orchestrator_config(settings: Settings, **overrides: Any) -> Orchestrat
     return _build(OrchestratorConfig, data)
 
 
+def available_launchers(settings: Settings) -> dict[str, Launcher]:
+    """Launchers by the name a run's config uses (`launcher: local | slurm`)."""
+    return {"local": LocalLauncher()}
+
+
 def build_orchestrator(
     settings: Settings, session_factory: sessionmaker[Session], cfg: OrchestratorConfig | None = None
 ) -> Orchestrator:
@@ -52,7 +57,7 @@ def build_orchestrator(
     return Orchestrator(
         session_factory,
         cfg,
-        launcher=LocalLauncher(),
+        launchers=available_launchers(settings),
         health=SweepHealthGateway(session_factory),
         pager=make_pager(settings),
         trainer_env=env,
