@@ -60,6 +60,37 @@ def cpu_matmul_tflops(threads: int) -> float:
     return 2 * 1024**3 * n / (time.perf_counter() - t0) / 1e12
 
 
+def telemetry_cost_s(tmp: Path, url: str, d_model: int, tokens: int) -> float:
+    """In-process cost of one step's telemetry work (what `--no-telemetry` removes): the activation-norm hook
+    on an activation of the run's shape, the heartbeat file, the metrics line, and a reporter enqueue."""
+    from torch import nn
+
+    from trainer.reporting import HttpReporter
+    from trainer.telemetry import ActivationNorm, HeartbeatFile, MetricsFile
+
+    block = nn.Identity()
+    hook = ActivationNorm(block, torch.device("cpu"))
+    beat, lines = HeartbeatFile(tmp / "hb", rank=0, host="h"), MetricsFile(tmp / "m", rank=0)
+    rep = HttpReporter(
+        url=url, token="t", run_id=1, attempt=1, rank=0, host="h", spool_dir=tmp / "spool", log=lambda _: None
+    )
+    h = torch.randn(1, tokens, d_model)
+    point = {"step": 1, "loss": 5.0, "grad_norm": 1.0, "values": {"overflow": 0.0}}
+    times = []
+    for step in range(300):
+        t0 = time.perf_counter()
+        block(h)
+        hook.take()
+        lines.write({**point, "step": step})
+        rep.metric({**point, "step": step})
+        rep.heartbeat(step)
+        beat.beat(step)
+        times.append(time.perf_counter() - t0)
+    rep.close()
+    lines.close()
+    return statistics.median(times)
+
+
 def run(run_dir: Path, flags: list[str], env: dict[str, str]) -> dict[str, float]:
     cmd = [
         sys.executable,
@@ -128,6 +159,13 @@ def main() -> None:
                     f"(median step {summary['median_step_time_s'] * 1e3:.1f} ms)",
                     flush=True,
                 )
+    with tempfile.TemporaryDirectory() as tmp:
+        from trainer.model import PRESETS
+
+        model = PRESETS[args.preset].model
+        per_step = telemetry_cost_s(
+            Path(tmp), on_env["TRAINOPS_API_URL"], model.d_model, int(arms["off"][0]["batch_tokens"]) // 2
+        )
     server.shutdown()
     tps = {arm: statistics.median(s["tokens_per_s"] for s in runs) for arm, runs in arms.items()}
     paired = statistics.median(
@@ -139,6 +177,11 @@ def main() -> None:
     print(
         f"on/off tokens/s, median of per-round ratios: {paired:.4f} "
         f"(cost {100 * (1 - paired):.2f}%, target <= 2%)"
+    )
+    off_step = statistics.median(s["median_step_time_s"] for s in arms["off"])
+    print(
+        f"telemetry work per step, timed in-process: {per_step * 1e6:.0f} us = "
+        f"{100 * per_step / off_step:.3f}% of the median step ({off_step * 1e3:.1f} ms)"
     )
     print(f"control-plane requests received during 'on' runs: {server.posts}")  # type: ignore[attr-defined]
     print(
