@@ -50,6 +50,9 @@ class RestartPointConfig:
     """Steps after a checkpoint over which the activation norm's trend is measured (OPT's restart rule)."""
     act_norm_flat_tolerance: float = 0.002
     """Largest relative slope per step (slope / mean norm) still called flat; above it, the norm rises."""
+    onset_margin_steps: int = 2
+    """Steps just before the detected onset left out of the trend: a divergence starts a step or two before
+    any test can call it one, and those steps would make every recent checkpoint look bad."""
     min_trend_points: int = 5
     """Fewer stored points after a checkpoint than this and its trend is unknown (it does not qualify)."""
 

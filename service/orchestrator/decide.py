@@ -75,6 +75,7 @@ class ObservedRun:
     busy_hosts: frozenset[str]  # hosts used by other runs' active attempts
     checkpoints: tuple[CheckpointCandidate, ...]
     act_norms: Mapping[int, float] = field(default_factory=dict)  # step -> norm along the surviving lineage
+    node_changed_at: Mapping[str, float] = field(default_factory=dict)  # host -> when its state last changed
     waiting_for_hosts_since: float | None = None
 
 
@@ -225,7 +226,11 @@ def _decide_active(run: ObservedRun, cfg: OrchestratorConfig) -> list[Action]:
                 kill=True,
                 cordon_hosts=suspects,
                 evidence={"hosts": {h: s.value for h, s in bad.items() if s is not None}},
-                last_progress_at=_last_progress(attempt),
+            # a host fault starts when the control plane learnt of it (training goes on until then)
+                last_progress_at=min(
+                    (run.node_changed_at[h] for h in bad if h in run.node_changed_at),
+                    default=_last_progress(attempt),
+                ),
             ),
         ]
 

@@ -190,7 +190,8 @@ class Orchestrator:
                 for a in attempts
                 if a.ended_at is not None
             )
-            nodes = {n.hostname: n.state for n in session.scalars(sa.select(Node))}
+            node_rows = list(session.scalars(sa.select(Node)))
+            nodes = {n.hostname: n.state for n in node_rows}
             busy: set[str] = set()
             for a in session.scalars(
                 sa.select(Attempt).where(Attempt.ended_at.is_(None), Attempt.run_id != run_id)
@@ -219,6 +220,7 @@ class Orchestrator:
                 busy_hosts=frozenset(busy),
                 checkpoints=tuple(checkpoints),
                 act_norms=act_norms,
+                node_changed_at={n.hostname: n.state_changed_at.timestamp() for n in node_rows},
                 waiting_for_hosts_since=self._waiting_since.get(run_id),
             )
 

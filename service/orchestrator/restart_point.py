@@ -96,8 +96,9 @@ def pick_restart_checkpoint(
         if c.loss_scale is not None and c.loss_scale < min_loss_scale:
             rejected.append((c.step, f"loss scale {c.loss_scale:g} < {min_loss_scale:g} when saved"))
             continue
+        until = divergence_onset - cfg.onset_margin_steps if divergence_onset is not None else None
         slope, n = act_norm_trend(
-            norms, after_step=c.step, until_step=divergence_onset, window=cfg.act_norm_trend_window
+            norms, after_step=c.step, until_step=until, window=cfg.act_norm_trend_window
         )
         if slope is None or n < cfg.min_trend_points:
             rejected.append((c.step, f"activation-norm trend after it unknown ({n} stored points)"))
