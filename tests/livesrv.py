@@ -44,9 +44,9 @@ class LiveServer:
 
     def start(self, timeout: float = 30.0) -> LiveServer:
         log = open(self.home / "api.log", "ab")  # noqa: SIM115 - owned by the child process
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "up"], env=self.env, stdout=log, stderr=subprocess.STDOUT
-        )
+        # The API alone: tests that need the orchestrator or the health beat run their own.
+        command = [sys.executable, "-m", "service.cli", "up", "--no-orchestrator", "--quick-interval", "0"]
+        self.proc = subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
