@@ -38,6 +38,13 @@ class Settings(BaseSettings):
     page_webhook_url: str | None = Field(
         None, description="Webhook POSTed when a run needs attention (for setups without Alertmanager)."
     )
+    slurm_enabled: bool = Field(
+        False,
+        description="Offer the `slurm` launcher (sbatch/squeue/scontrol on PATH, SLURM_CONF if not the "
+        "default) and mirror cordons as Slurm drains.",
+    )
+    slurm_partition: str | None = Field(None, description="Default sbatch --partition for Slurm runs.")
+    slurm_account: str | None = Field(None, description="Default sbatch --account for Slurm runs.")
     max_page_size: int = Field(500, ge=1)
     max_ingest_points: int = Field(10_000, ge=1)
     db_pool_size: int = Field(10, ge=1)

@@ -31,6 +31,8 @@ class LaunchSpec:
     run_dir: Path
     trainer_args: tuple[str, ...]
     env: Mapping[str, str] = field(default_factory=dict)
+    launcher_options: Mapping[str, Any] = field(default_factory=dict)
+    """The run config's section named after its launcher (`slurm`: partition, account, time limit, ...)."""
 
 
 @dataclass(frozen=True)

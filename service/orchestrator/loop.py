@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.crud.checkpoints import mark_checkpoint, register_checkpoint
 from service.crud.logbook import write_log
 from service.crud.runs import active_attempt, create_attempt, end_attempt, get_run, set_run_phase
+from service.crud.telemetry import ingest_metrics
 from service.crud.tokens import create_token
 from service.db import transaction
 from service.models import Attempt, Checkpoint, Metric, Node, Run
@@ -134,6 +135,7 @@ class Orchestrator:
         self._wake.set()
 
     def reconcile_once(self) -> dict[int, list[Action]]:
+        self._sync_external_nodes()
         done: dict[int, list[Action]] = {}
         for run_id in self._runs_to_reconcile():
             try:
@@ -145,6 +147,17 @@ class Orchestrator:
             except Exception:
                 log.exception("reconciling run %s failed", run_id)
         return done
+
+    def _sync_external_nodes(self) -> None:
+        """Scheduler-side drains and outages (an admin's Slurm drain, a node gone DOWN) become node states
+        before anything is decided; gateways without an external scheduler have no `sync_external`."""
+        sync = getattr(self.health, "sync_external", None)
+        if sync is None:
+            return
+        try:
+            sync()
+        except Exception:  # the scheduler being unreachable must not stop the loop; the next pass retries
+            log.exception("syncing node states with the scheduler failed")
 
     def _runs_to_reconcile(self) -> list[int]:
         with transaction(self.factory) as session:
@@ -400,6 +413,7 @@ class Orchestrator:
             info = dict(attempt.launcher or {}) if attempt else {}
         if action.kill and "tag" in info:
             self.launcher_for(info).kill(info)
+        self._drain_spool(observed.run_id)
         newest = max((c.step for c in observed.checkpoints if c.usable), default=None)
         with transaction(self.factory) as session:
             attempt = active_attempt(session, run_id=observed.run_id)
@@ -461,6 +475,47 @@ class Orchestrator:
             self.health.blame(
                 action.blame_hosts, reason=f"{action.outcome} of run {observed.name}", run_id=observed.run_id
             )
+
+    def _drain_spool(self, run_id: int) -> None:
+        """Store what the ended attempt's reporter could not deliver (control plane down when it exited).
+
+        Its processes are gone, so nothing else touches the spool now; ingestion is idempotent, so records
+        that did arrive before are harmless duplicates."""
+        from service.schemas import CheckpointCreate, MetricBatch
+        from trainer.reporting import Spool
+
+        with transaction(self.factory) as session:
+            spool_dir = self.run_dir(get_run(session, run_id=run_id)) / "spool"
+        if not (spool_dir / "pending.jsonl").exists():
+            return
+        spool = Spool(spool_dir)
+        records = spool.read()
+        points = checkpoints = 0
+        with transaction(self.factory) as session:
+            for record in records:
+                if record.get("kind") == "metrics":
+                    batch = MetricBatch.model_validate(record["body"])
+                    ingest_metrics(
+                        session,
+                        run_id=run_id,
+                        attempt=batch.attempt,
+                        points=[p.model_dump() for p in batch.points],
+                    )
+                    points += len(batch.points)
+                elif record.get("kind") == "checkpoint":
+                    body = CheckpointCreate.model_validate(record["body"])
+                    register_checkpoint(session, run_id=run_id, data=body.model_dump())
+                    checkpoints += 1
+            write_log(
+                session,
+                kind=LogKind.action,
+                author=AUTHOR,
+                run_id=run_id,
+                message=f"stored {points} metric point(s) and {checkpoints} checkpoint(s) the trainer had "
+                "spooled while the control plane was unreachable",
+                evidence={"records": len(records), "spool": str(spool.path)},
+            )
+        spool.drop_first(len(records))
 
     def _escalate(self, observed: ObservedRun, action: Escalate) -> None:
         with transaction(self.factory) as session:
@@ -549,6 +604,7 @@ class Orchestrator:
                     )
                 ),
                 env={**self.trainer_env, "TRAINOPS_TOKEN": secret},
+                launcher_options=dict(cfg.get(str(cfg.get("launcher", "local"))) or {}),
             )
             launcher = self.launchers.get(str(cfg.get("launcher", "local")))
             if launcher is None:

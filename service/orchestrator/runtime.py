@@ -44,7 +44,23 @@ def load_orchestrator_config(settings: Settings, **overrides: Any) -> Orchestrat
 
 def available_launchers(settings: Settings) -> dict[str, Launcher]:
     """Launchers by the name a run's config uses (`launcher: local | slurm`)."""
-    return {"local": LocalLauncher()}
+    launchers: dict[str, Launcher] = {"local": LocalLauncher()}
+    if settings.slurm_enabled:
+        from service.orchestrator.slurm import SlurmDefaults, SlurmLauncher
+
+        launchers["slurm"] = SlurmLauncher(
+            defaults=SlurmDefaults(partition=settings.slurm_partition, account=settings.slurm_account)
+        )
+    return launchers
+
+
+def build_health_gateway(settings: Settings, session_factory: sessionmaker[Session]) -> SweepHealthGateway:
+    """With Slurm, cordons also drain the node in Slurm, and Slurm's own drains and outages are synced."""
+    if settings.slurm_enabled:
+        from service.orchestrator.slurm import SlurmHealthGateway
+
+        return SlurmHealthGateway(session_factory)
+    return SweepHealthGateway(session_factory)
 
 
 def build_orchestrator(
@@ -58,7 +74,7 @@ def build_orchestrator(
         session_factory,
         cfg,
         launchers=available_launchers(settings),
-        health=SweepHealthGateway(session_factory),
+        health=build_health_gateway(settings, session_factory),
         pager=make_pager(settings),
         trainer_env=env,
     )
