@@ -226,7 +226,7 @@ def _decide_active(run: ObservedRun, cfg: OrchestratorConfig) -> list[Action]:
                 kill=True,
                 cordon_hosts=suspects,
                 evidence={"hosts": {h: s.value for h, s in bad.items() if s is not None}},
-            # a host fault starts when the control plane learnt of it (training goes on until then)
+                # a host fault starts when the control plane learnt of it (training goes on until then)
                 last_progress_at=min(
                     (run.node_changed_at[h] for h in bad if h in run.node_changed_at),
                     default=_last_progress(attempt),
