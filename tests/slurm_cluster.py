@@ -93,6 +93,24 @@ class SlurmCluster:
                 _wait_gone(pid, 5)
         self._pids.clear()
 
+    def kill_node(self, node: str, reason: str) -> None:
+        """A node dies: its slurmd stops and the controller marks it DOWN (instead of waiting out
+        SlurmdTimeout). Jobs on it end as NODE_FAIL; the controller kills their steps on the other nodes."""
+        for index, (name, pid) in enumerate(self._pids):
+            if name == f"slurmd-{node}":
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                _wait_gone(pid, 10)
+                del self._pids[index]
+                break
+        self.run(["scontrol", "update", f"NodeName={node}", "State=DOWN", f"Reason={reason}"])
+
+    def revive_node(self, node: str) -> None:
+        """Start the node's slurmd again; with ReturnToService=2 it returns to service on registering."""
+        if any(name == f"slurmd-{node}" for name, _ in self._pids):
+            return
+        self._spawn(f"slurmd-{node}", [_which("slurmd") or "slurmd", "-D", "-N", node, "-f", str(self.conf)])
+
     def __enter__(self) -> SlurmCluster:
         return self
 

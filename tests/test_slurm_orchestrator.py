@@ -79,6 +79,10 @@ class Stack:
                 for a in list_attempts(session, run_id=run_id)
             ]
 
+    def first_step_seen(self, run_id: int, number: int = 1) -> bool:
+        attempts = self.attempts(run_id)
+        return len(attempts) >= number and bool(attempts[number - 1]["first_step"])
+
     def phase(self, run_id: int) -> RunPhase:
         with transaction(self.factory) as session:
             return get_run(session, run_id=run_id).phase
@@ -117,6 +121,8 @@ def wait_for(ready: Callable[[], object], timeout_s: float, what: str) -> None:
 def stack(cluster: SlurmCluster, tmp_path: Path) -> Iterator[Stack]:
     # A fresh cluster state per test: every node back in service, nothing queued.
     cluster.run(["scancel", "--full", "--quiet", f"--partition={PARTITION}"], check=False)
+    for node in NODES:
+        cluster.revive_node(node)  # a failed test may have left a node dead
     cluster.run(["scontrol", "update", f"NodeName={','.join(NODES)}", "State=RESUME"], check=False)
     cluster.wait_idle(timeout_s=60)
 
@@ -189,7 +195,7 @@ def test_two_node_attempt_reaches_its_target(stack: Stack) -> None:
 
 def test_bad_host_is_drained_excluded_and_resumed_on_uncordon(stack: Stack) -> None:
     run_id = stack.create_run("slurm-bad-host")
-    wait_for(lambda: stack.attempts(run_id)[0]["first_step"], 120, "attempt 1's first step")
+    wait_for(lambda: stack.first_step_seen(run_id), 120, "attempt 1's first step")
     assert stack.attempts(run_id)[0]["hosts"] == ("n1", "n2")
 
     # A health worker's quick check finds a double-bit ECC error on n2: cordoned, drained in Slurm.
@@ -223,10 +229,10 @@ def test_bad_host_is_drained_excluded_and_resumed_on_uncordon(stack: Stack) -> N
 
 def test_node_lost_mid_attempt_is_cordoned_and_the_run_moves_on(stack: Stack) -> None:
     run_id = stack.create_run("slurm-node-down")
-    wait_for(lambda: stack.attempts(run_id)[0]["first_step"], 120, "attempt 1's first step")
+    wait_for(lambda: stack.first_step_seen(run_id), 120, "attempt 1's first step")
     tag = stack.attempts(run_id)[0]["launcher"]["tag"]
 
-    stack.cluster.run(["scontrol", "update", "NodeName=n2", "State=DOWN", "Reason=pulled the plug"])
+    stack.cluster.kill_node("n2", reason="pulled the plug")
     wait_for(lambda: len(stack.attempts(run_id)) == 2, 120, "the relaunch")
     first, second = stack.attempts(run_id)
     assert first["exit_reason"] in ("hardware", "lost")
@@ -238,7 +244,7 @@ def test_node_lost_mid_attempt_is_cordoned_and_the_run_moves_on(stack: Stack) ->
     stack.stop(run_id)
 
     # The node comes back in Slurm: the sync's own cordon is lifted.
-    stack.cluster.run(["scontrol", "update", "NodeName=n2", "State=RESUME"])
+    stack.cluster.revive_node("n2")
     wait_for(lambda: stack.node_state("n2")[0] == NodeState.healthy, 30, "n2 to be released")
 
 

@@ -1,0 +1,100 @@
+"""SlurmLauncher's pure parts: decoding Slurm's exit codes and records, mapping job states to outcomes,
+and the sbatch command line (the cluster tests in test_slurm_orchestrator.py run it for real)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from service.orchestrator.detect import classify_exit
+from service.orchestrator.launcher import LaunchSpec
+from service.orchestrator.slurm import (
+    JobView,
+    SlurmDefaults,
+    SlurmLauncher,
+    decode_exit_field,
+    decode_wait_status,
+    parse_scontrol_record,
+    status_of_job,
+)
+
+
+def test_raw_wait_status_and_exit_field_decode_as_a_shell_reports_them() -> None:
+    assert decode_wait_status(42 << 8) == 42
+    assert decode_wait_status(0) == 0
+    assert decode_wait_status(9) == 137  # killed by SIGKILL
+    assert decode_exit_field("2:0") == 2
+    assert decode_exit_field("0:15") == 143
+
+
+def test_scontrol_record_values_may_contain_spaces() -> None:
+    line = (
+        "JobId=7 JobName=trainops-r-a1 JobState=NODE_FAIL Reason=None Comment=trainops run=3 attempt=1 "
+        "tag=ab ExitCode=0:9 WorkDir=/srv/my runs NodeList=n[1-2]"
+    )
+    record = parse_scontrol_record(line)
+    assert record["JobState"] == "NODE_FAIL" and record["NodeList"] == "n[1-2]"
+    assert record["WorkDir"] == "/srv/my runs"
+    assert decode_exit_field(record["ExitCode"]) == 137
+
+
+@pytest.mark.parametrize(
+    ("state", "exit_code", "exit_file", "expected_state", "outcome"),
+    [
+        ("RUNNING", None, None, "running", None),
+        ("PENDING", None, None, "running", None),
+        ("COMPLETED", 0, 0, "exited", "completed"),
+        ("FAILED", 42, None, "exited", "divergence"),
+        ("FAILED", 1, 3, "exited", "crash"),  # the batch script's exit file is the trainer's own code
+        ("FAILED", 2, None, "exited", "config"),
+        ("PREEMPTED", 0, None, "exited", "signal"),
+        ("TIMEOUT", 0, None, "exited", "signal"),
+        ("OUT_OF_MEMORY", 0, None, "exited", "signal"),
+        ("NODE_FAIL", 0, None, "lost", None),
+    ],
+)
+def test_job_states_map_onto_attempt_outcomes(
+    state: str, exit_code: int | None, exit_file: int | None, expected_state: str, outcome: str | None
+) -> None:
+    status = status_of_job(JobView(5, state, exit_code, "None", "n[1-2]"), exit_file)
+    assert status.state == expected_state
+    if outcome is not None:
+        assert status.exit_code is not None and classify_exit(status.exit_code).outcome == outcome
+    assert "Slurm job 5 on n[1-2]" in status.detail
+
+
+def test_sbatch_argv_carries_placement_ids_and_the_runs_slurm_options(tmp_path: Path) -> None:
+    launcher = SlurmLauncher(defaults=SlurmDefaults(partition="batch", account="ops"), workdir=tmp_path)
+    spec = LaunchSpec(
+        run_id=3,
+        run_name="opt",
+        attempt=2,
+        hosts=("n1", "n3"),
+        procs_per_host=8,
+        run_dir=tmp_path,
+        trainer_args=("--preset", "tiny"),
+        launcher_options={
+            "partition": "gpu",
+            "time_limit": "1:00:00",
+            "gpus_per_node": 8,
+            "extra_sbatch_flags": ["--exclusive"],
+        },
+    )
+    info = launcher.prepare(spec)
+    argv = launcher.sbatch_argv(spec, info, tmp_path / "job.sh")
+    assert argv[:2] == ["sbatch", "--parsable"]
+    assert {
+        "--nodes=2",
+        "--nodelist=n1,n3",
+        "--no-requeue",
+        "--partition=gpu",
+        "--account=ops",
+        "--time=1:00:00",
+        "--gpus-per-node=8",
+        "--exclusive",
+    } <= set(argv)
+    assert f"--comment=trainops run=3 attempt=2 tag={info['tag']}" in argv
+    assert info["world_size"] == 16
+    script = launcher.batch_script(spec, info)
+    assert "--nproc-per-node 8" in script and '--node-rank "$SLURM_NODEID"' in script
