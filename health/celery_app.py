@@ -72,6 +72,8 @@ class HealthCelery(Celery):
             broker_connection_retry_on_startup=True,
             worker_hijack_root_logger=False,
             worker_send_task_events=False,
+            # kombu's memory transport sleeps this long whenever its queues look empty (default 1 s).
+            broker_transport_options={"polling_interval": 0.005} if embedded else {},
             beat_schedule={
                 "health-quick-sweep": {
                     "task": "health.quick_sweep",

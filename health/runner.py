@@ -2,8 +2,7 @@
 
 A check that hangs (a wedged driver call, a stuck collective) cannot be interrupted inside a Python
 thread, so checks run in a child process that is killed when a check overruns; the overrun check is
-reported as ``timeout`` and the remaining checks continue in a fresh child. Children come from a
-forkserver, so they are cheap to start and never inherit the worker's threads or CUDA state.
+reported as ``timeout`` and the remaining checks continue in a fresh child.
 """
 
 from __future__ import annotations
@@ -17,8 +16,12 @@ from health.checks import ALL_CHECKS
 from health.checks.context import CheckContext
 from health.results import CheckResult, CheckStatus, Fault
 
-_MP = multiprocessing.get_context("forkserver")
-_MP.set_forkserver_preload(["health.checks"])
+# fork, not forkserver/spawn: those re-import the caller's __main__ in every child (1-2 s per check
+# set under an API server or a bench script, measured), fork costs ~25 ms. It is safe here because the
+# worker process never imports torch or touches CUDA (the checks do, in the child), host workers run
+# the solo pool (one thread), and a child that inherited a held lock would hang and be killed and
+# reported by the time limit below, never hang the worker.
+_MP = multiprocessing.get_context("fork")
 
 
 def _run_one(name: str, ctx: CheckContext) -> CheckResult:
@@ -37,8 +40,8 @@ def _run_one(name: str, ctx: CheckContext) -> CheckResult:
 
 
 def _die_with_parent() -> None:
-    """Ask Linux to kill this check process when its parent (the forkserver) goes, so a hung check
-    cannot outlive a worker that was itself killed."""
+    """Ask Linux to kill this check process when its parent (the worker) dies, so a hung check cannot
+    outlive a worker that was itself killed."""
     try:
         import ctypes
 

@@ -35,6 +35,10 @@ class CheckContext:
             self._nvml = backend
         return self._nvml
 
+    def __getstate__(self) -> dict[str, Any]:
+        # The opened backend stays in the process that opened it; the check process opens its own.
+        return {**self.__dict__, "_nvml": None}
+
     def shaper(self) -> LoadShaper:
         return LoadShaper.for_host(self.config, self.host)
 
