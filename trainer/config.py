@@ -101,8 +101,10 @@ class TrainConfig:
     """Size of the BPE trained on the corpus; unset = the preset's vocab (its embedding table size)."""
     fault: list[str] = field(default_factory=list)
     """Injected fault, repeatable: crash:step=N[,rank=R][,code=C|signal=KILL], hang:step=N[,rank=R],
-    inf_grad:step=N[,rank=R], diverge:step=N[,factor=100], slow:rank=R[,step=N][,delay=0.2],
-    crash_in_checkpoint:step=N[,rank=R]."""
+    inf_grad:step=N[,rank=R], diverge:step=N[,factor=100][,unless_lr_scale_below=X],
+    slow:rank=R[,step=N][,delay=0.2], crash_in_checkpoint:step=N[,rank=R],
+    host_crash:host=NAME,step=N[,code=C]; `,once` makes a crash or hang fire only the first time the run
+    reaches its step (see trainer/faults.py)."""
     telemetry: bool = True
     """Activation-norm hook, heartbeats and control-plane reporting (off only to measure their cost)."""
     peak_tflops: float | None = None

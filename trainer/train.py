@@ -243,7 +243,7 @@ def train(cfg: TrainConfig) -> int:
     )
 
     # ---- components (disabled ones are do-nothing objects) ----
-    faults = FaultInjector(cfg.fault, rank=rank, log=log)
+    faults = FaultInjector(cfg.fault, rank=rank, host=host, state_dir=run_dir / "faults", log=log)
     scaler = DynamicLossScaler.for_precision(
         cfg.precision, initial=cfg.initial_loss_scale, window=cfg.loss_scale_window, floor=cfg.min_loss_scale
     )
@@ -367,7 +367,7 @@ def train(cfg: TrainConfig) -> int:
         step += 1
         faults.at_step_start(step)
         t0 = time.perf_counter()
-        lr = schedule.lr_at(step) * faults.lr_factor(step)
+        lr = schedule.lr_at(step) * faults.lr_factor(step, lr_scale=schedule.scale)
         for group in optimizer.param_groups:
             group["lr"] = lr
 
