@@ -70,7 +70,9 @@ def bench(size: int, workdir: Path, concurrency: int) -> dict[str, float]:
             (n.hostname, n.state, n.state_reason) for n in changed
         ]
         to_cordon = max((n.state_changed_at - report.started_at).total_seconds() for n in changed)
-    others = [h.host for h in report.hosts if h.state is not NodeState.healthy and h.host not in bad]
+    others = [
+        (h.host, h.reason) for h in report.hosts if h.state is not NodeState.healthy and h.host not in bad
+    ]
     assert not others and not report.missed, (others, report.missed)
     return {
         "hosts": size,

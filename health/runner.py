@@ -7,21 +7,53 @@ reported as ``timeout`` and the remaining checks continue in a fresh child.
 
 from __future__ import annotations
 
+import io
 import multiprocessing
+import os
 import signal
 import time
+from multiprocessing import context, forkserver, popen_forkserver, reduction, spawn, util
 from multiprocessing.connection import Connection
+from typing import Any
 
 from health.checks import ALL_CHECKS
 from health.checks.context import CheckContext
 from health.results import CheckResult, CheckStatus, Fault
 
-# fork, not forkserver/spawn: those re-import the caller's __main__ in every child (1-2 s per check
-# set under an API server or a bench script, measured), fork costs ~25 ms. It is safe here because the
-# worker process never imports torch or touches CUDA (the checks do, in the child), host workers run
-# the solo pool (one thread), and a child that inherited a held lock would hang and be killed and
-# reported by the time limit below, never hang the worker.
-_MP = multiprocessing.get_context("fork")
+
+class _CheckPopen(popen_forkserver.Popen):
+    """forkserver launch without the caller's ``__main__``: stock forkserver re-imports the main module in
+    every child (1-2 s per check set under an API server or a bench script, measured); checks need only
+    ``health.checks``, which the server preloads. A forkserver child is cheap (~25 ms) and, unlike a
+    plain fork, never inherits the worker's threads, held locks or torch/CUDA state."""
+
+    def _launch(self, process_obj: Any) -> None:
+        prep_data = spawn.get_preparation_data(process_obj._name)
+        prep_data.pop("init_main_from_path", None)
+        prep_data.pop("init_main_from_name", None)
+        buf = io.BytesIO()
+        context.set_spawning_popen(self)
+        try:
+            reduction.dump(prep_data, buf)
+            reduction.dump(process_obj, buf)
+        finally:
+            context.set_spawning_popen(None)
+        self.sentinel, w = forkserver.connect_to_new_process(self._fds)
+        parent_w = os.dup(w)
+        self.finalizer = util.Finalize(self, util.close_fds, (parent_w, self.sentinel))
+        with open(w, "wb", closefd=True) as f:
+            f.write(buf.getbuffer())
+        self.pid = forkserver.read_signed(self.sentinel)
+
+
+class _CheckProcess(context.ForkServerProcess):
+    @staticmethod
+    def _Popen(process_obj: Any) -> Any:
+        return _CheckPopen(process_obj)
+
+
+_MP = multiprocessing.get_context("forkserver")
+_MP.set_forkserver_preload(["health.checks", "health.runner"])
 
 
 def _run_one(name: str, ctx: CheckContext) -> CheckResult:
@@ -40,8 +72,8 @@ def _run_one(name: str, ctx: CheckContext) -> CheckResult:
 
 
 def _die_with_parent() -> None:
-    """Ask Linux to kill this check process when its parent (the worker) dies, so a hung check cannot
-    outlive a worker that was itself killed."""
+    """Ask Linux to kill this check process when its parent (the forkserver, which exits with the
+    worker) dies, so a hung check cannot outlive a worker that was itself killed."""
     try:
         import ctypes
 
@@ -63,7 +95,7 @@ def run_isolated(names: list[str], ctx: CheckContext, *, timeout_s: float) -> li
     remaining = list(names)
     while remaining:
         receiver, sender = _MP.Pipe(duplex=False)
-        child = _MP.Process(target=_child_main, args=(remaining, ctx, sender), daemon=True)
+        child = _CheckProcess(target=_child_main, args=(remaining, ctx, sender), daemon=True)
         child.start()
         sender.close()
         try:
