@@ -7,15 +7,17 @@ from typing import Any, Protocol
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.crud.nodes import get_node, record_blame, transition_node
+from service.crud.nodes import get_node, transition_node
 from service.db import transaction
 from service.statemachine import NodeState
 
 
 class HealthGateway(Protocol):
-    def cordon(self, hosts: Sequence[str], *, reason: str, evidence: dict[str, Any], run_id: int) -> None: ...
+    def cordon(
+        self, hosts: Sequence[str], *, reason: str, evidence: dict[str, Any], run_id: int | None
+    ) -> None: ...
 
-    def blame(self, hosts: Sequence[str], *, reason: str, run_id: int) -> None: ...
+    def blame(self, hosts: Sequence[str], *, reason: str, run_id: int | None) -> None: ...
 
     def deep_check(self, hosts: Sequence[str], *, deadline_s: float) -> dict[str, bool]:
         """Run deep diagnostics on `hosts`, applying the cordon policy; host -> still fit to use."""
@@ -38,7 +40,9 @@ class SweepHealthGateway:
         self._adapters = list(adapters)
         self._app = app
 
-    def cordon(self, hosts: Sequence[str], *, reason: str, evidence: dict[str, Any], run_id: int) -> None:
+    def cordon(
+        self, hosts: Sequence[str], *, reason: str, evidence: dict[str, Any], run_id: int | None
+    ) -> None:
         for host in hosts:
             with transaction(self._factory) as session:
                 node = get_node(session, hostname=host, for_update=True)
@@ -59,26 +63,17 @@ class SweepHealthGateway:
             for adapter in self._adapters:
                 adapter.cordon(host, f"trainops: {reason}")
 
-    def blame(self, hosts: Sequence[str], *, reason: str, run_id: int) -> None:
-        from health.policy import CordonRules, decide_blame
+    def blame(self, hosts: Sequence[str], *, reason: str, run_id: int | None) -> None:
+        from health.sweep import blame_nodes
 
-        rules = CordonRules()
-        for host in hosts:
-            with transaction(self._factory) as session:
-                node = get_node(session, hostname=host, for_update=True)
-                record_blame(session, node=node, reason=reason, author=self._author, run_id=run_id)
-                decision = decide_blame(
-                    state=node.state, blame_count=node.blame_count, reason=reason, rules=rules
-                )
-                if decision.target is not None:
-                    transition_node(
-                        session,
-                        node=node,
-                        target=decision.target,
-                        reason=decision.reason,
-                        author=self._author,
-                        evidence=decision.evidence,
-                    )
+        blame_nodes(
+            self._factory,
+            hosts=list(hosts),
+            failure=reason,
+            author=self._author,
+            run_id=run_id,
+            adapters=self._adapters,
+        )
 
     def deep_check(self, hosts: Sequence[str], *, deadline_s: float) -> dict[str, bool]:
         from health.results import Level
