@@ -235,3 +235,23 @@ def test_a_run_that_keeps_failing_stops_within_its_budget_and_pages(stack: Stack
         assert [a.exit_reason for a in stack.attempts(session, run_id)] == ["crash"] * 3
     assert _Hook.received and _Hook.received[-1]["run_id"] == run_id
     assert "restart budget" in _Hook.received[-1]["reason"]
+
+
+def test_a_straggling_host_is_taken_out_and_the_run_moves_on(stack: Stack) -> None:
+    # rank 1 (on h2) loses 2 s per step to its host from step 6; its busy time dwarfs the others'
+    run_id = stack.create_run(target_steps=16, faults=["1:slow:rank=1,step=6,delay=2"])
+    orch = stack.orchestrator(deep_check_before_relaunch=False)
+    thread = in_thread(orch)
+    stack.wait_for(phase(run_id, "completed", "needs_attention", "failed"))
+    orch.stop()
+    thread.join(10)
+    with transaction(stack.factory) as session:
+        assert session.get(Run, run_id).phase.value == "completed"
+        first, second = stack.attempts(session, run_id)
+        assert first.exit_reason == "hardware" and "straggler: rank 1 on h2" in first.findings["detail"]
+        assert (
+            first.findings["host"] == "h2"
+            and first.findings["step_time_s"] > 3 * first.findings["others_median_s"]
+        )
+        assert "h2" not in second.hosts
+    assert any("node h2: healthy -> cordoned: hardware: straggler" in m for m in stack.logbook())

@@ -15,6 +15,7 @@ Disabled telemetry swaps in the `Null*` objects; the loop does not branch.
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
@@ -96,13 +97,50 @@ class HeartbeatFile:
         self.path = directory / f"rank{rank}.json"
         self.fixed = {"host": host, "pid": os.getpid(), "rank": rank}
 
-    def beat(self, step: int) -> None:
-        atomic_write_json(self.path, {"step": step, "time": time.time(), **self.fixed})
+    def beat(self, step: int, *, step_time_s: float | None = None) -> None:
+        atomic_write_json(
+            self.path, {"step": step, "time": time.time(), "step_time_s": step_time_s, **self.fixed}
+        )
 
 
 class NullHeartbeat:
-    def beat(self, step: int) -> None:
+    def beat(self, step: int, *, step_time_s: float | None = None) -> None:
         """Heartbeats disabled."""
+
+
+class StragglerProbe:
+    """Each rank's own busy time per step, for straggler detection.
+
+    All ranks leave a collective together; each rank then works on its own (optimizer step, data loading,
+    host-side stalls) until the next step's probe, a one-element all_gather. The time from the last alignment
+    to this rank's arrival at the probe is its busy time; a straggler's is longer, while the others' wait at
+    the probe is not counted. Slowness inside the step's own collectives (FSDP all-gathers, reduce-scatters)
+    is shared by every rank and not attributed here. The heartbeat carries the trailing mean.
+    """
+
+    def __init__(self, *, world: int, device: torch.device, window: int = 5) -> None:
+        self.world = world
+        self.device = device
+        self.samples: collections.deque[float] = collections.deque(maxlen=window)
+        self.aligned_at = time.time()
+
+    def arrive(self) -> None:
+        arrival = time.time()
+        mine = torch.tensor([arrival], dtype=torch.float64, device=self.device)
+        dist.all_gather([torch.zeros_like(mine) for _ in range(self.world)], mine)
+        self.samples.append(arrival - self.aligned_at)
+        self.aligned_at = time.time()
+
+    def mean_busy_s(self) -> float | None:
+        return sum(self.samples) / len(self.samples) if len(self.samples) == self.samples.maxlen else None
+
+
+class NullStragglerProbe:
+    def arrive(self) -> None:
+        """Straggler probe disabled (telemetry off or a single rank)."""
+
+    def mean_busy_s(self) -> float | None:
+        return None
 
 
 class MetricsFile:

@@ -52,6 +52,8 @@ from trainer.telemetry import (
     NullActivationNorm,
     NullHeartbeat,
     NullMetricsFile,
+    NullStragglerProbe,
+    StragglerProbe,
     device_peak_tflops,
     reduce_step_stats,
 )
@@ -272,6 +274,9 @@ def train(cfg: TrainConfig) -> int:
     )
     metrics = MetricsFile(run_dir / "metrics", rank=rank) if cfg.telemetry else NullMetricsFile()
     act_norm_hook = ActivationNorm(model.final_block, device) if cfg.telemetry else NullActivationNorm(device)
+    probe = (
+        StragglerProbe(world=world, device=device) if cfg.telemetry and world > 1 else NullStragglerProbe()
+    )
 
     def on_commit(info: CheckpointInfo, checksum: str) -> None:
         reporter.checkpoint(
@@ -367,6 +372,7 @@ def train(cfg: TrainConfig) -> int:
         step += 1
         faults.at_step_start(step)
         t0 = time.perf_counter()
+        probe.arrive()  # time waiting here for a late rank stays in this step's time, as it costs throughput
         lr = schedule.lr_at(step) * faults.lr_factor(step, lr_scale=schedule.scale)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -441,7 +447,7 @@ def train(cfg: TrainConfig) -> int:
         metrics.write({**point, "attempt": attempt, "rank": rank})
         reporter.metric(_json_safe(point))
         reporter.heartbeat(step)
-        heartbeat.beat(step)
+        heartbeat.beat(step, step_time_s=probe.mean_busy_s())
 
         if not math.isfinite(loss_value):  # divergence guard: same verdict on every rank (reduced loss)
             log(
