@@ -238,7 +238,10 @@ def test_hardware_failures_change_no_hyperparameters_but_back_off() -> None:
     hist = [FailureRecord(10.0, FailureClass.crash, 10), FailureRecord(20.0, FailureClass.hardware, 20)]
     plan = plan_remediation(FailureClass.hardware, hist, lr_scale=1.0, clip=None, now=20.0, cfg=cfg)
     assert plan.overrides == {} and plan.escalate is None
-    assert plan.not_before == 20.0 + 4.0  # two consecutive failures: 2 s x 2
+    assert plan.not_before == 20.0 + 2.0  # the second failure came after progress: no longer back-off
+    stuck = [FailureRecord(10.0, FailureClass.crash, 10), FailureRecord(20.0, FailureClass.hardware, 10)]
+    plan = plan_remediation(FailureClass.hardware, stuck, lr_scale=1.0, clip=None, now=20.0, cfg=cfg)
+    assert plan.not_before == 20.0 + 4.0  # two failures in a row at the same checkpoint: 2 s x 2
     assert [backoff_s(n, cfg) for n in range(7)] == [0.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
 
 

@@ -67,11 +67,20 @@ def plan_remediation(
             f"checkpoint than step {tail[-1].newest_checkpoint_step}"
         )
 
+    # Back-off grows only over failures that made no progress: an attempt that saved a newer checkpoint
+    # than the failure before it was a productive one, so the next relaunch is not delayed further.
     consecutive = 0
-    for r in reversed(history):
+    for i in range(len(history) - 1, -1, -1):
+        r = history[i]
         if r.failure is None:
             break
         consecutive += 1
+        before = history[i - 1] if i > 0 else None
+        if before is None or before.failure is None:
+            break
+        progressed = (r.newest_checkpoint_step or -1) > (before.newest_checkpoint_step or -1)
+        if progressed:
+            break
     not_before = (history[-1].ended_at if history else now) + backoff_s(consecutive, cfg)
 
     overrides: dict[str, Any] = {}
