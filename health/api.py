@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.orm import Session, sessionmaker
 
 from health.celery_app import HealthCelery, make_app
-from health.checks import ALL_CHECKS
+from health.checks import SELECTABLE_CHECKS
 from health.config import HealthConfig
 from health.sweep import run_sweep, trigger_sweep
 from service.config import Settings
@@ -83,9 +83,9 @@ def health_app_for(state: Any, settings: Settings) -> HealthCelery:
 
 
 def _validate_checks(checks: list[str] | None) -> None:
-    unknown = sorted(set(checks or ()) - set(ALL_CHECKS))
+    unknown = sorted(set(checks or ()) - set(SELECTABLE_CHECKS))
     if unknown:
-        raise BadRequest(f"unknown checks: {', '.join(unknown)}; known: {', '.join(ALL_CHECKS)}")
+        raise BadRequest(f"unknown checks: {', '.join(unknown)}; known: {', '.join(SELECTABLE_CHECKS)}")
 
 
 def diagnose(

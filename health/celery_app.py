@@ -25,11 +25,12 @@ from celery.worker.worker import WorkController
 
 from health.checks import checks_for
 from health.checks.context import CheckContext
+from health.checks.fabric import CollectiveOutcome, CollectiveSpec, join_and_allreduce
 from health.config import SHARED_QUEUE, HealthConfig, host_queue
 from health.metrics import CHECK_DURATION, CHECKS_TOTAL, TASK_DURATION
 from health.nvml import XidWatcher, open_nvml
 from health.results import CheckResult, CheckStatus, Fault, HostReport, Level
-from health.runner import run_isolated
+from health.runner import run_call_isolated, run_isolated
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -187,6 +188,34 @@ def run_checks_task(
     return report.to_json()
 
 
+def run_host_collective(config: HealthConfig, *, host: str, spec: CollectiveSpec) -> CollectiveOutcome:
+    """What a host worker does for its rank of a cross-host all-reduce: join and time it in a killable
+    child, so a peer that vanishes mid-collective cannot wedge the worker."""
+    failed = CollectiveOutcome(
+        host=host,
+        group=spec.group,
+        rank=spec.rank,
+        world_size=spec.world_size,
+        joined=False,
+        backend="unknown",
+    )
+    if config.host is not None and config.host != host:
+        failed.error = f"task for host {host} reached the worker of {config.host}; check the queue bindings"
+        return failed
+    call = run_call_isolated(
+        join_and_allreduce, (host, spec, config), timeout_s=spec.join_timeout_s + config.deep_check_timeout_s
+    )
+    if isinstance(call.value, CollectiveOutcome):
+        return call.value
+    failed.error = f"collective process: {call.error}"
+    return failed
+
+
+@health_task(name="health.collective", queue=SHARED_QUEUE)
+def collective_task(self: Any, host: str, spec: dict[str, Any]) -> dict[str, Any]:
+    return run_host_collective(self.app.health_config, host=host, spec=CollectiveSpec(**spec)).to_json()
+
+
 @health_task(name="health.identify", queue=SHARED_QUEUE)
 def identify_task(self: Any) -> dict[str, Any]:
     """Which worker answers, for which host, with which NVML backend (readiness probe and ops aid)."""
@@ -253,7 +282,8 @@ class AppThreadPool(ThreadTaskPool):
 
 
 class EmbeddedWorker:
-    """A Celery worker thread in this process, consuming the shared queue and every host queue asked for.
+    """A Celery worker thread in this process, consuming the shared queue and every host queue asked for,
+    with a pool thread per queue.
 
     kombu's memory transport cannot add a queue to a running consumer from another thread safely, so a
     new host set restarts the worker with the union of queues (rare: it happens when hosts register).
@@ -261,6 +291,7 @@ class EmbeddedWorker:
 
     def __init__(self, app: Celery, *, concurrency: int = 4) -> None:
         self._app = app
+        self._min_concurrency = concurrency
         self._concurrency = concurrency
         self._queues: set[str] = {SHARED_QUEUE}
         self._controller: WorkController | None = None
@@ -269,11 +300,14 @@ class EmbeddedWorker:
 
     def ensure(self, hosts: Iterable[str]) -> None:
         wanted = self._queues | {host_queue(h) for h in hosts}
+        # One pool thread per queue: the ranks of a cross-host all-reduce must all run at once, or the
+        # group never forms.
+        concurrency = max(self._min_concurrency, len(wanted))
         with self._lock:
-            if self._controller is not None and wanted == self._queues:
+            if self._controller is not None and wanted == self._queues and concurrency == self._concurrency:
                 return
             self._stop_locked()
-            self._queues = wanted
+            self._queues, self._concurrency = wanted, concurrency
             self._start_locked()
 
     def _start_locked(self) -> None:

@@ -81,6 +81,19 @@ class HealthConfig:
         default_factory=lambda: {"H100": 360.0, "H200": 360.0, "A100": 230.0, "B200": 700.0}
     )
     """Expected intra-node NCCL all-reduce bus bandwidth (GB/s) by GPU model name fragment."""
+    expected_fabric_busbw_gbps: Mapping[str, float] = field(
+        # One rank per host drives one GPU and its NIC (400 Gb/s NDR per H100/H200, 200 Gb/s HDR per A100,
+        # 800 Gb/s XDR per B200), about 80% of line rate; the NVLink figures above would flag every host.
+        default_factory=lambda: {"H100": 40.0, "H200": 40.0, "A100": 20.0, "B200": 80.0}
+    )
+    """Expected cross-host all-reduce bus bandwidth (GB/s, one rank per host) by GPU model name fragment."""
+    fabric_join_timeout_s: float = 60.0
+    """How long a host waits for the other hosts of a cross-host all-reduce to join; a host that has not
+    joined by then is a finding, never a hang."""
+    fabric_master_addr: str | None = None
+    """Address the ranks of a cross-host all-reduce reach the master host at; None = the master host's
+    name (``127.0.0.1`` in embedded mode, where every host's ranks run on this machine). Set
+    ``127.0.0.1`` for simulated fleets of worker processes on one machine."""
 
     def __post_init__(self) -> None:
         positive = (
@@ -93,6 +106,7 @@ class HealthConfig:
             "memory_test_mb",
             "allreduce_mb",
             "disk_test_mb",
+            "fabric_join_timeout_s",
         )
         for name in positive:
             if getattr(self, name) <= 0:
@@ -120,7 +134,7 @@ class HealthConfig:
         values: dict[str, Any] = {}
         for f in fields(cls):
             raw = env.get(f"TRAINOPS_HEALTH_{f.name.upper()}")
-            if raw is None or f.name in ("expected_tflops", "expected_busbw_gbps"):
+            if raw is None or f.name in _TABLES:
                 continue
             values[f.name] = _parse(f.name, raw)
         if "fake_nvml_path" not in values and env.get("TRAINOPS_FAKE_NVML"):
@@ -134,7 +148,8 @@ _FLOAT_OR_NONE = {"cpu_gemm_baseline_gflops", "cpu_busbw_baseline_gbps"}
 _INTS = {"expected_gpus", "max_temperature_c", "sbe_storm_threshold", "gemm_size", "memory_test_mb"}
 _INTS |= {"disk_test_mb"}
 _PATHS = {"fake_nvml_path", "checkpoint_dir"}
-_STRS = {"host", "broker_url"}
+_STRS = {"host", "broker_url", "fabric_master_addr"}
+_TABLES = {"expected_tflops", "expected_busbw_gbps", "expected_fabric_busbw_gbps"}
 
 
 def _parse(name: str, raw: str) -> Any:

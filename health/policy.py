@@ -26,7 +26,14 @@ class Verdict(enum.StrEnum):
 
 
 DEEP_ACTIVE_CHECKS = frozenset(
-    {"torch.gemm", "torch.memory_pattern", "torch.allreduce_local", "host.disk_throughput"}
+    {
+        "torch.gemm",
+        "torch.memory_pattern",
+        "torch.allreduce_local",
+        "host.disk_throughput",
+        "fabric.allreduce",
+        "fabric.pairs",
+    }
 )
 
 
@@ -45,6 +52,7 @@ class CordonRules:
             Fault.nvlink_down,
             Fault.memory_pattern,
             Fault.recovery_action,
+            Fault.link_down,
         }
     )
     """Faults that cordon at once: the GPU is broken or its data cannot be trusted."""

@@ -46,6 +46,8 @@ class Fault(enum.StrEnum):
     gemm_slow = "gemm_slow"
     memory_pattern = "memory_pattern"
     busbw_low = "busbw_low"
+    link_down = "link_down"
+    """A host that cannot form a cross-host group with known-good peers (its link is broken)."""
     disk_slow = "disk_slow"
     disk_full = "disk_full"
     clock_skew = "clock_skew"

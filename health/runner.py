@@ -12,6 +12,8 @@ import multiprocessing
 import os
 import signal
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from multiprocessing import context, forkserver, popen_forkserver, reduction, spawn, util
 from multiprocessing.connection import Connection
 from typing import Any
@@ -53,7 +55,7 @@ class _CheckProcess(context.ForkServerProcess):
 
 
 _MP = multiprocessing.get_context("forkserver")
-_MP.set_forkserver_preload(["health.checks", "health.runner"])
+_MP.set_forkserver_preload(["health.checks", "health.checks.fabric", "health.runner"])
 
 
 def _run_one(name: str, ctx: CheckContext) -> CheckResult:
@@ -136,3 +138,49 @@ def run_isolated(names: list[str], ctx: CheckContext, *, timeout_s: float) -> li
                 child.kill()
                 child.join()
     return results
+
+
+@dataclass(frozen=True, kw_only=True)
+class IsolatedCall:
+    """What a function run by :func:`run_call_isolated` gave back: its JSON value, or why there is none."""
+
+    value: Any = None
+    error: str | None = None
+    timed_out: bool = False
+
+
+def _call_child_main(target: Callable[..., Any], args: tuple[Any, ...], conn: Connection) -> None:
+    _die_with_parent()
+    try:
+        conn.send(("ok", target(*args)))
+    except Exception as error:
+        conn.send(("error", f"{type(error).__name__}: {error}"))
+    conn.close()
+
+
+def run_call_isolated(target: Callable[..., Any], args: tuple[Any, ...], *, timeout_s: float) -> IsolatedCall:
+    """Run ``target(*args)`` (a module-level function returning picklable data) in a killable child.
+
+    Used for the cross-host collectives: a rank stuck in a collective whose peer vanished is killed at
+    ``timeout_s`` rather than wedging the host worker.
+    """
+    receiver, sender = _MP.Pipe(duplex=False)
+    child = _CheckProcess(target=_call_child_main, args=(target, args, sender), daemon=True)
+    child.start()
+    sender.close()
+    try:
+        if not receiver.poll(timeout_s):
+            child.kill()
+            return IsolatedCall(error=f"did not finish within {timeout_s:g} s; killed", timed_out=True)
+        try:
+            kind, payload = receiver.recv()
+        except EOFError:
+            child.join(5)
+            return IsolatedCall(error=f"process died (exit code {child.exitcode})")
+        return IsolatedCall(value=payload) if kind == "ok" else IsolatedCall(error=payload)
+    finally:
+        receiver.close()
+        child.join(5)
+        if child.is_alive():
+            child.kill()
+            child.join()

@@ -21,7 +21,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from health.celery_app import HealthCelery
 from health.celery_app import app as default_app
+from health.checks import CROSS_HOST_CHECK
 from health.config import host_queue
+from health.fabric import FABRIC_CHECKS, run_fabric_check
 from health.policy import CordonRules, Decision, Verdict, classify, decide, decide_blame
 from health.results import CheckResult, CheckStatus, Fault, HostReport, Level
 from health.scheduler import SchedulerAdapter
@@ -154,7 +156,7 @@ def history_of(session: Session, *, hostname: str, exclude_sweep: str, rules: Co
     from health.checks import ALL_CHECKS
 
     rows, _ = list_diagnostics(
-        session, hostname=hostname, limit=rules.history_sweeps() * (len(ALL_CHECKS) + 1)
+        session, hostname=hostname, limit=rules.history_sweeps() * (len(ALL_CHECKS) + len(FABRIC_CHECKS) + 1)
     )
     by_sweep: dict[str, tuple[Level, list[CheckResult]]] = {}
     for diag, _host in rows:
@@ -293,6 +295,10 @@ def run_sweep(
     is stored and judged as soon as its results arrive, so a broken host is cordoned without waiting
     for the slowest one. ``adapters`` are external schedulers (Slurm, Kubernetes) mirroring each cordon;
     the node state itself is the own pool and always changes.
+
+    A deep sweep of more than one host first runs the cross-host all-reduce over all of them together
+    (:func:`health.fabric.run_fabric_check`, bisected pairwise when slow or broken); its per-host
+    ``fabric.*`` results are judged with that host's own results. Quick sweeps never run it.
     """
     app = app or default_app
     level = Level(level)
@@ -300,20 +306,28 @@ def run_sweep(
     config = app.health_config
     deadline_s = deadline_s or (config.quick_deadline_s if level is Level.quick else config.deep_deadline_s)
     started = utcnow()
-    start = time.monotonic()
     sweep_id = f"{level.value}-{started:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
     targets, unknown = _targets(session_factory, hosts, config.expected_gpus)
     if app.embedded_worker is not None:
         app.embedded_worker.ensure(targets)
 
+    # The hosts run their all-reduce together first, while otherwise idle; the per-host checks follow.
+    fabric_wanted = checks is None or CROSS_HOST_CHECK in checks
+    fabric: dict[str, list[CheckResult]] = {}
+    if level is Level.deep and len(targets) > 1 and fabric_wanted:
+        fabric = run_fabric_check(app, list(targets)).results
+    host_checks = [c for c in checks if c != CROSS_HOST_CHECK] if checks is not None else None
+    start = time.monotonic()  # the per-host checks get the whole deadline after the fabric phase
+
     pending: dict[str, str] = {}
-    for host, gpus in targets.items():
+    # An empty list means only the cross-host check was asked for (None means the level's set).
+    for host, gpus in targets.items() if host_checks != [] else ():
         async_result = app.send_task(
             "health.run_checks",
             kwargs={
                 "host": host,
                 "level": level.value,
-                "checks": checks,
+                "checks": host_checks,
                 "expected_gpus": gpus,
                 "reference_time": time.time(),
             },
@@ -337,6 +351,7 @@ def run_sweep(
                 session_factory,
                 host=host,
                 meta=meta,
+                extra=fabric.pop(host, []),
                 level=level,
                 sweep_id=sweep_id,
                 rules=rules,
@@ -360,14 +375,28 @@ def run_sweep(
             session_factory,
             host=host,
             level=level,
-            results=[missed],
+            results=[missed, *fabric.pop(host, [])],
             worker=None,
             sweep_id=sweep_id,
             rules=rules,
             author=author,
         )
         report.hosts.append(outcome)
-        report.results_ingested += 1
+        report.results_ingested += outcome.results
+        report.adapter_errors += _mirror(session_factory, outcome, adapters, author)
+    for host, results in fabric.items():  # only the cross-host check ran on these hosts
+        outcome = ingest_host(
+            session_factory,
+            host=host,
+            level=level,
+            results=results,
+            worker=None,
+            sweep_id=sweep_id,
+            rules=rules,
+            author=author,
+        )
+        report.hosts.append(outcome)
+        report.results_ingested += outcome.results
         report.adapter_errors += _mirror(session_factory, outcome, adapters, author)
     report.finished_at = utcnow()
     return report
@@ -378,11 +407,13 @@ def _ingest_meta(
     *,
     host: str,
     meta: dict[str, Any],
+    extra: list[CheckResult],
     level: Level,
     sweep_id: str,
     rules: CordonRules,
     author: str,
 ) -> HostOutcome:
+    """Ingest one host's answer together with ``extra`` results of this sweep (the cross-host check)."""
     if meta.get("status") == "SUCCESS":
         host_report = HostReport.from_json(meta["result"])
         results, worker = host_report.results, host_report.worker
@@ -401,7 +432,7 @@ def _ingest_meta(
         session_factory,
         host=host,
         level=level,
-        results=results,
+        results=[*results, *extra],
         worker=worker,
         sweep_id=sweep_id,
         rules=rules,

@@ -82,6 +82,9 @@ class Fleet:
             allreduce_mb=0.5,
             disk_test_mb=4,
             min_disk_write_mb_s=1.0,
+            # Deep sweeps of several hosts run the cross-host all-reduce: all "hosts" are this machine.
+            fabric_master_addr="127.0.0.1",
+            fabric_join_timeout_s=20.0,
         )
         base.update(changes)
         return HealthConfig(**base)

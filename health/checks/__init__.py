@@ -33,6 +33,12 @@ DEEP_ONLY_CHECKS: Mapping[str, Check] = {
 
 ALL_CHECKS: Mapping[str, Check] = {**QUICK_CHECKS, **DEEP_ONLY_CHECKS}
 
+CROSS_HOST_CHECK = "fabric.allreduce"
+"""The cross-host all-reduce (and its pairwise bisection, results ``fabric.pairs``): not a per-host check,
+run by the control side over the hosts of a deep sweep together (:mod:`health.fabric`)."""
+SELECTABLE_CHECKS: tuple[str, ...] = (*ALL_CHECKS, CROSS_HOST_CHECK)
+"""Names a sweep's ``checks`` may list."""
+
 
 def checks_for(level: Level, names: list[str] | None = None) -> list[str]:
     """Check names to run: the level's set (deep includes quick), or the given subset, validated."""
