@@ -19,7 +19,7 @@ import logging
 import math
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +32,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.crud.telemetry import NAN_KEY
 from service.models import Attempt, Checkpoint, Diagnostic, Gpu, Heartbeat, Node, Run
 from service.models import Metric as MetricRow
+from service.orchestrator.goodput import compute_goodput
 from service.statemachine import TERMINAL_PHASES, CheckpointState, DiagnosticStatus, NodeState, RunPhase
 
 log = logging.getLogger("trainops.metrics")
@@ -399,7 +400,8 @@ class ControlPlaneCollector(Collector):
                 restarts[earlier.exit_reason or "unknown"] += 1
             for reason, count in sorted(restarts.items()):
                 families[RUN_RESTARTS.name].add_metric([run.name, reason], float(count))
-            goodput = goodput_ratio(run, run_attempts, now)
+            # the orchestrator's own accounting, the same figure as the API and CLI report
+            goodput = compute_goodput(session, run_id=run_id, now=now.timestamp()).goodput
             if goodput is not None:
                 families[RUN_GOODPUT.name].add_metric([run.name], goodput)
 
@@ -527,32 +529,6 @@ class ControlPlaneCollector(Collector):
             return
         for queue, length in sorted(lengths.items()):
             families[CELERY_QUEUE_LENGTH.name].add_metric([queue], float(length))
-
-
-def goodput_ratio(run: Run, attempts: Sequence[Attempt], now: dt.datetime) -> float | None:
-    """Time in attempts whose steps were kept, over wall-clock time since the first attempt started.
-
-    An attempt's time counts in proportion to the steps it kept (``steps_lost`` from the orchestrator); an
-    attempt still running counts in full. Startup time inside an attempt counts as productive, so this is
-    an upper bound until the orchestrator records goodput itself. None when nothing has run yet.
-    """
-    if not attempts:
-        return None
-    first_start = _as_utc(attempts[0].started_at)
-    end = _as_utc(run.finished_at) if run.finished_at is not None else now
-    wall = (end - first_start).total_seconds()
-    if wall <= 0:
-        return None
-    useful = 0.0
-    for attempt in attempts:
-        finished = _as_utc(attempt.ended_at) if attempt.ended_at is not None else end
-        duration = max(0.0, (finished - _as_utc(attempt.started_at)).total_seconds())
-        kept = 1.0
-        if attempt.last_step is not None and attempt.steps_lost:
-            done = attempt.last_step - attempt.start_step
-            kept = max(0.0, 1.0 - attempt.steps_lost / done) if done > 0 else 0.0
-        useful += duration * kept
-    return min(1.0, useful / wall)
 
 
 def _field(row: MetricRow, field: str) -> float | None:

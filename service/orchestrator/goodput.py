@@ -49,19 +49,27 @@ def compute_goodput(session: Session, *, run_id: int, now: float | None = None) 
     attempts = list(
         session.scalars(sa.select(Attempt).where(Attempt.run_id == run_id).order_by(Attempt.number))
     )
-    rows = session.execute(
-        sa.select(Metric.step, Metric.attempt, Metric.step_time_s)
+    # Set-based, so a scrape of a months-long run stays cheap: for each step, the newest attempt's row is
+    # the one that survives.
+    newest = (
+        sa.select(Metric.step, sa.func.max(Metric.attempt).label("attempt"))
         .where(Metric.run_id == run_id)
-        .order_by(Metric.step, Metric.attempt)
-    ).all()
-    surviving: dict[int, float] = {}
-    all_time = 0.0
-    for r in rows:
-        t = r.step_time_s or 0.0
-        all_time += t
-        surviving[r.step] = t  # ordered by attempt: the newest attempt's row wins
-    productive = sum(surviving.values())
-    recomputed_steps = len(rows) - len(surviving)
+        .group_by(Metric.step)
+        .subquery()
+    )
+    surviving_steps, productive = session.execute(
+        sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(Metric.step_time_s), 0.0))
+        .select_from(Metric)
+        .join(newest, sa.and_(Metric.step == newest.c.step, Metric.attempt == newest.c.attempt))
+        .where(Metric.run_id == run_id)
+    ).one()
+    all_rows, all_time = session.execute(
+        sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(Metric.step_time_s), 0.0)).where(
+            Metric.run_id == run_id
+        )
+    ).one()
+    productive, all_time = float(productive), float(all_time)
+    recomputed_steps = int(all_rows) - int(surviving_steps)
     if attempts:
         start = attempts[0].started_at.timestamp()
         end = (run.finished_at.timestamp() if run.finished_at else None) or (now or time.time())
@@ -99,7 +107,7 @@ def compute_goodput(session: Session, *, run_id: int, now: float | None = None) 
         productive_s=round(productive, 3),
         goodput=round(productive / wall, 4) if wall > 0 else None,
         lost=lost,
-        steps_surviving=len(surviving),
+        steps_surviving=int(surviving_steps),
         steps_recomputed=recomputed_steps,
         attempts=len(attempts),
         failures={
