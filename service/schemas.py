@@ -57,6 +57,15 @@ class SlurmConfig(Strict):
     time_limit: str | None = Field(None, description="sbatch --time, e.g. 2-00:00:00")
     gpus_per_node: int = Field(0, ge=0, le=64)
     extra_sbatch_flags: list[str] = Field(default_factory=list)
+    placement: Literal["nodelist", "exclude"] = Field(
+        "nodelist",
+        description="nodelist: sbatch --nodelist of the hosts the orchestrator picks; exclude: sbatch "
+        "--nodes=N --exclude=<hosts out of service>, Slurm places the job and the attempt's hosts follow.",
+    )
+    nodelist: list[Annotated[str, StringConstraints(min_length=1, max_length=200)]] = Field(
+        default_factory=list,
+        description="With placement=exclude: Slurm nodes the job must include (sbatch --nodelist): spares.",
+    )
 
 
 class RunConfig(Strict):

@@ -27,6 +27,9 @@ NODES = ("n1", "n2", "n3", "n4")
 CTLD_PORT = 17000
 FIRST_SLURMD_PORT = 17001
 PARTITION = "debug"
+DOWN_PARTITION = "maint"  # State=DOWN: jobs are accepted and held (what a maintenance window looks like)
+RESTRICTED_PARTITION = "restricted"  # AllowAccounts=RESTRICTED_ACCOUNT only
+RESTRICTED_ACCOUNT = "opt"
 DAEMONS = ("munged", "slurmctld", "slurmd")
 
 
@@ -134,7 +137,7 @@ class SlurmCluster:
 
     def node_reason(self, node: str) -> str:
         out = self.run(["sinfo", "--noheader", "--Node", f"--nodes={node}", "--format=%E"])
-        return out.strip()
+        return out.strip().splitlines()[0] if out.strip() else ""  # one line per partition of the node
 
     def job_ids(self) -> list[int]:
         """Jobs not yet ended (`squeue --json` also lists finished jobs until MinJobAge passes)."""
@@ -253,6 +256,8 @@ JobCompType=jobcomp/none
 NodeName={_range(self.nodes)} NodeHostname=localhost NodeAddr=127.0.0.1 Port=[{first}-{last}] CPUs=2 \
 State=UNKNOWN
 PartitionName={PARTITION} Nodes={names} Default=YES MaxTime=INFINITE State=UP
+PartitionName={DOWN_PARTITION} Nodes={names} MaxTime=INFINITE State=DOWN
+PartitionName={RESTRICTED_PARTITION} Nodes={names} State=UP AllowAccounts={RESTRICTED_ACCOUNT}
 """
         )
 

@@ -127,3 +127,11 @@ def test_attempts_are_listed_per_run(admin: TestClient) -> None:
     assert admin.get(f"/api/v1/runs/{run['id']}/attempts").json() == []
     assert admin.get(f"/api/v1/runs/{run['id']}/attempts/1").status_code == 404
     assert admin.get("/api/v1/runs/999999/attempts").status_code == 404
+
+
+def test_a_slurm_run_is_refused_where_slurm_is_not_enabled(admin: TestClient) -> None:
+    config = {"target_steps": 5, "launcher": "slurm", "slurm": {"partition": "gpu"}}
+    r = admin.post("/api/v1/runs", json={"name": "on-slurm", "owner": "alice", "config": config})
+    assert r.status_code == 422
+    assert "Slurm is not enabled on this control plane" in r.json()["detail"]
+    assert admin.get("/api/v1/runs").json()["total"] == 0

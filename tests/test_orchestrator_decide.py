@@ -262,3 +262,14 @@ def test_restart_budget_escalates() -> None:
     history = tuple(ended("crash", number=i, ago=100.0 - i, newest=i) for i in range(1, 13))
     acts = decide(run(phase=RunPhase.restarting, history=history, max_restarts=10), CFG)
     assert isinstance(acts[0], Escalate) and "budget" in acts[0].reason
+
+
+def test_a_node_failure_is_hardware_and_cordons_failed_nodes_still_counted_fit() -> None:
+    failed = ProcessStatus("lost", detail="node failure of h2", node_failure=True, failed_hosts=("h2",))
+    end = only(decide(run(attempt=replace(attempt(), process=failed)), CFG), EndAttempt)
+    assert end.outcome == "hardware" and end.kill and end.cordon_hosts == ("h2",)
+    assert end.evidence == {"failed_hosts": ["h2"]}
+    # The scheduler sync already cordoned it (Slurm has it DOWN): nothing more to cordon.
+    states = {**HEALTHY, "h2": NodeState.cordoned}
+    end = only(decide(run(attempt=replace(attempt(), process=failed), node_states=states), CFG), EndAttempt)
+    assert end.outcome == "hardware" and end.cordon_hosts == ()

@@ -51,7 +51,6 @@ def test_scontrol_record_values_may_contain_spaces() -> None:
         ("PREEMPTED", 0, None, "exited", "signal"),
         ("TIMEOUT", 0, None, "exited", "signal"),
         ("OUT_OF_MEMORY", 0, None, "exited", "signal"),
-        ("NODE_FAIL", 0, None, "lost", None),
     ],
 )
 def test_job_states_map_onto_attempt_outcomes(
@@ -62,6 +61,37 @@ def test_job_states_map_onto_attempt_outcomes(
     if outcome is not None:
         assert status.exit_code is not None and classify_exit(status.exit_code).outcome == outcome
     assert "Slurm job 5 on n[1-2]" in status.detail
+
+
+@pytest.mark.parametrize("state", ["NODE_FAIL", "BOOT_FAIL"])
+def test_a_node_failure_is_a_hardware_failure_naming_the_failed_nodes(state: str) -> None:
+    status = status_of_job(JobView(5, state, 0, "None", "n[1-2]"), None, failed_hosts=("n2",))
+    assert status.node_failure and status.failed_hosts == ("n2",)
+    assert status.detail == f"Slurm job 5 on n[1-2]: node failure ({state}) of n2"
+    unnamed = status_of_job(JobView(5, state, 0, "None", "n[1-2]"), None)
+    assert unnamed.node_failure and unnamed.failed_hosts == ()
+    assert not status_of_job(JobView(5, "FAILED", 1, "None", "n1"), None).node_failure
+
+
+def test_exclude_placement_lets_slurm_place_off_the_unfit_hosts(tmp_path: Path) -> None:
+    launcher = SlurmLauncher(workdir=tmp_path)
+    spec = LaunchSpec(
+        run_id=3,
+        run_name="opt",
+        attempt=1,
+        hosts=("n1", "n3"),
+        procs_per_host=1,
+        run_dir=tmp_path,
+        trainer_args=(),
+        launcher_options={"placement": "exclude", "nodelist": ["n4", "n2"]},
+        unfit_hosts=("n2", "n5"),
+    )
+    info = launcher.prepare(spec)
+    argv = launcher.sbatch_argv(spec, info, tmp_path / "job.sh")
+    assert info["placement"] == "exclude"
+    # the spare n2 is out of service: excluded, and not required
+    assert {"--nodes=2", "--exclude=n2,n5", "--nodelist=n4"} <= set(argv)
+    assert not any(a.startswith("--nodelist=n1") for a in argv)
 
 
 def test_sbatch_argv_carries_placement_ids_and_the_runs_slurm_options(tmp_path: Path) -> None:

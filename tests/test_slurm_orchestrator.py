@@ -1,5 +1,6 @@
 """The orchestrator on a real Slurm cluster (munged, slurmctld, four slurmd on loopback; slurm_cluster.py):
-launch, drain on a bad host, a node lost mid-attempt, an admin's drain, and the restart budget."""
+launch, drain on a bad host, a node lost mid-attempt, an admin's drain, the restart budget, placement by
+Slurm with --exclude, and sbatch refusals (permanent: needs attention; transient: retried)."""
 
 from __future__ import annotations
 
@@ -25,10 +26,10 @@ from service.migrate import upgrade
 from service.orchestrator.config import OrchestratorConfig, RemediationConfig
 from service.orchestrator.launcher import tagged_pids
 from service.orchestrator.loop import Orchestrator
-from service.orchestrator.slurm import SlurmHealthGateway, SlurmLauncher
+from service.orchestrator.slurm import SlurmHealthGateway, SlurmLauncher, parse_scontrol_record
 from service.schemas import RunConfig
 from service.statemachine import NodeState, RunPhase
-from tests.slurm_cluster import NODES, PARTITION, SlurmCluster
+from tests.slurm_cluster import DOWN_PARTITION, NODES, PARTITION, SlurmCluster
 
 
 @pytest.fixture(scope="module")
@@ -46,14 +47,14 @@ class Stack:
     faults: Path
     cluster: SlurmCluster
 
-    def create_run(self, name: str, **config: Any) -> int:
+    def create_run(self, name: str, *, slurm: dict[str, Any] | None = None, **config: Any) -> int:
         run_config = RunConfig(
             preset="tiny",
             target_steps=12,
             checkpoint_interval=4,
             host_count=2,
             launcher="slurm",
-            slurm={"partition": PARTITION, "time_limit": "00:10:00"},
+            slurm={"partition": PARTITION, "time_limit": "00:10:00", **(slurm or {})},
             **config,
         )
         with transaction(self.factory) as session:
@@ -73,6 +74,7 @@ class Stack:
                     "number": a.number,
                     "hosts": tuple(a.hosts),
                     "exit_reason": a.exit_reason,
+                    "detail": (a.findings or {}).get("detail", ""),
                     "launcher": dict(a.launcher or {}),
                     "first_step": a.first_step_at is not None,
                 }
@@ -235,8 +237,13 @@ def test_node_lost_mid_attempt_is_cordoned_and_the_run_moves_on(stack: Stack) ->
     stack.cluster.kill_node("n2", reason="pulled the plug")
     wait_for(lambda: len(stack.attempts(run_id)) == 2, 120, "the relaunch")
     first, second = stack.attempts(run_id)
-    assert first["exit_reason"] in ("hardware", "lost")
+    # A hardware failure naming n2, whichever the orchestrator saw first: the job's NODE_FAIL, or n2
+    # cordoned by the node sync; either way the relaunch was deep-checked.
+    assert first["exit_reason"] == "hardware" and "n2" in first["detail"], first
     assert second["hosts"] == ("n1", "n3")
+    assert any(
+        m.startswith("deep diagnostics before relaunch on n1, n3") for m in stack.logbook(run_id=run_id)
+    )
     state, reason = stack.node_state("n2")
     assert state == NodeState.cordoned and "n2 is down: pulled the plug" in reason
     # Every process of the failed attempt is gone, on the dead node and on the survivor.
@@ -276,3 +283,60 @@ def test_restart_budget_is_honoured(stack: Stack) -> None:
     assert [a["exit_reason"] for a in attempts] == ["crash", "crash"]
     assert any("restart budget spent" in m for m in stack.logbook(run_id=run_id))
     assert not stack.cluster.job_ids()
+
+
+def test_exclude_placement_lets_slurm_place_and_the_attempt_follows_the_allocation(stack: Stack) -> None:
+    stack.gateway.cordon(["n2"], reason="test: bad GPU", evidence={}, run_id=None)  # drained in Slurm too
+    # n1 is taken by a job trainops does not know: the orchestrator still picks it, Slurm places elsewhere.
+    stack.cluster.run(
+        [
+            "sbatch",
+            "--parsable",
+            "--exclusive",
+            "--nodelist=n1",
+            f"--partition={PARTITION}",
+            "--output=/dev/null",
+            "--wrap=sleep 300",
+        ]
+    )
+    stack.cluster.wait_state("n1", ["alloc"])
+    run_id = stack.create_run("slurm-exclude", slurm={"placement": "exclude"})
+    wait_for(
+        lambda: stack.attempts(run_id) and stack.attempts(run_id)[0]["hosts"] == ("n3", "n4"), 60, "n3, n4"
+    )
+    (attempt,) = stack.attempts(run_id)
+    argv = sbatch_of(attempt)
+    assert "--exclude=n2" in argv and "--nodes=2" in argv
+    assert not any(a.startswith("--nodelist") for a in argv)
+    job = stack.cluster.run(["scontrol", "show", "job", "-o", str(attempt["launcher"]["job_id"])])
+    allocated = stack.cluster.run(["scontrol", "show", "hostnames", parse_scontrol_record(job)["NodeList"]])
+    assert tuple(allocated.split()) == attempt["hosts"]
+    assert any("the scheduler placed it on n3, n4" in m for m in stack.logbook(run_id=run_id))
+    # The ranks report the allocated nodes (TRAINOPS_HOSTS from SLURM_JOB_NODELIST).
+    wait_for(lambda: stack.first_step_seen(run_id), 120, "attempt 1's first step")
+    run_dir = Path(stack.orchestrator.runs_dir) / "slurm-exclude"
+    beats = {json.loads(p.read_text())["host"] for p in (run_dir / "heartbeats").glob("rank*.json")}
+    assert beats == {"n3", "n4"}
+    stack.cluster.run(["scancel", "--full", "--quiet", "--nodelist=n1", "--name=wrap"], check=False)
+    stack.stop(run_id)
+
+
+def test_a_permanent_sbatch_refusal_needs_attention_at_once(stack: Stack) -> None:
+    run_id = stack.create_run("slurm-gone", slurm={"partition": "gone"})
+    wait_for(lambda: stack.phase(run_id) == RunPhase.needs_attention, 30, "the run to need attention")
+    assert [a["exit_reason"] for a in stack.attempts(run_id)] == ["config"]
+    log = stack.logbook(run_id=run_id)
+    refusal = (
+        "attempt 1: slurm refused the launch (permanent: the run needs attention): Slurm partition 'gone'"
+    )
+    assert any(m.startswith(refusal) for m in log), log
+    assert not stack.cluster.job_ids()
+
+
+def test_a_transient_sbatch_refusal_is_retried_within_the_budget(stack: Stack) -> None:
+    run_id = stack.create_run("slurm-maint", slurm={"partition": DOWN_PARTITION}, max_restarts=1)
+    wait_for(lambda: stack.phase(run_id) == RunPhase.needs_attention, 30, "the run to need attention")
+    assert [a["exit_reason"] for a in stack.attempts(run_id)] == ["crash", "crash"]
+    log = stack.logbook(run_id=run_id)
+    assert any(f"(transient: retrying): Slurm partition '{DOWN_PARTITION}' is DOWN" in m for m in log), log
+    assert any("restart budget spent" in m for m in log), log

@@ -201,6 +201,22 @@ def _decide_active(run: ObservedRun, cfg: OrchestratorConfig) -> list[Action]:
             )
         ]
 
+    if attempt.process.node_failure:
+        # The scheduler says a node failed under the attempt: remediate as hardware (deep checks of the
+        # next hosts, relaunch elsewhere). Failed nodes the control plane still counts as fit are cordoned;
+        # those it already holds out (the Slurm sync cordons a DOWN node) are left as they are.
+        failed = attempt.process.failed_hosts
+        return [
+            EndAttempt(
+                FailureClass.hardware,
+                attempt.process.detail,
+                kill=True,
+                cordon_hosts=tuple(h for h in failed if run.node_states.get(h) not in BAD_NODE_STATES),
+                evidence={"failed_hosts": list(failed)},
+                last_progress_at=_last_progress(attempt),
+            )
+        ]
+
     if attempt.process.state == "lost":
         return [
             EndAttempt(

@@ -33,6 +33,9 @@ class LaunchSpec:
     env: Mapping[str, str] = field(default_factory=dict)
     launcher_options: Mapping[str, Any] = field(default_factory=dict)
     """The run config's section named after its launcher (`slurm`: partition, account, time limit, ...)."""
+    unfit_hosts: tuple[str, ...] = ()
+    """Hosts the control plane holds out of service (cordoned, suspect, draining, retired): a launcher that
+    lets the scheduler place the attempt (Slurm `placement: exclude`) keeps the attempt off them."""
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,24 @@ class ProcessStatus:
     state: Literal["running", "exited", "lost"]
     exit_code: int | None = None
     detail: str = ""
+    node_failure: bool = False
+    """The scheduler ended the attempt because a node failed (Slurm NODE_FAIL, BOOT_FAIL): a hardware
+    failure, not a lost process."""
+    failed_hosts: tuple[str, ...] = ()
+    """With `node_failure`, the hosts the scheduler reports failed (empty when it does not say which)."""
+    allocated_hosts: tuple[str, ...] = ()
+    """The hosts the scheduler placed the attempt on, in rank order, where it chose them itself."""
+
+
+class LaunchRefused(RuntimeError):
+    """The scheduler refused to start an attempt, with its own message. `permanent`: submitting the same
+    request again cannot succeed (a partition that does not exist, an unknown account or node name), so the
+    run needs an operator; otherwise (controller unreachable, a partition down for maintenance) the
+    orchestrator retries like any transient failure."""
+
+    def __init__(self, message: str, *, permanent: bool) -> None:
+        super().__init__(message)
+        self.permanent = permanent
 
 
 class Launcher(Protocol):

@@ -28,6 +28,7 @@ from service.db import transaction
 from service.models import Attempt, Checkpoint, Metric, Node, Run
 from service.orchestrator.config import OrchestratorConfig
 from service.orchestrator.decide import (
+    BAD_NODE_STATES,
     Action,
     EndAttempt,
     EndedAttempt,
@@ -41,10 +42,11 @@ from service.orchestrator.decide import (
     decide,
     failure_of,
 )
-from service.orchestrator.detect import MetricSample, RankBeat
+from service.orchestrator.detect import FailureClass, MetricSample, RankBeat
 from service.orchestrator.health_gateway import HealthGateway
 from service.orchestrator.launcher import (
     Launcher,
+    LaunchRefused,
     LaunchSpec,
     ProcessStatus,
     build_trainer_args,
@@ -246,6 +248,8 @@ class Orchestrator:
             status = ProcessStatus("lost", detail="the launch was not recorded")
         else:
             status = self.launcher_for(info).status(info)
+            if status.allocated_hosts and set(status.allocated_hosts) != set(attempt.hosts):
+                self._record_allocation(session, run, attempt, status.allocated_hosts)
         beats = tuple(
             RankBeat(
                 rank=int(b["rank"]),
@@ -283,6 +287,22 @@ class Orchestrator:
             last_step=last_step,
             first_step_seen=attempt.first_step_at is not None,
         )
+
+    def _record_allocation(
+        self, session: Session, run: Run, attempt: Attempt, allocated: Sequence[str]
+    ) -> None:
+        """The scheduler placed the attempt itself (Slurm `placement: exclude`): its hosts are the
+        allocation, so busy hosts, hang blame and the next attempt's locality follow where it really runs."""
+        write_log(
+            session,
+            kind=LogKind.action,
+            author=AUTHOR,
+            run_id=run.id,
+            message=f"attempt {attempt.number}: the scheduler placed it on {', '.join(allocated)} "
+            f"(the orchestrator had picked {', '.join(attempt.hosts)})",
+            evidence={"allocated": list(allocated), "picked": list(attempt.hosts)},
+        )
+        attempt.hosts = list(allocated)
 
     def _candidates(self, session: Session, run_id: int) -> list[CheckpointCandidate]:
         from trainer.checkpoint import verify_checkpoint
@@ -481,7 +501,7 @@ class Orchestrator:
 
         Its processes are gone, so nothing else touches the spool now; ingestion is idempotent, so records
         that did arrive before are harmless duplicates."""
-        from service.schemas import CheckpointCreate, MetricBatch
+        from service.schemas import CheckpointCreate, MetricPoint
         from trainer.reporting import Spool
 
         with transaction(self.factory) as session:
@@ -490,30 +510,35 @@ class Orchestrator:
             return
         spool = Spool(spool_dir)
         records = spool.read()
-        points = checkpoints = 0
+        if not records:
+            return
+        by_attempt: dict[int, list[dict[str, Any]]] = {}
+        bodies: list[dict[str, Any]] = []
+        unreadable = 0
+        for record in records:  # the reporter's spool format (trainer/reporting.py)
+            try:
+                if record["kind"] == "metrics":
+                    point = MetricPoint.model_validate(record["point"]).model_dump()
+                    by_attempt.setdefault(int(record["attempt"]), []).append(point)
+                elif record["kind"] == "checkpoint":
+                    bodies.append(CheckpointCreate.model_validate(record["body"]).model_dump())
+            except (KeyError, TypeError, ValueError):  # never let one bad line block ending the attempt
+                unreadable += 1
         with transaction(self.factory) as session:
-            for record in records:
-                if record.get("kind") == "metrics":
-                    batch = MetricBatch.model_validate(record["body"])
-                    ingest_metrics(
-                        session,
-                        run_id=run_id,
-                        attempt=batch.attempt,
-                        points=[p.model_dump() for p in batch.points],
-                    )
-                    points += len(batch.points)
-                elif record.get("kind") == "checkpoint":
-                    body = CheckpointCreate.model_validate(record["body"])
-                    register_checkpoint(session, run_id=run_id, data=body.model_dump())
-                    checkpoints += 1
+            for attempt_number, points in by_attempt.items():
+                ingest_metrics(session, run_id=run_id, attempt=attempt_number, points=points)
+            for body in bodies:
+                register_checkpoint(session, run_id=run_id, data=body)
             write_log(
                 session,
                 kind=LogKind.action,
                 author=AUTHOR,
                 run_id=run_id,
-                message=f"stored {points} metric point(s) and {checkpoints} checkpoint(s) the trainer had "
-                "spooled while the control plane was unreachable",
-                evidence={"records": len(records), "spool": str(spool.path)},
+                severity=Severity.warning if unreadable else Severity.info,
+                message=f"stored {sum(map(len, by_attempt.values()))} metric point(s) and {len(bodies)} "
+                "checkpoint(s) the trainer had spooled while the control plane was unreachable"
+                + (f"; {unreadable} unreadable record(s) skipped" if unreadable else ""),
+                evidence={"records": len(records), "unreadable": unreadable, "spool": str(spool.path)},
             )
         spool.drop_first(len(records))
 
@@ -605,6 +630,9 @@ class Orchestrator:
                 ),
                 env={**self.trainer_env, "TRAINOPS_TOKEN": secret},
                 launcher_options=dict(cfg.get(str(cfg.get("launcher", "local"))) or {}),
+                unfit_hosts=tuple(
+                    sorted(h for h, state in observed.node_states.items() if state in BAD_NODE_STATES)
+                ),
             )
             launcher = self.launchers.get(str(cfg.get("launcher", "local")))
             if launcher is None:
@@ -654,6 +682,9 @@ class Orchestrator:
             )
         try:
             started = launcher.start(spec, info)
+        except LaunchRefused as exc:
+            self._launch_refused(observed, number, launcher.kind, exc)
+            return
         except Exception as exc:
             with transaction(self.factory) as session:
                 attempt = active_attempt(session, run_id=observed.run_id)
@@ -673,6 +704,45 @@ class Orchestrator:
             attempt = active_attempt(session, run_id=observed.run_id)
             if attempt is not None and attempt.number == number:
                 attempt.launcher = {**info, **started}
+
+    def _launch_refused(self, observed: ObservedRun, number: int, kind: str, exc: LaunchRefused) -> None:
+        """The scheduler refused the attempt. A permanent refusal (the run asks for something the cluster
+        does not have) ends it as a configuration failure and the run needs an operator; a transient one
+        ends it as a crash, which the restart policy retries with back-off within the restart budget."""
+        outcome = FailureClass.config if exc.permanent else FailureClass.crash
+        what = "permanent: the run needs attention" if exc.permanent else "transient: retrying"
+        with transaction(self.factory) as session:
+            attempt = active_attempt(session, run_id=observed.run_id)
+            if attempt is None or attempt.number != number:
+                return
+            attempt.findings = {"failure": outcome.value, "detail": f"launch refused: {exc}"}
+            end_attempt(
+                session,
+                attempt=attempt,
+                exit_reason=outcome.value,
+                exit_code=None,
+                last_step=None,
+                steps_lost=None,
+                author=AUTHOR,
+                evidence={"launch_error": str(exc), "permanent": exc.permanent},
+            )
+            write_log(
+                session,
+                kind=LogKind.failure,
+                severity=Severity.error if exc.permanent else Severity.warning,
+                author=AUTHOR,
+                run_id=observed.run_id,
+                message=f"attempt {number}: {kind} refused the launch ({what}): {exc}",
+                evidence={"launch_error": str(exc), "permanent": exc.permanent},
+            )
+        if exc.permanent:
+            self._escalate(
+                observed,
+                Escalate(
+                    f"{kind} refused attempt {number}: {exc}; fix the run's {kind} settings, then restart it",
+                    {"launch_error": str(exc)},
+                ),
+            )
 
 
 def _finite(value: Any) -> float | None:

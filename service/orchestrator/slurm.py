@@ -1,10 +1,13 @@
 """Running attempts on a Slurm cluster, and keeping the control plane's node states and Slurm's agreeing.
 
 `SlurmLauncher` submits each attempt as one batch job: ``sbatch --nodelist=<the hosts the orchestrator
-picked>``, a generated script that runs ``srun`` with one task per node, each task a ``trainer.launch``
-(torchrun) whose node rank is the task's ``SLURM_NODEID`` and whose rendezvous master is the first node of
-the allocation. TRAINOPS_HOSTS is exported from the allocation in the same order, so every rank reports the
-Slurm node name it runs on (the heartbeat files and metrics name Slurm nodes, never `hostname`).
+picked>`` (run config ``slurm.placement: nodelist``, the default), or ``sbatch --nodes=N --exclude=<the
+hosts the control plane holds out of service>`` (``placement: exclude``: Slurm places the job, and the
+attempt's hosts are updated from the allocation). The generated script runs ``srun`` with one task per
+node, each task a ``trainer.launch`` (torchrun) whose node rank is the task's ``SLURM_NODEID`` and whose
+rendezvous master is the first node of the allocation. TRAINOPS_HOSTS is exported from the allocation in
+the same order, so every rank reports the Slurm node name it runs on (the heartbeat files and metrics name
+Slurm nodes, never `hostname`).
 
 State comes from ``scontrol show job -o`` (22.05 has no ``--json`` there; its ExitCode is ``code:signal``)
 and, for a job whose id was never recorded, ``squeue --json`` filtered in Python by the comment tag
@@ -29,7 +32,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +43,7 @@ from service.crud.logbook import write_log
 from service.crud.nodes import find_node, transition_node
 from service.db import transaction
 from service.orchestrator.health_gateway import SweepHealthGateway
-from service.orchestrator.launcher import ATTEMPT_TAG_ENV, LaunchSpec, ProcessStatus
+from service.orchestrator.launcher import ATTEMPT_TAG_ENV, LaunchRefused, LaunchSpec, ProcessStatus
 from service.orchestrator.runner import EXIT_FILE
 from service.statemachine import LogKind, NodeState, Severity
 
@@ -64,6 +67,28 @@ ACTIVE_JOB_STATES = frozenset(
         "STAGE_OUT",
         "STOPPED",
     }
+)
+
+
+# Job states in which Slurm ended the job because a node failed under it (or did not boot for it).
+NODE_FAILURE_STATES = frozenset({"NODE_FAIL", "BOOT_FAIL"})
+
+# sbatch refusals that the same request cannot get past on a retry (Slurm's messages, matched in lower
+# case); anything else (controller unreachable, socket timeouts, busy controller) is retried.
+PERMANENT_SBATCH_ERRORS = (
+    "invalid partition",
+    "invalid account",
+    "invalid node name",
+    "invalid qos",
+    "invalid generic resource",
+    "invalid feature specification",
+    "requested node configuration is not available",
+    "node count specification invalid",
+    "requested time limit is invalid",
+    "job violates accounting/qos policy",
+    "not permitted to use this partition",
+    "unrecognized option",
+    "invalid option",
 )
 
 
@@ -123,14 +148,16 @@ class JobView:
     nodes: str
 
 
-def status_of_job(job: JobView, exit_file_code: int | None) -> ProcessStatus:
+def status_of_job(
+    job: JobView, exit_file_code: int | None, *, failed_hosts: Sequence[str] = ()
+) -> ProcessStatus:
     """Slurm job state -> what the orchestrator understands.
 
     An exit code that the trainer chose (0, 2 config, 42 divergence, crash codes) is passed through; a job
-    the scheduler ended is reported as a signal or as lost, with Slurm's reason as the detail: preemption,
-    cancellation and the time limit as SIGTERM (a transient failure: resume from the checkpoint), running
-    out of memory as SIGKILL, a node failure (and a failed node boot) as lost, while the node itself is
-    cordoned by the node sync, which sees it DOWN.
+    the scheduler ended is reported as a signal or as a node failure, with Slurm's reason as the detail:
+    preemption, cancellation and the time limit as SIGTERM (a transient failure: resume from the
+    checkpoint), running out of memory as SIGKILL, a node failure (and a failed node boot) as a hardware
+    failure naming `failed_hosts` (the allocation's nodes Slurm has DOWN; the node sync cordons them).
     """
     where = f"Slurm job {job.job_id} on {job.nodes or '?'}"
     if job.state in ACTIVE_JOB_STATES:
@@ -149,8 +176,14 @@ def status_of_job(job: JobView, exit_file_code: int | None) -> ProcessStatus:
         return ProcessStatus("exited", 128 + SIGTERM, detail=f"{where}: {why}")
     if job.state == "OUT_OF_MEMORY":
         return ProcessStatus("exited", 128 + SIGKILL, detail=f"{where}: out of memory")
-    if job.state in ("NODE_FAIL", "BOOT_FAIL"):
-        return ProcessStatus("lost", detail=f"{where}: node failure ({job.state})")
+    if job.state in NODE_FAILURE_STATES:
+        which = f" of {', '.join(failed_hosts)}" if failed_hosts else " (Slurm does not say which node)"
+        return ProcessStatus(
+            "lost",
+            detail=f"{where}: node failure ({job.state}){which}",
+            node_failure=True,
+            failed_hosts=tuple(failed_hosts),
+        )
     return ProcessStatus("lost", detail=f"{where}: ended in state {job.state}")
 
 
@@ -166,6 +199,8 @@ class SlurmDefaults:
     time_limit: str | None = None
     gpus_per_node: int = 0
     extra_sbatch_flags: tuple[str, ...] = ()
+    placement: str = "nodelist"  # "nodelist": the orchestrator's hosts; "exclude": Slurm places
+    nodelist: tuple[str, ...] = ()  # with placement "exclude": nodes the job must include (spares first)
 
 
 @dataclass
@@ -178,6 +213,7 @@ class SlurmLauncher:
     env: Mapping[str, str] = field(default_factory=dict)  # extra environment of sbatch (SLURM_CONF, ...)
     run: SlurmRunner | None = None
     kind: str = "slurm"
+    _hostnames: dict[str, tuple[str, ...]] = field(default_factory=dict, repr=False)
 
     def _run(self, argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
         if self.run is not None:
@@ -199,6 +235,7 @@ class SlurmLauncher:
             "rdzv_port": _free_port(),
             "job_name": f"trainops-{spec.run_name}-a{spec.attempt}",
             "comment": f"trainops run={spec.run_id} attempt={spec.attempt} tag={tag}",
+            "placement": str(self.options(spec).get("placement") or "nodelist"),
         }
 
     def start(self, spec: LaunchSpec, info: Mapping[str, Any]) -> dict[str, Any]:
@@ -227,8 +264,22 @@ class SlurmLauncher:
         script.chmod(0o700)
         argv = self.sbatch_argv(spec, info, script)
         (attempt_dir / "command.json").write_text(json.dumps({"sbatch": argv, "hosts": list(spec.hosts)}))
-        out = _checked(self._run(argv), f"sbatch for {spec.run_name} attempt {spec.attempt}")
-        job_id = int(out.strip().split(";")[0])
+        # Slurm accepts a job for a partition that is down (it pends) and words some refusals tersely:
+        # the same check as at run creation names the problem, and says whether a retry can help.
+        try:
+            problems = slurm_config_problems(self.options(spec), self._run)
+        except SlurmError as exc:
+            raise LaunchRefused(str(exc), permanent=False) from exc
+        if problems:
+            raise LaunchRefused(
+                "; ".join(p.message for p in problems), permanent=any(p.permanent for p in problems)
+            )
+        result = self._run(argv)
+        if result.returncode != 0:
+            message = " ".join((result.stderr or result.stdout).split()) or f"exit {result.returncode}"
+            permanent = any(pattern in message.lower() for pattern in PERMANENT_SBATCH_ERRORS)
+            raise LaunchRefused(f"sbatch refused attempt {spec.attempt}: {message}", permanent=permanent)
+        job_id = int(result.stdout.strip().split(";")[0])
         return {"job_id": job_id, "started": time.time()}
 
     def status(self, info: Mapping[str, Any]) -> ProcessStatus:
@@ -240,7 +291,26 @@ class SlurmLauncher:
             return ProcessStatus(
                 "lost", detail="Slurm does not know the attempt's job and it left no exit status"
             )
-        return status_of_job(job, exit_code)
+        failed_hosts: tuple[str, ...] = ()
+        if job.state in NODE_FAILURE_STATES:
+            slurm_nodes = read_slurm_nodes(self._run)
+            failed_hosts = tuple(
+                h for h in self.hostnames(job.nodes) if h in slurm_nodes and slurm_nodes[h].down
+            )
+        status = status_of_job(job, exit_code, failed_hosts=failed_hosts)
+        if info.get("placement") == "exclude" and job.state in ACTIVE_JOB_STATES and job.nodes:
+            # Slurm chose the nodes: the attempt's hosts become the allocation, in rank order.
+            status = replace(status, allocated_hosts=self.hostnames(job.nodes))
+        return status
+
+    def hostnames(self, nodelist: str) -> tuple[str, ...]:
+        """`n[1-3]` -> ("n1", "n2", "n3"): the order in which Slurm numbers an allocation's nodes."""
+        if nodelist in ("", "(null)"):
+            return ()
+        if nodelist not in self._hostnames:
+            out = _checked(self._run(["scontrol", "show", "hostnames", nodelist]), "scontrol show hostnames")
+            self._hostnames[nodelist] = tuple(out.split())
+        return self._hostnames[nodelist]
 
     def kill(self, info: Mapping[str, Any], *, grace_s: float = 5.0) -> None:
         job = self._job(info)
@@ -258,15 +328,31 @@ class SlurmLauncher:
 
     # -- the job --
 
+    def options(self, spec: LaunchSpec) -> dict[str, Any]:
+        """The cluster-wide defaults, overridden by the run's `slurm` config section."""
+        return {**_non_empty(self.defaults.__dict__), **_non_empty(dict(spec.launcher_options))}
+
     def sbatch_argv(self, spec: LaunchSpec, info: Mapping[str, Any], script: Path) -> list[str]:
-        options = {**_non_empty(self.defaults.__dict__), **_non_empty(dict(spec.launcher_options))}
+        options = self.options(spec)
         argv = [
             "sbatch",
             "--parsable",
             f"--job-name={info['job_name']}",
             f"--comment={info['comment']}",
             f"--nodes={len(spec.hosts)}",
-            f"--nodelist={','.join(spec.hosts)}",
+        ]
+        if info.get("placement") == "exclude":
+            # Slurm places the job on any nodes but those trainops holds out of service; required nodes
+            # (spares to use first) go into --nodelist unless they are out of service themselves.
+            unfit = sorted(set(spec.unfit_hosts))
+            required = [h for h in options.get("nodelist") or () if h not in unfit]
+            if unfit:
+                argv.append(f"--exclude={','.join(unfit)}")
+            if required:
+                argv.append(f"--nodelist={','.join(required)}")
+        else:
+            argv.append(f"--nodelist={','.join(spec.hosts)}")
+        argv += [
             "--ntasks-per-node=1",
             # trainops decides about restarts (checkpoint, LR, hosts); Slurm's own requeue would race it.
             "--no-requeue",
@@ -371,6 +457,100 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))
         return int(s.getsockname()[1])
+
+
+# ---- checking a run's Slurm options against the cluster --------------------------------------------
+
+
+@dataclass(frozen=True)
+class SlurmPartition:
+    name: str
+    state: str  # UP, DOWN, DRAIN, INACTIVE
+    default: bool
+    allow_accounts: frozenset[str] | None  # None: every account
+    deny_accounts: frozenset[str]
+
+    def allows(self, account: str) -> bool:
+        if account in self.deny_accounts:
+            return False
+        return self.allow_accounts is None or account in self.allow_accounts
+
+
+@dataclass(frozen=True)
+class SlurmProblem:
+    message: str
+    permanent: bool  # False: may pass later without a change to the run (a partition down for maintenance)
+
+
+def read_partitions(run: SlurmRunner) -> dict[str, SlurmPartition]:
+    out = _checked(run(["scontrol", "show", "partition", "-o"]), "scontrol show partition")
+    partitions: dict[str, SlurmPartition] = {}
+    for line in out.splitlines():
+        record = parse_scontrol_record(line.strip())
+        if "PartitionName" not in record:
+            continue
+        allow = record.get("AllowAccounts", "ALL")
+        partitions[record["PartitionName"]] = SlurmPartition(
+            name=record["PartitionName"],
+            state=record.get("State", "UNKNOWN"),
+            default=record.get("Default") == "YES",
+            allow_accounts=None if allow == "ALL" else frozenset(filter(None, allow.split(","))),
+            deny_accounts=frozenset(filter(None, record.get("DenyAccounts", "").split(","))),
+        )
+    return partitions
+
+
+def slurm_config_problems(options: Mapping[str, Any], run: SlurmRunner) -> list[SlurmProblem]:
+    """What Slurm would refuse (or hold forever) about a run's Slurm options: a partition that does not
+    exist or is not up, an account the partition does not allow, node names Slurm does not know.
+
+    Asked of Slurm itself (``scontrol show partition -o``, ``sinfo --json``); raises SlurmError when Slurm
+    cannot be asked. Accounts are checked against the partition's AllowAccounts/DenyAccounts; an account
+    that slurmdbd does not know is refused by sbatch at launch, which ends the run as needing attention.
+    """
+    problems: list[SlurmProblem] = []
+    partitions = read_partitions(run)
+    name = options.get("partition")
+    partition = partitions.get(name) if name else next((p for p in partitions.values() if p.default), None)
+    if name and partition is None:
+        available = ", ".join(sorted(partitions)) or "none"
+        problems.append(
+            SlurmProblem(f"Slurm partition {name!r} does not exist (available: {available})", permanent=True)
+        )
+    elif partition is not None and partition.state != "UP":
+        problems.append(
+            SlurmProblem(f"Slurm partition {partition.name!r} is {partition.state}, not UP", permanent=False)
+        )
+    account = options.get("account")
+    if account and partition is not None and not partition.allows(str(account)):
+        allowed = ", ".join(sorted(partition.allow_accounts or ())) or "none"
+        problems.append(
+            SlurmProblem(
+                f"Slurm account {account!r} may not run jobs in partition {partition.name!r} "
+                f"(allowed accounts: {allowed})",
+                permanent=True,
+            )
+        )
+    wanted_nodes = [str(n) for n in options.get("nodelist") or ()]
+    if wanted_nodes:
+        known = read_slurm_nodes(run)
+        unknown = [n for n in wanted_nodes if n not in known]
+        if unknown:
+            problems.append(
+                SlurmProblem(
+                    f"Slurm does not know node name(s) {', '.join(unknown)} "
+                    f"(known: {', '.join(sorted(known)) or 'none'})",
+                    permanent=True,
+                )
+            )
+    return problems
+
+
+def check_slurm_run_config(options: Mapping[str, Any], defaults: SlurmDefaults) -> list[SlurmProblem]:
+    """`slurm_config_problems` for a run's `slurm` section on this control plane's cluster (SLURM_CONF of
+    the environment), with the cluster-wide defaults applied."""
+    merged = {**_non_empty(defaults.__dict__), **_non_empty(dict(options))}
+    return slurm_config_problems(merged, run_slurm)
 
 
 # ---- nodes: Slurm <-> control plane ----------------------------------------------------------------

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, status
 
-from service.api.deps import EntityId, Limit, Offset, Operator, RunId, SessionDep, Viewer
+from service.api.deps import EntityId, Limit, Offset, Operator, RunId, SessionDep, SettingsDep, Viewer
 from service.crud import runs as runs_crud
 from service.orchestrator.goodput import compute_goodput
 from service.schemas import (
@@ -24,7 +24,7 @@ router = APIRouter(prefix="/runs", tags=["runs"])
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=RunPublic)
-def create_run(body: RunCreate, session: SessionDep, who: Operator) -> RunPublic:
+def create_run(body: RunCreate, session: SessionDep, who: Operator, settings: SettingsDep) -> RunPublic:
     run = runs_crud.create_run(
         session,
         name=body.name,
@@ -32,6 +32,7 @@ def create_run(body: RunCreate, session: SessionDep, who: Operator) -> RunPublic
         config=body.config.model_dump(mode="json"),
         start=body.start,
         author=who.author,
+        settings=settings,
     )
     return RunPublic.model_validate(run)
 
@@ -71,8 +72,12 @@ def stop_run(run_id: RunId, session: SessionDep, who: Operator, body: StopReques
 
 
 @router.post("/{run_id}/restart", response_model=RunPublic)
-def restart_run(run_id: RunId, body: RestartRequest, session: SessionDep, who: Operator) -> RunPublic:
-    run = runs_crud.request_restart(session, run_id=run_id, author=who.author, **body.model_dump())
+def restart_run(
+    run_id: RunId, body: RestartRequest, session: SessionDep, who: Operator, settings: SettingsDep
+) -> RunPublic:
+    run = runs_crud.request_restart(
+        session, run_id=run_id, author=who.author, settings=settings, **body.model_dump()
+    )
     return RunPublic.model_validate(run)
 
 
