@@ -44,6 +44,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from service.demo import simulated_fleet_env, write_fake_nvml
+
 HOSTS = ("chaos-h1", "chaos-h2", "chaos-h3")  # trainops: 2 in use + 1 spare
 BAD_HOST = "chaos-h2"  # the second host of the first placement (rank 1 runs there under both supervisors)
 GPUS_PER_HOST = 2
@@ -128,6 +130,22 @@ FULL = Scenario(
     torchrun_max_restarts=5,
     val_interval=50,
     timeout_s=900.0,
+)
+# The same schedule spread over 14x the steps: four failures in ~2,800 steps (~12 min of training here), so a
+# failure's fixed costs (detection, a relaunch's Python/torch start-up, recomputation) weigh as they would
+# between failures that are hours apart on a real fleet. Checkpoints every 25 steps.
+LONG = Scenario(
+    name="long",
+    target_steps=2800,
+    checkpoint_interval=25,
+    crash_step=490,
+    hang_step=1120,
+    diverge_step=1960,
+    bad_host_step=2380,
+    pg_timeout_s=60.0,
+    torchrun_max_restarts=5,
+    val_interval=400,
+    timeout_s=3000.0,
 )
 QUICK = Scenario(
     name="quick",
@@ -231,40 +249,6 @@ def attribute(schedule: Sequence[tuple[int, str]], last_step: int | None) -> str
 # ---- trainops ---------------------------------------------------------------------------------------
 
 
-def _health_env(home: Path) -> dict[str, str]:
-    # The demo's small active checks, so deep diagnostics take seconds on two CPU cores.
-    return {
-        "TRAINOPS_HOME": str(home),
-        "TRAINOPS_FAKE_NVML": str(home / "fake_nvml.json"),
-        "TRAINOPS_HEALTH_CHECKPOINT_DIR": str(home / "diskcheck"),
-        "TRAINOPS_HEALTH_MIN_FREE_DISK_GB": "0.5",
-        "TRAINOPS_HEALTH_MIN_DISK_WRITE_MB_S": "1",
-        "TRAINOPS_HEALTH_DISK_TEST_MB": "8",
-        "TRAINOPS_HEALTH_GEMM_SIZE": "128",
-        "TRAINOPS_HEALTH_MEMORY_TEST_MB": "8",
-        "TRAINOPS_HEALTH_ALLREDUCE_MB": "1",
-        "TRAINOPS_HEALTH_EXPECTED_GPUS": str(GPUS_PER_HOST),
-        "TRAINOPS_HEALTH_QUICK_INTERVAL_S": "3",
-        "TRAINOPS_HEALTH_QUICK_DEADLINE_S": "6",
-        "TRAINOPS_HEALTH_QUICK_CHECK_TIMEOUT_S": "5",
-        "TRAINOPS_HEALTH_DEEP_DEADLINE_S": "120",
-        "TRAINOPS_HEALTH_DEEP_CHECK_TIMEOUT_S": "60",
-    }
-
-
-def write_fake_nvml(home: Path, faults: dict[str, list[dict[str, Any]]]) -> None:
-    script = {
-        "default_gpus": GPUS_PER_HOST,
-        "hosts": {
-            h: {"gpus": GPUS_PER_HOST, "model": "NVIDIA A100-SXM4-80GB", "faults": faults.get(h, [])}
-            for h in HOSTS
-        },
-    }
-    tmp = home / ".fake_nvml.json.tmp"
-    tmp.write_text(json.dumps(script))
-    os.replace(tmp, home / "fake_nvml.json")
-
-
 class BadHostWatcher:
     """Plants the bad host's double-bit ECC error in fake NVML the moment the trainer logs that the host
     killed a rank (the `host_crash` fault firing): the hardware shows the fault when it strikes."""
@@ -297,7 +281,12 @@ class BadHostWatcher:
             complete = chunk[: chunk.rfind(b"\n") + 1]
             offset += len(complete)
             if needle in complete:
-                write_fake_nvml(self.home, {BAD_HOST: [{"gpu": 1, "kind": "ecc_dbe", "count": 1}]})
+                write_fake_nvml(
+                    self.home,
+                    HOSTS,
+                    {BAD_HOST: [{"gpu": 1, "kind": "ecc_dbe", "count": 1}]},
+                    gpus_per_host=GPUS_PER_HOST,
+                )
                 self.planted_at = time.time()
                 return
 
@@ -306,8 +295,8 @@ def run_trainops(scenario: Scenario, workdir: Path) -> tuple[SupervisorResult, d
     home = workdir / "trainops"
     shutil.rmtree(home, ignore_errors=True)
     (home / "diskcheck").mkdir(parents=True)
-    os.environ.update(_health_env(home))
-    write_fake_nvml(home, {})
+    os.environ.update(simulated_fleet_env(home, gpus_per_host=GPUS_PER_HOST))
+    write_fake_nvml(home, HOSTS, {}, gpus_per_host=GPUS_PER_HOST)
 
     import sqlalchemy as sa
     import uvicorn
@@ -828,19 +817,31 @@ def fleet_table(trainops: SupervisorResult) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="shorter smoke run (120 steps, 30 s PG timeout)")
+    parser.add_argument(
+        "--long", action="store_true", help="the same faults over 2,800 steps (goodput at scale)"
+    )
+    parser.add_argument(
+        "--only-trainops",
+        action="store_true",
+        help="skip the torchrun baseline (it cannot pass the bad host anyway)",
+    )
     parser.add_argument("--workdir", default="runs/chaos", help="run directories and logs (removed first)")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
-    scenario = QUICK if args.quick else FULL
+    scenario = QUICK if args.quick else LONG if args.long else FULL
     workdir = Path(args.workdir).resolve()
     print(
         f"chaos bench ({scenario.name}): trainops first, then plain torchrun; files under {workdir}",
         flush=True,
     )
     trainops, trainops_extra = run_trainops(scenario, workdir)
-    print(f"trainops done in {trainops.wall_s:.0f} s; now plain torchrun", flush=True)
-    baseline, baseline_extra = run_torchrun(scenario, workdir)
-    print(render(scenario, [trainops, baseline]))
+    results = [trainops]
+    baseline_extra: dict[str, Any] = {}
+    if not args.only_trainops:
+        print(f"trainops done in {trainops.wall_s:.0f} s; now plain torchrun", flush=True)
+        baseline, baseline_extra = run_torchrun(scenario, workdir)
+        results.append(baseline)
+    print(render(scenario, results))
     print()
     print(fleet_table(trainops))
     if args.json:
@@ -848,7 +849,7 @@ def main(argv: list[str] | None = None) -> int:
             json.dumps(
                 {
                     "scenario": asdict(scenario),
-                    "results": [asdict(trainops), asdict(baseline)],
+                    "results": [asdict(r) for r in results],
                     "trainops": trainops_extra,
                     "torchrun": baseline_extra,
                 },

@@ -13,6 +13,7 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,36 +35,38 @@ FAULTS = (
 )
 
 
-def _demo_env(home: Path) -> None:
-    # Read once at the edge by each component's config; small active checks so deep diagnostics take
-    # seconds on two CPU cores.
-    os.environ.update(
-        {
-            "TRAINOPS_HOME": str(home),
-            "TRAINOPS_FAKE_NVML": str(home / "fake_nvml.json"),
-            "TRAINOPS_HEALTH_CHECKPOINT_DIR": str(home / "diskcheck"),
-            "TRAINOPS_HEALTH_MIN_FREE_DISK_GB": "0.5",
-            "TRAINOPS_HEALTH_MIN_DISK_WRITE_MB_S": "1",
-            "TRAINOPS_HEALTH_DISK_TEST_MB": "8",
-            "TRAINOPS_HEALTH_GEMM_SIZE": "128",
-            "TRAINOPS_HEALTH_MEMORY_TEST_MB": "8",
-            "TRAINOPS_HEALTH_ALLREDUCE_MB": "1",
-            "TRAINOPS_HEALTH_EXPECTED_GPUS": str(GPUS_PER_HOST),
-            "TRAINOPS_HEALTH_QUICK_INTERVAL_S": "3",
-            "TRAINOPS_HEALTH_QUICK_DEADLINE_S": "6",
-            "TRAINOPS_HEALTH_QUICK_CHECK_TIMEOUT_S": "5",
-            "TRAINOPS_HEALTH_DEEP_DEADLINE_S": "120",
-            "TRAINOPS_HEALTH_DEEP_CHECK_TIMEOUT_S": "60",
-        }
-    )
+def simulated_fleet_env(home: Path, *, gpus_per_host: int) -> dict[str, str]:
+    """Settings for a fleet of simulated hosts on this machine (also used by bench/chaos.py): fake NVML
+    scripted from a file, and active checks small enough that deep diagnostics take seconds on two cores.
+    Each component reads them once at its edge."""
+    return {
+        "TRAINOPS_HOME": str(home),
+        "TRAINOPS_FAKE_NVML": str(home / "fake_nvml.json"),
+        "TRAINOPS_HEALTH_CHECKPOINT_DIR": str(home / "diskcheck"),
+        "TRAINOPS_HEALTH_MIN_FREE_DISK_GB": "0.5",
+        "TRAINOPS_HEALTH_MIN_DISK_WRITE_MB_S": "1",
+        "TRAINOPS_HEALTH_DISK_TEST_MB": "8",
+        "TRAINOPS_HEALTH_GEMM_SIZE": "128",
+        "TRAINOPS_HEALTH_MEMORY_TEST_MB": "8",
+        "TRAINOPS_HEALTH_ALLREDUCE_MB": "1",
+        "TRAINOPS_HEALTH_EXPECTED_GPUS": str(gpus_per_host),
+        "TRAINOPS_HEALTH_QUICK_INTERVAL_S": "3",
+        "TRAINOPS_HEALTH_QUICK_DEADLINE_S": "6",
+        "TRAINOPS_HEALTH_QUICK_CHECK_TIMEOUT_S": "5",
+        "TRAINOPS_HEALTH_DEEP_DEADLINE_S": "120",
+        "TRAINOPS_HEALTH_DEEP_CHECK_TIMEOUT_S": "60",
+    }
 
 
-def write_fake_nvml(home: Path, faults: dict[str, list[dict[str, Any]]]) -> None:
+def write_fake_nvml(
+    home: Path, hosts: Sequence[str], faults: dict[str, list[dict[str, Any]]], *, gpus_per_host: int
+) -> None:
+    """(Re)script the simulated GPUs; the health checks re-read the file when it changes."""
     script = {
-        "default_gpus": GPUS_PER_HOST,
+        "default_gpus": gpus_per_host,
         "hosts": {
-            h: {"gpus": GPUS_PER_HOST, "model": "NVIDIA A100-SXM4-80GB", "faults": faults.get(h, [])}
-            for h in HOSTS
+            h: {"gpus": gpus_per_host, "model": "NVIDIA A100-SXM4-80GB", "faults": faults.get(h, [])}
+            for h in hosts
         },
     }
     tmp = home / ".fake_nvml.json.tmp"
@@ -74,9 +77,9 @@ def write_fake_nvml(home: Path, faults: dict[str, list[dict[str, Any]]]) -> None
 def run_demo(*, home: Path, port: int, exit_when_done: bool, timeout_s: float = 900.0) -> int:
     shutil.rmtree(home, ignore_errors=True)
     home.mkdir(parents=True)
-    (home / "diskcheck").mkdir()
-    _demo_env(home)
-    write_fake_nvml(home, {})
+    (home / "diskcheck").mkdir(exist_ok=True)
+    os.environ.update(simulated_fleet_env(home, gpus_per_host=GPUS_PER_HOST))
+    write_fake_nvml(home, HOSTS, {}, gpus_per_host=GPUS_PER_HOST)
 
     import uvicorn
 
@@ -163,7 +166,12 @@ def run_demo(*, home: Path, port: int, exit_when_done: bool, timeout_s: float = 
             live.update(_render(view, time.monotonic() - started))
             if not planted and view["attempt"] == 2 and (view["step"] or 0) > GPU_FAULT_AFTER_STEP:
                 victim = view["hosts"][-1]
-                write_fake_nvml(home, {victim: [{"gpu": 1, "kind": "ecc_dbe", "count": 1}]})
+                write_fake_nvml(
+                    home,
+                    HOSTS,
+                    {victim: [{"gpu": 1, "kind": "ecc_dbe", "count": 1}]},
+                    gpus_per_host=GPUS_PER_HOST,
+                )
                 planted = True
             if view["phase"] in ("completed", "needs_attention", "failed", "stopped"):
                 break
