@@ -44,7 +44,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from service.demo import simulated_fleet_env, write_fake_nvml
+from service.demo import register_simulated_hosts, simulated_fleet_env, start_api_in_thread, write_fake_nvml
 
 HOSTS = ("chaos-h1", "chaos-h2", "chaos-h3")  # trainops: 2 in use + 1 spare
 BAD_HOST = "chaos-h2"  # the second host of the first placement (rank 1 runs there under both supervisors)
@@ -299,14 +299,11 @@ def run_trainops(scenario: Scenario, workdir: Path) -> tuple[SupervisorResult, d
     write_fake_nvml(home, HOSTS, {}, gpus_per_host=GPUS_PER_HOST)
 
     import sqlalchemy as sa
-    import uvicorn
 
     from service import migrate
     from service.config import Settings
-    from service.crud.nodes import register_node
     from service.crud.runs import create_run
     from service.db import engine_from_settings, make_session_factory, transaction
-    from service.main import create_app
     from service.models import Attempt, LogEntry, Node, Run
     from service.orchestrator.goodput import compute_goodput
     from service.orchestrator.loop import Orchestrator
@@ -323,35 +320,9 @@ def run_trainops(scenario: Scenario, workdir: Path) -> tuple[SupervisorResult, d
     settings = Settings(home=home, api_port=_free_port())
     migrate.upgrade(settings.resolved_database_url)
     factory = make_session_factory(engine_from_settings(settings))
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(settings, session_factory=factory),
-            host=settings.api_host,
-            port=settings.api_port,
-            log_level="warning",
-        )
-    )
-    threading.Thread(target=server.run, name="chaos-api", daemon=True).start()
-    while not server.started:
-        time.sleep(0.05)
-
+    server = start_api_in_thread(settings, factory)
+    register_simulated_hosts(factory, HOSTS, gpus_per_host=GPUS_PER_HOST, author="user:chaos")
     with transaction(factory) as session:
-        for host in HOSTS:
-            register_node(
-                session,
-                hostname=host,
-                author="user:chaos",
-                labels={"rack": "chaos"},
-                gpus=[
-                    {
-                        "index": i,
-                        "uuid": f"GPU-{host}-{i}",
-                        "model": "NVIDIA A100-SXM4-80GB",
-                        "memory_mb": 81920,
-                    }
-                    for i in range(GPUS_PER_HOST)
-                ],
-            )
         config = RunConfig(
             preset="tiny",
             target_steps=scenario.target_steps,
@@ -682,6 +653,25 @@ def per_fault(result: SupervisorResult, fault: str) -> str:
     return "; ".join(parts)
 
 
+def _ratio_lines(scenario: Scenario, a: SupervisorResult, b: SupervisorResult) -> list[str]:
+    lines = ["", "Ratios (trainops vs torchrun):"]
+    if a.goodput and b.goodput:
+        caveat = "" if b.reached_target else " (torchrun's is over a run that gave up before the target)"
+        lines.append(f"  goodput {a.goodput / b.goodput:.2f}x{caveat}")
+    if a.time_to_target_s and b.time_to_target_s:
+        lines.append(f"  wall time to target {b.time_to_target_s / a.time_to_target_s:.2f}x faster")
+    elif a.time_to_target_s:
+        lines.append("  wall time to target: torchrun did not reach it")
+    for _, fault in scenario.schedule():
+        da = _median([f.detect_s for f in a.failures if f.fault == fault])
+        db = _median([f.detect_s for f in b.failures if f.fault == fault])
+        if da is not None and db is not None:
+            lines.append(
+                f"  {fault} detection: torchrun {db:.1f} s, trainops {da:.1f} s ({db / max(da, 0.05):.1f}x)"
+            )
+    return lines
+
+
 def render(scenario: Scenario, results: Sequence[SupervisorResult]) -> str:
     def row(label: str, cells: Sequence[str]) -> str:
         return f"| {label:<44} | " + " | ".join(f"{c:>26}" for c in cells) + " |"
@@ -718,22 +708,8 @@ def render(scenario: Scenario, results: Sequence[SupervisorResult]) -> str:
         ),
         row("final-layer activation norm", [_fmt(r.final_act_norm, ".1f") for r in results]),
     ]
-    a, b = results[0], results[-1]
-    lines += ["", "Ratios (trainops vs torchrun):"]
-    if a.goodput and b.goodput:
-        caveat = "" if b.reached_target else " (torchrun's is over a run that gave up before the target)"
-        lines.append(f"  goodput {a.goodput / b.goodput:.2f}x{caveat}")
-    if a.time_to_target_s and b.time_to_target_s:
-        lines.append(f"  wall time to target {b.time_to_target_s / a.time_to_target_s:.2f}x faster")
-    elif a.time_to_target_s:
-        lines.append("  wall time to target: torchrun did not reach it")
-    for _, fault in scenario.schedule():
-        da = _median([f.detect_s for f in a.failures if f.fault == fault])
-        db = _median([f.detect_s for f in b.failures if f.fault == fault])
-        if da is not None and db is not None:
-            lines.append(
-                f"  {fault} detection: torchrun {db:.1f} s, trainops {da:.1f} s ({db / max(da, 0.05):.1f}x)"
-            )
+    if len(results) > 1:  # with --only-trainops there is no baseline to compare against
+        lines += _ratio_lines(scenario, results[0], results[-1])
     for r in results:
         lines += ["", f"{r.supervisor}: lost time {r.lost_s}"]
         lines += [f"  {n}" for n in r.notes if n]

@@ -74,6 +74,39 @@ def write_fake_nvml(
     os.replace(tmp, home / "fake_nvml.json")
 
 
+def start_api_in_thread(settings: Any, factory: Any) -> Any:
+    """The control plane's API in a thread of this process (embedded stacks: the demo, the chaos bench)."""
+    import uvicorn
+
+    from service.main import create_app
+
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(settings, session_factory=factory),
+            host=settings.api_host,
+            port=settings.api_port,
+            log_level="warning",
+        )
+    )
+    threading.Thread(target=server.run, name="trainops-api", daemon=True).start()
+    while not server.started:
+        time.sleep(0.05)
+    return server
+
+
+def register_simulated_hosts(factory: Any, hosts: Sequence[str], *, gpus_per_host: int, author: str) -> None:
+    from service.crud.nodes import register_node
+    from service.db import transaction
+
+    with transaction(factory) as session:
+        for host in hosts:
+            gpus = [
+                {"index": i, "uuid": f"GPU-{host}-{i}", "model": "NVIDIA A100-SXM4-80GB", "memory_mb": 81920}
+                for i in range(gpus_per_host)
+            ]
+            register_node(session, hostname=host, author=author, labels={"rack": "simulated"}, gpus=gpus)
+
+
 def run_demo(*, home: Path, port: int, exit_when_done: bool, timeout_s: float = 900.0) -> int:
     shutil.rmtree(home, ignore_errors=True)
     home.mkdir(parents=True)
@@ -81,14 +114,10 @@ def run_demo(*, home: Path, port: int, exit_when_done: bool, timeout_s: float = 
     os.environ.update(simulated_fleet_env(home, gpus_per_host=GPUS_PER_HOST))
     write_fake_nvml(home, HOSTS, {}, gpus_per_host=GPUS_PER_HOST)
 
-    import uvicorn
-
     from service import migrate
     from service.config import Settings
-    from service.crud.nodes import register_node
     from service.crud.runs import create_run
     from service.db import engine_from_settings, make_session_factory, transaction
-    from service.main import create_app
     from service.orchestrator.runtime import (
         build_orchestrator,
         load_orchestrator_config,
@@ -100,35 +129,9 @@ def run_demo(*, home: Path, port: int, exit_when_done: bool, timeout_s: float = 
     settings = Settings(home=home, api_port=port)
     migrate.upgrade(settings.resolved_database_url)
     factory = make_session_factory(engine_from_settings(settings))
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(settings, session_factory=factory),
-            host=settings.api_host,
-            port=port,
-            log_level="warning",
-        )
-    )
-    threading.Thread(target=server.run, name="trainops-api", daemon=True).start()
-    while not server.started:
-        time.sleep(0.05)
-
+    server = start_api_in_thread(settings, factory)
+    register_simulated_hosts(factory, HOSTS, gpus_per_host=GPUS_PER_HOST, author="user:demo")
     with transaction(factory) as session:
-        for host in HOSTS:
-            register_node(
-                session,
-                hostname=host,
-                author="user:demo",
-                labels={"rack": "demo"},
-                gpus=[
-                    {
-                        "index": i,
-                        "uuid": f"GPU-{host}-{i}",
-                        "model": "NVIDIA A100-SXM4-80GB",
-                        "memory_mb": 81920,
-                    }
-                    for i in range(GPUS_PER_HOST)
-                ],
-            )
         config = RunConfig(
             preset="tiny",
             target_steps=TARGET_STEPS,
