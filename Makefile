@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.trainops-installed
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup machine demo test lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,7 +19,11 @@ setup: $(STAMP)
 demo: setup
 	$(BIN)/trainops demo
 
-test: setup
+# PostgreSQL, Redis, Prometheus, Alertmanager, docker-compose, Slurm: started or installed when missing.
+machine:
+	bash .ci/prepare-machine
+
+test: setup machine
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 lint: setup
