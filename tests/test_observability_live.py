@@ -36,7 +36,7 @@ from service.statemachine import DiagnosticStatus, RunPhase
 from tests.conftest import ADMIN_HEADERS
 from tests.livesrv import LiveServer, free_port
 
-# Needs Redis and Debian's `prometheus` package, both provided by .ci/run.
+# Needs Redis and Debian's `prometheus` package, both provided by make test (.ci/prepare-machine).
 pytestmark = pytest.mark.redis
 
 REPO = Path(__file__).resolve().parent.parent
