@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 from pathlib import Path
 
+import pytest
+
+import trainer.checkpoint as checkpoint_module
 from trainer.checkpoint import (
     MARKER,
     apply_retention,
@@ -99,3 +103,20 @@ def test_retention_keeps_the_newest_k_plus_pinned_and_prunes_old_torn_ones(tmp_p
     deleted = apply_retention(tmp_path, keep=2)
     assert sorted(p.name for p in deleted) == [checkpoint_name(s) for s in (1, 3, 4, 5)]
     assert [(i.step, i.pinned) for i in list_checkpoints(tmp_path)] == [(2, True), (6, False), (7, False)]
+
+
+def test_a_checkpoint_deleted_while_it_is_verified_is_reported_not_raised(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Retention in the trainer may delete a checkpoint while the orchestrator is verifying it.
+    path = make_checkpoint(tmp_path, 10)
+    real_sha256 = checkpoint_module._sha256
+
+    def vanish_then_hash(f: Path) -> str:
+        shutil.rmtree(path)
+        return real_sha256(f)
+
+    monkeypatch.setattr(checkpoint_module, "_sha256", vanish_then_hash)
+    ok, reason = verify_checkpoint(path)
+    assert not ok and reason.startswith("unreadable")
+    assert list_checkpoints(tmp_path) == []

@@ -120,12 +120,15 @@ def verify_checkpoint(path: str | Path, *, deep: bool = True) -> tuple[bool, str
         return False, f"missing files: {', '.join(missing)}"
     if extra := sorted(present - set(files)):
         return False, f"files not in manifest: {', '.join(extra)}"
-    for rel, entry in files.items():
-        f = path / rel
-        if f.stat().st_size != entry["size"]:
-            return False, f"size mismatch: {rel}"
-        if deep and _sha256(f) != entry["sha256"]:
-            return False, f"checksum mismatch: {rel}"
+    try:
+        for rel, entry in files.items():
+            f = path / rel
+            if f.stat().st_size != entry["size"]:
+                return False, f"size mismatch: {rel}"
+            if deep and _sha256(f) != entry["sha256"]:
+                return False, f"checksum mismatch: {rel}"
+    except OSError as e:  # deleted by retention (or the disk) while we read it
+        return False, f"unreadable: {e.strerror or e}"
     return True, "ok"
 
 
