@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from prometheus_client import REGISTRY
 
 from service import migrate
 from service.config import Settings
@@ -245,6 +246,8 @@ def test_a_run_that_keeps_failing_stops_within_its_budget_and_pages(stack: Stack
         assert run.phase.value == "needs_attention" and "restart budget spent" in (run.phase_reason or "")
         assert [a.exit_reason for a in stack.attempts(session, run_id)] == ["crash"] * 3
     assert _Hook.received and _Hook.received[-1]["run_id"] == run_id
+    # every pass of the loop was timed for Prometheus
+    assert (REGISTRY.get_sample_value("trainops_orchestrator_loop_duration_seconds_count") or 0) > 10
     assert "restart budget" in _Hook.received[-1]["reason"]
 
 

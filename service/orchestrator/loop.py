@@ -25,6 +25,7 @@ from service.crud.runs import active_attempt, create_attempt, end_attempt, get_r
 from service.crud.telemetry import ingest_metrics
 from service.crud.tokens import create_token
 from service.db import transaction
+from service.metrics import ORCHESTRATOR_LOOP_DURATION
 from service.models import Attempt, Checkpoint, Metric, Node, Run
 from service.orchestrator.config import OrchestratorConfig
 from service.orchestrator.decide import (
@@ -113,7 +114,6 @@ class Orchestrator:
         self._waiting_since: dict[int, float] = {}
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self.loop_seconds: list[float] = []
 
     # ---- the loop -----------------------------------------------------------------------------------
 
@@ -124,7 +124,7 @@ class Orchestrator:
                 self.reconcile_once()
             except Exception:  # one bad pass must not end the loop; the next pass observes afresh
                 log.exception("reconcile pass failed")
-            self.loop_seconds = [*self.loop_seconds[-99:], time.monotonic() - started]
+            ORCHESTRATOR_LOOP_DURATION.observe(time.monotonic() - started)
             self._wake.wait(self.cfg.loop_interval_s)
             self._wake.clear()
 
