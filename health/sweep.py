@@ -342,6 +342,12 @@ def run_sweep(
     )
     report.unknown_hosts = unknown
     remaining = dict(pending)
+
+    def record(outcome: HostOutcome) -> None:
+        report.hosts.append(outcome)
+        report.results_ingested += outcome.results
+        report.adapter_errors += _mirror(session_factory, outcome, adapters, author)
+
     try:
         for task_id, meta in app.backend.get_many(
             set(pending), timeout=max(0.01, deadline_s - (time.monotonic() - start)), interval=0.02
@@ -357,9 +363,7 @@ def run_sweep(
                 rules=rules,
                 author=author,
             )
-            report.hosts.append(outcome)
-            report.results_ingested += outcome.results
-            report.adapter_errors += _mirror(session_factory, outcome, adapters, author)
+            record(outcome)
     except CeleryTimeout:
         pass
     for task_id, host in remaining.items():
@@ -381,9 +385,7 @@ def run_sweep(
             rules=rules,
             author=author,
         )
-        report.hosts.append(outcome)
-        report.results_ingested += outcome.results
-        report.adapter_errors += _mirror(session_factory, outcome, adapters, author)
+        record(outcome)
     for host, results in fabric.items():  # only the cross-host check ran on these hosts
         outcome = ingest_host(
             session_factory,
@@ -395,9 +397,7 @@ def run_sweep(
             rules=rules,
             author=author,
         )
-        report.hosts.append(outcome)
-        report.results_ingested += outcome.results
-        report.adapter_errors += _mirror(session_factory, outcome, adapters, author)
+        record(outcome)
     report.finished_at = utcnow()
     return report
 
