@@ -3,6 +3,8 @@ and the sbatch command line (the cluster tests in test_slurm_orchestrator.py run
 
 from __future__ import annotations
 
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,8 @@ from service.orchestrator.slurm import (
     decode_exit_field,
     decode_wait_status,
     parse_scontrol_record,
+    read_job_exit_status,
+    root_cause_exit_code,
     status_of_job,
 )
 
@@ -128,3 +132,51 @@ def test_sbatch_argv_carries_placement_ids_and_the_runs_slurm_options(tmp_path: 
     assert info["world_size"] == 16
     script = launcher.batch_script(spec, info)
     assert "--nproc-per-node 8" in script and '--node-rank "$SLURM_NODEID"' in script
+
+
+@pytest.mark.parametrize(
+    ("tasks", "job_code", "expected"),
+    [
+        # Rank 0's node exits 3; srun kills the other node's task (no record) and reports SIGKILL.
+        ([(10.0, 3)], 137, 3),
+        # The survivor failed on its own (a gloo error) after the root cause: the first failure wins.
+        ([(10.5, 1), (10.0, 3)], 137, 3),
+        ([(10.0, 1), (10.2, 42)], 1, 42),  # a divergence anywhere is the attempt's outcome
+        ([(10.0, 2), (10.1, 2)], 2, 2),  # every task rejected the configuration
+        ([(10.0, 0), (10.1, 0)], 0, 0),
+        ([], 143, 143),  # every task killed (scancel): srun's status is all there is
+        ([(10.0, 3)], None, None),  # the job has not ended yet
+    ],
+)
+def test_a_multi_node_attempt_exits_with_its_root_cause(
+    tasks: list[tuple[float, int]], job_code: int | None, expected: int | None
+) -> None:
+    assert root_cause_exit_code(tasks, job_code) == expected
+
+
+def test_each_task_records_its_own_exit_status(tmp_path: Path) -> None:
+    fake_python = tmp_path / "python"
+    fake_python.write_text('#!/bin/sh\nexit "$FAKE_CODE"\n')
+    fake_python.chmod(0o755)
+    launcher = SlurmLauncher(python=str(fake_python), workdir=tmp_path)
+    spec = LaunchSpec(
+        run_id=1,
+        run_name="r",
+        attempt=1,
+        hosts=("n1", "n2"),
+        procs_per_host=1,
+        run_dir=tmp_path,
+        trainer_args=("--preset", "tiny"),
+    )
+    info = launcher.prepare(spec)
+    Path(info["attempt_dir"]).mkdir(parents=True)
+    command = launcher.task_command(spec, info)
+    for node_id, code in ((0, 3), (1, 0)):
+        env = {**os.environ, "SLURM_NODEID": str(node_id), "FAKE_CODE": str(code)}
+        assert subprocess.run(["bash", "-c", command], env=env).returncode == code
+    records = sorted(Path(info["attempt_dir"]).glob("exit-node*.json"))
+    assert [p.name for p in records] == ["exit-node0.json", "exit-node1.json"]
+    assert '"exit_code": 3' in records[0].read_text()
+    (Path(info["attempt_dir"]) / "exit.json").write_text('{"exit_code": 137, "ended": 0}')
+    # srun reported the survivor killed by SIGKILL; the attempt's outcome is node 0's own code.
+    assert read_job_exit_status(Path(info["attempt_dir"])) == 3
