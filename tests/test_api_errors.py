@@ -89,9 +89,15 @@ def test_probes_and_metrics(admin: TestClient) -> None:
     assert anon.get("/healthz").json() == {"status": "ok"}
     assert anon.get("/readyz").json() == {"status": "ready"}
     anon.get("/api/v1/runs")
+    admin.get("/api/v1/runs/424242")
+    anon.get("/no/such/path")
     text = anon.get("/metrics").text
     assert "trainops_http_request_duration_seconds_bucket" in text
     assert 'route="/api/v1/runs"' in text
+    # Labels are route templates and status classes, never concrete ids.
+    assert 'method="GET",route="/api/v1/runs/{run_id}",status="4xx"' in text
+    assert 'route="unmatched",status="4xx"' in text
+    assert "424242" not in text
 
 
 def test_openapi_documents_every_route_with_examples(admin: TestClient) -> None:
