@@ -79,9 +79,9 @@ def make_point(step: int, rng: random.Random) -> dict:
 
 
 def make_body(attempt: int, start: int, n: int, rng: random.Random) -> bytes:
-    return json.dumps(
-        {"attempt": attempt, "points": [make_point(s, rng) for s in range(start, start + n)]}
-    ).encode()
+    """The request body exactly as the trainer's reporter sends it (httpx's ``json=`` encoding)."""
+    body = {"attempt": attempt, "points": [make_point(s, rng) for s in range(start, start + n)]}
+    return httpx.Request("POST", "http://reporter", json=body).content
 
 
 def _free_port() -> int:
@@ -115,6 +115,7 @@ class Result:
     points_per_s: float
     values_per_s: float
     p50_ms: float
+    p90_ms: float
     p99_ms: float
     max_ms: float
     resend_accepted: int
@@ -280,6 +281,7 @@ def run(args: argparse.Namespace) -> Result:
             points_per_s=rate,
             values_per_s=rate * VALUES_PER_POINT,
             p50_ms=_pct(lat, 0.50) * 1000,
+            p90_ms=_pct(lat, 0.90) * 1000,
             p99_ms=_pct(lat, 0.99) * 1000,
             max_ms=max(lat) * 1000,
             resend_accepted=resend["accepted"],
@@ -307,7 +309,10 @@ def report(res: Result) -> None:
     )
     print(f"  points/s        {res.points_per_s:12,.0f}")
     print(f"  values/s        {res.values_per_s:12,.0f}   ({res.values_per_point} scalar values per point)")
-    print(f"  batch latency   p50 {res.p50_ms:.1f} ms   p99 {res.p99_ms:.1f} ms   max {res.max_ms:.1f} ms")
+    print(
+        f"  batch latency   p50 {res.p50_ms:.1f} ms   p90 {res.p90_ms:.1f} ms   p99 {res.p99_ms:.1f} ms"
+        f"   max {res.max_ms:.1f} ms"
+    )
     print(f"  re-send         accepted {res.resend_accepted}, duplicates {res.resend_duplicates}")
     print(f"  rows in DB      {res.rows_in_db} ({res.distinct_keys_in_db} distinct steps)")
     print(

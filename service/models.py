@@ -202,12 +202,14 @@ class Metric(Base):
 
     Keyed by (run, attempt, step) so a re-sent batch adds nothing; steps recomputed after a rollback
     belong to a new attempt and are kept apart. ``(run_id, step)`` serves "this run, step range".
+    No foreign key to ``runs``: its trigger cost one lookup per row on the ingest path; ingestion locks
+    the run once per batch instead (``crud.telemetry.lock_run_for_ingest``, migration 0003).
     """
 
     __tablename__ = "metrics"
     __table_args__ = (sa.Index(None, "run_id", "step"),)
 
-    run_id: Mapped[int] = mapped_column(sa.ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    run_id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
     attempt: Mapped[int] = mapped_column(primary_key=True)
     step: Mapped[int] = mapped_column(sa.BigInteger, primary_key=True, autoincrement=False)
     time: Mapped[dt.datetime]

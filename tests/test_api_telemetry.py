@@ -98,3 +98,12 @@ def test_a_batch_with_a_bad_point_is_refused_whole(admin: TestClient) -> None:
     assert admin.get(url).json()["total"] == 0
     too_many = {"attempt": 1, "points": [{"step": i} for i in range(10_001)]}
     assert admin.post(url, json=too_many).status_code == 422
+
+
+def test_a_batch_for_a_run_that_does_not_exist_is_refused_and_stores_nothing(admin: TestClient) -> None:
+    # `metrics` has no foreign key (migration 0003): the route's run check is what keeps orphans out.
+    run = make_run(admin)
+    r = admin.post("/api/v1/runs/987654/metrics", json={"attempt": 1, "points": _points(0, 5)})
+    assert r.status_code == 404 and r.json()["detail"] == "run 987654 does not exist"
+    assert admin.get("/api/v1/runs/987654/metrics").status_code == 404
+    assert admin.get(f"/api/v1/runs/{run['id']}/metrics").json()["total"] == 0

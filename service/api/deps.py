@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hmac
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Path, Query, Request, status
@@ -28,7 +28,11 @@ ROLE_RANK = {Role.viewer: 1, Role.operator: 2, Role.admin: 3}
 bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer <token>`")
 
 
-def get_settings(request: Request) -> Settings:
+# Dependencies that do no I/O are `async def`: FastAPI runs a plain `def` dependency in a worker thread,
+# a thread hop per dependency per request (measurable on the ingest path, bench/ingest.py).
+
+
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
@@ -66,20 +70,23 @@ def get_principal(
 PrincipalDep = Annotated[Principal, Depends(get_principal)]
 
 
-def require(role: Role) -> Callable[[Principal], Principal]:
-    def check(principal: PrincipalDep) -> Principal:
-        rank = ROLE_RANK.get(principal.role, 0)
-        if rank < ROLE_RANK[role]:
-            raise HTTPException(
-                status.HTTP_403_FORBIDDEN,
-                f"this needs the {role.value} role; the token has {principal.role.value}",
-            )
-        return principal
+def _check_role(principal: Principal, role: Role) -> Principal:
+    if ROLE_RANK.get(principal.role, 0) < ROLE_RANK[role]:
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN,
+            f"this needs the {role.value} role; the token has {principal.role.value}",
+        )
+    return principal
+
+
+def require(role: Role) -> Callable[[Principal], Awaitable[Principal]]:
+    async def check(principal: PrincipalDep) -> Principal:
+        return _check_role(principal, role)
 
     return check
 
 
-def require_ingest(principal: PrincipalDep, run_id: RunId) -> Principal:
+async def require_ingest(principal: PrincipalDep, run_id: RunId) -> Principal:
     """Trainer tokens may feed only their own run; operators and admins may feed any."""
     if principal.role == Role.trainer:
         if principal.run_id != run_id:
@@ -87,7 +94,7 @@ def require_ingest(principal: PrincipalDep, run_id: RunId) -> Principal:
                 status.HTTP_403_FORBIDDEN, f"this trainer token is for run {principal.run_id}"
             )
         return principal
-    return require(Role.operator)(principal)
+    return _check_role(principal, Role.operator)
 
 
 Viewer = Annotated[Principal, Depends(require(Role.viewer))]

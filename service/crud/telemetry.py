@@ -19,7 +19,8 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from service.models import Heartbeat, Metric, utcnow
+from service.errors import NotFound
+from service.models import Heartbeat, Metric, Run, utcnow
 
 WIDE_FIELDS = (
     "tokens",
@@ -46,6 +47,17 @@ def _normalise_point(point: dict[str, Any]) -> dict[str, Any]:
     values = dict(point.get("values") or {})
     values[NAN_KEY] = nan_fields
     return {**point, **dict.fromkeys(nan_fields), "values": values}
+
+
+def lock_run_for_ingest(session: Session, *, run_id: int) -> None:
+    """Refuse a batch for a run that does not exist, and keep the run from being deleted until the batch
+    commits: on PostgreSQL the row is locked ``FOR KEY SHARE``, what a foreign-key check takes per row,
+    taken here once per batch (``metrics`` has no foreign key; see migration 0003)."""
+    query = sa.select(sa.literal(1)).select_from(Run).where(Run.id == run_id)
+    if session.get_bind().dialect.name == "postgresql":
+        query = query.with_for_update(key_share=True, read=True)
+    if session.scalar(query) is None:
+        raise NotFound(f"run {run_id} does not exist")
 
 
 @dataclass(frozen=True)

@@ -50,12 +50,15 @@ def create_token(
 
 
 def authenticate(session: Session, *, secret: str) -> Principal | None:
-    token = session.scalar(
-        sa.select(ApiToken).where(ApiToken.token_hash == hash_token(secret), ApiToken.revoked_at.is_(None))
-    )
-    if token is None:
+    # Columns, not the ORM entity: this runs on every request, metric batches included.
+    row = session.execute(
+        sa.select(ApiToken.name, ApiToken.role, ApiToken.run_id).where(
+            ApiToken.token_hash == hash_token(secret), ApiToken.revoked_at.is_(None)
+        )
+    ).first()
+    if row is None:
         return None
-    return Principal(name=token.name, role=token.role, run_id=token.run_id)
+    return Principal(name=row.name, role=row.role, run_id=row.run_id)
 
 
 def list_tokens(session: Session) -> list[ApiToken]:

@@ -55,7 +55,7 @@ class _MetricBatchRoute(APIRoute):
 
 
 def ingest_metrics(run_id: RunId, body: MetricBatch, session: SessionDep, _: Ingestor) -> IngestReply:
-    runs_crud.get_run(session, run_id=run_id)
+    telemetry.lock_run_for_ingest(session, run_id=run_id)
     # The fields as they are (vars), not model_dump() copies: the ingestion neither keeps nor mutates them.
     result = telemetry.ingest_metrics(
         session, run_id=run_id, attempt=body.attempt, points=[vars(p) for p in body.points]
