@@ -501,7 +501,7 @@ class Orchestrator:
 
         Its processes are gone, so nothing else touches the spool now; ingestion is idempotent, so records
         that did arrive before are harmless duplicates."""
-        from service.schemas import CheckpointCreate, MetricPoint
+        from service.schemas import METRIC_POINT, CheckpointCreate
         from trainer.reporting import Spool
 
         with transaction(self.factory) as session:
@@ -518,7 +518,7 @@ class Orchestrator:
         for record in records:  # the reporter's spool format (trainer/reporting.py)
             try:
                 if record["kind"] == "metrics":
-                    point = MetricPoint.model_validate(record["point"]).model_dump()
+                    point = dict(METRIC_POINT.validate_python(record["point"]))
                     by_attempt.setdefault(int(record["attempt"]), []).append(point)
                 elif record["kind"] == "checkpoint":
                     bodies.append(CheckpointCreate.model_validate(record["body"]).model_dump())

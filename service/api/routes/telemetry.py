@@ -56,10 +56,7 @@ class _MetricBatchRoute(APIRoute):
 
 def ingest_metrics(run_id: RunId, body: MetricBatch, session: SessionDep, _: Ingestor) -> IngestReply:
     telemetry.lock_run_for_ingest(session, run_id=run_id)
-    # The fields as they are (vars), not model_dump() copies: the ingestion neither keeps nor mutates them.
-    result = telemetry.ingest_metrics(
-        session, run_id=run_id, attempt=body.attempt, points=[vars(p) for p in body.points]
-    )
+    result = telemetry.ingest_metrics(session, run_id=run_id, attempt=body.attempt, points=body.points)
     METRIC_POINTS_INGESTED.inc(result.accepted)
     METRIC_POINTS_DUPLICATE.inc(result.duplicates)
     return IngestReply(accepted=result.accepted, duplicates=result.duplicates)
