@@ -182,12 +182,27 @@ def master_port_for(addr: str) -> int:
 
 
 def run_groups(
-    app: HealthCelery, groups: Sequence[Sequence[str]], *, config: HealthConfig
+    app: HealthCelery,
+    groups: Sequence[Sequence[str]],
+    *,
+    config: HealthConfig,
+    within_s: float | None = None,
 ) -> list[GroupMeasurement]:
-    """Run one all-reduce per group, all groups at once (their hosts must be disjoint), and gather."""
+    """Run one all-reduce per group, all groups at once (their hosts must be disjoint), and gather.
+
+    ``within_s`` bounds the round: ranks get at most that long to join, and a rank that has not answered
+    by then counts as silent (its worker is down or stuck).
+    """
     size_bytes = int(config.allreduce_mb * 1024 * 1024)
+    join_timeout_s = config.fabric_join_timeout_s
     # A rank may take its join deadline plus one check's limit before its worker kills it.
-    limit_s = config.fabric_join_timeout_s + config.deep_check_timeout_s
+    limit_s = join_timeout_s + config.deep_check_timeout_s
+    wait_s = limit_s + _GATHER_SLACK_S
+    if within_s is not None:
+        # Ranks that cannot join must say so while the round still waits for their answers.
+        join_timeout_s = min(join_timeout_s, within_s / 2)
+        limit_s = min(limit_s, within_s)
+        wait_s = within_s
     # Embedded mode serves every host's queue from this process: all ranks run on this machine.
     default_addr = "127.0.0.1" if app.embedded_worker is not None else None
     pending: dict[str, tuple[int, str]] = {}
@@ -203,7 +218,7 @@ def run_groups(
                 rank=rank,
                 world_size=len(hosts),
                 size_bytes=size_bytes,
-                join_timeout_s=config.fabric_join_timeout_s,
+                join_timeout_s=join_timeout_s,
             )
             sent = app.send_task(
                 "health.collective",
@@ -212,19 +227,34 @@ def run_groups(
                 expires=limit_s,
             )
             pending[sent.id] = (index, host)
-    answers: dict[str, dict[str, Any]] = {}
-    try:
-        for task_id, meta in app.backend.get_many(
-            set(pending), timeout=limit_s + _GATHER_SLACK_S, interval=0.02
-        ):
-            answers[task_id] = meta
-    except CeleryTimeout:
-        pass  # the silent hosts are reported as such below
     outcomes: list[dict[str, CollectiveOutcome | None]] = [dict.fromkeys(hosts) for hosts in groups]
-    for task_id, (index, host) in pending.items():
-        meta = answers.get(task_id)
-        if meta is not None and meta.get("status") == "SUCCESS":
-            outcomes[index][host] = CollectiveOutcome.from_json(meta["result"])
+    answered: set[str] = set()
+    started = time.monotonic()
+    # Once the join deadline has passed, a group none of whose answering ranks joined will not form:
+    # its missing ranks are silent, and waiting out the check limit for them would only delay the sweep.
+    settle_after_s = join_timeout_s + _GATHER_SLACK_S
+
+    def settled(index: int) -> bool:
+        ranks = [t for t, (i, _) in pending.items() if i == index]
+        if all(t in answered for t in ranks):
+            return True
+        joined = any(o is not None and o.joined for o in outcomes[index].values())
+        return not joined and time.monotonic() - started >= settle_after_s
+
+    while not all(settled(i) for i in range(len(groups))):
+        left = wait_s - (time.monotonic() - started)
+        if left <= 0:
+            break
+        try:
+            for task_id, meta in app.backend.get_many(
+                set(pending) - answered, timeout=min(1.0, left), interval=0.02
+            ):
+                answered.add(task_id)
+                index, host = pending[task_id]
+                if meta.get("status") == "SUCCESS":
+                    outcomes[index][host] = CollectiveOutcome.from_json(meta["result"])
+        except CeleryTimeout:
+            pass  # ranks still out; the loop decides whether to keep waiting
     return [GroupMeasurement(hosts=tuple(h), outcomes=o) for h, o in zip(groups, outcomes, strict=True)]
 
 
@@ -238,20 +268,33 @@ class FabricReport:
     seconds: float
 
 
-def run_fabric_check(app: HealthCelery, hosts: Sequence[str]) -> FabricReport:
-    """All-reduce over ``hosts`` together; bisect pairwise when it is slow or does not form."""
+def run_fabric_check(
+    app: HealthCelery, hosts: Sequence[str], *, deadline_s: float | None = None
+) -> FabricReport:
+    """All-reduce over ``hosts`` together; bisect pairwise when it is slow or does not form.
+
+    With ``deadline_s`` the whole check (group round and bisection) ends within it: a host whose worker
+    does not answer costs the rest of the budget, never the full join-plus-check limit of each round.
+    """
     config = app.health_config
     start = time.perf_counter()
     hosts = list(hosts)
     if app.embedded_worker is not None:
         app.embedded_worker.ensure(hosts)
-    [group] = run_groups(app, [hosts], config=config)
+
+    def left_s() -> float | None:
+        return None if deadline_s is None else max(0.0, deadline_s - (time.perf_counter() - start))
+
+    [group] = run_groups(app, [hosts], config=config, within_s=left_s())
     floor = busbw_floor(group.expected_gbps, config)
     bisection: Bisection | None = None
     if not link_ok(group, floor):
         answered = [h for h in hosts if h not in group.silent]
         bisection = bisect(
-            answered, floor_gbps=floor, measure=lambda pairs: run_groups(app, pairs, config=config)
+            answered,
+            floor_gbps=floor,
+            measure=lambda pairs: run_groups(app, pairs, config=config, within_s=left_s()),
+            time_left_s=left_s,
         )
     results = judge(group, bisection, config=config)
     elapsed = time.perf_counter() - start
@@ -265,10 +308,17 @@ Measure = Callable[[list[tuple[str, str]]], list[GroupMeasurement]]
 """Runs one round: an all-reduce per pair, all pairs at once."""
 
 
-def bisect(hosts: list[str], *, floor_gbps: float | None, measure: Measure) -> Bisection:
-    """Test pairs round by round until every host is cleared or convicted, or no new pair is left."""
+def bisect(
+    hosts: list[str],
+    *,
+    floor_gbps: float | None,
+    measure: Measure,
+    time_left_s: Callable[[], float | None] = lambda: None,
+) -> Bisection:
+    """Test pairs round by round until every host is cleared or convicted, no new pair is left, or the
+    time is up (``time_left_s`` returns 0; None means no limit); hosts left unresolved stay suspects."""
     bisection = Bisection(hosts=hosts, floor_gbps=floor_gbps)
-    while bisection.rounds < MAX_PAIR_ROUNDS:
+    while bisection.rounds < MAX_PAIR_ROUNDS and time_left_s() != 0.0:
         pairs = next_round(bisection)
         if not pairs:
             break

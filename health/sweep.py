@@ -35,6 +35,8 @@ from service.models import Node, utcnow
 from service.statemachine import DiagnosticStatus, LogKind, NodeState, Severity
 
 WORKER_CHECK = "health.worker"
+FABRIC_SHARE_OF_DEADLINE = 0.5
+"""Of a deep sweep's deadline, the most the cross-host check may take when per-host checks follow."""
 
 
 @dataclass(kw_only=True)
@@ -312,12 +314,15 @@ def run_sweep(
         app.embedded_worker.ensure(targets)
 
     # The hosts run their all-reduce together first, while otherwise idle; the per-host checks follow.
+    # The sweep as a whole keeps its deadline (the orchestrator waits on it before a relaunch): the
+    # cross-host phase gets at most half of it when per-host checks follow, the checks what is left.
+    start = time.monotonic()
     fabric_wanted = checks is None or CROSS_HOST_CHECK in checks
+    host_checks = [c for c in checks if c != CROSS_HOST_CHECK] if checks is not None else None
     fabric: dict[str, list[CheckResult]] = {}
     if level is Level.deep and len(targets) > 1 and fabric_wanted:
-        fabric = run_fabric_check(app, list(targets)).results
-    host_checks = [c for c in checks if c != CROSS_HOST_CHECK] if checks is not None else None
-    start = time.monotonic()  # the per-host checks get the whole deadline after the fabric phase
+        share = 1.0 if host_checks == [] else FABRIC_SHARE_OF_DEADLINE
+        fabric = run_fabric_check(app, list(targets), deadline_s=deadline_s * share).results
 
     pending: dict[str, str] = {}
     # An empty list means only the cross-host check was asked for (None means the level's set).
@@ -333,7 +338,7 @@ def run_sweep(
             },
             queue=host_queue(host),
             # A worker that comes back after the sweep gave up must not run stale checks.
-            expires=deadline_s,
+            expires=max(1.0, deadline_s - (time.monotonic() - start)),
         )
         pending[async_result.id] = host
 

@@ -11,6 +11,7 @@ import random
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -184,3 +185,36 @@ def test_real_workers_deep_sweep_makes_only_the_slow_link_host_suspect(
     assert data["rounds"] == 2 and len(data["links"]) == 2  # its first-round partner, then a cleared host
     assert all(link["formed"] and link["busbw_gbps"] < 0.7 * float(BASELINE_GBPS) for link in data["links"])
     assert local[0][0].measurements["worker"] == f"{h[0]}@trainops"  # per-host deep checks ran as well
+
+
+@pytest.mark.redis
+@pytest.mark.slow
+def test_a_dead_worker_costs_a_deep_sweep_its_deadline_not_the_check_limit(
+    sqlite_url: str, tmp_path: Path, redis_url: str
+) -> None:
+    """The orchestrator waits on a pre-relaunch deep sweep with a deadline; a host whose worker is down
+    must not hold the cross-host phase for a rank's full join-plus-check limit (~5 min)."""
+    fleet = Fleet(tmp_path, 3)
+    h = fleet.hosts
+    factory = sessions(sqlite_url)
+    register(factory, h)
+    workers = Workers(fleet, redis_url, tmp_path, TRAINOPS_HEALTH_CPU_BUSBW_BASELINE_GBPS=BASELINE_GBPS)
+    app = make_app(fleet.config(broker_url=redis_url, fabric_join_timeout_s=6.0))
+    assert app.health_config.deep_check_timeout_s >= 60  # the limit the old wait added up to
+    try:
+        for host in h[:2]:  # h[2]'s worker is down
+            workers.start(host)
+        workers.wait_ready(app, h[:2])
+        started = time.monotonic()
+        report = run_sweep(
+            factory, hosts=h, level="deep", checks=[CROSS_HOST_CHECK], deadline_s=60, author="test", app=app
+        )
+        elapsed = time.monotonic() - started
+    finally:
+        workers.stop()
+    assert elapsed < 60, elapsed
+    assert states(factory, h) == {h[0]: NodeState.healthy, h[1]: NodeState.healthy, h[2]: NodeState.suspect}
+    with transaction(factory) as session:
+        rows, _ = list_diagnostics(session, sweep_id=report.sweep_id, hostname=h[2], limit=10)
+    [(silent, _)] = rows
+    assert silent.status is DiagnosticStatus.timeout and "did not join" in (silent.reason or "")
