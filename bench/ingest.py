@@ -6,8 +6,9 @@ What it does, in one command:
 2. starts a real uvicorn server (``service.main.create_app`` with ``TRAINOPS_DATABASE_URL`` set, i.e.
    ``create_app(Settings(database_url=...))``) in a subprocess on a free loopback port;
 3. creates a run and a per-run trainer token through the API;
-4. posts 1,000-point batches to ``POST /api/v1/runs/{id}/metrics`` from several client threads (like
-   several trainer ranks), disjoint step ranges, and measures points/s and the latency of each batch;
+4. posts 1,000-point batches to ``POST /api/v1/runs/{id}/metrics`` from 2 client threads (a run's
+   reporter is its rank 0: clients stand for concurrent runs), disjoint step ranges, and measures
+   points/s and the latency of each batch; repeats this 3 times and reports the median repetition;
 5. re-sends a batch and checks it adds nothing; counts the rows in the database;
 6. runs the baseline in the same database: a plain single-row INSERT loop (one INSERT + one commit per
    row, psycopg, same table and row shape), and prints the ratio.
@@ -16,7 +17,8 @@ A *point* is one step's wide row, i.e. one ``MetricPoint``: step, time, tokens, 
 (loss, grad_norm, loss_scale, act_norm, lr, clip, tokens_per_s, tflops_per_gpu, step_time_s) and a
 ``values`` dict with two extra named values. One point is one row of ``metrics``; it carries
 ``VALUES_PER_POINT`` = 12 scalar values (tokens, the nine floats, two extra values; step and time are
-keys, not counted), and the bench prints values/s too. The baseline inserts the same rows.
+keys, not counted), and the bench prints values/s too: MLflow's figures (mlflow#3010, 1,000 metrics
+per request) count one value per point. The baseline inserts the same rows.
 
     .venv/bin/python bench/ingest.py            # full run (~1 min)
     .venv/bin/python bench/ingest.py --quick    # small sizes, seconds (used by tests/test_bench_ingest.py)
