@@ -273,3 +273,21 @@ def test_a_node_failure_is_hardware_and_cordons_failed_nodes_still_counted_fit()
     states = {**HEALTHY, "h2": NodeState.cordoned}
     end = only(decide(run(attempt=replace(attempt(), process=failed), node_states=states), CFG), EndAttempt)
     assert end.outcome == "hardware" and end.cordon_hosts == ()
+
+
+@pytest.mark.parametrize("code", [137, 13])
+def test_ranks_that_died_on_a_host_found_unfit_are_a_hardware_failure(code: int) -> None:
+    # A GPU that fell off the bus kills its ranks; the sweep has marked the host by the time the loop sees
+    # the exit: the crash is the host's, remediated as hardware, and the suspect gets cordoned.
+    states = {**HEALTHY, "h2": NodeState.suspect}
+    end = only(decide(run(attempt=attempt("exited", code), node_states=states), CFG), EndAttempt)
+    assert end.outcome == "hardware" and end.exit_code == code and end.cordon_hosts == ("h2",)
+    assert "h2 is suspect" in end.reason and end.evidence["hosts"] == {"h2": "suspect"}
+    # A divergence or a bad configuration is the run's own, whatever the hosts.
+    for own in (42, 2):
+        end = only(decide(run(attempt=attempt("exited", own), node_states=states), CFG), EndAttempt)
+        assert end.outcome != "hardware"
+    # Hosts the attempt did not use say nothing about it.
+    states = {**HEALTHY, "h3": NodeState.cordoned}
+    end = only(decide(run(attempt=attempt("exited", code), node_states=states), CFG), EndAttempt)
+    assert end.outcome == ("signal" if code == 137 else "crash")

@@ -185,6 +185,24 @@ def _decide_active(run: ObservedRun, cfg: OrchestratorConfig) -> list[Action]:
             ]
         evidence: dict[str, Any] = {"exit": finding.detail, "last_step": attempt.last_step}
         outcome = finding.outcome
+        bad = _unfit_hosts(run, attempt.hosts)
+        if outcome in (FailureClass.crash, FailureClass.signal) and bad:
+            # Ranks died on a host the health layer has since found unfit (a GPU that fell off the bus
+            # kills its ranks before a sweep can tell): the crash is that host's, and is remediated as a
+            # hardware failure (cordon, deep checks, relaunch elsewhere), not retried on the same hosts.
+            return [
+                EndAttempt(
+                    FailureClass.hardware,
+                    f"{finding.detail} while "
+                    + ", ".join(f"{h} is {s.value}" for h, s in sorted(bad.items()))
+                    + " (hosts of this attempt)",
+                    kill=True,
+                    exit_code=code,
+                    cordon_hosts=tuple(sorted(h for h, s in bad.items() if s == NodeState.suspect)),
+                    evidence={**evidence, "hosts": {h: s.value for h, s in bad.items()}},
+                    last_progress_at=_last_progress(attempt),
+                )
+            ]
         if outcome == FailureClass.divergence:
             found = detect_divergence(attempt.samples, cfg.divergence)
             evidence["onset_step"] = found.onset_step if found else _first_nonfinite(attempt.samples, last)
@@ -230,7 +248,7 @@ def _decide_active(run: ObservedRun, cfg: OrchestratorConfig) -> list[Action]:
         if run.phase == RunPhase.starting:
             actions.append(SetPhase(RunPhase.running, f"attempt {attempt.number} made its first step"))
 
-    bad = {h: run.node_states.get(h) for h in attempt.hosts if run.node_states.get(h) in BAD_NODE_STATES}
+    bad = _unfit_hosts(run, attempt.hosts)
     if bad:
         suspects = tuple(sorted(h for h, s in bad.items() if s == NodeState.suspect))
         return [
@@ -238,10 +256,10 @@ def _decide_active(run: ObservedRun, cfg: OrchestratorConfig) -> list[Action]:
             EndAttempt(
                 FailureClass.hardware,
                 "host(s) in use became unfit: "
-                + ", ".join(f"{h} is {s.value}" for h, s in sorted(bad.items()) if s is not None),
+                + ", ".join(f"{h} is {s.value}" for h, s in sorted(bad.items())),
                 kill=True,
                 cordon_hosts=suspects,
-                evidence={"hosts": {h: s.value for h, s in bad.items() if s is not None}},
+                evidence={"hosts": {h: s.value for h, s in bad.items()}},
                 # a host fault starts when the control plane learnt of it (training goes on until then)
                 last_progress_at=min(
                     (run.node_changed_at[h] for h in bad if h in run.node_changed_at),
@@ -338,6 +356,11 @@ def failure_of(outcome: str) -> FailureClass | None:
         return FailureClass(outcome)
     except ValueError:
         return None
+
+
+def _unfit_hosts(run: ObservedRun, hosts: Sequence[str]) -> dict[str, NodeState]:
+    """The hosts among ``hosts`` that the control plane holds unfit (suspect, cordoned, draining, ...)."""
+    return {h: s for h in hosts if (s := run.node_states.get(h)) is not None and s in BAD_NODE_STATES}
 
 
 def _last_progress(attempt: ObservedAttempt) -> float | None:
