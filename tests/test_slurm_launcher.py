@@ -24,6 +24,21 @@ from service.orchestrator.slurm import (
 )
 
 
+def launch_spec(run_dir: Path, **changes: object) -> LaunchSpec:
+    """A two-node attempt of run 3; tests change what they look at."""
+    fields: dict = {
+        "run_id": 3,
+        "run_name": "opt",
+        "attempt": 1,
+        "hosts": ("n1", "n3"),
+        "procs_per_host": 1,
+        "run_dir": run_dir,
+        "trainer_args": ("--preset", "tiny"),
+        **changes,
+    }
+    return LaunchSpec(**fields)
+
+
 def test_raw_wait_status_and_exit_field_decode_as_a_shell_reports_them() -> None:
     assert decode_wait_status(42 << 8) == 42
     assert decode_wait_status(0) == 0
@@ -79,14 +94,8 @@ def test_a_node_failure_is_a_hardware_failure_naming_the_failed_nodes(state: str
 
 def test_exclude_placement_lets_slurm_place_off_the_unfit_hosts(tmp_path: Path) -> None:
     launcher = SlurmLauncher(workdir=tmp_path)
-    spec = LaunchSpec(
-        run_id=3,
-        run_name="opt",
-        attempt=1,
-        hosts=("n1", "n3"),
-        procs_per_host=1,
-        run_dir=tmp_path,
-        trainer_args=(),
+    spec = launch_spec(
+        tmp_path,
         launcher_options={"placement": "exclude", "nodelist": ["n4", "n2"]},
         unfit_hosts=("n2", "n5"),
     )
@@ -100,14 +109,10 @@ def test_exclude_placement_lets_slurm_place_off_the_unfit_hosts(tmp_path: Path) 
 
 def test_sbatch_argv_carries_placement_ids_and_the_runs_slurm_options(tmp_path: Path) -> None:
     launcher = SlurmLauncher(defaults=SlurmDefaults(partition="batch", account="ops"), workdir=tmp_path)
-    spec = LaunchSpec(
-        run_id=3,
-        run_name="opt",
+    spec = launch_spec(
+        tmp_path,
         attempt=2,
-        hosts=("n1", "n3"),
         procs_per_host=8,
-        run_dir=tmp_path,
-        trainer_args=("--preset", "tiny"),
         launcher_options={
             "partition": "gpu",
             "time_limit": "1:00:00",
@@ -159,15 +164,7 @@ def test_each_task_records_its_own_exit_status(tmp_path: Path) -> None:
     fake_python.write_text('#!/bin/sh\nexit "$FAKE_CODE"\n')
     fake_python.chmod(0o755)
     launcher = SlurmLauncher(python=str(fake_python), workdir=tmp_path)
-    spec = LaunchSpec(
-        run_id=1,
-        run_name="r",
-        attempt=1,
-        hosts=("n1", "n2"),
-        procs_per_host=1,
-        run_dir=tmp_path,
-        trainer_args=("--preset", "tiny"),
-    )
+    spec = launch_spec(tmp_path)
     info = launcher.prepare(spec)
     Path(info["attempt_dir"]).mkdir(parents=True)
     command = launcher.task_command(spec, info)
