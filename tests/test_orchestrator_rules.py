@@ -24,7 +24,14 @@ from service.orchestrator.detect import (
     detect_straggler,
 )
 from service.orchestrator.policy import FailureRecord, backoff_s, plan_remediation
-from service.orchestrator.restart_point import CheckpointCandidate, act_norm_trend, pick_restart_checkpoint
+from service.orchestrator.restart_point import (
+    CheckpointCandidate,
+    CheckpointVerdict,
+    Verdict,
+    act_norm_trend,
+    judge_checkpoint,
+    pick_restart_checkpoint,
+)
 
 DATA = Path(__file__).parent / "data"
 
@@ -152,11 +159,12 @@ def test_hardware_and_hang_restart_from_the_newest_intact_checkpoint() -> None:
 
 
 def test_divergence_applies_the_opt_rule() -> None:
-    # norms: rising after 10, flat after 20, falling after 30; divergence onset at 45
-    norms = {s: 10.0 + (s - 10) * 0.5 for s in range(11, 21)}
-    norms |= {s: 15.0 for s in range(21, 31)}
-    norms |= {s: 15.0 - (s - 30) * 0.2 for s in range(31, 45)}
-    ckpts = [_ckpt(10), _ckpt(20), _ckpt(30, scale=0.5), _ckpt(40), _ckpt(50)]
+    # norms: flat before 10 and after 20, falling after 30; runaway (x1.3 per step) after 10; onset at 45
+    norms = {s: 10.0 for s in range(1, 11)}
+    norms |= {s: 10.0 * 1.3 ** (s - 10) for s in range(11, 21)}
+    norms |= {s: norms[20] for s in range(21, 31)}
+    norms |= {s: norms[20] * (1 - (s - 30) * 0.02) for s in range(31, 45)}
+    ckpts = [_ckpt(10), _ckpt(20), _ckpt(30, scale=0.5), _ckpt(40), _ckpt(44), _ckpt(50)]
     cfg = RestartPointConfig(act_norm_trend_window=10)
     choice = pick_restart_checkpoint(
         ckpts, failure=FailureClass.divergence, cfg=cfg, divergence_onset=45, act_norms=norms
@@ -164,8 +172,10 @@ def test_divergence_applies_the_opt_rule() -> None:
     assert choice.checkpoint is not None and choice.checkpoint.step == 20
     assert "stayed flat" in choice.reason and "loss scale 65536" in choice.reason
     reasons = dict(choice.rejected)
-    assert "after the divergence onset" in reasons[50]
-    assert "trend after it unknown" in reasons[40]  # 4 points between 40 and the onset
+    assert "after the divergence began" in reasons[50]
+    # the update of step 44 produced the first bad reading at 45: the checkpoint of step 44 holds it
+    assert "after the divergence began" in reasons[44]
+    assert "unknown yet (3 / 5" in reasons[40]  # 41..43 stored before the onset's margin
     assert "loss scale 0.5" in reasons[30]
     assert 10 not in reasons  # not reached: 20 qualified first
     # with a window reaching into the falling stretch, the same checkpoint's norm "trended down"
@@ -173,26 +183,68 @@ def test_divergence_applies_the_opt_rule() -> None:
         ckpts, failure=FailureClass.divergence, cfg=RestartPointConfig(), divergence_onset=45, act_norms=norms
     )
     assert wide.checkpoint is not None and wide.checkpoint.step == 20 and "trended down" in wide.reason
+    # without 20 and 30, 10 is judged: the norm ran away after it (x13.8 in 10 steps)
+    back = pick_restart_checkpoint(
+        [_ckpt(10), _ckpt(40)], failure=FailureClass.divergence, cfg=cfg, divergence_onset=45, act_norms=norms
+    )
+    assert back.checkpoint is None and "no checkpoint qualifies" in back.reason
+    assert "ran away" in dict(back.rejected)[10]
 
 
 def test_divergence_goes_further_back_and_escalates_when_nothing_qualifies() -> None:
-    rising = {s: float(s) for s in range(1, 60)}
+    flat_then_runaway = {s: 5.0 for s in range(1, 11)} | {s: 5.0 * 1.2 ** (s - 10) for s in range(11, 60)}
     choice = pick_restart_checkpoint(
         [_ckpt(10), _ckpt(20)],
         failure=FailureClass.divergence,
         cfg=RestartPointConfig(),
         divergence_onset=55,
-        act_norms=rising,
+        act_norms=flat_then_runaway,
     )
     assert choice.checkpoint is None and "no checkpoint qualifies" in choice.reason
     assert [s for s, _ in choice.rejected] == [20, 10]
 
 
-def test_trend_is_a_relative_least_squares_slope() -> None:
-    slope, n = act_norm_trend(
-        {11: 10.0, 12: 9.0, 13: 8.0, 14: 7.0}, after_step=10, until_step=None, window=20
-    )
-    assert n == 4 and slope is not None and slope < 0
+def test_bounded_growth_is_healthy_runaway_is_not() -> None:
+    """OPT restarted away from norms "growing unboundedly", not from a young model's norm rising."""
+    cfg = RestartPointConfig()
+
+    def verdict(norms: dict[int, float], step: int) -> CheckpointVerdict:
+        return judge_checkpoint(step=step, loss_scale=2.0**15, norms=norms, cfg=cfg)
+
+    # a young model: fast growth that slows down (power law), then flattens
+    young = {s: 2.0 * s**0.8 for s in range(1, 200)}
+    for step in (5, 20, 60, 150):
+        v = verdict(young, step)
+        assert v.verdict == Verdict.healthy and "grew boundedly" in v.reason, (step, v)
+    # slow steady growth from a flat history (+1 %/step: x1.2 per window) is bounded
+    slow = {s: 10.0 for s in range(1, 41)} | {s: 10.0 * 1.01 ** (s - 40) for s in range(41, 80)}
+    assert verdict(slow, 40).verdict == Verdict.healthy
+    # multiplicative growth faster than the run ever grew (+8 %/step from flat) is runaway: over 12 steps
+    # it has not yet reached x3, but its pace would within the trend window
+    fast = {s: 10.0 for s in range(1, 41)} | {s: 10.0 * 1.08 ** (s - 40) for s in range(41, 53)}
+    v = verdict(fast, 40)
+    assert v.verdict == Verdict.unhealthy and "multiplicatively" in v.reason
+    assert v.numbers["rate_per_step"] == pytest.approx(math.log(1.08), rel=1e-3)
+    # the same pace over a full window: the level it reached says it
+    v = verdict(fast | {s: 10.0 * 1.08 ** (s - 40) for s in range(53, 80)}, 40)
+    assert v.verdict == Verdict.unhealthy and "ran away" in v.reason
+    # a jump to 4x that holds, from a flat history
+    jump = {s: 10.0 for s in range(1, 46)} | {s: 40.0 for s in range(46, 80)}
+    v = verdict(jump, 40)
+    assert v.verdict == Verdict.unhealthy and "ran away" in v.reason and v.numbers["growth"] == 4.0
+    # too few stored steps after it: pending, with the count
+    v = verdict({s: 10.0 for s in range(1, 43)}, 40)
+    assert v.verdict == Verdict.pending and "2 / 5" in v.reason
+    # a collapsed loss scale is unhealthy whatever the norm did
+    v = judge_checkpoint(step=40, loss_scale=0.25, norms=young, cfg=cfg)
+    assert v.verdict == Verdict.unhealthy and "loss scale 0.25" in v.reason
+
+
+def test_trend_is_a_log_growth_rate() -> None:
+    rate, n = act_norm_trend({11: 10.0, 12: 9.0, 13: 8.0, 14: 7.0}, after_step=10, until_step=None, window=20)
+    assert n == 4 and rate is not None and rate < 0
+    rate, n = act_norm_trend({s: 2.0**s for s in range(11, 20)}, after_step=10, until_step=15, window=20)
+    assert n == 5 and rate == pytest.approx(math.log(2.0))
     assert act_norm_trend({11: 1.0}, after_step=10, until_step=None, window=20) == (None, 1)
 
 

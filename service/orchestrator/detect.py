@@ -202,14 +202,24 @@ def _first_sustained(flags: Sequence[tuple[int, bool]], patience: int) -> int | 
     return None
 
 
-def detect_divergence(samples: Sequence[MetricSample], cfg: DivergenceConfig) -> DivergenceFinding | None:
+def detect_divergence(
+    samples: Sequence[MetricSample], cfg: DivergenceConfig, *, history: Sequence[MetricSample] = ()
+) -> DivergenceFinding | None:
     """The OPT team's divergence signals over one attempt's metric stream, oldest first.
 
     Non-finite loss; a sustained loss spike (ratio and robust z-score over a trailing window); the dynamic
     loss scale below `min_loss_scale`; the final layer's activation norm held above a multiple of its
-    trailing median. The onset is the earliest step any signal fired.
+    trailing maximum. The onset is the earliest step any signal fired.
+
+    `history` is the lineage the attempt resumed from (the steps its restored checkpoint descends from):
+    it seeds the trailing baselines but is never judged itself. Without it, an attempt restored from a
+    checkpoint that already holds a bad update diverges from its first step against a baseline made of its
+    own diverging steps, and nothing is ever seen.
     """
     samples = sorted(samples, key=lambda s: s.step)
+    first_judged = samples[0].step if samples else 0
+    history = sorted((h for h in history if h.step < first_judged), key=lambda s: s.step)
+    stream = [*history, *samples]
     onsets: dict[str, int] = {}
     signals: list[str] = []
     evidence: dict[str, Any] = {}
@@ -226,11 +236,11 @@ def detect_divergence(samples: Sequence[MetricSample], cfg: DivergenceConfig) ->
             signals.append(f"loss scale {s.loss_scale:g} < {cfg.min_loss_scale:g} at step {s.step}")
             break
 
-    finite_losses = [(s.step, s.loss) for s in samples if _finite(s.loss)]
+    finite_losses = [(s.step, s.loss) for s in stream if _finite(s.loss)]
     spike_flags: list[tuple[int, bool]] = []
     for i, (step, loss) in enumerate(finite_losses):
         window = [v for _, v in finite_losses[max(0, i - cfg.loss_spike_window) : i]]
-        if step < cfg.judge_after_step or len(window) < cfg.min_points:
+        if step < max(cfg.judge_after_step, first_judged) or len(window) < cfg.min_points:
             continue
         median = statistics.median(window)
         mad = statistics.median(abs(v - median) for v in window)
@@ -244,13 +254,15 @@ def detect_divergence(samples: Sequence[MetricSample], cfg: DivergenceConfig) ->
             f"{cfg.loss_spike_z} robust sigmas for {cfg.loss_spike_patience} steps)"
         )
 
-    norms = [(s.step, s.act_norm) for s in samples if _finite(s.act_norm)]
+    norms = [(s.step, s.act_norm) for s in stream if _finite(s.act_norm)]
     norm_flags: list[tuple[int, bool]] = []
     baseline_at: dict[int, float] = {}
     lag = cfg.act_norm_patience
     for i, (step, norm) in enumerate(norms):
+        # the window ends `lag` points back: a runaway from the attempt's first step is measured against
+        # the lineage's level before it
         window = [v for _, v in norms[max(0, i - lag - cfg.act_norm_window) : max(0, i - lag + 1)]]
-        if step < cfg.judge_after_step or len(window) < cfg.min_points:
+        if step < max(cfg.judge_after_step, first_judged) or len(window) < cfg.min_points:
             continue
         baseline = max(window)
         baseline_at[step] = baseline
@@ -266,7 +278,7 @@ def detect_divergence(samples: Sequence[MetricSample], cfg: DivergenceConfig) ->
     if not onsets:
         return None
     onset = min(onsets.values())
-    tail = [s for s in samples if s.step >= onset - 3][:12]
+    tail = [s for s in stream if s.step >= onset - 3][:12]
     evidence.update(
         {
             "onsets": onsets,
