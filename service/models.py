@@ -189,9 +189,17 @@ class Checkpoint(Base):
     clip: Mapped[float | None]
     loss: Mapped[float | None]
     act_norm: Mapped[float | None]
-    healthy: Mapped[bool | None]
-    healthy_reason: Mapped[str | None] = mapped_column(sa.Text)
+    healthy: Mapped[bool | None]  # follows `verdict`: True healthy, False unhealthy, None pending
+    healthy_reason: Mapped[str | None] = mapped_column(sa.Text)  # the verdict's reason, in words
+    # OPT's restart rule on the steps that descend from this checkpoint (service/orchestrator/verdicts.py):
+    # a restart_point.Verdict value, the numbers it was decided on, and whether more steps can still change
+    # it (an operator's mark, or a full trend window, settles it).
+    verdict: Mapped[str] = mapped_column(sa.String(16), default="pending")
+    verdict_numbers: Mapped[dict[str, Any] | None] = mapped_column(sa.JSON)
+    verdict_final: Mapped[bool] = mapped_column(default=False)
+    verdict_at: Mapped[dt.datetime | None]
     pinned: Mapped[bool] = mapped_column(default=False)
+    pinned_by: Mapped[str | None] = mapped_column(sa.String(255))  # AUTO_PIN_AUTHOR or the operator
     meta: Mapped[dict[str, Any]] = mapped_column("metadata", sa.JSON, default=dict)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     committed_at: Mapped[dt.datetime | None]
