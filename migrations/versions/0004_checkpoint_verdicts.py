@@ -29,15 +29,13 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column("verdict", sa.String(length=16), nullable=True))
         batch_op.add_column(sa.Column("verdict_numbers", sa.JSON(), nullable=True))
         batch_op.add_column(sa.Column("verdict_final", sa.Boolean(), nullable=True))
-        batch_op.add_column(
-            sa.Column("verdict_at", service.models.UTCDateTime(timezone=True), nullable=True)
-        )
+        batch_op.add_column(sa.Column("verdict_at", service.models.UTCDateTime(timezone=True), nullable=True))
         batch_op.add_column(sa.Column("pinned_by", sa.String(length=255), nullable=True))
 
     # a verdict set before (by an operator's mark) is final; the rest are judged from now on
     op.execute(
-        "UPDATE checkpoints SET "
-        "verdict = CASE WHEN healthy IS NULL THEN 'pending' WHEN healthy THEN 'healthy' ELSE 'unhealthy' END, "
+        "UPDATE checkpoints SET verdict = "
+        "CASE WHEN healthy IS NULL THEN 'pending' WHEN healthy THEN 'healthy' ELSE 'unhealthy' END, "
         "verdict_final = CASE WHEN healthy IS NULL THEN false ELSE true END"
     )
     op.execute("UPDATE checkpoints SET pinned_by = 'operator' WHERE pinned")
