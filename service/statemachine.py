@@ -32,8 +32,14 @@ class DesiredState(enum.StrEnum):
     stopped = "stopped"
 
 
+# Every phase a run can be reconciled in may go to needs_attention: the orchestrator escalates a run it
+# cannot bring up (no hosts, a launch that keeps failing), whatever it was doing. An operator's restart of
+# a live attempt goes running -> restarting -> starting, like an automatic one; stop reaches `stopped` from
+# every phase but completed; start leaves `stopped` (and `failed`, `needs_attention`) through `starting`.
 RUN_TRANSITIONS: Mapping[RunPhase, frozenset[RunPhase]] = {
-    RunPhase.pending: frozenset({RunPhase.starting, RunPhase.stopped, RunPhase.failed}),
+    RunPhase.pending: frozenset(
+        {RunPhase.starting, RunPhase.needs_attention, RunPhase.stopped, RunPhase.failed}
+    ),
     RunPhase.starting: frozenset(
         {
             RunPhase.running,
@@ -50,13 +56,15 @@ RUN_TRANSITIONS: Mapping[RunPhase, frozenset[RunPhase]] = {
     RunPhase.restarting: frozenset(
         {RunPhase.starting, RunPhase.needs_attention, RunPhase.failed, RunPhase.stopped}
     ),
-    # An operator (or the orchestrator after a repair) may resume a run that asked for help.
+    # An operator (or the orchestrator after a repair) may resume a run that asked for help; an attempt
+    # still running when the run was escalated may reach its target.
     RunPhase.needs_attention: frozenset(
-        {RunPhase.starting, RunPhase.restarting, RunPhase.stopped, RunPhase.failed}
+        {RunPhase.starting, RunPhase.restarting, RunPhase.stopped, RunPhase.failed, RunPhase.completed}
     ),
-    # A stopped or failed run can be started again by hand; a completed run is final.
-    RunPhase.stopped: frozenset({RunPhase.starting}),
-    RunPhase.failed: frozenset({RunPhase.starting}),
+    # A stopped or failed run can be started again by hand (and escalated if it cannot be); a completed
+    # run is final.
+    RunPhase.stopped: frozenset({RunPhase.starting, RunPhase.needs_attention}),
+    RunPhase.failed: frozenset({RunPhase.starting, RunPhase.needs_attention, RunPhase.stopped}),
     RunPhase.completed: frozenset(),
 }
 

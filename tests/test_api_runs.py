@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 from fastapi.testclient import TestClient
 
+from service.crud.runs import get_run, set_run_phase
+from service.db import transaction
+from service.statemachine import RunPhase
 from tests.conftest import make_run
 
 
@@ -135,3 +139,28 @@ def test_a_slurm_run_is_refused_where_slurm_is_not_enabled(admin: TestClient) ->
     assert r.status_code == 422
     assert "Slurm is not enabled on this control plane" in r.json()["detail"]
     assert admin.get("/api/v1/runs").json()["total"] == 0
+
+
+def _put_in_phase(client: TestClient, run_id: int, *phases: str) -> None:
+    """Walk a run along the state machine, as the orchestrator would."""
+    with transaction(client.app.state.session_factory) as session:  # type: ignore[attr-defined]
+        run = get_run(session, run_id=run_id, for_update=True)
+        for target in phases:
+            set_run_phase(session, run=run, target=RunPhase(target), reason="test", author="test")
+
+
+@pytest.mark.parametrize("gave_up", ["needs_attention", "failed"])
+def test_start_of_a_run_that_gave_up_is_a_restart_and_stop_settles_it(
+    admin: TestClient, gave_up: str
+) -> None:
+    run = make_run(admin)
+    _put_in_phase(admin, run["id"], "starting", "running", gave_up)
+    started = admin.post(f"/api/v1/runs/{run['id']}/start").json()
+    # the orchestrator only resumes these on an operator's restart, which the start asks for
+    assert started["desired_state"] == "running" and started["phase"] == gave_up
+    assert started["pending_restart"]["reason"] == f"started by user:bootstrap-admin from {gave_up}"
+    stopped = admin.post(f"/api/v1/runs/{run['id']}/stop", json={"reason": "not today"}).json()
+    assert stopped["phase"] == "stopped" and stopped["pending_restart"] is None
+    # and a stopped run's start is a plain start (the orchestrator resumes it from its newest checkpoint)
+    again = admin.post(f"/api/v1/runs/{run['id']}/start").json()
+    assert again["desired_state"] == "running" and again["pending_restart"] is None

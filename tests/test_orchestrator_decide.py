@@ -19,11 +19,12 @@ from service.orchestrator.decide import (
     SetPhase,
     WaitForHosts,
     decide,
+    failure_of,
 )
 from service.orchestrator.detect import MetricSample, RankBeat
 from service.orchestrator.launcher import ProcessStatus
 from service.orchestrator.restart_point import CheckpointCandidate
-from service.statemachine import DesiredState, NodeState, RunPhase
+from service.statemachine import DesiredState, NodeState, RunPhase, check_run_transition
 
 NOW = 10_000.0
 CFG = OrchestratorConfig(remediation=RemediationConfig(backoff_base_s=5.0, hosts_wait_s=60.0))
@@ -291,3 +292,126 @@ def test_ranks_that_died_on_a_host_found_unfit_are_a_hardware_failure(code: int)
     states = {**HEALTHY, "h3": NodeState.cordoned}
     end = only(decide(run(attempt=attempt("exited", code), node_states=states), CFG), EndAttempt)
     assert end.outcome == ("signal" if code == 137 else "crash")
+
+
+# ---- operator levers in every phase ----------------------------------------------------------------
+
+PENDING_RESTART = {"reason": "loss spike", "author": "user:oncall", "from_checkpoint_id": None}
+# the phases in which an attempt can be active
+LIVE_PHASES = (RunPhase.starting, RunPhase.running, RunPhase.needs_attention)
+
+
+def phases_through(observed: ObservedRun, actions: list) -> list[RunPhase]:
+    """The run phases `Orchestrator.apply` moves through for `actions`, each step checked against the
+    state machine (raises InvalidTransition where apply would)."""
+    path = [observed.phase]
+
+    def move(target: RunPhase) -> None:
+        if path[-1] != target:
+            check_run_transition(path[-1], target)
+            path.append(target)
+
+    for action in actions:
+        if isinstance(action, SetPhase):
+            move(action.target)
+        elif isinstance(action, EndAttempt):
+            if action.outcome == "stopped":
+                move(RunPhase.stopped)
+            elif failure_of(action.outcome) is not None and path[-1] in (RunPhase.running, RunPhase.starting):
+                move(RunPhase.restarting)
+        elif isinstance(action, Launch):
+            move(RunPhase.starting)
+        elif isinstance(action, Escalate):
+            move(RunPhase.needs_attention)
+    return path
+
+
+@pytest.mark.parametrize("phase", LIVE_PHASES)
+def test_an_operator_restart_ends_a_live_attempt_and_goes_through_restarting(phase: RunPhase) -> None:
+    observed = run(phase=phase, attempt=attempt(), pending_restart=PENDING_RESTART)
+    acts = decide(observed, CFG)
+    assert [type(a) for a in acts] == [EndAttempt, SetPhase]
+    assert acts[0].outcome == "superseded" and acts[0].kill
+    assert phases_through(observed, acts)[-1] == RunPhase.restarting
+
+
+@pytest.mark.parametrize(
+    ("phase", "last_outcome"),
+    [
+        (RunPhase.restarting, "superseded"),  # the usual: the pass after the supersede
+        (RunPhase.running, "superseded"),  # an orchestrator that died between the two passes
+        (RunPhase.restarting, "crash"),  # in back-off after a crash: the operator does not wait
+        (RunPhase.needs_attention, "crash"),  # the orchestrator gave up; the operator restarts
+        (RunPhase.stopped, "stopped"),
+        (RunPhase.failed, "crash"),
+        (RunPhase.pending, None),
+    ],
+)
+def test_an_operator_restart_launches_from_every_phase_with_its_overrides(
+    phase: RunPhase, last_outcome: str | None
+) -> None:
+    history = (ended(last_outcome, ago=0.5),) if last_outcome else ()
+    observed = run(
+        phase=phase,
+        pending_restart=PENDING_RESTART,
+        lr_scale=0.5,
+        clip_override=0.3,
+        history=history,
+        checkpoints=(ckpt(10), ckpt(20)),
+    )
+    acts = decide(observed, CFG)
+    launch = only(acts, Launch)
+    assert launch.consume_pending_restart and launch.checkpoint == ckpt(20)
+    assert launch.overrides["lr_scale"] == 0.5 and launch.overrides["clip"] == 0.3
+    assert launch.reason.startswith("operator restart (user:oncall): loss spike")
+    assert phases_through(observed, acts)[-1] == RunPhase.starting
+
+
+def test_start_of_a_stopped_run_resumes_it_with_its_standing_overrides() -> None:
+    observed = run(
+        phase=RunPhase.stopped,
+        lr_scale=0.5,
+        clip_override=0.3,
+        history=(ended("superseded", number=1), ended("stopped", number=2)),
+        checkpoints=(ckpt(10), ckpt(20, usable=False, unusable_reason="torn"), ckpt(14)),
+    )
+    acts = decide(observed, CFG)
+    launch = only(acts, Launch)
+    assert launch.checkpoint == ckpt(14) and launch.reason == "resuming from checkpoint step 14"
+    assert launch.overrides == {"lr_scale": 0.5, "lr": None, "clip": 0.3}
+    assert not launch.consume_pending_restart
+    assert phases_through(observed, acts) == [RunPhase.stopped, RunPhase.starting]
+    # asked to stay stopped, it does
+    assert decide(replace(observed, desired=DesiredState.stopped), CFG) == []
+
+
+@pytest.mark.parametrize("phase", [p for p in RunPhase if p != RunPhase.completed])
+def test_stop_settles_every_phase_in_stopped(phase: RunPhase) -> None:
+    live = phase in LIVE_PHASES
+    observed = run(phase=phase, desired=DesiredState.stopped, attempt=attempt() if live else None)
+    acts = decide(observed, CFG)
+    assert phases_through(observed, acts)[-1] == RunPhase.stopped
+    if live:
+        assert acts == [EndAttempt("stopped", "the run was asked to stop", kill=True)]
+
+
+@pytest.mark.parametrize(
+    ("phase", "live"),
+    [(p, False) for p in RunPhase if p != RunPhase.completed] + [(p, True) for p in LIVE_PHASES],
+)
+@pytest.mark.parametrize("desired", list(DesiredState))
+@pytest.mark.parametrize("pending", [None, PENDING_RESTART])
+@pytest.mark.parametrize("last_outcome", [None, "superseded", "stopped", "crash", "divergence", "config"])
+def test_no_decision_asks_for_a_transition_the_state_machine_refuses(
+    phase: RunPhase, live: bool, desired: DesiredState, pending: dict | None, last_outcome: str | None
+) -> None:
+    observed = run(
+        phase=phase,
+        desired=desired,
+        pending_restart=pending,
+        attempt=attempt(first_step_seen=False) if live else None,
+        history=(ended(last_outcome, ago=1000.0, onset_step=25),) if last_outcome else (),
+        checkpoints=(ckpt(10), ckpt(20)),
+        act_norms={s: 10.0 for s in range(1, 30)},
+    )
+    phases_through(observed, decide(observed, CFG))  # raises InvalidTransition on a refused step

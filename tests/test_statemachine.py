@@ -22,6 +22,7 @@ from service.statemachine import (
 
 ALLOWED_RUN = {
     ("pending", "starting"),
+    ("pending", "needs_attention"),
     ("pending", "stopped"),
     ("pending", "failed"),
     ("starting", "running"),
@@ -43,8 +44,12 @@ ALLOWED_RUN = {
     ("needs_attention", "restarting"),
     ("needs_attention", "stopped"),
     ("needs_attention", "failed"),
+    ("needs_attention", "completed"),
     ("stopped", "starting"),
+    ("stopped", "needs_attention"),
     ("failed", "starting"),
+    ("failed", "needs_attention"),
+    ("failed", "stopped"),
 }
 
 
@@ -57,6 +62,20 @@ def test_run_transition_table(current: RunPhase, target: RunPhase) -> None:
         with pytest.raises(InvalidTransition) as err:
             check_run_transition(current, target)
         assert current.value in str(err.value) and target.value in str(err.value)
+
+
+def test_an_operator_restart_of_a_live_attempt_goes_through_restarting() -> None:
+    with pytest.raises(InvalidTransition, match="'running' to 'starting'"):
+        check_run_transition(RunPhase.running, RunPhase.starting)
+    for current, target in [(RunPhase.running, RunPhase.restarting), (RunPhase.restarting, RunPhase.starting)]:
+        check_run_transition(current, target)
+
+
+def test_every_phase_but_completed_can_be_escalated_and_stopped() -> None:
+    for phase in set(RunPhase) - {RunPhase.completed, RunPhase.needs_attention}:
+        check_run_transition(phase, RunPhase.needs_attention)
+    for phase in set(RunPhase) - {RunPhase.completed, RunPhase.stopped}:
+        check_run_transition(phase, RunPhase.stopped)
 
 
 def test_completed_is_final_and_every_phase_is_reachable() -> None:

@@ -149,9 +149,21 @@ def set_run_phase(
 
 
 def start_run(session: Session, *, run_id: int, author: str) -> Run:
+    """Ask a run to run. A stopped or pending run is resumed by the orchestrator from its newest intact
+    checkpoint with its standing overrides. A run the orchestrator gave up on (needs_attention) or that
+    failed is restarted as if by `request_restart` without overrides: the operator has looked, so no
+    restart budget applies."""
     run = get_run(session, run_id=run_id, for_update=True)
     if run.phase == RunPhase.completed:
         raise Conflict(f"run {run.name} has completed; create a new run to train further")
+    if (
+        run.phase in (RunPhase.needs_attention, RunPhase.failed)
+        and run.pending_restart is None
+        and active_attempt(session, run_id=run.id) is None
+    ):
+        return request_restart(
+            session, run_id=run_id, author=author, reason=f"started by {author} from {run.phase.value}"
+        )
     if run.desired_state != DesiredState.running:
         run.desired_state = DesiredState.running
         write_log(
@@ -181,7 +193,10 @@ def stop_run(session: Session, *, run_id: int, reason: str, author: str) -> Run:
             evidence={"phase": run.phase.value},
         )
     # Nothing runs in these phases, so the stop is complete now; active runs are stopped by the orchestrator.
-    if run.phase in (RunPhase.pending, RunPhase.needs_attention):
+    if (
+        run.phase in (RunPhase.pending, RunPhase.needs_attention, RunPhase.failed)
+        and active_attempt(session, run_id=run.id) is None
+    ):
         set_run_phase(
             session, run=run, target=RunPhase.stopped, reason=reason, author=author, kind=LogKind.action
         )

@@ -113,6 +113,15 @@ class OrchestratorConfig:
     """Control plane URL given to trainers for reporting; None = trainers do not report over HTTP."""
     straggler_ratio: float = 3.0
     """A rank whose step time exceeds the median of the others by this factor is a straggler."""
+    failing_pass_limit: int = 5
+    """Consecutive failed reconcile passes of one run (an exception while observing, deciding or applying)
+    after which the run goes to needs_attention with the error in the logbook and on-call is paged. Between
+    tries the run waits `loop_interval_s`, then twice that, ... up to `failing_pass_backoff_max_s`."""
+    failing_pass_backoff_max_s: float = 30.0
+    """Largest wait between two tries of a run whose pass keeps failing."""
+    transient_failure_patience_s: float = 300.0
+    """A streak of transient errors (database or network unreachable) escalates only once it has also lasted
+    this long: a database restart is waited out, an outage that lasts is paged."""
     divergence: DivergenceConfig = field(default_factory=DivergenceConfig)
     restart_point: RestartPointConfig = field(default_factory=RestartPointConfig)
     remediation: RemediationConfig = field(default_factory=RemediationConfig)
@@ -125,3 +134,9 @@ class OrchestratorConfig:
             raise ValueError("loop_interval_s must be in (0, hang_timeout_s]")
         if self.straggler_ratio <= 1:
             raise ValueError("straggler_ratio must be > 1")
+        if self.failing_pass_limit < 1:
+            raise ValueError("failing_pass_limit must be >= 1")
+        if self.failing_pass_backoff_max_s < self.loop_interval_s or self.transient_failure_patience_s < 0:
+            raise ValueError(
+                "need failing_pass_backoff_max_s >= loop_interval_s and transient_failure_patience_s >= 0"
+            )

@@ -145,7 +145,7 @@ def decide(run: ObservedRun, cfg: OrchestratorConfig) -> list[Action]:
 def _decide_stopped(run: ObservedRun) -> list[Action]:
     if run.attempt is not None:
         return [EndAttempt("stopped", "the run was asked to stop", kill=True)]
-    if run.phase not in (RunPhase.stopped, RunPhase.completed, RunPhase.failed):
+    if run.phase not in (RunPhase.stopped, RunPhase.completed):
         return [SetPhase(RunPhase.stopped, "stopped as asked; no attempt is running")]
     return []
 
@@ -154,13 +154,12 @@ def _decide_active(run: ObservedRun, cfg: OrchestratorConfig) -> list[Action]:
     attempt = run.attempt
     assert attempt is not None
     if run.pending_restart:
+        reason = f"operator restart: {run.pending_restart.get('reason', '')}"
         return [
             EndAttempt(
-                "superseded",
-                f"operator restart: {run.pending_restart.get('reason', '')}",
-                kill=True,
-                evidence={"pending_restart": dict(run.pending_restart)},
-            )
+                "superseded", reason, kill=True, evidence={"pending_restart": dict(run.pending_restart)}
+            ),
+            *_into_restarting(run, reason),
         ]
 
     if attempt.process.state == "exited":
@@ -367,10 +366,26 @@ def _last_progress(attempt: ObservedAttempt) -> float | None:
     return max((b.time for b in attempt.beats), default=None)
 
 
+def _into_restarting(run: ObservedRun, reason: str) -> list[Action]:
+    """A relaunch leaves a live phase through `restarting` (the state machine has no running -> starting)."""
+    if run.phase in (RunPhase.starting, RunPhase.running, RunPhase.needs_attention):
+        return [SetPhase(RunPhase.restarting, reason)]
+    return []
+
+
 def _decide_idle(run: ObservedRun, cfg: OrchestratorConfig) -> list[Action]:
-    resumable = run.phase in (RunPhase.pending, RunPhase.starting, RunPhase.running, RunPhase.restarting)
+    # desired == running here. A stopped run was stopped by an operator and started again by one (the
+    # start lever); failed and needs_attention runs wait for a human's restart (or start, which asks for
+    # one through `pending_restart`).
+    resumable = run.phase in (
+        RunPhase.pending,
+        RunPhase.starting,
+        RunPhase.running,
+        RunPhase.restarting,
+        RunPhase.stopped,
+    )
     if not resumable and not run.pending_restart:
-        return []  # stopped, failed or needing attention: a human decides (restart through the API)
+        return []  # failed or needing attention: a human decides (restart or start through the API)
     last = run.history[-1] if run.history else None
     failure = failure_of(last.outcome) if last else None
 
@@ -395,7 +410,7 @@ def _decide_idle(run: ObservedRun, cfg: OrchestratorConfig) -> list[Action]:
         reason = (
             f"operator restart ({run.pending_restart.get('author')}): {run.pending_restart.get('reason')}"
         )
-        return _launch_or_wait(
+        return _into_restarting(run, reason) + _launch_or_wait(
             run,
             cfg,
             checkpoint=checkpoint,
@@ -481,7 +496,7 @@ def _decide_idle(run: ObservedRun, cfg: OrchestratorConfig) -> list[Action]:
     checkpoint = max(usable, key=lambda c: c.step) if usable else None
     reason = "first launch" if not run.history else "resuming"
     reason += f" from checkpoint step {checkpoint.step}" if checkpoint else " from scratch"
-    return _launch_or_wait(
+    return _into_restarting(run, reason) + _launch_or_wait(
         run,
         cfg,
         checkpoint=checkpoint,

@@ -12,6 +12,7 @@ import logging
 import math
 import threading
 import time
+import traceback
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ from service.orchestrator.decide import (
     failure_of,
 )
 from service.orchestrator.detect import FailureClass, MetricSample, RankBeat
+from service.orchestrator.failing_passes import FailingPasses
 from service.orchestrator.health_gateway import HealthGateway
 from service.orchestrator.launcher import (
     Launcher,
@@ -55,6 +57,7 @@ from service.orchestrator.launcher import (
 )
 from service.orchestrator.restart_point import CheckpointCandidate
 from service.statemachine import (
+    RUN_TRANSITIONS,
     TERMINAL_PHASES,
     CheckpointState,
     DesiredState,
@@ -112,6 +115,12 @@ class Orchestrator:
         self.trainer_env = trainer_env or {}
         self.runs_dir = Path(cfg.runs_dir).resolve()
         self._waiting_since: dict[int, float] = {}
+        self.failing_passes = FailingPasses(
+            limit=cfg.failing_pass_limit,
+            transient_patience_s=cfg.transient_failure_patience_s,
+            backoff_base_s=cfg.loop_interval_s,
+            backoff_max_s=cfg.failing_pass_backoff_max_s,
+        )
         self._wake = threading.Event()
         self._stop = threading.Event()
 
@@ -139,16 +148,79 @@ class Orchestrator:
     def reconcile_once(self) -> dict[int, list[Action]]:
         self._sync_external_nodes()
         done: dict[int, list[Action]] = {}
-        for run_id in self._runs_to_reconcile():
+        run_ids = self._runs_to_reconcile()
+        self.failing_passes.forget_except(set(run_ids))
+        for run_id in run_ids:
+            if not self.failing_passes.due(run_id, time.time()):
+                continue  # backing off after failed passes
+            stage = "observe"
             try:
                 self._sync_checkpoints(run_id)
                 observed = self.observe(run_id)
+                stage = "decide"
                 actions = decide(observed, self.cfg)
+                stage = "apply"
                 self.apply(observed, actions)
                 done[run_id] = actions
-            except Exception:
-                log.exception("reconciling run %s failed", run_id)
+            except Exception as error:
+                log.exception("reconciling run %s failed (%s)", run_id, stage)
+                self._pass_failed(run_id, error, stage=stage)
+                continue
+            ended = self.failing_passes.succeeded(run_id)
+            if ended is not None:
+                log.info("run %s reconciled again after %d failed pass(es)", run_id, ended.count)
         return done
+
+    def _pass_failed(self, run_id: int, error: Exception, *, stage: str) -> None:
+        """Count a failed pass; past `failing_pass_limit` the run needs attention and on-call is paged."""
+        verdict = self.failing_passes.failed(run_id, error, stage=stage, now=time.time())
+        if not verdict.escalate:
+            return
+        failures = verdict.failures
+        reason = (
+            f"the orchestrator failed {failures.count} consecutive reconcile passes of this run "
+            f"(last in {failures.last_stage}): {failures.last_error}"
+        )
+        evidence: dict[str, Any] = {
+            "error": failures.last_error,
+            "stage": failures.last_stage,
+            "failed_passes": failures.count,
+            "transient": failures.transient,
+            "failing_since": dt.datetime.fromtimestamp(failures.first_failed_at, dt.UTC).isoformat(),
+            "traceback": "".join(traceback.format_exception(error)[-6:])[-4000:],
+        }
+        try:
+            with transaction(self.factory) as session:
+                run = get_run(session, run_id=run_id, for_update=True)
+                if run.pending_restart:
+                    evidence["dropped_pending_restart"] = dict(run.pending_restart)
+                    run.pending_restart = None  # a restart that cannot be carried out is not retried forever
+                if RunPhase.needs_attention in RUN_TRANSITIONS[run.phase]:  # not already, not completed
+                    set_run_phase(
+                        session,
+                        run=run,
+                        target=RunPhase.needs_attention,
+                        reason=reason,
+                        author=AUTHOR,
+                        severity=Severity.critical,
+                        kind=LogKind.failure,
+                        evidence=evidence,
+                    )
+                else:
+                    write_log(
+                        session,
+                        kind=LogKind.failure,
+                        severity=Severity.critical,
+                        author=AUTHOR,
+                        run_id=run_id,
+                        message=reason,
+                        evidence=evidence,
+                    )
+        except Exception:  # e.g. the database is down: the next failed pass tries to escalate again
+            log.exception("could not record the failing passes of run %s", run_id)
+            return
+        self.failing_passes.mark_escalated(run_id)
+        self._page(run_id, reason, evidence)
 
     def _sync_external_nodes(self) -> None:
         """Scheduler-side drains and outages (an admin's Slurm drain, a node gone DOWN) become node states
@@ -546,21 +618,37 @@ class Orchestrator:
         with transaction(self.factory) as session:
             run = get_run(session, run_id=observed.run_id, for_update=True)
             if run.phase == RunPhase.needs_attention:
-                return
-            set_run_phase(
-                session,
-                run=run,
-                target=RunPhase.needs_attention,
-                reason=action.reason,
-                author=AUTHOR,
-                severity=Severity.critical,
-                evidence=dict(action.evidence),
-            )
+                if not run.pending_restart:
+                    return  # already escalated and paged
+                # An operator's restart of a run that needs attention cannot be carried out: say so and drop
+                # it (the run stays where it is), rather than trying it again on every pass.
+                write_log(
+                    session,
+                    kind=LogKind.failure,
+                    severity=Severity.critical,
+                    author=AUTHOR,
+                    run_id=run.id,
+                    message=f"operator restart not carried out: {action.reason}",
+                    evidence={**dict(action.evidence), "dropped_pending_restart": dict(run.pending_restart)},
+                )
+            else:
+                set_run_phase(
+                    session,
+                    run=run,
+                    target=RunPhase.needs_attention,
+                    reason=action.reason,
+                    author=AUTHOR,
+                    severity=Severity.critical,
+                    evidence=dict(action.evidence),
+                )
             run.pending_restart = None
+        self._page(observed.run_id, action.reason, dict(action.evidence))
+
+    def _page(self, run_id: int, reason: str, evidence: dict[str, Any]) -> None:
         if self.pager is not None:
             try:
-                self.pager(observed.run_id, action.reason, dict(action.evidence))
-            except Exception:  # paging is best effort; the logbook entry above is the record
+                self.pager(run_id, reason, evidence)
+            except Exception:  # paging is best effort; the logbook entry is the record
                 log.exception("paging on-call failed")
 
     def _launch(self, observed: ObservedRun, action: Launch) -> None:
