@@ -353,8 +353,20 @@ class CheckpointPublic(ORM):
     loss: float | None
     act_norm: float | None
     healthy: bool | None
-    healthy_reason: str | None
+    healthy_reason: str | None = Field(description="The verdict's reason, in words.")
+    verdict: Literal["healthy", "unhealthy", "pending"] = Field(
+        description="OPT's restart rule on the steps that descend from it, kept current by the orchestrator."
+    )
+    verdict_numbers: dict[str, Any] | None = Field(
+        description="The evidence: loss scale at save, the activation norm's course after it, loss after it."
+    )
+    verdict_final: bool = Field(description="No later step can change the verdict any more.")
+    verdict_at: dt.datetime | None
     pinned: bool
+    pinned_by: str | None = Field(
+        description="Who set the pin state last: the orchestrator's automatic pin of the newest healthy "
+        "checkpoint, or an operator."
+    )
     metadata: dict[str, Any] = Field(validation_alias="meta")
     created_at: dt.datetime
     committed_at: dt.datetime | None

@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from fastapi.testclient import TestClient
 
+from service.config import Settings
 from tests.conftest import make_run, make_token
 
 
-def test_register_commit_and_mark(admin: TestClient) -> None:
+def test_register_commit_and_mark(admin: TestClient, settings: Settings) -> None:
     run = make_run(admin)
     trainer = make_token(admin, "trainer", run_id=run["id"])
     base = f"/api/v1/runs/{run['id']}/checkpoints"
+    on_disk = settings.home / "runs" / run["name"] / "checkpoints" / "step_00000100"
+    on_disk.mkdir(parents=True)
     body = {
         "attempt": 1,
         "step": 100,
         "tokens": 409600,
-        "path": "/ckpt/step_100",
+        "path": str(on_disk),
         "size_bytes": 1234,
         "checksum": "sha256:ab",
         "state": "writing",
@@ -42,6 +47,8 @@ def test_register_commit_and_mark(admin: TestClient) -> None:
     )
     assert r.status_code == 200
     assert r.json()["state"] == "verified" and r.json()["healthy"] is True and r.json()["pinned"] is True
+    assert (on_disk / "PINNED").exists()  # the pin reached disk: the trainer's retention keeps it
+    assert r.json()["verdict"] == "healthy" and r.json()["verdict_final"] is True  # an operator's verdict
     # verified -> writing is not a transition; the checkpoint keeps its state
     r = admin.post(f"/api/v1/checkpoints/{ckpt_id}/mark", json={"reason": "x", "state": "deleted"})
     assert r.status_code == 200

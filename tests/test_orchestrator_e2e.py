@@ -27,6 +27,7 @@ from service.orchestrator.launcher import LocalLauncher
 from service.orchestrator.loop import Orchestrator
 from service.schemas import RunConfig
 from tests.livesrv import LiveServer
+from trainer.checkpoint import checkpoint_name, list_checkpoints
 
 pytestmark = pytest.mark.slow
 
@@ -130,7 +131,9 @@ def corrupt(checkpoint_dir: Path) -> None:
 def test_orchestrator_killed_mid_recovery_finishes_it_once_and_skips_a_corrupt_checkpoint(
     stack: Stack,
 ) -> None:
-    run_id = stack.create_run(target_steps=20, faults=["1:crash:step=10,rank=0,code=13"])
+    # The crash comes at step 14: the saves of steps 4 and 8 are committed by then (a save waits for the
+    # previous one), the one of step 12 may be cut short by the crash.
+    run_id = stack.create_run(target_steps=20, faults=["1:crash:step=14,rank=0,code=13"])
     first = stack.orchestrator()
     # The first orchestrator launches, sees the crash, ends the attempt ... and dies before relaunching.
     deadline = time.monotonic() + 180
@@ -145,8 +148,14 @@ def test_orchestrator_killed_mid_recovery_finishes_it_once_and_skips_a_corrupt_c
         attempts = stack.attempts(session, run_id)
         assert len(attempts) == 1 and attempts[0].exit_reason == "crash" and attempts[0].exit_code == 13
         assert session.get(Run, run_id).phase.value == "restarting"
-    # Meanwhile the newest checkpoint (step 8) rotted on disk.
-    corrupt(stack.home / "runs" / "r" / "checkpoints" / "step_00000008")
+    # Meanwhile the newest committed checkpoint rotted on disk (the test waits for the state it needs:
+    # the committed checkpoints on disk, not a step it assumes was saved in time).
+    committed = [
+        i.step for i in list_checkpoints(stack.home / "runs" / "r" / "checkpoints", deep=False) if i.ok
+    ]
+    assert len(committed) >= 2 and committed[:2] == [4, 8], committed
+    rotten, fallback = committed[-1], committed[-2]
+    corrupt(stack.home / "runs" / "r" / "checkpoints" / checkpoint_name(rotten))
 
     second = stack.orchestrator()
     thread = in_thread(second)
@@ -165,12 +174,17 @@ def test_orchestrator_killed_mid_recovery_finishes_it_once_and_skips_a_corrupt_c
         attempts = stack.attempts(session, run_id)
         assert len(attempts) == 2, [a.exit_reason for a in attempts]
         restored = session.get(Checkpoint, attempts[1].restored_from_checkpoint_id)
-        assert restored.step == 4
+        assert restored.step == fallback
         corrupt_row = session.scalar(
-            sa.select(Checkpoint).where(Checkpoint.run_id == run_id, Checkpoint.step == 8)
+            sa.select(Checkpoint).where(Checkpoint.run_id == run_id, Checkpoint.step == rotten)
         )
-        assert corrupt_row.state.value == "corrupt" and corrupt_row.healthy is False
-        assert attempts[0].steps_lost == attempts[0].last_step - 4
+        # the rotten file was marked corrupt; if the second attempt saved that step again, the row now
+        # describes the new file (the catalog tells the truth about what is on disk)
+        if corrupt_row.attempt == 1:
+            assert corrupt_row.state.value == "corrupt" and corrupt_row.healthy is False
+        else:
+            assert corrupt_row.attempt == 2 and corrupt_row.state.value != "corrupt"
+        assert attempts[0].steps_lost == attempts[0].last_step - fallback
     log = stack.logbook()
     assert any("failed verification before restore: checksum mismatch" in m for m in log)
     assert sum("launched on" in m for m in log) == 2

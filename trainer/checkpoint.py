@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import time
@@ -186,9 +187,63 @@ def latest_valid_checkpoint(checkpoint_dir: str | Path) -> CheckpointInfo | None
     return valid[-1] if valid else None
 
 
+CATALOG_META_KEYS = ("loss_window", "act_norm_window", "data_position", "attempt")
+
+
+def catalog_record(path: Path, step: int, meta: dict[str, Any], checksum: str | None) -> dict[str, Any]:
+    """What the control plane catalogues for a committed checkpoint, all read from the checkpoint itself
+    (meta.json, manifest, sizes): the trainer's registration and the orchestrator's discovery on disk send
+    the same record, so either order converges on one row."""
+
+    def finite(x: Any) -> float | None:
+        return float(x) if isinstance(x, int | float) and math.isfinite(x) else None
+
+    return {
+        "attempt": meta.get("attempt"),
+        "step": step,
+        "tokens": meta.get("tokens"),
+        "path": str(path),
+        "size_bytes": dir_size(path),
+        "checksum": checksum,
+        "state": "committed",
+        "loss_scale": meta.get("loss_scale"),
+        "lr": meta.get("lr"),
+        "clip": meta.get("clip"),
+        "loss": finite(meta.get("loss")),
+        "act_norm": finite(meta.get("act_norm")),
+        "metadata": {k: meta[k] for k in CATALOG_META_KEYS if k in meta},
+    }
+
+
 def pin_checkpoint(path: str | Path) -> None:
-    """Exempt a checkpoint from retention (the control plane pins restart candidates)."""
-    (Path(path) / PINNED).touch()
+    """Exempt a checkpoint from retention (the control plane pins restart candidates). The marker is the
+    contract between the control plane and retention: the trainer never asks the control plane."""
+    marker = Path(path) / PINNED
+    if not marker.exists():
+        atomic_write_text(marker, "")
+        _fsync_dir(Path(path))
+
+
+def unpin_checkpoint(path: str | Path) -> None:
+    """Let retention delete a checkpoint again (no-op when it is not pinned or is gone)."""
+    try:
+        (Path(path) / PINNED).unlink()
+        _fsync_dir(Path(path))
+    except FileNotFoundError:  # not pinned, or the checkpoint itself is gone
+        return
+
+
+def is_pinned(path: str | Path) -> bool:
+    return (Path(path) / PINNED).exists()
+
+
+def read_checksum(path: str | Path) -> str | None:
+    """The checksum its manifest records (sha256 of the file table); None if unreadable."""
+    try:
+        checksum = json.loads((Path(path) / MANIFEST).read_text()).get("checksum")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return checksum if isinstance(checksum, str) else None
 
 
 def apply_retention(checkpoint_dir: str | Path, keep: int) -> list[Path]:

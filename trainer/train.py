@@ -34,7 +34,7 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from trainer.checkpoint import (
     Checkpointer,
     CheckpointInfo,
-    dir_size,
+    catalog_record,
     latest_valid_checkpoint,
     verify_checkpoint,
 )
@@ -279,24 +279,8 @@ def train(cfg: TrainConfig) -> int:
     )
 
     def on_commit(info: CheckpointInfo, checksum: str) -> None:
-        reporter.checkpoint(
-            {
-                "step": info.step,
-                "tokens": info.meta["tokens"],
-                "path": str(info.path),
-                "size_bytes": dir_size(info.path),
-                "checksum": checksum,
-                "state": "committed",
-                "loss_scale": info.meta["loss_scale"],
-                "lr": info.meta["lr"],
-                "clip": info.meta["clip"],
-                "loss": finite_or_none(info.meta["loss"]),
-                "act_norm": finite_or_none(info.meta["act_norm"]),
-                "metadata": {
-                    k: info.meta[k] for k in ("loss_window", "act_norm_window", "data_position", "attempt")
-                },
-            }
-        )
+        # the same record the orchestrator builds when it finds the checkpoint on disk
+        reporter.checkpoint(catalog_record(info.path, info.step, info.meta, checksum))
 
     checkpointer = Checkpointer(
         run_dir / "checkpoints",

@@ -2,50 +2,208 @@
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from service.crud.logbook import write_log
-from service.errors import BadRequest, NotFound
-from service.models import Checkpoint, utcnow
+from service.errors import BadRequest, Conflict, NotFound
+from service.models import Checkpoint, Run, utcnow
 from service.statemachine import CheckpointState, LogKind, Severity, check_checkpoint_transition
+
+AUTO_PIN_AUTHOR = "system:orchestrator"  # `pinned_by` of the orchestrator's pin of the newest healthy one
+PENDING = "pending"  # restart_point.Verdict.pending: not judged yet (the crud layer does not import the rule)
+
+# What describes the file itself: a re-save of the step replaces all of it.
+FILE_FIELDS = (
+    "attempt",
+    "step",
+    "tokens",
+    "size_bytes",
+    "checksum",
+    "loss_scale",
+    "lr",
+    "clip",
+    "loss",
+    "act_norm",
+)
+
+
+class CatalogSource(enum.StrEnum):
+    trainer = "trainer"  # the trainer's registration (POST .../checkpoints, or its spool drained)
+    disk = "disk"  # the orchestrator found it on disk (marker, manifest and meta.json read from the file)
+
+
+class UpsertOutcome(enum.StrEnum):
+    created = "created"
+    unchanged = "unchanged"  # the same file, nothing new
+    completed = "completed"  # the same file: missing fields filled in, or writing -> committed
+    replaced = "replaced"  # a re-save of the step by a later attempt: the row now describes the new file
+    stale = "stale"  # a late registration of a file a later attempt has already replaced: ignored
 
 
 def register_checkpoint(session: Session, *, run_id: int, data: dict[str, Any]) -> tuple[Checkpoint, bool]:
-    """Store a checkpoint the trainer wrote; re-registering the same path returns the stored row."""
-    existing = session.scalar(
-        sa.select(Checkpoint).where(Checkpoint.run_id == run_id, Checkpoint.path == data["path"])
+    """Store a checkpoint the trainer wrote (see `upsert_checkpoint`); returns (row, created)."""
+    ckpt, outcome = upsert_checkpoint(
+        session, run_id=run_id, data=data, source=CatalogSource.trainer, author="trainer"
     )
-    if existing is not None:
-        if existing.state == CheckpointState.writing and data.get("state") == CheckpointState.committed:
-            _commit(existing)
-        return existing, False
+    return ckpt, outcome == UpsertOutcome.created
+
+
+def upsert_checkpoint(
+    session: Session, *, run_id: int, data: dict[str, Any], source: CatalogSource, author: str
+) -> tuple[Checkpoint, UpsertOutcome]:
+    """One idempotent upsert for the trainer's registration and the orchestrator's discovery on disk, in
+    either order, concurrently (INSERT .. ON CONFLICT DO NOTHING, then the row locked and updated).
+
+    A row describes the file at its path now. The same file (same checksum; without one, same attempt)
+    only fills in what the row lacks. A different file at the same path is a re-save of the step after a
+    rollback: the row takes the new attempt, checksum, size, loss scale, metadata and state, its verdict
+    starts over (pending) and its pin is dropped (the pinned file was replaced), and the logbook records the
+    replacement. A registration from an older attempt than the row's is a late arrival (a replayed spool)
+    and changes nothing; what is found on disk always wins, it is the file.
+    """
     state = CheckpointState(data.get("state", CheckpointState.writing))
     if state not in (CheckpointState.writing, CheckpointState.committed):
         raise BadRequest("a new checkpoint is registered as 'writing' or 'committed'")
-    ckpt = Checkpoint(
-        run_id=run_id,
-        attempt=data.get("attempt"),
-        step=data["step"],
-        tokens=data.get("tokens"),
-        path=data["path"],
-        size_bytes=data.get("size_bytes"),
-        checksum=data.get("checksum"),
-        state=state,
-        loss_scale=data.get("loss_scale"),
-        lr=data.get("lr"),
-        clip=data.get("clip"),
-        loss=data.get("loss"),
-        act_norm=data.get("act_norm"),
-        meta=data.get("metadata") or {},
-        committed_at=utcnow() if state == CheckpointState.committed else None,
+    values = {f: data.get(f) for f in FILE_FIELDS}
+    new_id = _insert_unless_present(
+        session,
+        {
+            **values,
+            "run_id": run_id,
+            "path": data["path"],
+            "state": state,
+            "meta": data.get("metadata") or {},
+            "verdict": PENDING,
+            "verdict_final": False,
+            "pinned": False,
+            "created_at": utcnow(),
+            "committed_at": utcnow() if state == CheckpointState.committed else None,
+        },
     )
-    session.add(ckpt)
-    session.flush()
-    return ckpt, True
+    if new_id is not None:
+        return get_checkpoint(session, checkpoint_id=new_id), UpsertOutcome.created
+    ckpt = session.scalar(
+        sa.select(Checkpoint)
+        .where(Checkpoint.run_id == run_id, Checkpoint.path == data["path"])
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    )
+    assert ckpt is not None  # the insert conflicted with it, and checkpoints are never deleted
+    if _same_file(ckpt, values):
+        return ckpt, _complete(ckpt, values, data.get("metadata") or {}, state)
+    if (
+        source == CatalogSource.trainer
+        and values["attempt"] is not None
+        and ckpt.attempt is not None
+        and values["attempt"] < ckpt.attempt
+    ):
+        return ckpt, UpsertOutcome.stale
+    _replace(session, ckpt, values, data.get("metadata") or {}, state, source=source, author=author)
+    return ckpt, UpsertOutcome.replaced
+
+
+def _insert_unless_present(session: Session, row: dict[str, Any]) -> int | None:
+    """INSERT .. ON CONFLICT (run_id, path) DO NOTHING RETURNING id: the new row's id, or None if the
+    path is catalogued already (a concurrent insert waits for the other's commit, then does nothing)."""
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    elif dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert
+    else:  # pragma: no cover - trainops runs on the two
+        raise NotImplementedError(f"no upsert for {dialect}")
+    stmt = (
+        insert(Checkpoint)
+        .values(**row)
+        .on_conflict_do_nothing(index_elements=["run_id", "path"])
+        .returning(Checkpoint.id)
+    )
+    return session.execute(stmt).scalar_one_or_none()
+
+
+def _same_file(ckpt: Checkpoint, values: dict[str, Any]) -> bool:
+    if ckpt.checksum is not None and values["checksum"] is not None:
+        return bool(ckpt.checksum == values["checksum"])
+    return ckpt.attempt is None or values["attempt"] is None or ckpt.attempt == values["attempt"]
+
+
+def _complete(
+    ckpt: Checkpoint, values: dict[str, Any], meta: dict[str, Any], state: CheckpointState
+) -> UpsertOutcome:
+    changed = False
+    for name, value in values.items():
+        if value is not None and getattr(ckpt, name) is None:
+            setattr(ckpt, name, value)
+            changed = True
+    if meta and any(ckpt.meta.get(k) != v for k, v in meta.items()):
+        ckpt.meta = {**ckpt.meta, **meta}
+        changed = True
+    if ckpt.state == CheckpointState.writing and state == CheckpointState.committed:
+        _commit(ckpt)
+        changed = True
+    return UpsertOutcome.completed if changed else UpsertOutcome.unchanged
+
+
+def _replace(
+    session: Session,
+    ckpt: Checkpoint,
+    values: dict[str, Any],
+    meta: dict[str, Any],
+    state: CheckpointState,
+    *,
+    source: CatalogSource,
+    author: str,
+) -> None:
+    before = {
+        "attempt": ckpt.attempt,
+        "checksum": ckpt.checksum,
+        "size_bytes": ckpt.size_bytes,
+        "loss_scale": ckpt.loss_scale,
+        "state": ckpt.state.value,
+        "verdict": ckpt.verdict,
+        "pinned": ckpt.pinned,
+        "pinned_by": ckpt.pinned_by,
+    }
+    for name, value in values.items():
+        setattr(ckpt, name, value)
+    ckpt.meta = dict(meta)
+    ckpt.state = state  # a new file: whatever the old one was (corrupt, deleted) no longer applies
+    ckpt.committed_at = utcnow() if state == CheckpointState.committed else None
+    ckpt.verdict, ckpt.verdict_final, ckpt.verdict_numbers, ckpt.verdict_at = PENDING, False, None, None
+    ckpt.healthy, ckpt.healthy_reason = None, None
+    ckpt.pinned, ckpt.pinned_by = False, None
+    after = {
+        "attempt": ckpt.attempt,
+        "checksum": ckpt.checksum,
+        "size_bytes": ckpt.size_bytes,
+        "loss_scale": ckpt.loss_scale,
+        "state": ckpt.state.value,
+    }
+    dropped_pin = f"; the pin ({before['pinned_by']}) went with the old file" if before["pinned"] else ""
+    write_log(
+        session,
+        kind=LogKind.action,
+        author=author,
+        run_id=ckpt.run_id,
+        severity=Severity.warning if before["pinned"] else Severity.info,
+        message=f"checkpoint step {ckpt.step} re-saved by attempt {ckpt.attempt} replaces attempt "
+        f"{before['attempt']}'s file ({ckpt.path}): checksum {before['checksum']} -> {ckpt.checksum}, "
+        f"loss scale {before['loss_scale']} -> {ckpt.loss_scale}, state {before['state']} -> "
+        f"{ckpt.state.value}, verdict {before['verdict']} -> pending{dropped_pin}",
+        evidence={
+            "checkpoint_id": ckpt.id,
+            "step": ckpt.step,
+            "source": source.value,
+            "before": before,
+            "after": after,
+        },
+    )
 
 
 def _commit(ckpt: Checkpoint) -> None:
@@ -96,8 +254,14 @@ def mark_checkpoint(
     healthy: bool | None = None,
     pinned: bool | None = None,
     evidence: dict[str, Any] | None = None,
+    runs_dir: Path | None = None,
 ) -> Checkpoint:
-    """Change a checkpoint's state, health verdict or pin, and log it."""
+    """Change a checkpoint's state, health verdict or pin, and log it.
+
+    A health mark is a final verdict (the orchestrator no longer re-judges it). A pin change reaches disk
+    (the PINNED marker the trainer's retention honours), so `runs_dir` is required with `pinned`; the
+    checkpoint must lie in its run's checkpoint directory. `pinned_by` records who set the pin state last:
+    the orchestrator moves only its own pins, and never re-pins one an operator unpinned."""
     ckpt = get_checkpoint(session, checkpoint_id=checkpoint_id)
     changes: dict[str, Any] = {}
     if state is not None and state != ckpt.state:
@@ -108,9 +272,17 @@ def mark_checkpoint(
         changes["healthy"] = [ckpt.healthy, healthy]
         ckpt.healthy = healthy
         ckpt.healthy_reason = reason
+        ckpt.verdict = "healthy" if healthy else "unhealthy"
+        ckpt.verdict_final = True
+        ckpt.verdict_numbers = {"marked_by": author}
+        ckpt.verdict_at = utcnow()
     if pinned is not None and pinned != ckpt.pinned:
+        if runs_dir is None:
+            raise ValueError("a pin change needs runs_dir: it reaches the checkpoint's PINNED marker")
+        set_pin_marker(session, checkpoint=ckpt, pinned=pinned, runs_dir=runs_dir)
         changes["pinned"] = [ckpt.pinned, pinned]
         ckpt.pinned = pinned
+        ckpt.pinned_by = author
     if changes:
         bad = ckpt.state == CheckpointState.corrupt or ckpt.healthy is False
         write_log(
@@ -125,3 +297,35 @@ def mark_checkpoint(
             evidence={"checkpoint_id": ckpt.id, "step": ckpt.step, "changes": changes, **(evidence or {})},
         )
     return ckpt
+
+
+def run_checkpoint_dir(session: Session, *, run_id: int, runs_dir: Path) -> Path:
+    """Where a run's checkpoints live: <runs_dir>/<run name>/checkpoints (the orchestrator's layout)."""
+    name = session.scalar(sa.select(Run.name).where(Run.id == run_id))
+    if name is None:
+        raise NotFound(f"run {run_id} does not exist")
+    return Path(runs_dir).resolve() / name / "checkpoints"
+
+
+def set_pin_marker(session: Session, *, checkpoint: Checkpoint, pinned: bool, runs_dir: Path) -> None:
+    """Write or remove the checkpoint's PINNED marker. Only inside its run's checkpoint directory: the
+    catalog's path came from a trainer and is not trusted to name any other place on disk."""
+    from trainer.checkpoint import pin_checkpoint, unpin_checkpoint
+
+    root = run_checkpoint_dir(session, run_id=checkpoint.run_id, runs_dir=runs_dir)
+    path = Path(checkpoint.path).resolve()
+    if path.parent != root or not path.name.startswith("step_"):
+        raise Conflict(
+            f"checkpoint {checkpoint.id} ({checkpoint.path}) is not in its run's checkpoint directory {root}"
+        )
+    if not pinned:
+        unpin_checkpoint(path)
+        return
+    if not path.is_dir():
+        raise Conflict(f"checkpoint {checkpoint.id} is not on disk ({checkpoint.path}): nothing to pin")
+    try:
+        pin_checkpoint(path)
+    except FileNotFoundError as exc:  # deleted by retention in the meantime
+        raise Conflict(
+            f"checkpoint {checkpoint.id} was deleted while being pinned ({checkpoint.path})"
+        ) from exc

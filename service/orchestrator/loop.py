@@ -20,7 +20,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.crud.checkpoints import mark_checkpoint, register_checkpoint
+from service.crud.checkpoints import CatalogSource, mark_checkpoint, register_checkpoint, upsert_checkpoint
 from service.crud.logbook import write_log
 from service.crud.runs import active_attempt, create_attempt, end_attempt, get_run, set_run_phase
 from service.crud.telemetry import ingest_metrics
@@ -56,6 +56,7 @@ from service.orchestrator.launcher import (
     read_rank_beats,
 )
 from service.orchestrator.restart_point import CheckpointCandidate
+from service.orchestrator.verdicts import refresh_checkpoint_verdicts
 from service.statemachine import (
     RUN_TRANSITIONS,
     TERMINAL_PHASES,
@@ -156,6 +157,7 @@ class Orchestrator:
             stage = "observe"
             try:
                 self._sync_checkpoints(run_id)
+                self._refresh_verdicts(run_id)
                 observed = self.observe(run_id)
                 stage = "decide"
                 actions = decide(observed, self.cfg)
@@ -416,34 +418,45 @@ class Orchestrator:
         return {r.step: r.act_norm for r in rows if r.act_norm is not None and math.isfinite(r.act_norm)}
 
     def _sync_checkpoints(self, run_id: int) -> None:
-        """Register committed checkpoints found on disk that the trainer could not report (control plane
-        down while it saved): the restart decision must see every checkpoint."""
-        from trainer.checkpoint import list_checkpoints
+        """Catalogue the committed checkpoints found on disk: those the trainer could not report (control
+        plane down while it saved), and re-saves the catalog has not heard of yet. The same idempotent upsert
+        as the trainer's registration, with the record read from the checkpoint itself (meta.json,
+        manifest), so the two converge in either order; a path whose checksum the catalog already has
+        costs nothing more than reading its manifest."""
+        from trainer.checkpoint import catalog_record, list_checkpoints, read_checksum
 
         with transaction(self.factory) as session:
             run = get_run(session, run_id=run_id)
-            known = set(session.scalars(sa.select(Checkpoint.path).where(Checkpoint.run_id == run_id)))
+            known = dict(
+                session.execute(
+                    sa.select(Checkpoint.path, Checkpoint.checksum).where(Checkpoint.run_id == run_id)
+                ).all()
+            )
             for info in list_checkpoints(self.run_dir(run) / "checkpoints", deep=False):
-                if not info.ok or str(info.path) in known:
+                if not info.ok:
                     continue
-                meta = info.meta
-                register_checkpoint(
-                    session,
-                    run_id=run_id,
-                    data={
-                        "attempt": meta.get("attempt"),
-                        "step": info.step,
-                        "tokens": meta.get("tokens"),
-                        "path": str(info.path),
-                        "state": CheckpointState.committed,
-                        "loss_scale": meta.get("loss_scale"),
-                        "lr": meta.get("lr"),
-                        "clip": meta.get("clip"),
-                        "loss": _finite(meta.get("loss")),
-                        "act_norm": _finite(meta.get("act_norm")),
-                        "metadata": {"registered_by": "orchestrator (found on disk)"},
-                    },
+                checksum = read_checksum(info.path)
+                if str(info.path) in known and known[str(info.path)] == checksum:
+                    continue
+                try:
+                    record = catalog_record(info.path, info.step, info.meta, checksum)
+                except OSError:  # deleted by retention while we looked
+                    continue
+                upsert_checkpoint(
+                    session, run_id=run_id, data=record, source=CatalogSource.disk, author=AUTHOR
                 )
+
+    def _refresh_verdicts(self, run_id: int) -> None:
+        """Judge the run's undecided checkpoints and move the automatic pin (`verdicts.py`). A failure here
+        is logged and retried next pass; it never holds up the run's reconcile."""
+        try:
+            with transaction(self.factory) as session:
+                run = get_run(session, run_id=run_id)
+                refresh_checkpoint_verdicts(
+                    session, run_id=run_id, checkpoint_dir=self.run_dir(run) / "checkpoints", cfg=self.cfg
+                )
+        except Exception:
+            log.exception("checkpoint verdicts of run %s failed", run_id)
 
     # ---- apply and record ---------------------------------------------------------------------------
 

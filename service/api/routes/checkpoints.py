@@ -2,18 +2,37 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Response, status
+from fastapi import APIRouter, Depends, Query, Response, status
 
-from service.api.deps import EntityId, Ingestor, Limit, Offset, Operator, RunId, SessionDep, Viewer
+from service.api.deps import (
+    EntityId,
+    Ingestor,
+    Limit,
+    Offset,
+    Operator,
+    RunId,
+    SessionDep,
+    SettingsDep,
+    Viewer,
+)
 from service.crud import checkpoints as ckpt_crud
 from service.crud import runs as runs_crud
+from service.orchestrator.verdicts import runs_dir_of
 from service.schemas import CheckpointCreate, CheckpointMark, CheckpointPublic, Page
 from service.statemachine import CheckpointState
 
 router = APIRouter(tags=["checkpoints"])
 CheckpointId = EntityId
+
+
+def get_runs_dir(settings: SettingsDep) -> Path:
+    return runs_dir_of(settings)
+
+
+RunsDir = Annotated[Path, Depends(get_runs_dir)]
 
 
 @router.post(
@@ -63,8 +82,11 @@ def get_checkpoint(checkpoint_id: CheckpointId, session: SessionDep, _: Viewer) 
 
 @router.post("/checkpoints/{checkpoint_id}/mark", response_model=CheckpointPublic)
 def mark_checkpoint(
-    checkpoint_id: CheckpointId, body: CheckpointMark, session: SessionDep, who: Operator
+    checkpoint_id: CheckpointId, body: CheckpointMark, session: SessionDep, who: Operator, runs_dir: RunsDir
 ) -> CheckpointPublic:
+    """Change a checkpoint's state, health verdict (final: the orchestrator no longer re-judges it) or pin.
+    A pin reaches disk: the PINNED marker the trainer's retention honours is written or removed (409 when
+    the checkpoint is not in its run's directory or not on disk)."""
     ckpt = ckpt_crud.mark_checkpoint(
         session,
         checkpoint_id=checkpoint_id,
@@ -73,5 +95,6 @@ def mark_checkpoint(
         state=CheckpointState(body.state) if body.state else None,
         healthy=body.healthy,
         pinned=body.pinned,
+        runs_dir=runs_dir,
     )
     return CheckpointPublic.model_validate(ckpt)
