@@ -90,6 +90,11 @@ class HealthConfig:
     fabric_join_timeout_s: float = 60.0
     """How long a host waits for the other hosts of a cross-host all-reduce to join; a host that has not
     joined by then is a finding, never a hang."""
+    lemon_score_limit: float = 2.5
+    """Lemon score at which a host is retired (``CordonRules.lemon_score_limit``): each hardware failure
+    attributed to it counts 1, halved every ``lemon_half_life_s``."""
+    lemon_half_life_s: float = 14 * 24 * 3600.0
+    """Age at which an offence counts half (old offences decay; two weeks by default)."""
     fabric_master_addr: str | None = None
     """Address the ranks of a cross-host all-reduce reach the master host at; None = the master host's
     name (``127.0.0.1`` in embedded mode, where every host's ranks run on this machine). Set
@@ -107,10 +112,13 @@ class HealthConfig:
             "allreduce_mb",
             "disk_test_mb",
             "fabric_join_timeout_s",
+            "lemon_half_life_s",
         )
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.lemon_score_limit < 1:
+            raise ValueError("lemon_score_limit must be >= 1")
         if self.expected_gpus < 0:
             raise ValueError("expected_gpus must be >= 0")
         if self.quick_check_timeout_s >= self.quick_deadline_s:

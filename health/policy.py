@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from health.config import HealthConfig
 from health.results import CheckResult, CheckStatus, Fault, Level
 from service.statemachine import NodeState
 
@@ -60,27 +61,41 @@ class CordonRules:
     """Consecutive sweeps with a soft finding or a missed deadline (this one included) that cordon."""
     clean_sweeps_to_recover: int = 2
     """Consecutive clean sweeps that return a suspect node to healthy."""
-    clean_sweeps_to_graduate: int = 3
-    """Consecutive clean sweeps that return a node on probation to healthy."""
     flap_window: int = 12
     """Sweeps of history looked at for flapping."""
     flaps_to_cordon: int = 3
     """Recoveries (a bad sweep followed by a clean one) within the window after which a soft finding
     cordons at once instead of making the node suspect again (flap damping)."""
-    lemon_blame_count: int = 3
-    """Run failures a node may be blamed for before it is retired as a lemon."""
+    lemon_score_limit: float = 2.5
+    """Lemon score at which a node is retired: every hardware failure attributed to it (a hang it is blamed
+    for, a confirmed straggler, a crash on it while unfit, a cordon by failed diagnostics) counts 1, decayed
+    by its age (``lemon_half_life_s``). With the defaults: three within about a week retire a node, three
+    spread over a month do not, and four within three weeks do."""
+    lemon_half_life_s: float = 14 * 24 * 3600.0
+    """Age at which an offence counts half: old offences fade, a host that keeps failing does not."""
 
     def __post_init__(self) -> None:
-        for name in ("strikes_to_cordon", "clean_sweeps_to_recover", "clean_sweeps_to_graduate"):
+        for name in ("strikes_to_cordon", "clean_sweeps_to_recover"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         if self.flap_window < self.flaps_to_cordon * 2:
             raise ValueError("flap_window must hold at least flaps_to_cordon bad/clean pairs")
-        if self.lemon_blame_count < 1:
-            raise ValueError("lemon_blame_count must be >= 1")
+        if self.lemon_score_limit < 1:
+            raise ValueError("lemon_score_limit must be >= 1 (one fresh offence must not retire a node)")
+        if self.lemon_half_life_s <= 0:
+            raise ValueError("lemon_half_life_s must be > 0")
+
+    @classmethod
+    def from_config(cls, config: HealthConfig) -> CordonRules:
+        """The rules with the lemon settings of the health config (``TRAINOPS_HEALTH_LEMON_*``)."""
+        return cls(lemon_score_limit=config.lemon_score_limit, lemon_half_life_s=config.lemon_half_life_s)
 
     def history_sweeps(self) -> int:
-        return max(self.flap_window, self.strikes_to_cordon, self.clean_sweeps_to_graduate)
+        return max(self.flap_window, self.strikes_to_cordon)
+
+    def lemon_horizon_s(self) -> float:
+        """Offences older than this weigh under 0.1% each: they need not be read."""
+        return 10 * self.lemon_half_life_s
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -95,8 +110,24 @@ class Finding:
 def classify(
     results: Sequence[CheckResult], level: Level, rules: CordonRules
 ) -> tuple[Verdict, list[Finding]]:
-    """A sweep's verdict on one host from its check results; ``skipped`` is no evidence either way."""
+    """A sweep's verdict on one host from its check results. ``skipped`` is no evidence either way, unless
+    the skipped result names a fault (NVML missing on a host that declares GPUs): then the skipped checks
+    are one finding, soft unless the rules call its fault hard."""
     findings: list[Finding] = []
+    skipped_with_fault = [r for r in results if r.status is CheckStatus.skipped and r.faults]
+    if skipped_with_fault:
+        faults = tuple(sorted({f for r in skipped_with_fault for f in r.faults}))
+        first = skipped_with_fault[0]
+        findings.append(
+            Finding(
+                check=first.check if len(skipped_with_fault) == 1 else f"{first.check.split('.')[0]}.*",
+                status=CheckStatus.skipped,
+                faults=faults,
+                reason=f"{len(skipped_with_fault)} check(s) skipped "
+                f"({', '.join(r.check for r in skipped_with_fault)}): {first.reason}",
+                hard=bool(set(faults) & rules.hard_faults),
+            )
+        )
     for result in results:
         if result.status in (CheckStatus.passed, CheckStatus.skipped):
             continue
@@ -159,8 +190,10 @@ def decide(
     findings: Sequence[Finding],
     history: Sequence[Verdict],
     rules: CordonRules,
+    level: Level = Level.quick,
 ) -> Decision:
-    """The policy. ``history`` holds earlier sweeps' verdicts, newest first (this sweep not included)."""
+    """The policy. ``history`` holds earlier sweeps' verdicts, newest first (this sweep not included);
+    ``level`` is this sweep's (a node on probation graduates only on a clean deep sweep)."""
     verdicts = [verdict, *history][: rules.history_sweeps() + 1]
     strikes = _run_length(verdicts, BAD)
     flaps = _flaps(verdicts[: rules.flap_window])
@@ -180,6 +213,7 @@ def decide(
         "consecutive_bad_sweeps": strikes,
         "flaps_in_window": flaps,
         "recent_verdicts": [v.value for v in verdicts],
+        "level": level.value,
     }
     stay = Decision(target=None, reason=summary, evidence=evidence)
 
@@ -223,36 +257,76 @@ def decide(
         return Decision(
             target=NodeState.healthy, reason=f"{clean_run} clean sweeps in a row", evidence=evidence
         )
-    if state is NodeState.probation and clean_run >= rules.clean_sweeps_to_graduate:
-        return Decision(
-            target=NodeState.healthy,
-            reason=f"probation passed: {clean_run} clean sweeps in a row",
-            evidence=evidence,
-        )
+    if state is NodeState.probation:
+        if level is Level.deep:
+            return Decision(
+                target=NodeState.healthy,
+                reason="probation passed: the deep diagnostics are clean",
+                evidence=evidence,
+            )
+        return Decision(target=None, reason="on probation until a deep check passes", evidence=evidence)
     return stay
 
 
-def decide_blame(*, state: NodeState, blame_count: int, reason: str, rules: CordonRules) -> Decision:
-    """A node implicated in a run failure: suspect (to be checked), or retired once it is a lemon.
+@dataclass(frozen=True, kw_only=True)
+class Offence:
+    """A hardware failure attributed to a host: what (hang, straggler, hardware, diagnostics), why, age."""
 
-    ``blame_count`` includes this failure.
-    """
-    evidence = {"blame_count": blame_count, "lemon_blame_count": rules.lemon_blame_count, "failure": reason}
+    kind: str
+    reason: str
+    age_s: float
+
+
+def lemon_score(offences: Sequence[Offence], *, half_life_s: float) -> float:
+    """Each offence counts 1, halved for every ``half_life_s`` of its age."""
+    return sum(0.5 ** (max(o.age_s, 0.0) / half_life_s) for o in offences)
+
+
+def decide_offence(
+    *, state: NodeState, offences: Sequence[Offence], consequence: NodeState, rules: CordonRules
+) -> Decision:
+    """A host charged with a hardware failure: retired once its decayed lemon score reaches the limit,
+    else ``consequence`` (suspect for a blamed hang, cordoned for a confirmed fault) where that is worse than
+    where it is. ``offences`` include this one, newest first."""
+    # to 3 decimals: three offences minutes apart are three offences, not 2.9999
+    score = round(lemon_score(offences, half_life_s=rules.lemon_half_life_s), 3)
+    last = offences[0].reason if offences else "no offence"
+    evidence: dict[str, Any] = {
+        "lemon_score": round(score, 3),
+        "lemon_score_limit": rules.lemon_score_limit,
+        "lemon_half_life_s": rules.lemon_half_life_s,
+        "offences": [
+            {
+                "kind": o.kind,
+                "reason": o.reason,
+                "age_s": round(o.age_s, 1),
+                "weight": round(0.5 ** (max(o.age_s, 0.0) / rules.lemon_half_life_s), 3),
+            }
+            for o in offences
+        ],
+        "failure": last,
+    }
     if state is NodeState.retired:
         return Decision(target=None, reason="already retired", evidence=evidence)
-    if blame_count >= rules.lemon_blame_count:
+    if score >= rules.lemon_score_limit:
         return Decision(
             target=NodeState.retired,
-            reason=f"lemon: implicated in {blame_count} run failures "
-            f"(limit {rules.lemon_blame_count}); last: {reason}",
+            reason=f"lemon: score {score:.2f} from {len(offences)} hardware failure(s) (limit "
+            f"{rules.lemon_score_limit:g}, half-life {rules.lemon_half_life_s / 86400:g} d); last: {last}",
             evidence=evidence,
         )
-    if state in (NodeState.healthy, NodeState.probation):
+    worse = {
+        NodeState.suspect: {NodeState.healthy, NodeState.probation},
+        NodeState.cordoned: {NodeState.healthy, NodeState.probation, NodeState.suspect, NodeState.draining},
+    }
+    if state in worse.get(consequence, set()):
         return Decision(
-            target=NodeState.suspect,
-            reason=f"implicated in a run failure ({blame_count}/{rules.lemon_blame_count}): {reason}",
+            target=consequence,
+            reason=f"{last} (lemon score {score:.2f} of {rules.lemon_score_limit:g})",
             evidence=evidence,
         )
     return Decision(
-        target=None, reason=f"blamed ({blame_count}/{rules.lemon_blame_count}): {reason}", evidence=evidence
+        target=None,
+        reason=f"charged: {last} (lemon score {score:.2f} of {rules.lemon_score_limit:g})",
+        evidence=evidence,
     )

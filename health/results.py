@@ -54,6 +54,9 @@ class Fault(enum.StrEnum):
     check_timeout = "check_timeout"
     check_error = "check_error"
     missed_deadline = "missed_deadline"
+    nvml_missing = "nvml_missing"
+    """NVML could not be used (no driver, no library) on a host that declares GPUs: its checks are skipped,
+    and that is a finding, not a pass."""
 
 
 @dataclass(kw_only=True)

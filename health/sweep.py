@@ -24,12 +24,12 @@ from health.celery_app import app as default_app
 from health.checks import CROSS_HOST_CHECK
 from health.config import host_queue
 from health.fabric import FABRIC_CHECKS, run_fabric_check
-from health.policy import CordonRules, Decision, Verdict, classify, decide, decide_blame
+from health.policy import CordonRules, Decision, Offence, Verdict, classify, decide, decide_offence
 from health.results import CheckResult, CheckStatus, Fault, HostReport, Level
 from health.scheduler import SchedulerAdapter
 from service.crud.diagnostics import list_diagnostics, record_diagnostic
 from service.crud.logbook import write_log
-from service.crud.nodes import get_node, list_nodes, record_blame, transition_node
+from service.crud.nodes import get_node, list_nodes, recent_offences, record_offence, transition_node
 from service.db import engine_from_settings, make_session_factory, transaction
 from service.models import Node, utcnow
 from service.statemachine import DiagnosticStatus, LogKind, NodeState, Severity
@@ -228,7 +228,22 @@ def ingest_host(
                 results=len(results),
             )
         history = history_of(session, hostname=host, exclude_sweep=sweep_id, rules=rules)
-        decision = decide(state=node.state, verdict=verdict, findings=findings, history=history, rules=rules)
+        decision = decide(
+            state=node.state, verdict=verdict, findings=findings, history=history, rules=rules, level=level
+        )
+        if decision.target is NodeState.cordoned:
+            # Cordoned by failed diagnostics: a hardware failure of this host; it counts to its lemon score.
+            offences = charge(
+                session, node=node, kind="diagnostics", reason=decision.reason, author=author, rules=rules
+            )
+            lemon = decide_offence(
+                state=node.state, offences=offences, consequence=NodeState.cordoned, rules=rules
+            )
+            decision = Decision(
+                target=lemon.target or decision.target,
+                reason=lemon.reason if lemon.target is NodeState.retired else decision.reason,
+                evidence={**decision.evidence, **lemon.evidence},
+            )
         _apply(session, node=node, decision=decision, author=author, sweep_id=sweep_id)
         return HostOutcome(
             host=host,
@@ -304,8 +319,8 @@ def run_sweep(
     """
     app = app or default_app
     level = Level(level)
-    rules = rules or CordonRules()
     config = app.health_config
+    rules = rules or CordonRules.from_config(config)
     deadline_s = deadline_s or (config.quick_deadline_s if level is Level.quick else config.deep_deadline_s)
     started = utcnow()
     sweep_id = f"{level.value}-{started:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
@@ -471,6 +486,76 @@ def trigger_sweep(
     return str(result.id)
 
 
+def charge(
+    session: Session,
+    *,
+    node: Node,
+    kind: str,
+    reason: str,
+    author: str,
+    rules: CordonRules,
+    run_id: int | None = None,
+) -> list[Offence]:
+    """Record a hardware failure against ``node``; return its offences within the lemon horizon, newest
+    first (this one included), aged for the lemon score."""
+    record_offence(session, node=node, kind=kind, reason=reason, author=author, run_id=run_id)
+    now = utcnow()
+    rows = recent_offences(session, node=node, since=now - dt.timedelta(seconds=rules.lemon_horizon_s()))
+    return [Offence(kind=r.kind, reason=r.reason, age_s=(now - r.at).total_seconds()) for r in rows]
+
+
+def charge_nodes(
+    session_factory: sessionmaker[Session],
+    *,
+    hosts: Sequence[str],
+    kind: str,
+    failure: str,
+    consequence: NodeState,
+    author: str,
+    run_id: int | None = None,
+    evidence: dict[str, Any] | None = None,
+    rules: CordonRules | None = None,
+    adapters: Sequence[SchedulerAdapter] = (),
+    app: HealthCelery | None = None,
+) -> list[HostOutcome]:
+    """Charge ``hosts`` with a hardware failure of this ``kind`` (the lemon score counts it, decayed by
+    age) and move each to ``consequence`` (suspect: to be checked; cordoned: a confirmed fault), or retire
+    it when its score reaches the limit. Every move is logged with the offences behind it."""
+    rules = rules or CordonRules.from_config((app or default_app).health_config)
+    outcomes: list[HostOutcome] = []
+    for host in hosts:
+        with transaction(session_factory) as session:
+            node = get_node(session, hostname=host, for_update=True)
+            previous = node.state
+            offences = charge(
+                session, node=node, kind=kind, reason=failure, author=author, rules=rules, run_id=run_id
+            )
+            decision = decide_offence(
+                state=node.state, offences=offences, consequence=consequence, rules=rules
+            )
+            if decision.target is not None:
+                transition_node(
+                    session,
+                    node=node,
+                    target=decision.target,
+                    reason=decision.reason,
+                    author=author,
+                    evidence={"run_id": run_id, **(evidence or {}), **decision.evidence},
+                    kind=LogKind.decision,
+                )
+            outcome = HostOutcome(
+                host=host,
+                verdict=Verdict.hard if consequence is NodeState.cordoned else Verdict.soft,
+                previous_state=previous,
+                state=node.state,
+                reason=decision.reason,
+                results=0,
+            )
+        outcomes.append(outcome)
+        _mirror(session_factory, outcome, adapters, author)
+    return outcomes
+
+
 def blame_nodes(
     session_factory: sessionmaker[Session],
     *,
@@ -480,27 +565,19 @@ def blame_nodes(
     run_id: int | None = None,
     rules: CordonRules | None = None,
     adapters: Sequence[SchedulerAdapter] = (),
+    app: HealthCelery | None = None,
 ) -> list[HostOutcome]:
-    """Charge ``hosts`` with a run failure; a node blamed ``lemon_blame_count`` times is retired for good."""
-    rules = rules or CordonRules()
-    outcomes: list[HostOutcome] = []
-    for host in hosts:
-        with transaction(session_factory) as session:
-            node = get_node(session, hostname=host, for_update=True)
-            previous = node.state
-            record_blame(session, node=node, reason=failure, author=author, run_id=run_id)
-            decision = decide_blame(
-                state=node.state, blame_count=node.blame_count, reason=failure, rules=rules
-            )
-            _apply(session, node=node, decision=decision, author=author, sweep_id=None)
-            outcome = HostOutcome(
-                host=host,
-                verdict=Verdict.soft,
-                previous_state=previous,
-                state=node.state,
-                reason=decision.reason,
-                results=0,
-            )
-        outcomes.append(outcome)
-        _mirror(session_factory, outcome, adapters, author)
-    return outcomes
+    """Blame ``hosts`` for a run failure they are the likely cause of (the ranks furthest behind in a hang):
+    suspect, to be checked, or retired when the lemon score reaches its limit."""
+    return charge_nodes(
+        session_factory,
+        hosts=hosts,
+        kind="hang",
+        failure=failure,
+        consequence=NodeState.suspect,
+        author=author,
+        run_id=run_id,
+        rules=rules,
+        adapters=adapters,
+        app=app,
+    )

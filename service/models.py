@@ -155,6 +155,21 @@ class Gpu(Base):
     node: Mapped[Node] = relationship(back_populates="gpus")
 
 
+class NodeOffence(Base):
+    """A hardware failure attributed to a host (a hang it was blamed for, a confirmed straggler, a crash on
+    it while unfit, a cordon by failed diagnostics): the lemon score decays these by age."""
+
+    __tablename__ = "node_offences"
+    __table_args__ = (sa.Index(None, "node_id", "at"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    node_id: Mapped[int] = mapped_column(sa.ForeignKey("nodes.id", ondelete="CASCADE"))
+    kind: Mapped[str] = mapped_column(sa.String(64))
+    reason: Mapped[str] = mapped_column(sa.Text)
+    run_id: Mapped[int | None]
+    at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
 class Diagnostic(Base):
     __tablename__ = "diagnostics"
     __table_args__ = (sa.Index(None, "node_id", "started_at"),)

@@ -90,11 +90,12 @@ NODE_TRANSITIONS: Mapping[NodeState, frozenset[NodeState]] = {
     NodeState.healthy: frozenset(
         {NodeState.suspect, NodeState.cordoned, NodeState.draining, NodeState.retired}
     ),
+    # An operator who vouches for a suspect node puts it on probation (a deep check must still pass).
     NodeState.suspect: frozenset(
-        {NodeState.healthy, NodeState.cordoned, NodeState.draining, NodeState.retired}
+        {NodeState.healthy, NodeState.cordoned, NodeState.draining, NodeState.retired, NodeState.probation}
     ),
     NodeState.draining: frozenset({NodeState.cordoned, NodeState.healthy, NodeState.retired}),
-    # Repair puts a node on probation; an operator may also put it straight back.
+    # Repair (an operator's uncordon) puts a node on probation until a deep check passes.
     NodeState.cordoned: frozenset({NodeState.probation, NodeState.healthy, NodeState.retired}),
     NodeState.probation: frozenset(
         {NodeState.healthy, NodeState.suspect, NodeState.cordoned, NodeState.retired}

@@ -32,8 +32,11 @@ def test_register_list_cordon_uncordon(admin: TestClient) -> None:
     log = admin.get("/api/v1/logbook", params={"host": "gpu-001", "newest_first": True}).json()["items"]
     assert "XID 79 on GPU 7" in log[0]["message"] and log[0]["evidence"]["to"] == "cordoned"
 
+    # back from repair: on probation until a deep check passes (NodeCordoned runbook), not straight healthy
     r = admin.post("/api/v1/nodes/gpu-001/uncordon", json={"reason": "GPU replaced"})
-    assert r.status_code == 200 and r.json()["state"] == "healthy"
+    assert r.status_code == 200 and r.json()["state"] == "probation"
+    log = admin.get("/api/v1/logbook", params={"host": "gpu-001", "newest_first": True}).json()["items"]
+    assert log[0]["evidence"] == {"from": "cordoned", "to": "probation", "until": "a deep check passes"}
     r = admin.post("/api/v1/nodes/gpu-001/uncordon", json={"reason": "again"})
     assert r.status_code == 409
 

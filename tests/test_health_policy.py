@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from health.config import HealthConfig
-from health.policy import CordonRules, Verdict, classify, decide, decide_blame
+from health.policy import CordonRules, Offence, Verdict, classify, decide, decide_offence, lemon_score
 from health.results import CheckResult, CheckStatus, Fault, Level
 from service.statemachine import NODE_TRANSITIONS, NodeState
 
@@ -50,8 +50,7 @@ TABLE = [
     ),
     ("a soft finding on probation sends the node back to cordon", P, soft, [clean], C),
     ("a missed deadline on probation makes it suspect", P, missed, [clean], S),
-    ("probation needs three clean sweeps to graduate", P, clean, [clean], None),
-    ("three clean sweeps graduate probation to healthy", P, clean, [clean, clean], H),
+    ("quick sweeps never graduate probation: a deep check must pass", P, clean, [clean] * 5, None),
     ("a cordoned node waits for repair whatever the sweep says", C, clean, [clean, clean, clean], None),
     ("a cordoned node is not moved by new faults either", C, hard, [], None),
     ("a retired lemon is never returned automatically", R, clean, [clean] * 10, None),
@@ -75,6 +74,29 @@ def test_cordon_policy_table(
         assert decision.evidence["verdict"] == verdict.value
 
 
+# (story, state, this deep sweep's verdict, expected target)
+DEEP_TABLE = [
+    ("a clean deep sweep ends probation", P, clean, H),
+    ("a soft finding in the deep checks sends it back to cordon", P, soft, C),
+    ("a hard one too", P, hard, C),
+    ("a clean deep sweep does not return a cordoned node by itself", C, clean, None),
+    ("nor a retired one", R, clean, None),
+]
+
+
+@pytest.mark.parametrize(
+    ("story", "state", "verdict", "expected"), DEEP_TABLE, ids=[t[0] for t in DEEP_TABLE]
+)
+def test_probation_ends_on_a_deep_check(
+    story: str, state: NodeState, verdict: Verdict, expected: NodeState | None
+) -> None:
+    decision = decide(state=state, verdict=verdict, findings=[], history=[], rules=RULES, level=Level.deep)
+    assert decision.target == expected, decision.reason
+    assert decision.evidence["level"] == "deep"
+    quick = decide(state=P, verdict=clean, findings=[], history=[clean] * 3, rules=RULES, level=Level.quick)
+    assert quick.target is None and "until a deep check passes" in quick.reason
+
+
 def test_rules_are_data_a_stricter_fleet_cordons_on_the_first_soft_finding() -> None:
     strict = CordonRules(strikes_to_cordon=1)
     assert decide(state=H, verdict=soft, findings=[], history=[], rules=strict).target is C
@@ -88,7 +110,22 @@ def _result(check: str, status: CheckStatus, *faults: str) -> CheckResult:
 
 CLASSIFY_TABLE = [
     ("all passed", Level.quick, [_result("nvml.ecc", CheckStatus.passed)], clean),
-    ("no NVML is no evidence", Level.quick, [_result("nvml.ecc", CheckStatus.skipped)], clean),
+    (
+        "no NVML on a host without GPUs is no evidence",
+        Level.quick,
+        [_result("nvml.ecc", CheckStatus.skipped)],
+        clean,
+    ),
+    (
+        "no NVML on a host that declares GPUs is a finding",
+        Level.quick,
+        [
+            _result("nvml.gpu_count", CheckStatus.skipped, Fault.nvml_missing),
+            _result("nvml.ecc", CheckStatus.skipped, Fault.nvml_missing),
+            _result("host.clock", CheckStatus.passed),
+        ],
+        soft,
+    ),
     ("double-bit ECC", Level.quick, [_result("nvml.ecc", CheckStatus.failed, Fault.ecc_dbe)], hard),
     ("XID 79", Level.quick, [_result("nvml.xid", CheckStatus.failed, Fault.xid_79)], hard),
     ("missing GPU", Level.quick, [_result("nvml.gpu_count", CheckStatus.failed, Fault.gpu_missing)], hard),
@@ -130,27 +167,73 @@ def test_classify_results_into_a_verdict(
 ) -> None:
     verdict, findings = classify(results, level, RULES)
     assert verdict is expected
-    assert len(findings) == sum(r.status not in (CheckStatus.passed, CheckStatus.skipped) for r in results)
+    skipped_with_faults = any(r.status is CheckStatus.skipped and r.faults for r in results)
+    assert len(findings) == skipped_with_faults + sum(
+        r.status not in (CheckStatus.passed, CheckStatus.skipped) for r in results
+    )
 
 
-BLAME_TABLE = [
-    ("a first blame makes a healthy node suspect", H, 1, S),
-    ("a second blame on a suspect keeps it suspect", S, 2, None),
-    ("the third blame retires the lemon", S, 3, R),
-    ("a lemon on probation that fails again is retired", P, 3, R),
-    ("a cordoned lemon is retired", C, 4, R),
-    ("a retired node stays retired", R, 5, None),
+def test_skipped_nvml_checks_on_a_gpu_host_make_it_suspect_with_the_reason() -> None:
+    why = "no NVML on this host (NVMLError_LibraryNotFound), on a host that declares 8 GPU(s)"
+    results = [
+        CheckResult(check=name, status=CheckStatus.skipped, reason=why, faults=[Fault.nvml_missing])
+        for name in ("nvml.gpu_count", "nvml.ecc", "nvml.thermal")
+    ]
+    verdict, [finding] = classify(results, Level.quick, RULES)
+    assert verdict is soft and finding.faults == (Fault.nvml_missing,) and not finding.hard
+    assert "3 check(s) skipped (nvml.gpu_count, nvml.ecc, nvml.thermal)" in finding.reason
+    decision = decide(state=H, verdict=verdict, findings=[finding], history=[], rules=RULES)
+    assert decision.target is S and "declares 8 GPU(s)" in decision.reason
+    assert decision.evidence["findings"][0]["faults"] == ["nvml_missing"]
+
+
+DAY = 86400.0
+
+
+def offences(*ages_days: float, kind: str = "hang") -> list[Offence]:
+    return [Offence(kind=kind, reason=f"{kind} #{i}", age_s=a * DAY) for i, a in enumerate(ages_days)]
+
+
+# (story, state, offences' ages in days (this one first), what it is charged with -> expected target)
+LEMON_TABLE = [
+    ("a first blamed hang makes a healthy node suspect", H, [0], S, S),
+    ("a second offence on a suspect keeps it suspect", S, [0, 0.1], S, None),
+    ("three fresh offences retire the lemon", S, [0, 0.1, 0.2], S, R),
+    ("any hardware failure counts: a straggler, then a hang, then a crash", P, [0, 0.5, 1], C, R),
+    ("a lemon on probation that fails again is retired", P, [0, 1, 2], S, R),
+    ("old offences decay: two from a month ago and a fresh one do not make a lemon", H, [0, 30, 31], S, S),
+    ("two fresh offences and one from a month ago: not yet", S, [0, 0, 30], S, None),
+    ("three within a week: a lemon", H, [0, 3.5, 7], S, R),
+    ("three spread over ten days: not yet", H, [0, 5, 10], S, S),
+    ("a confirmed fault cordons a healthy node", H, [0], C, C),
+    ("a confirmed fault cordons a draining node", D, [0], C, C),
+    ("a cordoned node charged again stays cordoned", C, [0], C, None),
+    ("a retired node stays retired", R, [0, 0, 0, 0], S, None),
 ]
 
 
 @pytest.mark.parametrize(
-    ("story", "state", "count", "expected"), BLAME_TABLE, ids=[t[0] for t in BLAME_TABLE]
+    ("story", "state", "ages", "consequence", "expected"), LEMON_TABLE, ids=[t[0] for t in LEMON_TABLE]
 )
-def test_blame_and_lemons(story: str, state: NodeState, count: int, expected: NodeState | None) -> None:
-    decision = decide_blame(state=state, blame_count=count, reason="NCCL timeout at step 1200", rules=RULES)
-    assert decision.target == expected
+def test_lemon_score_counts_every_hardware_failure_and_decays(
+    story: str, state: NodeState, ages: list[float], consequence: NodeState, expected: NodeState | None
+) -> None:
+    charged = offences(*ages)
+    decision = decide_offence(state=state, offences=charged, consequence=consequence, rules=RULES)
+    assert decision.target == expected, decision.reason
     if expected is not None:
         assert expected in NODE_TRANSITIONS[state]
+    assert [o["age_s"] for o in decision.evidence["offences"]] == [a * DAY for a in ages]
+    assert decision.evidence["lemon_score"] == round(
+        lemon_score(charged, half_life_s=RULES.lemon_half_life_s), 3
+    )
+
+
+def test_the_half_life_halves_an_offence() -> None:
+    assert lemon_score(offences(0, 7, 14), half_life_s=7 * DAY) == pytest.approx(1.75)
+    short = CordonRules(lemon_half_life_s=DAY)
+    assert decide_offence(state=S, offences=offences(0, 1, 2), consequence=S, rules=short).target is None
+    assert decide_offence(state=S, offences=offences(0, 1, 2), consequence=S, rules=RULES).target is R
 
 
 @pytest.mark.parametrize(
@@ -179,7 +262,20 @@ def test_health_config_reads_the_environment() -> None:
     assert (config.host, str(config.fake_nvml_path), config.expected_gpus) == ("h7", "/tmp/f.json", 4)
 
 
-@pytest.mark.parametrize("changes", [{"strikes_to_cordon": 0}, {"flap_window": 2}, {"lemon_blame_count": 0}])
+@pytest.mark.parametrize(
+    "changes",
+    [{"strikes_to_cordon": 0}, {"flap_window": 2}, {"lemon_score_limit": 0.5}, {"lemon_half_life_s": 0}],
+)
 def test_cordon_rules_refuse_inconsistent_thresholds(changes: dict[str, int]) -> None:
     with pytest.raises(ValueError):
         CordonRules(**changes)  # type: ignore[arg-type]
+
+
+def test_lemon_settings_come_from_the_health_config() -> None:
+    config = HealthConfig.from_env(
+        {"TRAINOPS_HEALTH_LEMON_HALF_LIFE_S": "86400", "TRAINOPS_HEALTH_LEMON_SCORE_LIMIT": "4"}
+    )
+    rules = CordonRules.from_config(config)
+    assert (rules.lemon_half_life_s, rules.lemon_score_limit) == (86400.0, 4.0)
+    with pytest.raises(ValueError):
+        HealthConfig(lemon_score_limit=0.5)

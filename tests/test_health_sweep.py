@@ -25,7 +25,7 @@ from health.policy import CordonRules
 from health.sweep import blame_nodes, run_sweep
 from service.crud.diagnostics import list_diagnostics
 from service.crud.logbook import list_logbook
-from service.crud.nodes import get_node, register_node
+from service.crud.nodes import cordon_node, get_node, register_node, uncordon_node
 from service.db import make_engine, make_session_factory, transaction
 from service.migrate import upgrade
 from service.statemachine import DiagnosticStatus, NodeState
@@ -313,3 +313,52 @@ def test_missed_deadlines_cordon_a_host_that_stays_silent(
         run_sweep(factory, hosts=fleet.hosts, level="quick", deadline_s=0.3, app=app, rules=CordonRules())
         expected = NodeState.suspect if sweep < 3 else NodeState.cordoned
         assert states(factory, fleet.hosts)[fleet.hosts[0]] is expected
+
+
+@pytest.mark.slow
+def test_no_nvml_on_a_gpu_host_is_suspect_and_probation_ends_on_a_deep_check(
+    migrated_url: str, tmp_path: Path
+) -> None:
+    """Through the embedded Celery worker and the real database: a host that declares GPUs but has no
+    driver is suspect with the reason, never clean; a CPU host without NVML is not. An uncordoned host is
+    on probation: quick sweeps leave it there, a clean deep sweep makes it healthy."""
+    fleet = Fleet(tmp_path, 3)
+    gpu_host, cpu_host, repaired = fleet.hosts
+    factory = make_session_factory(make_engine(migrated_url))
+    gpus = [
+        {"index": i, "uuid": f"GPU-{gpu_host}-{i}", "model": "H100", "memory_mb": 81920} for i in range(8)
+    ]
+    with transaction(factory) as session:
+        register_node(session, hostname=gpu_host, gpus=gpus, author="test")
+        register_node(session, hostname=cpu_host, author="test")
+        register_node(session, hostname=repaired, author="test")
+    fleet.plant({gpu_host: {"driver": False}, cpu_host: {"driver": False}})
+    app = make_app(fleet.config(expected_gpus=0))  # hosts without an inventory declare no GPUs
+    assert app.embedded_worker is not None
+    try:
+        run_sweep(
+            factory, hosts=[gpu_host, cpu_host], level="quick", deadline_s=60, author="test/beat", app=app
+        )
+        assert states(factory, [gpu_host, cpu_host]) == {
+            gpu_host: NodeState.suspect,
+            cpu_host: NodeState.healthy,
+        }
+        [why] = [e for e in node_log(factory, gpu_host) if e.evidence.get("to") == "suspect"]
+        assert "no NVML on this host" in why.message and "declares 8 GPU(s)" in why.message
+        assert why.evidence["findings"][0]["faults"] == ["nvml_missing"]
+
+        with transaction(factory) as session:
+            cordon_node(session, hostname=repaired, reason="XID 79", author="test")
+            assert uncordon_node(session, hostname=repaired, reason="GPU swapped", author="test").state is (
+                NodeState.probation
+            )
+        run_sweep(factory, hosts=[repaired], level="quick", deadline_s=60, author="test/beat", app=app)
+        assert states(factory, [repaired])[repaired] is NodeState.probation
+        run_sweep(
+            factory, hosts=[repaired], level="deep", deadline_s=120, author="test/orchestrator", app=app
+        )
+        assert states(factory, [repaired])[repaired] is NodeState.healthy
+        [graduated] = [e for e in node_log(factory, repaired) if e.evidence.get("to") == "healthy"]
+        assert "deep diagnostics are clean" in graduated.message and graduated.evidence["level"] == "deep"
+    finally:
+        app.embedded_worker.stop()

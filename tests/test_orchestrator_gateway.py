@@ -1,37 +1,95 @@
-"""What the orchestrator does to hosts goes through the health layer: cordons and blame, with the logbook."""
+"""What the orchestrator does to hosts goes through the health layer: cordons and blame, with the logbook,
+and every hardware failure it attributes to a host counts to that host's lemon score, which decays."""
 
 from __future__ import annotations
 
+import datetime as dt
+
 import sqlalchemy as sa
+from sqlalchemy.orm import Session, sessionmaker
 
 from service import migrate
 from service.crud.logbook import list_logbook
-from service.crud.nodes import get_node, register_node
+from service.crud.nodes import get_node, record_offence, register_node
 from service.db import make_engine, make_session_factory, transaction
-from service.models import LogEntry
+from service.models import LogEntry, NodeOffence, utcnow
 from service.orchestrator.health_gateway import SweepHealthGateway
+from service.statemachine import NodeState
+
+
+def _fleet(url: str, *hosts: str) -> sessionmaker[Session]:
+    migrate.upgrade(url)
+    factory = make_session_factory(make_engine(url))
+    with transaction(factory) as session:
+        for host in hosts:
+            register_node(session, hostname=host, author="user:test")
+    return factory
+
+
+def _state(factory: sessionmaker[Session], host: str) -> str:
+    with transaction(factory) as session:
+        return get_node(session, hostname=host).state.value
 
 
 def test_a_host_blamed_for_three_run_failures_is_retired_as_a_lemon(sqlite_url: str) -> None:
-    migrate.upgrade(sqlite_url)
-    engine = make_engine(sqlite_url)
-    factory = make_session_factory(engine)
-    with transaction(factory) as session:
-        register_node(session, hostname="gpu-13", author="user:test")
-        register_node(session, hostname="gpu-14", author="user:test")
+    factory = _fleet(sqlite_url, "gpu-13", "gpu-14")
     gateway = SweepHealthGateway(factory)
     states = []
     for n in range(3):
         gateway.blame(["gpu-13"], reason=f"hang of run r (#{n + 1})", run_id=None)
-        with transaction(factory) as session:
-            states.append(get_node(session, hostname="gpu-13").state.value)
+        states.append(_state(factory, "gpu-13"))
     assert states == ["suspect", "suspect", "retired"]
-    gateway.cordon(["gpu-14"], reason="straggler: 4.1x slower", evidence={"rank": 1}, run_id=None)
+    gateway.cordon(
+        ["gpu-14"], reason="straggler: 4.1x slower", evidence={"rank": 1}, run_id=None, offence="straggler"
+    )
     with transaction(factory) as session:
         node = get_node(session, hostname="gpu-14")
-        assert node.state.value == "cordoned" and node.state_reason == "straggler: 4.1x slower"
+        assert node.state.value == "cordoned" and node.state_reason.startswith("straggler: 4.1x slower")
         entries, _ = list_logbook(session, node_id=node.id)
         assert entries[-1].author == "system:orchestrator" and entries[-1].evidence["rank"] == 1
-        lemon = session.scalars(sa.select(LogEntry).where(LogEntry.message.contains("lemon"))).all()
-        assert len(lemon) == 1
-    engine.dispose()
+        assert entries[-1].evidence["offences"][0]["kind"] == "straggler"
+        lemon = session.scalars(sa.select(LogEntry).where(LogEntry.message.contains("lemon: score"))).all()
+        assert len(lemon) == 1 and lemon[0].evidence["lemon_score"] >= 2.5
+
+
+def test_every_hardware_failure_counts_not_only_hangs(sqlite_url: str) -> None:
+    # a straggler, then (repaired and back) a hang it is blamed for, then a crash while it was unfit
+    factory = _fleet(sqlite_url, "gpu-21")
+    gateway = SweepHealthGateway(factory)
+    gateway.cordon(["gpu-21"], reason="straggler", evidence={}, run_id=None, offence="straggler")
+    assert _state(factory, "gpu-21") == "cordoned"
+    with transaction(factory) as session:  # an operator returns it after a repair
+        node = get_node(session, hostname="gpu-21", for_update=True)
+        node.state = NodeState.probation
+    gateway.blame(["gpu-21"], reason="hang of run r", run_id=None)
+    assert _state(factory, "gpu-21") == "suspect"
+    gateway.cordon(["gpu-21"], reason="exited 13 while gpu-21 is suspect", evidence={}, run_id=None)
+    assert _state(factory, "gpu-21") == "retired"
+    with transaction(factory) as session:
+        kinds = session.scalars(sa.select(NodeOffence.kind).order_by(NodeOffence.id)).all()
+        assert kinds == ["straggler", "hang", "hardware"]
+        assert get_node(session, hostname="gpu-21").blame_count == 3
+
+
+def test_old_offences_decay(sqlite_url: str) -> None:
+    factory = _fleet(sqlite_url, "gpu-31")
+    with transaction(factory) as session:
+        node = get_node(session, hostname="gpu-31", for_update=True)
+        for days in (40, 45):
+            record_offence(
+                session,
+                node=node,
+                kind="hang",
+                reason=f"hang {days} days ago",
+                author="test",
+                at=utcnow() - dt.timedelta(days=days),
+            )
+    gateway = SweepHealthGateway(factory)
+    gateway.blame(["gpu-31"], reason="hang of run r", run_id=None)
+    assert _state(factory, "gpu-31") == "suspect"  # 1 + 0.14 + 0.11: not a lemon
+    with transaction(factory) as session:
+        node = get_node(session, hostname="gpu-31")
+        [entry] = [e for e in list_logbook(session, node_id=node.id)[0] if e.evidence.get("to") == "suspect"]
+        ages = [o["age_s"] for o in entry.evidence["offences"]]
+        assert len(ages) == 3 and ages[0] < 60 and ages[2] > 44 * 86400
+        assert 1.2 < entry.evidence["lemon_score"] < 1.3

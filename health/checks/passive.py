@@ -32,12 +32,26 @@ def _optional(call: Callable[[], Any]) -> Any:
         return None
 
 
+def nvml_unavailable(name: str, ctx: CheckContext, error: NvmlUnavailable) -> CheckResult:
+    """``skipped`` with the reason; on a host that declares GPUs (registered inventory, or the expected
+    count) it also names the ``nvml_missing`` fault, which the cordon policy judges: no silent pass."""
+    if ctx.expected_gpus <= 0:
+        return CheckResult(check=name, status=CheckStatus.skipped, reason=str(error))
+    return CheckResult(
+        check=name,
+        status=CheckStatus.skipped,
+        reason=f"{error}, on a host that declares {ctx.expected_gpus} GPU(s)",
+        faults=[Fault.nvml_missing],
+        measurements={"expected_gpus": ctx.expected_gpus},
+    )
+
+
 def per_gpu_check(name: str, ctx: CheckContext, probe: GpuProbe) -> CheckResult:
     """Run ``probe`` on every GPU; a GPU that cannot be opened is reported (lost), never skipped silently."""
     try:
         nvml = ctx.nvml()
     except NvmlUnavailable as error:
-        return CheckResult(check=name, status=CheckStatus.skipped, reason=str(error))
+        return nvml_unavailable(name, ctx, error)
     per_gpu: dict[str, Any] = {}
     faults: list[str] = []
     problems: list[str] = []
@@ -68,7 +82,7 @@ def check_gpu_count(ctx: CheckContext) -> CheckResult:
     try:
         count = ctx.nvml().nvmlDeviceGetCount()
     except NvmlUnavailable as error:
-        return CheckResult(check=name, status=CheckStatus.skipped, reason=str(error))
+        return nvml_unavailable(name, ctx, error)
     measured = {"count": count, "expected": ctx.expected_gpus}
     if count < ctx.expected_gpus:
         return CheckResult(

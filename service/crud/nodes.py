@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session, selectinload
 
 from service.crud.logbook import write_log
 from service.errors import Conflict, NotFound
-from service.models import Gpu, Node, utcnow
+from service.models import Gpu, Node, NodeOffence, utcnow
 from service.statemachine import LogKind, NodeState, Severity, check_node_transition
 
 
@@ -162,28 +162,58 @@ def cordon_node(
 
 
 def uncordon_node(session: Session, *, hostname: str, reason: str, author: str) -> Node:
-    """Return a cordoned, suspect, draining or retired node to service (retired ones go to probation)."""
+    """Return a node to service. A cordoned, suspect or retired one goes on probation until a deep check
+    passes (the health sweep graduates it); a drained one (maintenance, not a fault) straight to healthy."""
     node = get_node(session, hostname=hostname, for_update=True)
-    target = NodeState.probation if node.state == NodeState.retired else NodeState.healthy
-    if node.state == NodeState.healthy:
-        raise Conflict(f"node {hostname} is not cordoned")
-    return transition_node(session, node=node, target=target, reason=reason, author=author)
+    if node.state in (NodeState.healthy, NodeState.probation):
+        raise Conflict(f"node {hostname} is not cordoned (it is {node.state.value})")
+    target = NodeState.healthy if node.state == NodeState.draining else NodeState.probation
+    return transition_node(
+        session,
+        node=node,
+        target=target,
+        reason=reason,
+        author=author,
+        evidence={"until": "a deep check passes"} if target == NodeState.probation else None,
+    )
 
 
-def record_blame(
-    session: Session, *, node: Node, reason: str, author: str, run_id: int | None = None
-) -> Node:
-    """Charge the node with one run failure (its ``blame_count``), and log why."""
+def record_offence(
+    session: Session,
+    *,
+    node: Node,
+    kind: str,
+    reason: str,
+    author: str,
+    run_id: int | None = None,
+    at: dt.datetime | None = None,
+) -> NodeOffence:
+    """Charge the node with a hardware failure (a row in ``node_offences``; ``blame_count`` counts them all
+    time), and log why."""
+    offence = NodeOffence(node_id=node.id, kind=kind, reason=reason, run_id=run_id, at=at or utcnow())
+    session.add(offence)
     node.blame_count += 1
     write_log(
         session,
         kind=LogKind.failure,
         severity=Severity.warning,
-        message=f"node {node.hostname} implicated in a run failure ({node.blame_count} so far): {reason}",
+        message=f"node {node.hostname} charged with a hardware failure ({kind}; {node.blame_count} so far): "
+        f"{reason}",
         author=author,
         run_id=run_id,
         node_id=node.id,
-        evidence={"blame_count": node.blame_count, "failure": reason},
+        evidence={"offence": kind, "blame_count": node.blame_count, "failure": reason},
     )
     session.flush()
-    return node
+    return offence
+
+
+def recent_offences(session: Session, *, node: Node, since: dt.datetime) -> list[NodeOffence]:
+    """The node's offences at or after ``since``, newest first."""
+    return list(
+        session.scalars(
+            sa.select(NodeOffence)
+            .where(NodeOffence.node_id == node.id, NodeOffence.at >= since)
+            .order_by(NodeOffence.at.desc(), NodeOffence.id.desc())
+        )
+    )

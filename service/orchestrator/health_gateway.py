@@ -7,17 +7,26 @@ from typing import Any, Protocol
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.crud.nodes import get_node, transition_node
-from service.db import transaction
 from service.statemachine import NodeState
 
 
 class HealthGateway(Protocol):
     def cordon(
-        self, hosts: Sequence[str], *, reason: str, evidence: dict[str, Any], run_id: int | None
-    ) -> None: ...
+        self,
+        hosts: Sequence[str],
+        *,
+        reason: str,
+        evidence: dict[str, Any],
+        run_id: int | None,
+        offence: str = "hardware",
+    ) -> None:
+        """Cordon `hosts` for a hardware failure of theirs (an `offence` of that kind: it counts to their
+        lemon score; a lemon is retired instead)."""
+        ...
 
-    def blame(self, hosts: Sequence[str], *, reason: str, run_id: int | None) -> None: ...
+    def blame(self, hosts: Sequence[str], *, reason: str, run_id: int | None) -> None:
+        """`hosts` are the likely cause of a hang: suspect (to be checked), or retired as a lemon."""
+        ...
 
     def deep_check(self, hosts: Sequence[str], *, deadline_s: float) -> dict[str, bool]:
         """Run deep diagnostics on `hosts`, applying the cordon policy; host -> still fit to use."""
@@ -41,27 +50,28 @@ class SweepHealthGateway:
         self._app = app
 
     def cordon(
-        self, hosts: Sequence[str], *, reason: str, evidence: dict[str, Any], run_id: int | None
+        self,
+        hosts: Sequence[str],
+        *,
+        reason: str,
+        evidence: dict[str, Any],
+        run_id: int | None,
+        offence: str = "hardware",
     ) -> None:
-        for host in hosts:
-            with transaction(self._factory) as session:
-                node = get_node(session, hostname=host, for_update=True)
-                if node.state in (
-                    NodeState.healthy,
-                    NodeState.probation,
-                    NodeState.suspect,
-                    NodeState.draining,
-                ):
-                    transition_node(
-                        session,
-                        node=node,
-                        target=NodeState.cordoned,
-                        reason=reason,
-                        author=self._author,
-                        evidence={"run_id": run_id, **evidence},
-                    )
-            for adapter in self._adapters:
-                adapter.cordon(host, f"trainops: {reason}")
+        from health.sweep import charge_nodes
+
+        charge_nodes(
+            self._factory,
+            hosts=list(hosts),
+            kind=offence,
+            failure=reason,
+            consequence=NodeState.cordoned,
+            author=self._author,
+            run_id=run_id,
+            evidence=evidence,
+            adapters=self._adapters,
+            app=self._app,
+        )
 
     def blame(self, hosts: Sequence[str], *, reason: str, run_id: int | None) -> None:
         from health.sweep import blame_nodes
@@ -73,6 +83,7 @@ class SweepHealthGateway:
             author=self._author,
             run_id=run_id,
             adapters=self._adapters,
+            app=self._app,
         )
 
     def deep_check(self, hosts: Sequence[str], *, deadline_s: float) -> dict[str, bool]:
