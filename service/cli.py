@@ -333,6 +333,47 @@ def runs_restart(
     console.print(f"restart of {run['name']} requested")
 
 
+@runs_app.command("restart-preview")
+def runs_restart_preview(
+    run_id: int,
+    failure: Annotated[
+        str, typer.Option(help="The failure to restart after: divergence, hardware or hang.")
+    ] = "divergence",
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """What the orchestrator would restore now after FAILURE, and why (changes nothing)."""
+    if failure not in ("divergence", "hardware", "hang"):
+        fail(f"--failure must be divergence, hardware or hang, not {failure!r}", 2)
+    p = ApiClient(url, token).request("GET", f"/runs/{run_id}/restart-preview", params={"failure": failure})
+    if as_json:
+        _emit(p, True)
+        return
+    print_restart_preview(p)
+
+
+def print_restart_preview(p: dict[str, Any]) -> None:
+    ckpt = p["checkpoint"]
+    head = f"after a {p['failure']} failure"
+    if p["divergence_onset"] is not None:
+        head += f" (divergence onset: step {p['divergence_onset']}, {p['onset_source']})"
+    if ckpt is not None:
+        console.print(f"{head} it would restore [bold]step {ckpt['step']}[/] ({ckpt['path']})")
+        pin = f", pinned by {ckpt['pinned_by']}" if ckpt["pinned"] else ""
+        console.print(f"  stored verdict: {ckpt['verdict']}{pin}")
+    elif p["needs_attention"]:
+        console.print(f"{head} [bold red]nothing qualifies[/]: the run would need attention")
+    else:
+        console.print(f"{head} it would start from scratch")
+    console.print(f"  why: {p['reason']}")
+    if p["rejected"]:
+        table = Table("rejected step", "why")
+        for r in p["rejected"]:
+            table.add_row(str(r["step"]), r["reason"])
+        console.print(table)
+
+
 @runs_app.command("stop")
 def runs_stop(
     run_id: int,

@@ -372,6 +372,30 @@ class CheckpointPublic(ORM):
     committed_at: dt.datetime | None
 
 
+class RejectedCheckpoint(BaseModel):
+    step: int
+    reason: str
+
+
+class RestartPreviewPublic(BaseModel):
+    """What the orchestrator would restore now after a failure of this kind, and why (OPT's rule for a
+    divergence; the newest intact checkpoint otherwise)."""
+
+    run_id: int
+    failure: Literal["divergence", "hardware", "hang"]
+    divergence_onset: int | None = Field(description="The current divergence onset the rule cuts off at.")
+    onset_source: str | None = Field(description="Where that onset was seen.")
+    checkpoint: CheckpointPublic | None = Field(
+        description="The checkpoint it would restore, with its stored verdict and pin; null: none."
+    )
+    fresh_start: bool = Field(description="Nothing to restore: it would start from scratch.")
+    needs_attention: bool = Field(
+        description="A divergence with no qualifying checkpoint: the run would need an operator."
+    )
+    reason: str
+    rejected: list[RejectedCheckpoint] = Field(description="Newer checkpoints passed over, newest first.")
+
+
 # ---- nodes and diagnostics --------------------------------------------------------------------------
 
 

@@ -398,13 +398,16 @@ def _decide_idle(run: ObservedRun, cfg: OrchestratorConfig) -> list[Action]:
         # Manual control wins: the operator's restart is obeyed without a budget check.
         chosen_id = run.pending_restart.get("from_checkpoint_id")
         usable = [c for c in run.checkpoints if c.usable]
-        checkpoint = (
-            next((c for c in usable if c.id == chosen_id), None)
-            if chosen_id
-            else (max(usable, key=lambda c: c.step) if usable else None)
-        )
-        if chosen_id and checkpoint is None:
-            return [Escalate(f"the operator asked for checkpoint {chosen_id}, which is no longer intact")]
+        restart_evidence: dict[str, Any] = {"pending_restart": dict(run.pending_restart)}
+        if chosen_id:
+            checkpoint = next((c for c in usable if c.id == chosen_id), None)
+            if checkpoint is None:
+                return [Escalate(f"the operator asked for checkpoint {chosen_id}, which is no longer intact")]
+            choice_words = f"from checkpoint step {checkpoint.step}, as asked"
+        else:
+            checkpoint, choice_words, rejected = operator_default_checkpoint(run, cfg)
+            restart_evidence["restart_point"] = choice_words
+            restart_evidence["rejected_checkpoints"] = [list(r) for r in rejected]
         overrides["reset_loss_scale"] = bool(run.pending_restart.get("reset_loss_scale"))
         overrides["skip_batches"] = int(run.pending_restart.get("skip_batches") or 0)
         reason = (
@@ -415,8 +418,8 @@ def _decide_idle(run: ObservedRun, cfg: OrchestratorConfig) -> list[Action]:
             cfg,
             checkpoint=checkpoint,
             overrides=overrides,
-            reason=reason,
-            evidence={"pending_restart": dict(run.pending_restart)},
+            reason=f"{reason}; {choice_words}",
+            evidence=restart_evidence,
             deep_check=False,
             consume=True,
         )
@@ -505,6 +508,35 @@ def _decide_idle(run: ObservedRun, cfg: OrchestratorConfig) -> list[Action]:
         evidence={},
         deep_check=False,
         consume=False,
+    )
+
+
+def operator_default_checkpoint(
+    run: ObservedRun, cfg: OrchestratorConfig
+) -> tuple[CheckpointCandidate | None, str, tuple[tuple[int, str], ...]]:
+    """The checkpoint an operator's restart without `from_checkpoint_id` restores: the choice the
+    orchestrator makes for a divergence with no onset in sight (OPT's rule: the newest healthy checkpoint),
+    else the newest intact one, saying so. Returns (checkpoint, the choice in words, rejected newer ones)."""
+    choice = pick_restart_checkpoint(
+        run.checkpoints,
+        failure=FailureClass.divergence,
+        cfg=cfg.restart_point,
+        divergence_onset=None,
+        act_norms=run.act_norms,
+        min_loss_scale=cfg.divergence.min_loss_scale,
+        runaway_multiple=cfg.divergence.act_norm_multiple,
+    )
+    if choice.checkpoint is not None:
+        return choice.checkpoint, f"the newest healthy checkpoint, {choice.reason}", choice.rejected
+    usable = [c for c in run.checkpoints if c.usable]
+    if not usable:
+        return None, "no intact checkpoint: from scratch", choice.rejected
+    newest = max(usable, key=lambda c: c.step)
+    why = next((r for step, r in choice.rejected if step == newest.step), choice.reason)
+    return (
+        newest,
+        f"no checkpoint is healthy yet under the OPT rule; the newest intact one, step {newest.step} ({why})",
+        choice.rejected,
     )
 
 

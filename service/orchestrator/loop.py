@@ -379,43 +379,10 @@ class Orchestrator:
         attempt.hosts = list(allocated)
 
     def _candidates(self, session: Session, run_id: int) -> list[CheckpointCandidate]:
-        from trainer.checkpoint import verify_checkpoint
-
-        rows = session.scalars(
-            sa.select(Checkpoint).where(
-                Checkpoint.run_id == run_id,
-                Checkpoint.state.in_(
-                    [CheckpointState.committed, CheckpointState.verified, CheckpointState.corrupt]
-                ),
-            )
-        )
-        out = []
-        for c in rows:
-            usable, why = c.state != CheckpointState.corrupt, "marked corrupt"
-            if usable:
-                ok, reason = verify_checkpoint(c.path, deep=False)  # marker, manifest, sizes: cheap
-                usable, why = ok, reason
-            out.append(
-                CheckpointCandidate(
-                    id=c.id,
-                    step=c.step,
-                    path=c.path,
-                    usable=usable,
-                    loss_scale=c.loss_scale,
-                    act_norm=c.act_norm,
-                    unusable_reason="" if usable else why,
-                )
-            )
-        return out
+        return checkpoint_candidates(session, run_id=run_id)
 
     def _act_norm_lineage(self, session: Session, run_id: int, from_step: int) -> dict[int, float]:
-        """Per step, the activation norm of the newest attempt that computed it (the surviving history)."""
-        rows = session.execute(
-            sa.select(Metric.step, Metric.attempt, Metric.act_norm)
-            .where(Metric.run_id == run_id, Metric.step >= from_step, Metric.act_norm.is_not(None))
-            .order_by(Metric.step, Metric.attempt)
-        ).all()
-        return {r.step: r.act_norm for r in rows if r.act_norm is not None and math.isfinite(r.act_norm)}
+        return act_norm_lineage(session, run_id=run_id, from_step=from_step)
 
     def _sync_checkpoints(self, run_id: int) -> None:
         """Catalogue the committed checkpoints found on disk: those the trainer could not report (control
@@ -848,3 +815,46 @@ class Orchestrator:
 
 def _finite(value: Any) -> float | None:
     return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
+
+
+def checkpoint_candidates(session: Session, *, run_id: int) -> list[CheckpointCandidate]:
+    """The run's catalogued checkpoints as restart candidates: usable when committed or verified in the
+    catalog and intact on disk (marker, manifest, sizes). What the orchestrator and restart-preview see."""
+    from trainer.checkpoint import verify_checkpoint
+
+    rows = session.scalars(
+        sa.select(Checkpoint).where(
+            Checkpoint.run_id == run_id,
+            Checkpoint.state.in_(
+                [CheckpointState.committed, CheckpointState.verified, CheckpointState.corrupt]
+            ),
+        )
+    )
+    out = []
+    for c in rows:
+        usable, why = c.state != CheckpointState.corrupt, "marked corrupt"
+        if usable:
+            ok, reason = verify_checkpoint(c.path, deep=False)  # marker, manifest, sizes: cheap
+            usable, why = ok, reason
+        out.append(
+            CheckpointCandidate(
+                id=c.id,
+                step=c.step,
+                path=c.path,
+                usable=usable,
+                loss_scale=c.loss_scale,
+                act_norm=c.act_norm,
+                unusable_reason="" if usable else why,
+            )
+        )
+    return out
+
+
+def act_norm_lineage(session: Session, *, run_id: int, from_step: int) -> dict[int, float]:
+    """Per step, the activation norm of the newest attempt that computed it (the surviving history)."""
+    rows = session.execute(
+        sa.select(Metric.step, Metric.attempt, Metric.act_norm)
+        .where(Metric.run_id == run_id, Metric.step >= from_step, Metric.act_norm.is_not(None))
+        .order_by(Metric.step, Metric.attempt)
+    ).all()
+    return {r.step: r.act_norm for r in rows if r.act_norm is not None and math.isfinite(r.act_norm)}

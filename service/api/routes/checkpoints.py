@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query, Response, status
 
@@ -20,8 +20,11 @@ from service.api.deps import (
 )
 from service.crud import checkpoints as ckpt_crud
 from service.crud import runs as runs_crud
+from service.orchestrator.config import OrchestratorConfig
+from service.orchestrator.detect import FailureClass
+from service.orchestrator.preview import restart_preview
 from service.orchestrator.verdicts import runs_dir_of
-from service.schemas import CheckpointCreate, CheckpointMark, CheckpointPublic, Page
+from service.schemas import CheckpointCreate, CheckpointMark, CheckpointPublic, Page, RestartPreviewPublic
 from service.statemachine import CheckpointState
 
 router = APIRouter(tags=["checkpoints"])
@@ -33,6 +36,15 @@ def get_runs_dir(settings: SettingsDep) -> Path:
 
 
 RunsDir = Annotated[Path, Depends(get_runs_dir)]
+
+
+def get_orchestrator_config(settings: SettingsDep) -> OrchestratorConfig:
+    from service.orchestrator.runtime import load_orchestrator_config
+
+    return load_orchestrator_config(settings)
+
+
+OrchestratorConfigDep = Annotated[OrchestratorConfig, Depends(get_orchestrator_config)]
 
 
 @router.post(
@@ -98,3 +110,18 @@ def mark_checkpoint(
         runs_dir=runs_dir,
     )
     return CheckpointPublic.model_validate(ckpt)
+
+
+@router.get("/runs/{run_id}/restart-preview", response_model=RestartPreviewPublic)
+def preview_restart(
+    run_id: RunId,
+    session: SessionDep,
+    _: Viewer,
+    cfg: OrchestratorConfigDep,
+    failure: Annotated[
+        Literal["divergence", "hardware", "hang"], Query(description="The failure to restart after.")
+    ] = "divergence",
+) -> RestartPreviewPublic:
+    """What the orchestrator would restore now after this failure, and why, with the newer checkpoints it
+    would pass over. Changes nothing."""
+    return restart_preview(session, run_id=run_id, failure=FailureClass(failure), cfg=cfg).public()
