@@ -83,6 +83,7 @@ class FakeNvml:
         self.host = host
         self.driver = bool(spec.get("driver", True))
         model = str(spec.get("model", "NVIDIA H100 80GB HBM3"))
+        self._memory_mb = int(spec.get("memory_mb", 81559))  # an H100 80GB's total as NVML reports it
         faults: list[dict[str, Any]] = list(spec["faults"])
         missing = {int(f["gpu"]) for f in faults if f["kind"] == "missing_gpu"}
         self._gpus = [
@@ -149,6 +150,11 @@ class FakeNvml:
     def nvmlDeviceGetUUID(self, handle: FakeGpu) -> str:
         self._enter("nvmlDeviceGetUUID")
         return f"GPU-fake-{self.host}-{handle.index}"
+
+    def nvmlDeviceGetMemoryInfo(self, handle: FakeGpu) -> Any:
+        self._enter("nvmlDeviceGetMemoryInfo")
+        total = self._memory_mb * 2**20
+        return SimpleNamespace(total=total, free=total, used=0)
 
     # --- memory errors -------------------------------------------------------------------------------
     def nvmlDeviceGetTotalEccErrors(self, handle: FakeGpu, error_type: int, counter_type: int) -> int:

@@ -50,11 +50,13 @@ def _settings() -> Settings:
 class ApiClient:
     """A thin client of the REST API that turns every failure into a one-line CLI error."""
 
-    def __init__(self, url: str | None, token: str | None) -> None:
+    def __init__(self, url: str | None, token: str | None, *, bootstrap: bool = False) -> None:
+        """`bootstrap`: authenticate with TRAINOPS_BOOTSTRAP_ADMIN_TOKEN (how the first token is made in
+        prod mode, where the CLI never falls back to it by itself)."""
         settings = _settings()
         self.base = (url or settings.resolved_api_url).rstrip("/")
         secret = token or (settings.token.get_secret_value() if settings.token else None)
-        if secret is None and settings.mode == "dev":
+        if bootstrap or (secret is None and settings.mode == "dev"):
             secret = settings.bootstrap_admin_token.get_secret_value()
         self.headers = {"Authorization": f"Bearer {secret}"} if secret else {}
 
@@ -236,6 +238,28 @@ def runs_list(
         )
     table.caption = f"{len(page['items'])} of {page['total']}"
     _emit(page, as_json, table)
+
+
+@runs_app.command("create")
+def runs_create(
+    name: str,
+    config_file: Annotated[
+        typer.FileText,
+        typer.Option("--config", help="JSON file of the run's config (preset, target_steps, ...)."),
+    ],
+    owner: Annotated[str, typer.Option(envvar="USER", help="Who the run belongs to.")] = "unknown",
+    start: Annotated[bool, typer.Option("--start/--no-start", help="Ask the orchestrator to run it.")] = True,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Create a run (and, by default, ask the orchestrator to start it)."""
+    try:
+        config = json.load(config_file)
+    except ValueError as exc:
+        fail(f"{config_file.name} is not JSON: {exc}", 2)
+    body = {"name": name, "owner": owner, "config": config, "start": start}
+    run = ApiClient(url, token).request("POST", "/runs", json=body)
+    console.print(f"run {run['id']} ({run['name']}): phase {run['phase']}, desired {run['desired_state']}")
 
 
 @runs_app.command("show")
@@ -420,6 +444,66 @@ def nodes_list(
     _emit(page, as_json, table)
 
 
+def local_gpu_inventory(host: str) -> list[dict[str, Any]]:
+    """This machine's GPUs as NVML reports them (with TRAINOPS_FAKE_NVML naming a fake-NVML script, the
+    simulated GPUs of `host` in it)."""
+    import pynvml
+
+    from health.config import HealthConfig
+    from health.nvml import open_nvml
+
+    nvml = open_nvml(HealthConfig.from_env(), host)
+    try:
+        nvml.nvmlInit()
+    except pynvml.NVMLError as exc:
+        fail(f"cannot read this host's GPUs through NVML ({type(exc).__name__}: {exc})")
+    try:
+        gpus = []
+        for index in range(nvml.nvmlDeviceGetCount()):
+            handle = nvml.nvmlDeviceGetHandleByIndex(index)
+            name, uuid = nvml.nvmlDeviceGetName(handle), nvml.nvmlDeviceGetUUID(handle)
+            gpus.append(
+                {
+                    "index": index,
+                    "uuid": uuid.decode() if isinstance(uuid, bytes) else uuid,
+                    "model": name.decode() if isinstance(name, bytes) else name,
+                    "memory_mb": int(nvml.nvmlDeviceGetMemoryInfo(handle).total) // 2**20,
+                }
+            )
+        return gpus
+    finally:
+        nvml.nvmlShutdown()
+
+
+@nodes_app.command("register")
+def nodes_register(
+    host: str,
+    label: Annotated[list[str] | None, typer.Option(help="KEY=VALUE, repeatable (rack, zone, ...).")] = None,
+    gpus_from_nvml: Annotated[
+        bool,
+        typer.Option(
+            "--gpus-from-nvml",
+            help="Declare the GPUs NVML reports on this machine (run it on the host itself).",
+        ),
+    ] = False,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Register a host (or refresh its labels and GPU inventory); the orchestrator schedules registered
+    healthy hosts only."""
+    labels: dict[str, str] = {}
+    for item in label or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            fail(f"--label takes KEY=VALUE, not {item!r}", 2)
+        labels[key] = value
+    body: dict[str, Any] = {"hostname": host, "labels": labels}
+    if gpus_from_nvml:
+        body["gpus"] = local_gpu_inventory(host)
+    node = ApiClient(url, token).request("POST", "/nodes", json=body)
+    console.print(f"{node['hostname']}: {node['state']}, {len(node['gpus'])} GPU(s)")
+
+
 @nodes_app.command("cordon")
 def nodes_cordon(
     host: str,
@@ -487,14 +571,21 @@ def tokens_create(
     name: Annotated[str, typer.Option(help="Who or what will use it.")],
     role: Annotated[str, typer.Option(help="viewer, operator, admin or trainer.")],
     run_id: Annotated[int | None, typer.Option("--run", help="Run a trainer token may feed.")] = None,
+    bootstrap: Annotated[
+        bool,
+        typer.Option(
+            "--bootstrap",
+            help="Authenticate with TRAINOPS_BOOTSTRAP_ADMIN_TOKEN (the first token in prod mode).",
+        ),
+    ] = False,
     url: UrlOpt = None,
     token: TokenOpt = None,
 ) -> None:
-    """Create a token; its secret is printed once."""
+    """Create a token; its secret is printed once (on stdout, alone on its last line)."""
     body: dict[str, Any] = {"name": name, "role": role}
     if run_id is not None:
         body["run_id"] = run_id
-    created = ApiClient(url, token).request("POST", "/tokens", json=body)
+    created = ApiClient(url, token, bootstrap=bootstrap).request("POST", "/tokens", json=body)
     console.print(f"token {created['id']} ({created['role']}) for {created['name']}:")
     print(created["token"])
 
