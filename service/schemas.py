@@ -69,6 +69,31 @@ class SlurmConfig(Strict):
     )
 
 
+class HangOverrides(Strict):
+    """This run's hang limits, in place of the orchestrator's (docs/orchestrator.md, "Detection"). The
+    step limit is max(step_floor_s, step_time_multiple x p99 of the run's recent step times); each section
+    limit is at least the step limit."""
+
+    step_floor_s: float | None = Field(None, ge=5, le=86_400, description="Floor of the step limit (s).")
+    step_time_multiple: float | None = Field(
+        None, ge=1, le=1000, description="The step limit as a multiple of the p99 step time."
+    )
+    startup_s: float | None = Field(
+        None, ge=5, le=86_400, description="Start-up: process start, model build, checkpoint load, 1st step."
+    )
+    checkpoint_save_s: float | None = Field(None, ge=5, le=86_400, description="Inside a checkpoint save.")
+    validation_s: float | None = Field(None, ge=5, le=86_400, description="Inside a validation pass.")
+
+    @model_validator(mode="after")
+    def _sections_at_least_the_floor(self) -> HangOverrides:
+        if self.step_floor_s is not None:
+            for name in ("startup_s", "checkpoint_save_s", "validation_s"):
+                value = getattr(self, name)
+                if value is not None and value < self.step_floor_s:
+                    raise ValueError(f"hang.{name} must be >= hang.step_floor_s")
+        return self
+
+
 class RunConfig(Strict):
     """What to train and how to look after it."""
 
@@ -86,6 +111,9 @@ class RunConfig(Strict):
     max_restarts: int = Field(20, ge=0, description="Restart budget before the run needs attention.")
     slurm: SlurmConfig | None = None
     faults: list[str] = Field(default_factory=list, description="Fault injection specs (tests and demo).")
+    hang: HangOverrides | None = Field(
+        None, description="Per-run hang limits (14 s steps, 2-minute saves); unset = the orchestrator's."
+    )
 
 
 class RunCreate(Strict):

@@ -22,6 +22,7 @@ from service.orchestrator.detect import (
     detect_divergence,
     detect_hang,
     detect_straggler,
+    hang_limits,
 )
 from service.orchestrator.policy import FailureRecord, backoff_s, plan_remediation
 from service.orchestrator.restart_point import (
@@ -118,7 +119,10 @@ def test_runaway_activation_norm_that_holds_its_level_is_caught() -> None:
 
 def test_hang_is_declared_after_the_timeout_and_not_before() -> None:
     beats = [RankBeat(0, "h1", 50, time=100.0), RankBeat(1, "h2", 49, time=99.0)]
-    common = {"world_size": 2, "attempt_started_at": 0.0, "hang_timeout_s": 12.0, "startup_grace_s": 60.0}
+    limits = hang_limits(
+        [], floor_s=12.0, multiple=5.0, q=0.99, startup_s=60.0, checkpoint_save_s=600.0, validation_s=600.0
+    )
+    common = {"world_size": 2, "attempt_started_at": 0.0, "limits": limits}
     assert detect_hang(beats, now=110.0, **common) is None
     found = detect_hang(beats, now=113.0, **common)
     assert found is not None and found.stale_ranks == (0, 1) and found.behind_hosts == ("h2",)
@@ -127,11 +131,12 @@ def test_hang_is_declared_after_the_timeout_and_not_before() -> None:
 
 
 def test_straggler_is_the_rank_far_slower_than_the_others() -> None:
-    beats = [RankBeat(r, f"h{r}", 10, 1.0, step_time_s=0.5) for r in range(3)]
-    assert detect_straggler(beats, ratio=3.0) is None
-    slow = [*beats, RankBeat(3, "h3", 10, 1.0, step_time_s=2.0)]
-    found = detect_straggler(slow, ratio=3.0)
-    assert found is not None and found.host == "h3"
+    steady = tuple((s, 0.5) for s in range(6, 11))
+    beats = [RankBeat(r, f"h{r}", 10, 1.0, step_time_s=0.5, busy=steady) for r in range(3)]
+    assert detect_straggler(beats, ratio=3.0, confirm_steps=5) is None
+    slow = [*beats, RankBeat(3, "h3", 10, 1.0, step_time_s=2.0, busy=tuple((s, 2.0) for s in range(6, 11)))]
+    found = detect_straggler(slow, ratio=3.0, confirm_steps=5)
+    assert found is not None and found.host == "h3" and len(found.observations) == 5
 
 
 # ---- the restart point ----------------------------------------------------------------------------

@@ -136,6 +136,26 @@ def test_a_checkpoint_torn_by_a_kill_mid_save_is_never_loaded(tmp_path: Path) ->
     assert verify_checkpoint(run_dir / "checkpoints" / "step_00000008") == (True, "ok")
 
 
+def test_heartbeats_say_which_section_a_rank_is_in_and_carry_its_step_times(tmp_path: Path) -> None:
+    # A synchronous save killed mid-commit: the beats left behind say the ranks were saving, so the
+    # orchestrator held them to the checkpoint-save limit, not to the step limit.
+    run_dir = tmp_path / "run"
+    flags = ["--max-steps", "12", "--checkpoint-interval", "8", "--checkpoint-mode", "sync"]
+    killed = run_trainer(run_dir, *FP32, *flags, "--fault", "crash_in_checkpoint:step=8")
+    assert killed.returncode == 128 + signal.SIGKILL, explain(killed)
+    beat = json.loads((run_dir / "heartbeats" / "rank0.json").read_text())
+    assert (beat["step"], beat["section"]) == (8, "checkpoint_save")
+    assert beat["last_step_s"] > 0
+    # the per-step busy history: consecutive steps, the newest one being the step the rank just did
+    assert [s for s, _ in beat["busy_s"]] == list(range(1, 9)) and all(b > 0 for _, b in beat["busy_s"])
+
+    done = run_trainer(tmp_path / "fresh", *FP32, *flags, "--val-interval", "4")
+    assert done.returncode == 0, explain(done)
+    beats = [json.loads((tmp_path / "fresh" / "heartbeats" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [(b["step"], b["section"]) for b in beats] == [(12, "step"), (12, "step")]
+    assert [s for s, _ in beats[1]["busy_s"]] == list(range(1, 13))
+
+
 def test_an_inf_gradient_on_one_rank_makes_every_rank_skip_and_halve(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     result = run_trainer(

@@ -6,9 +6,9 @@ device
   root-mean-square
   per-token L2 norm, which does not change with batch size or world size.
 - `StepStats`: the one all_reduce per step of [loss, act sum of squares, act tokens, grad sum of squares].
-- `HeartbeatFile`: `heartbeats/rank{R}.json`, rewritten atomically after every step by the training loop
-itself,
-  so a hung loop leaves a stale step for the orchestrator to see.
+- `HeartbeatFile`: `heartbeats/rank{R}.json`, rewritten atomically by the training loop itself after every
+  step and on entering a section (start-up, step, checkpoint save, validation: each has its own hang limit),
+  so a hung loop leaves a stale beat for the orchestrator to see.
 - `MetricsFile`: `metrics/rank{R}.jsonl`, one JSON line per step (rank 0's is the full record).
 Disabled telemetry swaps in the `Null*` objects; the loop does not branch.
 """
@@ -20,6 +20,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -91,20 +92,55 @@ def atomic_write_json(path: Path, obj: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+class Section:
+    """Where a rank is; the orchestrator holds each to its own hang limit (docs/reporting-contract.md)."""
+
+    STARTUP = "startup"  # process start, model build, checkpoint load, until the first step is done
+    STEP = "step"
+    CHECKPOINT_SAVE = "checkpoint_save"
+    VALIDATION = "validation"
+
+
 class HeartbeatFile:
     def __init__(self, directory: Path, *, rank: int, host: str) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.path = directory / f"rank{rank}.json"
         self.fixed = {"host": host, "pid": os.getpid(), "rank": rank}
 
-    def beat(self, step: int, *, step_time_s: float | None = None) -> None:
+    def beat(
+        self,
+        step: int,
+        *,
+        section: str = Section.STEP,
+        step_time_s: float | None = None,
+        last_step_s: float | None = None,
+        busy: Sequence[tuple[int, float]] = (),
+    ) -> None:
+        """`time` is now: the rank finished `step` (section `step`) or entered `section`."""
         atomic_write_json(
-            self.path, {"step": step, "time": time.time(), "step_time_s": step_time_s, **self.fixed}
+            self.path,
+            {
+                "step": step,
+                "time": time.time(),
+                "section": section,
+                "step_time_s": step_time_s,
+                "last_step_s": last_step_s,
+                "busy_s": [[s, round(b, 6)] for s, b in busy],
+                **self.fixed,
+            },
         )
 
 
 class NullHeartbeat:
-    def beat(self, step: int, *, step_time_s: float | None = None) -> None:
+    def beat(
+        self,
+        step: int,
+        *,
+        section: str = Section.STEP,
+        step_time_s: float | None = None,
+        last_step_s: float | None = None,
+        busy: Sequence[tuple[int, float]] = (),
+    ) -> None:
         """Heartbeats disabled."""
 
 
@@ -115,32 +151,42 @@ class StragglerProbe:
     host-side stalls) until the next step's probe, a one-element all_gather. The time from the last alignment
     to this rank's arrival at the probe is its busy time; a straggler's is longer, while the others' wait at
     the probe is not counted. Slowness inside the step's own collectives (FSDP all-gathers, reduce-scatters)
-    is shared by every rank and not attributed here. The heartbeat carries the trailing mean.
+    is shared by every rank and not attributed here. The heartbeat carries the trailing mean and the
+    per-step history (step, busy time), so the orchestrator can confirm a straggler over consecutive steps.
     """
 
-    def __init__(self, *, world: int, device: torch.device, window: int = 5) -> None:
+    def __init__(self, *, world: int, device: torch.device, window: int = 5, history: int = 16) -> None:
         self.world = world
         self.device = device
         self.samples: collections.deque[float] = collections.deque(maxlen=window)
+        self.history: collections.deque[tuple[int, float]] = collections.deque(maxlen=history)
         self.aligned_at = time.time()
 
-    def arrive(self) -> None:
+    def arrive(self, step: int) -> None:
+        """At the start of `step`: this rank's busy time since the last alignment is recorded for `step`."""
         arrival = time.time()
         mine = torch.tensor([arrival], dtype=torch.float64, device=self.device)
         dist.all_gather([torch.zeros_like(mine) for _ in range(self.world)], mine)
         self.samples.append(arrival - self.aligned_at)
+        self.history.append((step, arrival - self.aligned_at))
         self.aligned_at = time.time()
 
     def mean_busy_s(self) -> float | None:
         return sum(self.samples) / len(self.samples) if len(self.samples) == self.samples.maxlen else None
 
+    def recent(self) -> list[tuple[int, float]]:
+        return list(self.history)
+
 
 class NullStragglerProbe:
-    def arrive(self) -> None:
+    def arrive(self, step: int) -> None:
         """Straggler probe disabled (telemetry off or a single rank)."""
 
     def mean_busy_s(self) -> float | None:
         return None
+
+    def recent(self) -> list[tuple[int, float]]:
+        return []
 
 
 class MetricsFile:

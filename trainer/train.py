@@ -53,6 +53,7 @@ from trainer.telemetry import (
     NullHeartbeat,
     NullMetricsFile,
     NullStragglerProbe,
+    Section,
     StragglerProbe,
     device_peak_tflops,
     reduce_step_stats,
@@ -349,14 +350,14 @@ def train(cfg: TrainConfig) -> int:
     peak_tflops = cfg.peak_tflops or device_peak_tflops(device)
     step_times: list[float] = []
     first_step = step + 1
-    heartbeat.beat(step)
+    heartbeat.beat(step, section=Section.STARTUP)  # loaded; start-up lasts until the first step is done
 
     # ---- the loop ----
     while step < cfg.max_steps:
         step += 1
         faults.at_step_start(step)
         t0 = time.perf_counter()
-        probe.arrive()  # time waiting here for a late rank stays in this step's time, as it costs throughput
+        probe.arrive(step)  # waiting here for a late rank stays in this step's time: it costs throughput
         lr = schedule.lr_at(step) * faults.lr_factor(step, lr_scale=schedule.scale)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -409,6 +410,7 @@ def train(cfg: TrainConfig) -> int:
         if peak_tflops:
             values["mfu"] = tflops / peak_tflops
         if cfg.val_interval and step % cfg.val_interval == 0:
+            heartbeat.beat(step, section=Section.VALIDATION)
             val_loss = validate(model, stream, cfg, rank, world, device)
             values.update(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50.0)))
         if step == first_step and overrides:
@@ -431,7 +433,8 @@ def train(cfg: TrainConfig) -> int:
         metrics.write({**point, "attempt": attempt, "rank": rank})
         reporter.metric(_json_safe(point))
         reporter.heartbeat(step)
-        heartbeat.beat(step, step_time_s=probe.mean_busy_s())
+        timing = {"step_time_s": probe.mean_busy_s(), "last_step_s": step_time, "busy": probe.recent()}
+        heartbeat.beat(step, **timing)
 
         if not math.isfinite(loss_value):  # divergence guard: same verdict on every rank (reduced loss)
             log(
@@ -469,7 +472,9 @@ def train(cfg: TrainConfig) -> int:
                 "seq_len": seq_len,
                 "batch_tokens": batch_tokens,
             }
+            heartbeat.beat(step, section=Section.CHECKPOINT_SAVE, **timing)
             stall = checkpointer.save(step, model, optimizer, meta, rng_state(device))
+            heartbeat.beat(step, **timing)
             log(f"checkpoint of step {step} started ({cfg.checkpoint_mode}); loop blocked {stall:.3f}s")
 
     checkpointer.close()

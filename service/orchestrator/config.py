@@ -98,21 +98,51 @@ class RemediationConfig:
 
 
 @dataclass(kw_only=True)
+class HangConfig:
+    """How the hang limits are calibrated to each run (`detect.hang_limits`); a run's `RunConfig.hang`
+    overrides any of them for that run."""
+
+    step_time_multiple: float = 5.0
+    """The step limit is this multiple of the run's `step_time_quantile` step time (at least the floor,
+    `OrchestratorConfig.hang_timeout_s`)."""
+    step_time_quantile: float = 0.99
+    """Quantile of the recent step times the step limit is a multiple of (p99)."""
+    step_time_window: int = 200
+    """Newest steps of the run (any attempt) whose step times calibrate the step limit."""
+    checkpoint_save_s: float = 600.0
+    """Limit for a rank inside a checkpoint save (OPT's synchronous saves took about 2 minutes)."""
+    validation_s: float = 600.0
+    """Limit for a rank inside a validation pass."""
+
+    def __post_init__(self) -> None:
+        if self.step_time_multiple < 1:
+            raise ValueError("hang.step_time_multiple must be >= 1")
+        if not 0 < self.step_time_quantile <= 1:
+            raise ValueError("hang.step_time_quantile must be in (0, 1]")
+        if self.step_time_window < 1:
+            raise ValueError("hang.step_time_window must be >= 1")
+
+
+@dataclass(kw_only=True)
 class OrchestratorConfig:
     loop_interval_s: float = 1.0
     """Period of the reconcile loop (events may wake it earlier; they never decide)."""
     heartbeat_interval_s: float = 2.0
     """How often trainer ranks are expected to beat (they beat every step; this bounds the check)."""
     hang_timeout_s: float = 12.0
-    """No step progress for this long on any rank is a hang (goal: detected within 15 s)."""
+    """Floor of the step limit: no step progress for this long is a hang even when the run's own step
+    times would allow less (the limit is max(this, `hang.step_time_multiple` x p99 of recent step times))."""
     startup_grace_s: float = 180.0
-    """Time an attempt may take to reach its first step (process start, model build, checkpoint load)."""
+    """Limit of the start-up section: process start, model build, checkpoint load and the first step."""
     runs_dir: str = ".trainops/runs"
     """Where each run's files live: <runs_dir>/<run name>/ (checkpoints, heartbeats, logs)."""
     api_url: str | None = None
     """Control plane URL given to trainers for reporting; None = trainers do not report over HTTP."""
     straggler_ratio: float = 3.0
-    """A rank whose step time exceeds the median of the others by this factor is a straggler."""
+    """A rank whose step time exceeds the median of the others by this factor is a straggler ..."""
+    straggler_confirm_steps: int = 5
+    """... in each of this many consecutive steps (one slow reading is no evidence)."""
+    hang: HangConfig = field(default_factory=HangConfig)
     failing_pass_limit: int = 5
     """Consecutive failed reconcile passes of one run (an exception while observing, deciding or applying)
     after which the run goes to needs_attention with the error in the logbook and on-call is paged. Between
@@ -134,6 +164,17 @@ class OrchestratorConfig:
             raise ValueError("loop_interval_s must be in (0, hang_timeout_s]")
         if self.straggler_ratio <= 1:
             raise ValueError("straggler_ratio must be > 1")
+        if self.straggler_confirm_steps < 2:
+            raise ValueError("straggler_confirm_steps must be >= 2 (one reading is no confirmation)")
+        # Every section's limit is at least the step floor, or a rank would be called hung faster while
+        # saving or validating than while stepping.
+        for name, limit in (
+            ("startup_grace_s", self.startup_grace_s),
+            ("hang.checkpoint_save_s", self.hang.checkpoint_save_s),
+            ("hang.validation_s", self.hang.validation_s),
+        ):
+            if limit < self.hang_timeout_s:
+                raise ValueError(f"{name} must be >= hang_timeout_s")
         if self.failing_pass_limit < 1:
             raise ValueError("failing_pass_limit must be >= 1")
         if self.failing_pass_backoff_max_s < self.loop_interval_s or self.transient_failure_patience_s < 0:

@@ -14,12 +14,14 @@ from service.orchestrator.config import OrchestratorConfig
 from service.orchestrator.detect import (
     DivergenceFinding,
     FailureClass,
+    HangLimits,
     MetricSample,
     RankBeat,
     classify_exit,
     detect_divergence,
     detect_hang,
     detect_straggler,
+    hang_limits,
 )
 from service.orchestrator.launcher import ProcessStatus
 from service.orchestrator.policy import FailureRecord, plan_remediation
@@ -77,6 +79,8 @@ class ObservedRun:
     act_norms: Mapping[int, float] = field(default_factory=dict)  # step -> norm along the surviving lineage
     node_changed_at: Mapping[str, float] = field(default_factory=dict)  # host -> when its state last changed
     waiting_for_hosts_since: float | None = None
+    step_times: tuple[float, ...] = ()  # the run's newest step times (any attempt), oldest first
+    hang_overrides: Mapping[str, float] = field(default_factory=dict)  # the run's `RunConfig.hang`
 
 
 # ---- what decide() asks for ------------------------------------------------------------------------
@@ -92,6 +96,7 @@ class EndAttempt:
     cordon_hosts: tuple[str, ...] = ()
     blame_hosts: tuple[str, ...] = ()
     last_progress_at: float | None = None
+    offence: str = "hardware"  # what the cordoned hosts are charged with (their lemon score counts it)
 
 
 @dataclass(frozen=True)
@@ -288,8 +293,7 @@ def _decide_active(run: ObservedRun, cfg: OrchestratorConfig) -> list[Action]:
         world_size=attempt.world_size,
         now=run.now,
         attempt_started_at=attempt.started_at,
-        hang_timeout_s=cfg.hang_timeout_s,
-        startup_grace_s=cfg.startup_grace_s,
+        limits=run_hang_limits(run, attempt, cfg),
     )
     if hang is not None:
         return [
@@ -308,28 +312,59 @@ def _decide_active(run: ObservedRun, cfg: OrchestratorConfig) -> list[Action]:
     if divergence is not None:
         return [*actions, _end_for_divergence(divergence, attempt)]
 
-    # Ranks report their own step time as a trailing mean, so one observation is already smoothed.
-    straggler = detect_straggler(attempt.beats, ratio=cfg.straggler_ratio)
+    # Confirmed over consecutive steps from the per-step busy times the ranks' heartbeats carry.
+    straggler = detect_straggler(
+        attempt.beats, ratio=cfg.straggler_ratio, confirm_steps=cfg.straggler_confirm_steps
+    )
     if straggler is not None:
         slowdown = straggler.step_time_s / straggler.others_median_s
+        seen = straggler.observations
         return [
             *actions,
             EndAttempt(
                 FailureClass.hardware,
                 f"straggler: rank {straggler.rank} on {straggler.host}: {straggler.step_time_s:.2f} s/step, "
-                f"{slowdown:.1f}x the others",
+                f"{slowdown:.1f}x the others in each of {len(seen)} consecutive steps "
+                f"({seen[0].step}-{seen[-1].step})",
                 kill=True,
                 cordon_hosts=(straggler.host,),
+                offence="straggler",
                 evidence={
                     "rank": straggler.rank,
                     "host": straggler.host,
                     "step_time_s": straggler.step_time_s,
                     "others_median_s": straggler.others_median_s,
+                    "ratio_limit": cfg.straggler_ratio,
+                    "observations": [
+                        {
+                            "step": o.step,
+                            "step_time_s": round(o.step_time_s, 4),
+                            "others_median_s": round(o.others_median_s, 4),
+                            "ratio": round(o.ratio, 2),
+                        }
+                        for o in seen
+                    ],
                 },
                 last_progress_at=_last_progress(attempt),
             ),
         ]
     return actions
+
+
+def run_hang_limits(run: ObservedRun, attempt: ObservedAttempt, cfg: OrchestratorConfig) -> HangLimits:
+    """This run's hang limits: the orchestrator's settings, overridden by the run's own, calibrated on the
+    run's newest step times (stored metrics, and each rank's last step as its heartbeat reports it)."""
+    own = run.hang_overrides
+    step_times = [*run.step_times, *(b.last_step_s for b in attempt.beats if b.last_step_s is not None)]
+    return hang_limits(
+        step_times[-cfg.hang.step_time_window :],
+        floor_s=float(own.get("step_floor_s", cfg.hang_timeout_s)),
+        multiple=float(own.get("step_time_multiple", cfg.hang.step_time_multiple)),
+        q=cfg.hang.step_time_quantile,
+        startup_s=float(own.get("startup_s", cfg.startup_grace_s)),
+        checkpoint_save_s=float(own.get("checkpoint_save_s", cfg.hang.checkpoint_save_s)),
+        validation_s=float(own.get("validation_s", cfg.hang.validation_s)),
+    )
 
 
 def _end_for_divergence(found: DivergenceFinding, attempt: ObservedAttempt) -> EndAttempt:
@@ -564,6 +599,12 @@ def _launch_or_wait(
                 )
             ]
         return [WaitForHosts(run.host_count, available)]
+    on_probation = [h for h in hosts if run.node_states.get(h) == NodeState.probation]
+    if on_probation:
+        # An uncordoned host is on probation until a deep check passes: it gets one before it takes work
+        # (the sweep graduates it to healthy when clean, or cordons it again and the next pass picks others).
+        deep_check = True
+        reason += f"; deep diagnostics first ({', '.join(on_probation)} on probation)"
     return [
         Launch(
             hosts,

@@ -8,7 +8,7 @@ from __future__ import annotations
 import enum
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,13 +71,102 @@ def classify_exit(code: int) -> ExitFinding:
 # ---- hangs -----------------------------------------------------------------------------------------
 
 
+class Section(enum.StrEnum):
+    """Where a rank is, as its heartbeat says (docs/reporting-contract.md); each has its own hang limit."""
+
+    startup = "startup"  # process start, model build, checkpoint load, until its first step is done
+    step = "step"  # training steps
+    checkpoint_save = "checkpoint_save"  # inside a checkpoint save (synchronous saves block the loop)
+    validation = "validation"  # inside a validation pass
+
+
 @dataclass(frozen=True)
 class RankBeat:
     rank: int
     host: str
     step: int
-    time: float  # when the rank last made step progress (Unix seconds)
-    step_time_s: float | None = None
+    time: float  # when the rank last beat: finished a step or entered a section (Unix seconds)
+    step_time_s: float | None = None  # trailing mean of its own busy time per step (straggler probe)
+    section: Section = Section.step
+    last_step_s: float | None = None  # wall time of its last step
+    busy: tuple[tuple[int, float], ...] = ()  # (step, own busy time) of its recent steps, oldest first
+
+
+@dataclass(frozen=True)
+class HangLimits:
+    """How long a rank may go without a beat in each section, and how each limit was computed."""
+
+    step_s: float
+    startup_s: float
+    checkpoint_save_s: float
+    validation_s: float
+    basis: Mapping[str, str] = field(default_factory=dict)  # section -> the computation, in words
+
+    def for_section(self, section: Section) -> float:
+        return {
+            Section.step: self.step_s,
+            Section.startup: self.startup_s,
+            Section.checkpoint_save: self.checkpoint_save_s,
+            Section.validation: self.validation_s,
+        }[section]
+
+    def evidence(self) -> dict[str, Any]:
+        return {
+            s.value: {"limit_s": round(self.for_section(s), 3), "computed": self.basis.get(s.value, "")}
+            for s in Section
+        }
+
+
+def quantile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank quantile (q in (0, 1]) of a non-empty sample: a value that was observed."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+
+def hang_limits(
+    step_times: Sequence[float],
+    *,
+    floor_s: float,
+    multiple: float,
+    q: float,
+    startup_s: float,
+    checkpoint_save_s: float,
+    validation_s: float,
+) -> HangLimits:
+    """The run's hang limits from its own step times: step = max(floor, multiple x q-quantile of the
+    recent step times); start-up, checkpoint save and validation have their own limits, never below the
+    step limit (a rank whose steps take 70 s is not hung 60 s into a save)."""
+    times = [t for t in step_times if math.isfinite(t) and t > 0]
+    if times:
+        typical = quantile(times, q)
+        step = max(floor_s, multiple * typical)
+        step_basis = (
+            f"max(floor {floor_s:g} s, {multiple:g} x p{q * 100:g} {typical:.3g} s of the {len(times)} "
+            f"newest step times) = {step:.3g} s"
+        )
+    else:
+        step = floor_s
+        step_basis = f"floor {floor_s:g} s (no step times reported yet)"
+
+    def section(name: str, own: float) -> tuple[float, str]:
+        limit = max(own, step)
+        return limit, f"max({name} limit {own:g} s, step limit {step:.3g} s) = {limit:.3g} s"
+
+    startup, startup_basis = section("start-up", startup_s)
+    save, save_basis = section("checkpoint-save", checkpoint_save_s)
+    validation, validation_basis = section("validation", validation_s)
+    return HangLimits(
+        step_s=step,
+        startup_s=startup,
+        checkpoint_save_s=save,
+        validation_s=validation,
+        basis={
+            Section.step.value: step_basis,
+            Section.startup.value: startup_basis,
+            Section.checkpoint_save.value: save_basis,
+            Section.validation.value: validation_basis,
+        },
+    )
 
 
 @dataclass(frozen=True)
@@ -96,28 +185,35 @@ def detect_hang(
     world_size: int,
     now: float,
     attempt_started_at: float,
-    hang_timeout_s: float,
-    startup_grace_s: float,
+    limits: HangLimits,
 ) -> HangFinding | None:
-    """No step progress on some rank for `hang_timeout_s` (or no first step within `startup_grace_s`)."""
+    """A rank without a beat for longer than its section's limit (or no first step within the start-up
+    limit). The limits and how they were computed go into the evidence."""
     if not beats:
         waited = now - attempt_started_at
-        if waited > startup_grace_s:
+        if waited > limits.startup_s:
             return HangFinding(
                 (),
                 (),
                 None,
                 waited,
-                f"no rank reached its first step in {waited:.0f} s",
-                {"world_size": world_size, "waited_s": round(waited, 1)},
+                f"no rank reached its first step in {waited:.0f} s (start-up limit {limits.startup_s:.0f} s)",
+                {"world_size": world_size, "waited_s": round(waited, 1), "limits": limits.evidence()},
             )
         return None
     missing = world_size - len(beats)
-    stale = [b for b in beats if now - b.time > hang_timeout_s]
-    if missing > 0 and now - attempt_started_at > startup_grace_s:
+    stale = [b for b in beats if now - b.time > limits.for_section(b.section)]
+    if missing > 0 and now - attempt_started_at > limits.startup_s:
         stale_for = now - attempt_started_at
+        where = f"{missing} rank(s) never beat; start-up limit {limits.startup_s:.3g} s"
     elif stale:
-        stale_for = max(now - b.time for b in stale)
+        worst = max(stale, key=lambda b: now - b.time)
+        stale_for = now - worst.time
+        sections = sorted({b.section.value for b in stale})
+        where = (
+            f"ranks {[b.rank for b in stale]} in {', '.join(sections)}; "
+            f"{worst.section.value} limit {limits.for_section(worst.section):.3g} s"
+        )
     else:
         return None
     lowest = min(b.step for b in beats)
@@ -127,14 +223,21 @@ def detect_hang(
         behind_hosts=tuple(behind),
         last_step=max(b.step for b in beats),
         stale_for_s=stale_for,
-        detail=f"no step progress for {stale_for:.1f} s (ranks {[b.rank for b in stale] or 'missing'}, "
-        f"last step {max(b.step for b in beats)})",
+        detail=f"no progress for {stale_for:.1f} s ({where}; last step {max(b.step for b in beats)})",
         evidence={
             "beats": [
-                {"rank": b.rank, "host": b.host, "step": b.step, "age_s": round(now - b.time, 1)}
+                {
+                    "rank": b.rank,
+                    "host": b.host,
+                    "step": b.step,
+                    "section": b.section.value,
+                    "age_s": round(now - b.time, 1),
+                    "limit_s": round(limits.for_section(b.section), 3),
+                }
                 for b in beats
             ],
-            "hang_timeout_s": hang_timeout_s,
+            "hang_timeout_s": round(limits.step_s, 3),
+            "limits": limits.evidence(),
             "missing_ranks": max(missing, 0),
         },
     )
@@ -144,22 +247,55 @@ def detect_hang(
 
 
 @dataclass(frozen=True)
+class StragglerObservation:
+    step: int
+    step_time_s: float  # the straggler's own busy time in that step
+    others_median_s: float  # the median of the other ranks' in the same step
+
+    @property
+    def ratio(self) -> float:
+        return self.step_time_s / self.others_median_s
+
+
+@dataclass(frozen=True)
 class StragglerFinding:
     rank: int
     host: str
-    step_time_s: float
-    others_median_s: float
+    step_time_s: float  # median of its observations
+    others_median_s: float  # median of the others' medians over the same steps
+    observations: tuple[StragglerObservation, ...] = ()
 
 
-def detect_straggler(beats: Sequence[RankBeat], *, ratio: float) -> StragglerFinding | None:
-    """One rank's own step time far above the median of the others'."""
-    timed = [b for b in beats if b.step_time_s is not None and b.step_time_s > 0]
+def detect_straggler(
+    beats: Sequence[RankBeat], *, ratio: float, confirm_steps: int
+) -> StragglerFinding | None:
+    """A rank whose own busy time is above `ratio` x the other ranks' median in each of the newest
+    `confirm_steps` consecutive steps that every timed rank reports (the per-step history its heartbeat
+    carries). One slow step (a page-cache miss, a save on rank 0, a GC pause) confirms nothing."""
+    timed = [b for b in beats if b.busy]
     if len(timed) < 2:
         return None
-    worst = max(timed, key=lambda b: b.step_time_s or 0.0)
-    others = statistics.median(b.step_time_s or 0.0 for b in timed if b is not worst)
-    if others > 0 and (worst.step_time_s or 0.0) > ratio * others:
-        return StragglerFinding(worst.rank, worst.host, worst.step_time_s or 0.0, others)
+    per_rank = {b.rank: dict(b.busy) for b in timed}
+    common = sorted(set.intersection(*(set(steps) for steps in per_rank.values())))
+    recent = common[-confirm_steps:]
+    if len(recent) < confirm_steps or recent[-1] - recent[0] != confirm_steps - 1:
+        return None  # not enough consecutive steps seen by every rank yet
+    for beat in timed:
+        observations: list[StragglerObservation] = []
+        for step in recent:
+            mine = per_rank[beat.rank][step]
+            others = statistics.median(per_rank[r][step] for r in per_rank if r != beat.rank)
+            if others <= 0 or mine <= ratio * others:
+                break
+            observations.append(StragglerObservation(step, mine, others))
+        if len(observations) == confirm_steps:
+            return StragglerFinding(
+                beat.rank,
+                beat.host,
+                statistics.median(o.step_time_s for o in observations),
+                statistics.median(o.others_median_s for o in observations),
+                tuple(observations),
+            )
     return None
 
 

@@ -44,7 +44,7 @@ from service.orchestrator.decide import (
     decide,
     failure_of,
 )
-from service.orchestrator.detect import FailureClass, MetricSample, RankBeat
+from service.orchestrator.detect import FailureClass, MetricSample, RankBeat, Section
 from service.orchestrator.failing_passes import FailingPasses
 from service.orchestrator.health_gateway import HealthGateway
 from service.orchestrator.launcher import (
@@ -311,7 +311,19 @@ class Orchestrator:
                 act_norms=act_norms,
                 node_changed_at={n.hostname: n.state_changed_at.timestamp() for n in node_rows},
                 waiting_for_hosts_since=self._waiting_since.get(run_id),
+                step_times=self._step_times(session, run_id),
+                hang_overrides={k: float(v) for k, v in (cfg.get("hang") or {}).items() if v is not None},
             )
+
+    def _step_times(self, session: Session, run_id: int) -> tuple[float, ...]:
+        """The run's newest step times (any attempt), oldest first: what its hang limits are calibrated on."""
+        rows = session.scalars(
+            sa.select(Metric.step_time_s)
+            .where(Metric.run_id == run_id, Metric.step_time_s.is_not(None))
+            .order_by(Metric.step.desc(), Metric.attempt.desc())
+            .limit(self.cfg.hang.step_time_window)
+        ).all()
+        return tuple(float(t) for t in reversed(rows) if t is not None and math.isfinite(t))
 
     def _observe_attempt(
         self, session: Session, run: Run, attempt: Attempt, run_dir: Path, now: float
@@ -324,16 +336,7 @@ class Orchestrator:
             status = self.launcher_for(info).status(info)
             if status.allocated_hosts and set(status.allocated_hosts) != set(attempt.hosts):
                 self._record_allocation(session, run, attempt, status.allocated_hosts)
-        beats = tuple(
-            RankBeat(
-                rank=int(b["rank"]),
-                host=str(b.get("host", "?")),
-                step=int(b["step"]),
-                time=float(b["time"]),
-                step_time_s=b.get("step_time_s"),
-            )
-            for b in read_rank_beats(run_dir, since=started)
-        )
+        beats = tuple(_rank_beat(b) for b in read_rank_beats(run_dir, since=started))
         rows = session.execute(
             sa.select(Metric.step, Metric.loss, Metric.loss_scale, Metric.act_norm, Metric.values)
             .where(Metric.run_id == run.id, Metric.attempt == attempt.number)
@@ -542,6 +545,7 @@ class Orchestrator:
                 reason=f"{action.outcome}: {action.reason}",
                 evidence=dict(action.evidence),
                 run_id=observed.run_id,
+                offence=action.offence,
             )
         if action.blame_hosts:
             self.health.blame(
@@ -811,6 +815,30 @@ class Orchestrator:
                     {"launch_error": str(exc)},
                 ),
             )
+
+
+def _rank_beat(beat: Mapping[str, Any]) -> RankBeat:
+    """A rank's heartbeat file (docs/reporting-contract.md) as decide() sees it; files written before
+    sections existed read as `step`."""
+    try:
+        section = Section(str(beat.get("section") or Section.step.value))
+    except ValueError:
+        section = Section.step
+    busy = tuple(
+        (int(pair[0]), float(pair[1]))
+        for pair in beat.get("busy_s") or ()
+        if isinstance(pair, list | tuple) and len(pair) == 2 and isinstance(pair[1], int | float)
+    )
+    return RankBeat(
+        rank=int(beat["rank"]),
+        host=str(beat.get("host", "?")),
+        step=int(beat["step"]),
+        time=float(beat["time"]),
+        step_time_s=_finite(beat.get("step_time_s")),
+        section=section,
+        last_step_s=_finite(beat.get("last_step_s")),
+        busy=busy,
+    )
 
 
 def _finite(value: Any) -> float | None:

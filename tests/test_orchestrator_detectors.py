@@ -1,0 +1,320 @@
+"""Hang and straggler detectors calibrated to each run, as tables: observations in, findings out."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from service.orchestrator.config import HangConfig, OrchestratorConfig
+from service.orchestrator.decide import (
+    EndAttempt,
+    ObservedAttempt,
+    ObservedRun,
+    decide,
+    run_hang_limits,
+)
+from service.orchestrator.detect import (
+    RankBeat,
+    Section,
+    detect_hang,
+    detect_straggler,
+    hang_limits,
+    quantile,
+)
+from service.orchestrator.launcher import ProcessStatus
+from service.orchestrator.loop import _rank_beat
+from service.schemas import HangOverrides, RunConfig
+from service.statemachine import DesiredState, NodeState, RunPhase
+
+NOW = 10_000.0
+CFG = OrchestratorConfig()  # floor 12 s, 5 x p99, start-up 180 s, save 600 s, validation 600 s
+OPT_175B_STEPS = [13.6 + 0.01 * (i % 50) for i in range(200)]  # ~14 s per step (issue 10)
+TOY_STEPS = [0.3] * 200
+
+
+def limits(step_times: list[float], **changes: float) -> Any:
+    settings: dict[str, float] = {
+        "floor_s": 12.0,
+        "multiple": 5.0,
+        "q": 0.99,
+        "startup_s": 180.0,
+        "checkpoint_save_s": 600.0,
+        "validation_s": 600.0,
+    }
+    settings.update(changes)
+    return hang_limits(step_times, **settings)  # type: ignore[arg-type]
+
+
+# ---- hang limits ------------------------------------------------------------------------------------
+
+# (story, step times, expected step limit, expected save limit)
+LIMITS_TABLE = [
+    ("no step times yet: the floor", [], 12.0, 600.0),
+    ("toy steps of 0.3 s: the floor still holds", TOY_STEPS, 12.0, 600.0),
+    ("OPT-175B's 14 s steps: 5 x p99", OPT_175B_STEPS, 5 * 14.09, 600.0),
+    ("one slow step in a hundred is below the p99", [1.0] * 99 + [30.0], 12.0, 600.0),
+    ("two slow steps in a hundred are the p99", [1.0] * 98 + [30.0, 30.0], 150.0, 600.0),
+    ("300 s steps: every section is at least the step limit", [300.0] * 10, 1500.0, 1500.0),
+]
+
+
+@pytest.mark.parametrize(("story", "times", "step", "save"), LIMITS_TABLE, ids=[t[0] for t in LIMITS_TABLE])
+def test_hang_limits_follow_the_runs_own_step_times(
+    story: str, times: list[float], step: float, save: float
+) -> None:
+    found = limits(times)
+    assert found.step_s == pytest.approx(step)
+    assert found.checkpoint_save_s == pytest.approx(save)
+    assert min(found.startup_s, found.validation_s, found.checkpoint_save_s) >= found.step_s
+    evidence = found.evidence()
+    assert set(evidence) == {"startup", "step", "checkpoint_save", "validation"}
+    assert evidence["step"]["limit_s"] == pytest.approx(step, abs=1e-3)
+    assert ("floor 12 s" in evidence["step"]["computed"]) and evidence["checkpoint_save"]["computed"]
+
+
+def test_quantile_is_an_observed_value() -> None:
+    assert quantile([3.0, 1.0, 2.0], 0.5) == 2.0
+    assert quantile([1.0] * 99 + [7.0], 0.99) == 1.0
+    assert quantile([5.0], 0.99) == 5.0
+
+
+# ---- detect_hang --------------------------------------------------------------------------------------
+
+
+def beat(rank: int, age: float, section: Section = Section.step, step: int = 40) -> RankBeat:
+    return RankBeat(rank, f"h{rank + 1}", step, NOW - age, section=section)
+
+
+# (story, step times, beats as (section, age of the newest beat), hang expected)
+HANG_TABLE = [
+    ("toy run: 13 s without a step is a hang", TOY_STEPS, [(Section.step, 13.0), (Section.step, 1.0)], True),
+    ("toy run: 10 s is not", TOY_STEPS, [(Section.step, 10.0), (Section.step, 1.0)], False),
+    ("OPT-175B: a 14 s step is not a hang", OPT_175B_STEPS, [(Section.step, 20.0)] * 2, False),
+    ("OPT-175B: 75 s without a step is", OPT_175B_STEPS, [(Section.step, 75.0)] * 2, True),
+    ("a 2-minute synchronous save is not a hang", TOY_STEPS, [(Section.checkpoint_save, 120.0)] * 2, False),
+    ("a save stuck for 11 minutes is", TOY_STEPS, [(Section.checkpoint_save, 660.0)] * 2, True),
+    ("a 5-minute validation pass is not a hang", TOY_STEPS, [(Section.validation, 300.0)] * 2, False),
+    (
+        "a slow first step after a large load is not a hang",
+        [],
+        [(Section.startup, 150.0), (Section.startup, 150.0)],
+        False,
+    ),
+    ("start-up past its limit is", [], [(Section.startup, 200.0), (Section.startup, 1.0)], True),
+    (
+        "one rank saving, the other stuck in a step",
+        TOY_STEPS,
+        [(Section.checkpoint_save, 30.0), (Section.step, 30.0)],
+        True,
+    ),
+]
+
+
+@pytest.mark.parametrize(("story", "times", "beats", "hang"), HANG_TABLE, ids=[t[0] for t in HANG_TABLE])
+def test_each_section_has_its_own_limit(
+    story: str, times: list[float], beats: list[tuple[Section, float]], hang: bool
+) -> None:
+    found = detect_hang(
+        [beat(r, age, section) for r, (section, age) in enumerate(beats)],
+        world_size=len(beats),
+        now=NOW,
+        attempt_started_at=NOW - 1000,
+        limits=limits(times),
+    )
+    assert (found is not None) == hang
+    if found is not None:
+        assert found.evidence["limits"]["step"]["computed"]
+        assert all("section" in b and "limit_s" in b for b in found.evidence["beats"])
+
+
+def test_no_first_step_within_the_startup_limit_is_a_hang() -> None:
+    common: dict[str, Any] = {"world_size": 2, "now": NOW, "limits": limits([])}
+    assert detect_hang([], attempt_started_at=NOW - 170, **common) is None
+    found = detect_hang([], attempt_started_at=NOW - 190, **common)
+    assert found is not None and "start-up limit 180 s" in found.detail
+
+
+# ---- through decide(): the run's metrics, its heartbeats and its own overrides --------------------------
+
+
+def observed(beats: tuple[RankBeat, ...], **run: Any) -> ObservedRun:
+    attempt = ObservedAttempt(
+        number=1,
+        hosts=("h1", "h2"),
+        started_at=NOW - 1000,
+        world_size=2,
+        process=ProcessStatus("running"),
+        beats=beats,
+        last_step=40,
+        first_step_seen=True,
+    )
+    base = ObservedRun(
+        run_id=1,
+        name="r",
+        desired=DesiredState.running,
+        phase=RunPhase.running,
+        target_steps=1000,
+        host_count=2,
+        max_restarts=10,
+        lr_scale=1.0,
+        lr_override=None,
+        clip_override=None,
+        pending_restart=None,
+        now=NOW,
+        attempt=attempt,
+        history=(),
+        node_states={"h1": NodeState.healthy, "h2": NodeState.healthy},
+        busy_hosts=frozenset(),
+        checkpoints=(),
+    )
+    return replace(base, **run)
+
+
+def test_decide_calibrates_on_the_runs_stored_step_times_and_logs_how() -> None:
+    quiet = (beat(0, 40.0), beat(1, 40.0))
+    assert decide(observed(quiet, step_times=tuple(OPT_175B_STEPS)), CFG) == []
+    [end] = decide(observed(quiet), CFG)  # the same silence on a run with no step times yet: the floor
+    assert isinstance(end, EndAttempt) and end.outcome == "hang"
+    assert "floor 12 s" in end.evidence["limits"]["step"]["computed"]
+    [end] = decide(observed((beat(0, 80.0), beat(1, 80.0)), step_times=tuple(OPT_175B_STEPS)), CFG)
+    assert end.outcome == "hang" and end.evidence["hang_timeout_s"] == pytest.approx(70.45)
+    assert "5 x p99 14.1 s of the 200 newest step times" in end.evidence["limits"]["step"]["computed"]
+
+
+def test_a_ranks_own_last_step_time_calibrates_before_any_metric_is_stored() -> None:
+    slow = tuple(replace(beat(r, 40.0), last_step_s=14.0) for r in range(2))
+    assert decide(observed(slow), CFG) == []
+
+
+def test_a_runs_overrides_win_over_the_orchestrators_settings() -> None:
+    saving = (beat(0, 200.0, Section.checkpoint_save), beat(1, 200.0, Section.checkpoint_save))
+    assert decide(observed(saving), CFG) == []
+    [end] = decide(observed(saving, hang_overrides={"checkpoint_save_s": 150.0}), CFG)
+    assert end.outcome == "hang" and end.evidence["limits"]["checkpoint_save"]["limit_s"] == 150.0
+    stepping = (beat(0, 20.0), beat(1, 20.0))
+    assert decide(observed(stepping, hang_overrides={"step_floor_s": 30.0}), CFG) == []
+    run = observed(stepping, hang_overrides={"step_time_multiple": 2.0}, step_times=tuple(OPT_175B_STEPS))
+    assert run.attempt is not None
+    assert run_hang_limits(run, run.attempt, CFG).step_s == pytest.approx(2 * 14.09)
+
+
+def test_run_config_carries_validated_hang_overrides() -> None:
+    cfg = RunConfig(target_steps=10, hang={"step_floor_s": 60, "checkpoint_save_s": 900})
+    assert cfg.model_dump(mode="json")["hang"]["checkpoint_save_s"] == 900
+    with pytest.raises(ValidationError):
+        HangOverrides(step_floor_s=60, validation_s=30)  # a section below the floor
+    with pytest.raises(ValidationError):
+        HangOverrides(step_time_multiple=0.5)
+    with pytest.raises(ValidationError):
+        HangOverrides(step_floor_s=1)  # below any heartbeat cadence
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        ({"hang": HangConfig(checkpoint_save_s=5.0)}, "checkpoint_save_s"),
+        ({"hang": HangConfig(validation_s=5.0)}, "validation_s"),
+        ({"startup_grace_s": 5.0}, "startup_grace_s"),
+        ({"straggler_confirm_steps": 1}, "straggler_confirm_steps"),
+        ({"heartbeat_interval_s": 20.0}, "heartbeat_interval_s"),
+    ],
+)
+def test_detector_settings_are_checked_at_construction(changes: dict[str, Any], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        OrchestratorConfig(**changes)
+    for bad in ({"step_time_multiple": 0.5}, {"step_time_quantile": 0.0}, {"step_time_window": 0}):
+        with pytest.raises(ValueError):
+            HangConfig(**bad)  # type: ignore[arg-type]
+
+
+# ---- stragglers -------------------------------------------------------------------------------------
+
+
+def ranks(*histories: list[float], first_step: int = 11) -> list[RankBeat]:
+    """One beat per rank whose busy history covers `first_step`.. with the given per-step times."""
+    return [
+        RankBeat(
+            r,
+            f"h{r + 1}",
+            first_step + len(h) - 1,
+            NOW,
+            busy=tuple((first_step + i, t) for i, t in enumerate(h)),
+        )
+        for r, h in enumerate(histories)
+    ]
+
+
+FAST = [0.5] * 8
+# (story, per-rank busy histories, straggling rank expected or None)
+STRAGGLER_TABLE = [
+    ("every rank at the same pace", [FAST, FAST, FAST], None),
+    ("one 4x step is a reading, not a straggler", [FAST, FAST, [0.5] * 7 + [2.0]], None),
+    ("four slow steps of five confirm nothing", [FAST, FAST, [0.5] * 3 + [2.0, 2.0, 0.5, 2.0, 2.0]], None),
+    ("five consecutive 4x steps confirm it", [FAST, FAST, [0.5] * 3 + [2.0] * 5], 2),
+    ("slow but under the ratio", [FAST, FAST, [1.4] * 8], None),
+    ("too few steps reported yet", [[0.5] * 3, [0.5] * 3, [2.0] * 3], None),
+    ("the slow rank alternates: no one host is at fault", [[0.5, 2.0] * 4, [2.0, 0.5] * 4, FAST], None),
+]
+
+
+@pytest.mark.parametrize(
+    ("story", "histories", "expected"), STRAGGLER_TABLE, ids=[t[0] for t in STRAGGLER_TABLE]
+)
+def test_a_straggler_is_confirmed_over_consecutive_steps(
+    story: str, histories: list[list[float]], expected: int | None
+) -> None:
+    found = detect_straggler(ranks(*histories), ratio=3.0, confirm_steps=5)
+    assert (found.rank if found else None) == expected
+    if found is not None:
+        assert [o.step for o in found.observations] == [14, 15, 16, 17, 18]
+        assert all(o.ratio > 3.0 for o in found.observations)
+        assert found.step_time_s > 3.0 * found.others_median_s
+
+
+def test_ranks_a_step_apart_are_compared_on_the_steps_they_share() -> None:
+    beats = [
+        *ranks(FAST, FAST),
+        RankBeat(2, "h3", 17, NOW, busy=tuple((s, 2.0) for s in range(10, 18))),
+    ]
+    found = detect_straggler(beats, ratio=3.0, confirm_steps=5)
+    assert found is not None and [o.step for o in found.observations] == [13, 14, 15, 16, 17]
+
+
+def test_decide_acts_on_a_confirmed_straggler_only_and_logs_the_observations() -> None:
+    one_reading = tuple(ranks(FAST, [0.5] * 7 + [2.0]))
+    assert decide(observed(one_reading), CFG) == []
+    confirmed = tuple(ranks(FAST, [0.5] * 3 + [2.0] * 5))
+    [end] = decide(observed(confirmed), CFG)
+    assert isinstance(end, EndAttempt) and end.outcome == "hardware" and end.cordon_hosts == ("h2",)
+    assert "in each of 5 consecutive steps (14-18)" in end.reason
+    assert [o["step"] for o in end.evidence["observations"]] == [14, 15, 16, 17, 18]
+    assert all(o["ratio"] == 4.0 for o in end.evidence["observations"])
+
+
+# ---- the heartbeat file as the orchestrator reads it ---------------------------------------------------
+
+
+def test_heartbeat_files_old_and_new_read_as_beats(tmp_path: Path) -> None:
+    new = {
+        "step": 9,
+        "time": NOW,
+        "section": "checkpoint_save",
+        "step_time_s": 0.4,
+        "last_step_s": 0.41,
+        "busy_s": [[8, 0.39], [9, 0.42]],
+        "host": "h2",
+        "pid": 1,
+        "rank": 1,
+    }
+    parsed = _rank_beat(json.loads(json.dumps(new)))
+    assert parsed.section is Section.checkpoint_save and parsed.busy == ((8, 0.39), (9, 0.42))
+    assert parsed.last_step_s == 0.41
+    old = _rank_beat({"step": 3, "time": NOW, "step_time_s": None, "host": "h1", "pid": 1, "rank": 0})
+    assert old.section is Section.step and old.busy == () and old.last_step_s is None
+    odd = _rank_beat({**new, "section": "compiling", "last_step_s": float("nan")})
+    assert odd.section is Section.step and odd.last_step_s is None
