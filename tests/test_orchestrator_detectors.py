@@ -318,3 +318,15 @@ def test_heartbeat_files_old_and_new_read_as_beats(tmp_path: Path) -> None:
     assert old.section is Section.step and old.busy == () and old.last_step_s is None
     odd = _rank_beat({**new, "section": "compiling", "last_step_s": float("nan")})
     assert odd.section is Section.step and odd.last_step_s is None
+
+
+# ---- probation: a deep check before an uncordoned host takes work --------------------------------------
+
+
+def test_a_host_on_probation_gets_deep_diagnostics_before_a_launch() -> None:
+    idle = replace(observed(()), attempt=None, phase=RunPhase.pending)
+    [launch] = decide(idle, CFG)
+    assert launch.hosts == ("h1", "h2") and not launch.deep_check
+    on_probation = replace(idle, node_states={"h1": NodeState.healthy, "h2": NodeState.probation})
+    [launch] = decide(on_probation, CFG)
+    assert launch.deep_check and "h2 on probation" in launch.reason
