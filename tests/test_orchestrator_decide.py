@@ -212,9 +212,10 @@ def test_after_a_divergence_restart_from_the_opt_checkpoint_with_a_lower_lr() ->
 
 
 def test_divergence_with_no_qualifying_checkpoint_escalates() -> None:
-    rising = {s: float(s) for s in range(1, 60)}
+    # flat, then +10 %/step from step 21: runaway growth after the only checkpoint
+    runaway = {s: 5.0 for s in range(1, 21)} | {s: 5.0 * 1.1 ** (s - 20) for s in range(21, 60)}
     acts = decide(
-        run(history=(ended("divergence", onset_step=45),), checkpoints=(ckpt(20),), act_norms=rising), CFG
+        run(history=(ended("divergence", onset_step=45),), checkpoints=(ckpt(20),), act_norms=runaway), CFG
     )
     assert isinstance(acts[0], Escalate) and "no checkpoint qualifies" in acts[0].reason
 
@@ -292,6 +293,50 @@ def test_ranks_that_died_on_a_host_found_unfit_are_a_hardware_failure(code: int)
     states = {**HEALTHY, "h3": NodeState.cordoned}
     end = only(decide(run(attempt=attempt("exited", code), node_states=states), CFG), EndAttempt)
     assert end.outcome == ("signal" if code == 137 else "crash")
+
+
+def test_a_crash_on_a_bad_host_after_a_divergence_began_is_a_divergence_and_still_cordons() -> None:
+    """chaos: the LR blew up at step 100, then the bad host crashed at 110. Both signals are weighed:
+    the restart rolls back past the onset (divergence), and the suspect host is cordoned."""
+    samples = flat_then_blowup(30)
+    crashed = attempt("exited", 137, samples=samples, last_step=33)
+    acts = decide(run(attempt=crashed, node_states={**HEALTHY, "h2": NodeState.suspect}), CFG)
+    end = only(acts, EndAttempt)
+    assert end.outcome == "divergence" and end.evidence["onset_step"] == 30
+    assert end.cordon_hosts == ("h2",) and "killed by signal 9" in end.reason
+    assert end.evidence["also"] == "killed by signal 9"
+    # a plain crash with clean metrics stays a crash
+    clean = attempt("exited", 1, samples=flat_then_blowup(30)[:25], last_step=25)
+    assert only(decide(run(attempt=clean), CFG), EndAttempt).outcome == "crash"
+
+
+def test_a_divergence_from_the_attempts_first_step_is_judged_against_its_lineage() -> None:
+    """An attempt restored from a checkpoint that already holds a bad update diverges from its first step:
+    against its own stream there is no baseline, against the lineage it resumed from it is plain."""
+    history = flat_then_blowup(200)[:100]  # steps 1..100 of earlier attempts, healthy
+    blown = tuple(MetricSample(s, 9.0, 65536.0, 98.0 * 1.6 ** (s - 100)) for s in range(101, 115))
+    alone = attempt(samples=blown, last_step=114, number=2)
+    # alone, the baseline is made of diverging steps: seen late, if at all, and the onset is misplaced
+    late = [a for a in decide(run(attempt=alone, target_steps=200), CFG) if isinstance(a, EndAttempt)]
+    assert not late or late[0].evidence["onset_step"] > 105
+    with_lineage = replace(alone, lineage=history)
+    end = only(decide(run(attempt=with_lineage, target_steps=200), CFG), EndAttempt)
+    assert end.outcome == "divergence" and end.evidence["onset_step"] == 101
+    # and the next launch does not restore the checkpoint of step 100: it holds step 100's update, which
+    # produced the first bad reading at 101
+    choice = decide(
+        run(
+            history=(ended("divergence", number=2, onset_step=101),),
+            checkpoints=(ckpt(90), ckpt(95), ckpt(100)),
+            act_norms={s.step: s.act_norm for s in history if s.act_norm is not None},
+        ),
+        CFG,
+    )
+    launch = only(choice, Launch)
+    assert launch.checkpoint == ckpt(90)
+    rejected = dict(launch.evidence["rejected_checkpoints"])
+    assert "step 100's update was already bad" in rejected[100]
+    assert "unknown yet (4 / 5" in rejected[95]  # 96..99: the onset's margin leaves too few steps
 
 
 # ---- operator levers in every phase ----------------------------------------------------------------

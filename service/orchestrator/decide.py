@@ -43,6 +43,9 @@ class ObservedAttempt:
     process: ProcessStatus
     beats: tuple[RankBeat, ...] = ()
     samples: tuple[MetricSample, ...] = ()  # this attempt's metrics, oldest first
+    # the steps its restored checkpoint descends from (newest attempt per step up to the restore point),
+    # oldest first: the divergence baselines start there, not at the attempt's own first step
+    lineage: tuple[MetricSample, ...] = ()
     last_step: int | None = None  # newest step reported by any source
     first_step_seen: bool = False
 
@@ -190,6 +193,21 @@ def _decide_active(run: ObservedRun, cfg: OrchestratorConfig) -> list[Action]:
         evidence: dict[str, Any] = {"exit": finding.detail, "last_step": attempt.last_step}
         outcome = finding.outcome
         bad = _unfit_hosts(run, attempt.hosts)
+        diverged = _divergence(attempt, cfg)
+        if diverged is not None and outcome != FailureClass.divergence:
+            # The process died (a crash, a signal, a host's fault) while its metrics already showed a
+            # divergence: the restart must roll back past the onset and remediate it, whatever ended it.
+            # Unfit hosts are still cordoned.
+            return [
+                _end_for_divergence(
+                    diverged,
+                    attempt,
+                    also=finding.detail,
+                    exit_code=code,
+                    cordon_hosts=_suspects(bad),
+                    extra={"exit": finding.detail, "hosts": {h: st.value for h, st in bad.items()}},
+                )
+            ]
         if outcome in (FailureClass.crash, FailureClass.signal) and bad:
             # Ranks died on a host the health layer has since found unfit (a GPU that fell off the bus
             # kills its ranks before a sweep can tell): the crash is that host's, and is remediated as a
@@ -208,10 +226,11 @@ def _decide_active(run: ObservedRun, cfg: OrchestratorConfig) -> list[Action]:
                 )
             ]
         if outcome == FailureClass.divergence:
-            found = detect_divergence(attempt.samples, cfg.divergence)
-            evidence["onset_step"] = found.onset_step if found else _first_nonfinite(attempt.samples, last)
-            if found:
-                evidence["signals"] = list(found.signals)
+            evidence["onset_step"] = (
+                diverged.onset_step if diverged else _first_nonfinite(attempt.samples, last)
+            )
+            if diverged:
+                evidence["signals"] = list(diverged.signals)
         return [
             EndAttempt(
                 outcome,
@@ -228,6 +247,17 @@ def _decide_active(run: ObservedRun, cfg: OrchestratorConfig) -> list[Action]:
         # next hosts, relaunch elsewhere). Failed nodes the control plane still counts as fit are cordoned;
         # those it already holds out (the Slurm sync cordons a DOWN node) are left as they are.
         failed = attempt.process.failed_hosts
+        cordon = tuple(h for h in failed if run.node_states.get(h) not in BAD_NODE_STATES)
+        if (diverged := _divergence(attempt, cfg)) is not None:
+            return [
+                _end_for_divergence(
+                    diverged,
+                    attempt,
+                    also=attempt.process.detail,
+                    cordon_hosts=cordon,
+                    extra={"failed_hosts": list(failed)},
+                )
+            ]
         return [
             EndAttempt(
                 FailureClass.hardware,
@@ -240,6 +270,8 @@ def _decide_active(run: ObservedRun, cfg: OrchestratorConfig) -> list[Action]:
         ]
 
     if attempt.process.state == "lost":
+        if (diverged := _divergence(attempt, cfg)) is not None:
+            return [_end_for_divergence(diverged, attempt, also=attempt.process.detail)]
         return [
             EndAttempt(
                 FailureClass.lost, attempt.process.detail, kill=True, last_progress_at=_last_progress(attempt)
@@ -252,9 +284,22 @@ def _decide_active(run: ObservedRun, cfg: OrchestratorConfig) -> list[Action]:
         if run.phase == RunPhase.starting:
             actions.append(SetPhase(RunPhase.running, f"attempt {attempt.number} made its first step"))
 
+    diverged = _divergence(attempt, cfg)
     bad = _unfit_hosts(run, attempt.hosts)
+    if bad and diverged is not None:
+        unfit = ", ".join(f"{h} is {s.value}" for h, s in sorted(bad.items()))
+        return [
+            *actions,
+            _end_for_divergence(
+                diverged,
+                attempt,
+                also=f"host(s) in use became unfit: {unfit}",
+                cordon_hosts=_suspects(bad),
+                extra={"hosts": {h: s.value for h, s in bad.items()}},
+            ),
+        ]
     if bad:
-        suspects = tuple(sorted(h for h, s in bad.items() if s == NodeState.suspect))
+        suspects = _suspects(bad)
         return [
             *actions,
             EndAttempt(
@@ -295,6 +340,9 @@ def _decide_active(run: ObservedRun, cfg: OrchestratorConfig) -> list[Action]:
         attempt_started_at=attempt.started_at,
         limits=run_hang_limits(run, attempt, cfg),
     )
+    if hang is not None and diverged is not None:
+        # ranks stuck after their loss went non-finite: the divergence is the cause, no host is to blame
+        return [*actions, _end_for_divergence(diverged, attempt, also=hang.detail)]
     if hang is not None:
         return [
             *actions,
@@ -308,9 +356,8 @@ def _decide_active(run: ObservedRun, cfg: OrchestratorConfig) -> list[Action]:
             ),
         ]
 
-    divergence = detect_divergence(attempt.samples, cfg.divergence)
-    if divergence is not None:
-        return [*actions, _end_for_divergence(divergence, attempt)]
+    if diverged is not None:
+        return [*actions, _end_for_divergence(diverged, attempt)]
 
     # Confirmed over consecutive steps from the per-step busy times the ranks' heartbeats carry.
     straggler = detect_straggler(
@@ -367,14 +414,40 @@ def run_hang_limits(run: ObservedRun, attempt: ObservedAttempt, cfg: Orchestrato
     )
 
 
-def _end_for_divergence(found: DivergenceFinding, attempt: ObservedAttempt) -> EndAttempt:
+def _divergence(attempt: ObservedAttempt, cfg: OrchestratorConfig) -> DivergenceFinding | None:
+    """The divergence in the attempt's metrics, judged against the lineage it resumed from."""
+    return detect_divergence(attempt.samples, cfg.divergence, history=attempt.lineage)
+
+
+def _end_for_divergence(
+    found: DivergenceFinding,
+    attempt: ObservedAttempt,
+    *,
+    also: str = "",
+    exit_code: int | None = None,
+    cordon_hosts: tuple[str, ...] = (),
+    extra: Mapping[str, Any] | None = None,
+) -> EndAttempt:
+    """A divergence ends the attempt; `also` is what else ended it at the same time (a crash, a host's
+    fault, a hang), kept in the reason and evidence so the logbook weighs every signal present."""
+    evidence: dict[str, Any] = {"onset_step": found.onset_step, "signals": list(found.signals)}
+    evidence.update(found.evidence)
+    if also:
+        evidence["also"] = also
+    evidence.update(extra or {})
     return EndAttempt(
         FailureClass.divergence,
-        found.detail,
+        found.detail + (f" (then: {also})" if also else ""),
         kill=True,
-        evidence={"onset_step": found.onset_step, "signals": list(found.signals), **found.evidence},
+        exit_code=exit_code,
+        evidence=evidence,
+        cordon_hosts=cordon_hosts,
         last_progress_at=_last_progress(attempt),
     )
+
+
+def _suspects(bad: Mapping[str, NodeState]) -> tuple[str, ...]:
+    return tuple(sorted(h for h, s in bad.items() if s == NodeState.suspect))
 
 
 def _first_nonfinite(samples: Sequence[MetricSample], fallback: int) -> int:
@@ -491,6 +564,7 @@ def _decide_idle(run: ObservedRun, cfg: OrchestratorConfig) -> list[Action]:
             divergence_onset=onset,
             act_norms=run.act_norms,
             min_loss_scale=cfg.divergence.min_loss_scale,
+            runaway_multiple=cfg.divergence.act_norm_multiple,
         )
         if failure == FailureClass.divergence and choice.checkpoint is None:
             return [

@@ -353,6 +353,7 @@ class Orchestrator:
             for r in reversed(rows)
         )
         last_step = max([b.step for b in beats] + [s.step for s in samples], default=None)
+        lineage = self._lineage_samples(session, run.id, attempt=attempt.number, upto=attempt.start_step or 0)
         return ObservedAttempt(
             number=attempt.number,
             hosts=tuple(attempt.hosts),
@@ -361,6 +362,7 @@ class Orchestrator:
             process=status,
             beats=beats,
             samples=samples,
+            lineage=lineage,
             last_step=last_step,
             first_step_seen=attempt.first_step_at is not None,
         )
@@ -383,6 +385,39 @@ class Orchestrator:
 
     def _candidates(self, session: Session, run_id: int) -> list[CheckpointCandidate]:
         return checkpoint_candidates(session, run_id=run_id)
+
+    def _lineage_samples(
+        self, session: Session, run_id: int, *, attempt: int, upto: int
+    ) -> tuple[MetricSample, ...]:
+        """The metrics of the steps an attempt resumed from: per step up to its restore point, the newest
+        earlier attempt that computed it (after a rollback, the recomputed history), as many steps as the
+        divergence baselines look back."""
+        if upto <= 0:
+            return ()
+        div = self.cfg.divergence
+        depth = max(div.loss_spike_window, div.act_norm_window) + div.act_norm_patience + 1
+        rows = session.execute(
+            sa.select(
+                Metric.step, Metric.attempt, Metric.loss, Metric.loss_scale, Metric.act_norm, Metric.values
+            )
+            .where(
+                Metric.run_id == run_id,
+                Metric.attempt < attempt,
+                Metric.step <= upto,
+                Metric.step > upto - depth,
+            )
+            .order_by(Metric.step, Metric.attempt)
+        ).all()
+        newest = {r.step: r for r in rows}  # ordered by attempt: the last one per step wins
+        return tuple(
+            MetricSample(
+                step=r.step,
+                loss=math.nan if "loss" in ((r.values or {}).get("nan") or ()) else r.loss,
+                loss_scale=r.loss_scale,
+                act_norm=r.act_norm,
+            )
+            for _, r in sorted(newest.items())
+        )
 
     def _act_norm_lineage(self, session: Session, run_id: int, from_step: int) -> dict[int, float]:
         return act_norm_lineage(session, run_id=run_id, from_step=from_step)

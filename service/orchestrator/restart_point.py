@@ -181,7 +181,7 @@ def judge_checkpoint(
         )
     if rate < -cfg.act_norm_flat_tolerance:
         course_words = "trended down"
-    elif rate <= cfg.act_norm_flat_tolerance:
+    elif rate <= cfg.act_norm_flat_tolerance or growth <= 1.0:
         course_words = "stayed flat"
     else:
         course_words = f"grew boundedly (x{growth:.3g} in {span} steps, within the run's pace)"
