@@ -32,6 +32,7 @@ from service.orchestrator.restart_point import (
     act_norm_trend,
     judge_checkpoint,
     pick_restart_checkpoint,
+    rule_for_run,
 )
 
 DATA = Path(__file__).parent / "data"
@@ -323,3 +324,19 @@ def test_config_invariants_are_checked_at_construction() -> None:
         RemediationConfig(lr_factor=1.5)
     with pytest.raises(ValueError):
         DivergenceConfig(min_points=50)
+
+
+def test_the_course_spans_the_runs_checkpoint_interval() -> None:
+    """A run that checkpoints every 250 steps is judged on 250 steps of course: a slow runaway (+1 %/step,
+    x12 over the interval) is not bounded growth, while a young model's power-law growth still is."""
+    base = RestartPointConfig()
+    assert rule_for_run(base, checkpoint_interval=5) is base
+    assert rule_for_run(base, checkpoint_interval=None) is base
+    rule = rule_for_run(base, checkpoint_interval=250)
+    assert rule.act_norm_trend_window == 250
+    slow_runaway = {s: 20.0 for s in range(1, 501)} | {s: 20.0 * 1.01 ** (s - 500) for s in range(501, 760)}
+    assert judge_checkpoint(step=500, loss_scale=8.0, norms=slow_runaway, cfg=base).verdict == Verdict.healthy
+    verdict = judge_checkpoint(step=500, loss_scale=8.0, norms=slow_runaway, cfg=rule)
+    assert verdict.verdict == Verdict.unhealthy and verdict.numbers["steps"] == 250
+    young = {s: 2.0 * s**0.8 for s in range(1, 800)}
+    assert judge_checkpoint(step=500, loss_scale=8.0, norms=young, cfg=rule).verdict == Verdict.healthy

@@ -25,7 +25,7 @@ from service.orchestrator.detect import (
 )
 from service.orchestrator.launcher import ProcessStatus
 from service.orchestrator.policy import FailureRecord, plan_remediation
-from service.orchestrator.restart_point import CheckpointCandidate, pick_restart_checkpoint
+from service.orchestrator.restart_point import CheckpointCandidate, pick_restart_checkpoint, rule_for_run
 from service.statemachine import DesiredState, NodeState, RunPhase
 
 BAD_NODE_STATES = frozenset({NodeState.suspect, NodeState.cordoned, NodeState.draining, NodeState.retired})
@@ -84,6 +84,7 @@ class ObservedRun:
     waiting_for_hosts_since: float | None = None
     step_times: tuple[float, ...] = ()  # the run's newest step times (any attempt), oldest first
     hang_overrides: Mapping[str, float] = field(default_factory=dict)  # the run's `RunConfig.hang`
+    checkpoint_interval: int = 0  # the run's steps between checkpoints (its restart rule's course spans it)
 
 
 # ---- what decide() asks for ------------------------------------------------------------------------
@@ -560,7 +561,7 @@ def _decide_idle(run: ObservedRun, cfg: OrchestratorConfig) -> list[Action]:
         choice = pick_restart_checkpoint(
             run.checkpoints,
             failure=failure,
-            cfg=cfg.restart_point,
+            cfg=rule_for_run(cfg.restart_point, checkpoint_interval=run.checkpoint_interval),
             divergence_onset=onset,
             act_norms=run.act_norms,
             min_loss_scale=cfg.divergence.min_loss_scale,
@@ -629,7 +630,7 @@ def operator_default_checkpoint(
     choice = pick_restart_checkpoint(
         run.checkpoints,
         failure=FailureClass.divergence,
-        cfg=cfg.restart_point,
+        cfg=rule_for_run(cfg.restart_point, checkpoint_interval=run.checkpoint_interval),
         divergence_onset=None,
         act_norms=run.act_norms,
         min_loss_scale=cfg.divergence.min_loss_scale,

@@ -296,6 +296,7 @@ class Orchestrator:
                 desired=run.desired_state,
                 phase=run.phase,
                 target_steps=int(cfg.get("target_steps", 1)),
+                checkpoint_interval=int(cfg.get("checkpoint_interval") or 0),
                 host_count=int(cfg.get("host_count", 1)),
                 max_restarts=int(cfg.get("max_restarts", self.cfg.remediation.max_restarts)),
                 lr_scale=run.lr_scale,

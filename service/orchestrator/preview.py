@@ -20,7 +20,12 @@ from service.models import Attempt, Checkpoint, Metric
 from service.orchestrator.config import OrchestratorConfig
 from service.orchestrator.detect import FailureClass, MetricSample, detect_divergence
 from service.orchestrator.loop import SAMPLE_WINDOW, act_norm_lineage, checkpoint_candidates
-from service.orchestrator.restart_point import CheckpointCandidate, RestartChoice, pick_restart_checkpoint
+from service.orchestrator.restart_point import (
+    CheckpointCandidate,
+    RestartChoice,
+    pick_restart_checkpoint,
+    rule_for_run,
+)
 from service.schemas import CheckpointPublic, RejectedCheckpoint, RestartPreviewPublic
 
 PREVIEW_FAILURES = (FailureClass.divergence, FailureClass.hardware, FailureClass.hang)
@@ -97,7 +102,7 @@ def restart_preview(
     session: Session, *, run_id: int, failure: FailureClass, cfg: OrchestratorConfig
 ) -> RestartPreview:
     """What a restart after `failure` would restore now, the reason, and the newer checkpoints rejected."""
-    get_run(session, run_id=run_id)
+    run = get_run(session, run_id=run_id)
     candidates = checkpoint_candidates(session, run_id=run_id)
     norms = act_norm_lineage(session, run_id=run_id, from_step=min((c.step for c in candidates), default=0))
     onset = (
@@ -108,7 +113,9 @@ def restart_preview(
     choice = pick_restart_checkpoint(
         candidates,
         failure=failure,
-        cfg=cfg.restart_point,
+        cfg=rule_for_run(
+            cfg.restart_point, checkpoint_interval=int((run.config or {}).get("checkpoint_interval") or 0)
+        ),
         divergence_onset=onset.step if onset else None,
         act_norms=norms,
         min_loss_scale=cfg.divergence.min_loss_scale,

@@ -13,6 +13,7 @@ the catalog's stored health verdicts and `restart-preview`.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import math
 import statistics
@@ -61,6 +62,18 @@ class RestartChoice:
     @property
     def fresh_start(self) -> bool:
         return self.checkpoint is None
+
+
+def rule_for_run(cfg: RestartPointConfig, *, checkpoint_interval: int | None) -> RestartPointConfig:
+    """The restart rule for one run: the course after a checkpoint spans at least the run's checkpoint
+    interval (the stretch until the next checkpoint could take over), never less than the configured window.
+
+    A run that saves every 1,000 steps is judged on 1,000 steps of course, and the pace that counts as
+    multiplicative growth (x3 within the window) scales with it: +0.11 %/step rather than the +5.5 %/step a
+    20-step window allows, so a slow runaway over hundreds of steps is not called bounded."""
+    if not checkpoint_interval or checkpoint_interval <= cfg.act_norm_trend_window:
+        return cfg
+    return dataclasses.replace(cfg, act_norm_trend_window=int(checkpoint_interval))
 
 
 def log_growth_rate(points: Sequence[tuple[int, float]]) -> float | None:

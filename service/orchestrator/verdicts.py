@@ -37,7 +37,7 @@ from sqlalchemy.orm import Session
 from service.config import Settings
 from service.crud.checkpoints import AUTO_PIN_AUTHOR
 from service.crud.logbook import jsonable, write_log
-from service.models import Attempt, Checkpoint, Metric, utcnow
+from service.models import Attempt, Checkpoint, Metric, Run, utcnow
 from service.orchestrator.config import OrchestratorConfig
 from service.orchestrator.detect import FailureClass
 from service.orchestrator.restart_point import (
@@ -45,6 +45,7 @@ from service.orchestrator.restart_point import (
     Verdict,
     divergence_cutoff,
     judge_checkpoint,
+    rule_for_run,
 )
 from service.statemachine import CheckpointState, LogKind, Severity
 
@@ -209,7 +210,12 @@ def judge_catalogued(
 ) -> tuple[CheckpointVerdict, bool]:
     """OPT's rule on one catalogued checkpoint's own course: (verdict, final)."""
     link = lineage.checkpoints.get(row.id) or CheckpointLink(id=row.id, attempt=row.attempt, step=row.step)
-    window = cfg.restart_point.act_norm_trend_window
+    run = session.get(Run, run_id)
+    rule = rule_for_run(
+        cfg.restart_point,
+        checkpoint_interval=int(((run.config if run else None) or {}).get("checkpoint_interval") or 0),
+    )
+    window = rule.act_norm_trend_window
     course, after = checkpoint_course(session, run_id=run_id, lineage=lineage, ckpt=link, window=window)
     onsets = lineage.divergence_onsets(after)
     onset = onsets[0] if onsets else None
@@ -223,12 +229,12 @@ def judge_catalogued(
             ),
             True,
         )
-    until = onset - cfg.restart_point.onset_margin_steps if onset is not None else None
+    until = onset - rule.onset_margin_steps if onset is not None else None
     verdict = judge_checkpoint(
         step=row.step,
         loss_scale=row.loss_scale,
         norms=course.norms,
-        cfg=cfg.restart_point,
+        cfg=rule,
         min_loss_scale=cfg.divergence.min_loss_scale,
         runaway_multiple=cfg.divergence.act_norm_multiple,
         until_step=until,
