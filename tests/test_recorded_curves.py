@@ -1,0 +1,130 @@
+"""The divergence detector and OPT's restart rule on real curves of the embedded trainer (tests/data/).
+
+Each diverged recording has a healthy twin: the same preset and seed without the fault, identical up to the
+fault's first step. The twin's course is what a restart from a checkpoint before the fault goes on to do, so
+"the chosen checkpoint's later course is bounded" is checked on it, not assumed.
+Re-record with `tests/data/record_curves.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from service.orchestrator.config import DivergenceConfig, RestartPointConfig
+from service.orchestrator.detect import FailureClass, MetricSample, detect_divergence
+from service.orchestrator.restart_point import (
+    CheckpointCandidate,
+    Verdict,
+    judge_checkpoint,
+    pick_restart_checkpoint,
+)
+
+DATA = Path(__file__).parent / "data"
+CHECKPOINT_INTERVAL = 5
+DIVERGENCE = DivergenceConfig()
+RESTART = RestartPointConfig()
+
+HEALTHY = ("healthy_tiny_run", "healthy_tiny_seed7", "healthy_tiny_seed99", "healthy_small_seed5")
+# (diverged recording, its healthy twin, the step from which the fault multiplied the LR)
+DIVERGED = (
+    ("diverged_tiny_run", "healthy_tiny_run", 30),
+    ("diverged_tiny_seed7_at60", "healthy_tiny_seed7", 60),
+    ("diverged_tiny_seed99_at110", "healthy_tiny_seed99", 110),
+    ("diverged_small_seed5_at50", "healthy_small_seed5", 50),
+)
+
+
+@cache
+def points(name: str) -> tuple[dict[str, Any], ...]:
+    return tuple(json.loads((DATA / f"{name}.json").read_text())["points"])
+
+
+def samples(name: str) -> list[MetricSample]:
+    return [MetricSample(p["step"], p["loss"], p["loss_scale"], p["act_norm"]) for p in points(name)]
+
+
+def norms(name: str) -> dict[int, float]:
+    return {p["step"]: p["act_norm"] for p in points(name) if p["act_norm"] is not None}
+
+
+def checkpoints(name: str) -> list[CheckpointCandidate]:
+    """The checkpoints the run would have saved every CHECKPOINT_INTERVAL steps, at that step's loss scale."""
+    return [
+        CheckpointCandidate(
+            id=p["step"], step=p["step"], path=f"/ck/{p['step']}", usable=True, loss_scale=p["loss_scale"]
+        )
+        for p in points(name)
+        if p["step"] % CHECKPOINT_INTERVAL == 0
+    ]
+
+
+def test_the_recordings_are_what_the_table_says() -> None:
+    for name in HEALTHY:
+        assert len(points(name)) >= 90, name
+    for diverged, twin, fault in DIVERGED:
+        before = [p for p in points(diverged) if p["step"] < fault]
+        assert len(before) == fault - 1, diverged
+        # same preset and seed: identical up to the fault (the twin is the course without it)
+        twin_before = {p["step"]: p for p in points(twin) if p["step"] < fault}
+        for p in before:
+            assert p["loss"] == pytest.approx(twin_before[p["step"]]["loss"], rel=1e-6), (diverged, p["step"])
+        assert len(points(diverged)) >= fault + 3, diverged
+    presets = {json.loads((DATA / f"{n}.json").read_text())["source"].split(" preset")[0] for n in HEALTHY}
+    assert {"the tiny", "the small"} <= presets
+
+
+@pytest.mark.parametrize("name", HEALTHY)
+def test_a_healthy_run_gets_no_divergence_verdict(name: str) -> None:
+    assert detect_divergence(samples(name), DIVERGENCE) is None
+    # and none of its checkpoints is judged unhealthy: a young model's growing norm is bounded growth
+    for c in checkpoints(name):
+        verdict = judge_checkpoint(step=c.step, loss_scale=c.loss_scale, norms=norms(name), cfg=RESTART)
+        assert verdict.verdict != Verdict.unhealthy, (name, c.step, verdict.reason)
+
+
+@pytest.mark.parametrize(("name", "twin", "fault"), DIVERGED)
+def test_a_diverged_run_is_caught_and_restarts_from_a_checkpoint_whose_course_is_bounded(
+    name: str, twin: str, fault: int
+) -> None:
+    found = detect_divergence(samples(name), DIVERGENCE)
+    assert found is not None, name
+    # the first bad reading comes from the fault's first update (step `fault`), seen at fault + 1
+    assert fault + 1 <= found.onset_step <= fault + DIVERGENCE.act_norm_patience + 2, found
+    choice = pick_restart_checkpoint(
+        checkpoints(name),
+        failure=FailureClass.divergence,
+        cfg=RESTART,
+        divergence_onset=found.onset_step,
+        act_norms=norms(name),
+        min_loss_scale=DIVERGENCE.min_loss_scale,
+        runaway_multiple=DIVERGENCE.act_norm_multiple,
+    )
+    assert choice.checkpoint is not None, (name, choice.reason, choice.rejected)
+    # it holds no update made at the fault's LR ...
+    assert choice.checkpoint.step < fault, choice.reason
+    # ... and is not needlessly old: nothing between it and the fault's step was eligible
+    assert fault - choice.checkpoint.step <= 3 * CHECKPOINT_INTERVAL, choice.rejected
+    # the course it goes on to take without the fault (its twin's) is bounded: healthy by the same rule
+    later = judge_checkpoint(
+        step=choice.checkpoint.step,
+        loss_scale=choice.checkpoint.loss_scale,
+        norms=norms(twin),
+        cfg=RESTART,
+        runaway_multiple=DIVERGENCE.act_norm_multiple,
+    )
+    assert later.verdict == Verdict.healthy, later.reason
+    # while the diverged course after the fault is not: judged over it, the checkpoint ran away
+    after = judge_checkpoint(
+        step=choice.checkpoint.step,
+        loss_scale=choice.checkpoint.loss_scale,
+        norms=norms(name),
+        cfg=RestartPointConfig(act_norm_trend_window=max(s for s in norms(name)) - choice.checkpoint.step),
+        runaway_multiple=DIVERGENCE.act_norm_multiple,
+    )
+    assert after.verdict == Verdict.unhealthy and math.isfinite(after.numbers["growth"]), after.reason
