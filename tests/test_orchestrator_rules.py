@@ -340,3 +340,19 @@ def test_the_course_spans_the_runs_checkpoint_interval() -> None:
     assert verdict.verdict == Verdict.unhealthy and verdict.numbers["steps"] == 250
     young = {s: 2.0 * s**0.8 for s in range(1, 800)}
     assert judge_checkpoint(step=500, loss_scale=8.0, norms=young, cfg=rule).verdict == Verdict.healthy
+
+
+def test_a_stored_metric_row_reads_back_as_the_detector_expects() -> None:
+    """A loss stored as null because it was non-finite is NaN again; a malformed `values.nan` (a number, a
+    string) written by a careless client neither raises in the loop nor invents a NaN."""
+    from types import SimpleNamespace
+
+    from service.orchestrator.loop import stored_metric_sample
+
+    def row(values: object) -> SimpleNamespace:
+        return SimpleNamespace(step=3, loss=None, loss_scale=1.0, act_norm=2.0, values=values)
+
+    assert math.isnan(stored_metric_sample(row({"nan": ["loss"]})).loss or 0.0)
+    for odd in ({"nan": 1}, {"nan": "loss"}, {"nan": None}, None, [1, 2]):
+        sample = stored_metric_sample(row(odd))
+        assert sample.loss is None and sample.act_norm == 2.0

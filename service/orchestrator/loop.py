@@ -28,7 +28,7 @@ from service.crud.tokens import create_token
 from service.db import transaction
 from service.metrics import ORCHESTRATOR_LOOP_DURATION
 from service.models import Attempt, Checkpoint, Metric, Node, Run
-from service.orchestrator.config import OrchestratorConfig
+from service.orchestrator.config import DivergenceConfig, OrchestratorConfig
 from service.orchestrator.decide import (
     BAD_NODE_STATES,
     Action,
@@ -338,23 +338,15 @@ class Orchestrator:
             if status.allocated_hosts and set(status.allocated_hosts) != set(attempt.hosts):
                 self._record_allocation(session, run, attempt, status.allocated_hosts)
         beats = tuple(_rank_beat(b) for b in read_rank_beats(run_dir, since=started))
-        rows = session.execute(
-            sa.select(Metric.step, Metric.loss, Metric.loss_scale, Metric.act_norm, Metric.values)
-            .where(Metric.run_id == run.id, Metric.attempt == attempt.number)
-            .order_by(Metric.step.desc())
-            .limit(SAMPLE_WINDOW)
-        ).all()
-        samples = tuple(
-            MetricSample(
-                step=r.step,
-                loss=math.nan if "loss" in ((r.values or {}).get("nan") or ()) else r.loss,
-                loss_scale=r.loss_scale,
-                act_norm=r.act_norm,
-            )
-            for r in reversed(rows)
-        )
+        samples = attempt_samples(session, run_id=run.id, attempt=attempt.number)
         last_step = max([b.step for b in beats] + [s.step for s in samples], default=None)
-        lineage = self._lineage_samples(session, run.id, attempt=attempt.number, upto=attempt.start_step or 0)
+        lineage = lineage_samples(
+            session,
+            run_id=run.id,
+            attempt=attempt.number,
+            upto=attempt.start_step or 0,
+            divergence=self.cfg.divergence,
+        )
         return ObservedAttempt(
             number=attempt.number,
             hosts=tuple(attempt.hosts),
@@ -386,39 +378,6 @@ class Orchestrator:
 
     def _candidates(self, session: Session, run_id: int) -> list[CheckpointCandidate]:
         return checkpoint_candidates(session, run_id=run_id)
-
-    def _lineage_samples(
-        self, session: Session, run_id: int, *, attempt: int, upto: int
-    ) -> tuple[MetricSample, ...]:
-        """The metrics of the steps an attempt resumed from: per step up to its restore point, the newest
-        earlier attempt that computed it (after a rollback, the recomputed history), as many steps as the
-        divergence baselines look back."""
-        if upto <= 0:
-            return ()
-        div = self.cfg.divergence
-        depth = max(div.loss_spike_window, div.act_norm_window) + div.act_norm_patience + 1
-        rows = session.execute(
-            sa.select(
-                Metric.step, Metric.attempt, Metric.loss, Metric.loss_scale, Metric.act_norm, Metric.values
-            )
-            .where(
-                Metric.run_id == run_id,
-                Metric.attempt < attempt,
-                Metric.step <= upto,
-                Metric.step > upto - depth,
-            )
-            .order_by(Metric.step, Metric.attempt)
-        ).all()
-        newest = {r.step: r for r in rows}  # ordered by attempt: the last one per step wins
-        return tuple(
-            MetricSample(
-                step=r.step,
-                loss=math.nan if "loss" in ((r.values or {}).get("nan") or ()) else r.loss,
-                loss_scale=r.loss_scale,
-                act_norm=r.act_norm,
-            )
-            for _, r in sorted(newest.items())
-        )
 
     def _act_norm_lineage(self, session: Session, run_id: int, from_step: int) -> dict[int, float]:
         return act_norm_lineage(session, run_id=run_id, from_step=from_step)
@@ -879,6 +838,52 @@ def _rank_beat(beat: Mapping[str, Any]) -> RankBeat:
 
 def _finite(value: Any) -> float | None:
     return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
+
+
+def stored_metric_sample(row: Any) -> MetricSample:
+    """A stored metric row as the divergence detector reads it: a loss stored as null because it was
+    non-finite (its name in `values.nan`) is NaN again."""
+    nan = (row.values or {}).get("nan") if isinstance(row.values, dict) else None
+    return MetricSample(
+        step=row.step,
+        loss=math.nan if isinstance(nan, list | tuple) and "loss" in nan else row.loss,
+        loss_scale=row.loss_scale,
+        act_norm=row.act_norm,
+    )
+
+
+def attempt_samples(session: Session, *, run_id: int, attempt: int) -> tuple[MetricSample, ...]:
+    """The attempt's newest `SAMPLE_WINDOW` metric rows, oldest first."""
+    rows = session.execute(
+        sa.select(Metric.step, Metric.loss, Metric.loss_scale, Metric.act_norm, Metric.values)
+        .where(Metric.run_id == run_id, Metric.attempt == attempt)
+        .order_by(Metric.step.desc())
+        .limit(SAMPLE_WINDOW)
+    ).all()
+    return tuple(stored_metric_sample(r) for r in reversed(rows))
+
+
+def lineage_samples(
+    session: Session, *, run_id: int, attempt: int, upto: int, divergence: DivergenceConfig
+) -> tuple[MetricSample, ...]:
+    """The metrics of the steps an attempt resumed from: per step up to its restore point `upto`, the newest
+    earlier attempt that computed it (after a rollback, the recomputed history), as many steps back as the
+    divergence baselines look, oldest first."""
+    if upto <= 0:
+        return ()
+    depth = max(divergence.loss_spike_window, divergence.act_norm_window) + divergence.act_norm_patience + 1
+    rows = session.execute(
+        sa.select(Metric.step, Metric.attempt, Metric.loss, Metric.loss_scale, Metric.act_norm, Metric.values)
+        .where(
+            Metric.run_id == run_id,
+            Metric.attempt < attempt,
+            Metric.step <= upto,
+            Metric.step > upto - depth,
+        )
+        .order_by(Metric.step, Metric.attempt)
+    ).all()
+    newest = {r.step: r for r in rows}  # ordered by attempt: the last one per step wins
+    return tuple(stored_metric_sample(r) for _, r in sorted(newest.items()))
 
 
 def checkpoint_candidates(session: Session, *, run_id: int) -> list[CheckpointCandidate]:

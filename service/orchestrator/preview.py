@@ -9,17 +9,21 @@ operator's restart without a checkpoint restores).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from service.crud.runs import get_run
-from service.models import Attempt, Checkpoint, Metric
+from service.models import Attempt, Checkpoint
 from service.orchestrator.config import OrchestratorConfig
-from service.orchestrator.detect import FailureClass, MetricSample, detect_divergence
-from service.orchestrator.loop import SAMPLE_WINDOW, act_norm_lineage, checkpoint_candidates
+from service.orchestrator.detect import FailureClass, detect_divergence
+from service.orchestrator.loop import (
+    act_norm_lineage,
+    attempt_samples,
+    checkpoint_candidates,
+    lineage_samples,
+)
 from service.orchestrator.restart_point import (
     CheckpointCandidate,
     RestartChoice,
@@ -73,22 +77,15 @@ def current_divergence_onset(
         return None
     newest = attempts[0]
     if newest.ended_at is None:
-        rows = session.execute(
-            sa.select(Metric.step, Metric.loss, Metric.loss_scale, Metric.act_norm, Metric.values)
-            .where(Metric.run_id == run_id, Metric.attempt == newest.number)
-            .order_by(Metric.step.desc())
-            .limit(SAMPLE_WINDOW)
-        ).all()
-        samples = [  # as the loop reads them: a loss stored as null because it was NaN is NaN again
-            MetricSample(
-                step=r.step,
-                loss=math.nan if "loss" in ((r.values or {}).get("nan") or ()) else r.loss,
-                loss_scale=r.loss_scale,
-                act_norm=r.act_norm,
-            )
-            for r in reversed(rows)
-        ]
-        found = detect_divergence(samples, cfg.divergence)
+        samples = attempt_samples(session, run_id=run_id, attempt=newest.number)
+        history = lineage_samples(
+            session,
+            run_id=run_id,
+            attempt=newest.number,
+            upto=newest.start_step or 0,
+            divergence=cfg.divergence,
+        )
+        found = detect_divergence(samples, cfg.divergence, history=history)
         if found is None:
             return None
         return DivergenceOnset(found.onset_step, f"attempt {newest.number}'s metrics (running)")
