@@ -16,6 +16,7 @@ ROUTE_ROLES: dict[tuple[str, str], str] = {
     ("POST", "/api/v1/runs/{run_id}/start"): "operator",
     ("POST", "/api/v1/runs/{run_id}/stop"): "operator",
     ("POST", "/api/v1/runs/{run_id}/restart"): "operator",
+    ("GET", "/api/v1/runs/{run_id}/restart-preview"): "viewer",
     ("GET", "/api/v1/runs/{run_id}/attempts"): "viewer",
     ("GET", "/api/v1/runs/{run_id}/goodput"): "viewer",
     ("GET", "/api/v1/runs/{run_id}/attempts/{number}"): "viewer",

@@ -164,3 +164,10 @@ def test_start_of_a_run_that_gave_up_is_a_restart_and_stop_settles_it(
     # and a stopped run's start is a plain start (the orchestrator resumes it from its newest checkpoint)
     again = admin.post(f"/api/v1/runs/{run['id']}/start").json()
     assert again["desired_state"] == "running" and again["pending_restart"] is None
+
+
+def test_goodput_of_a_run_that_never_ran_is_empty_not_an_error(admin: TestClient) -> None:
+    run = make_run(admin, "never-ran")
+    r = admin.get(f"/api/v1/runs/{run['id']}/goodput")
+    assert r.status_code == 200, r.text
+    assert r.json()["attempts"] == 0 and r.json()["failures"] == {}

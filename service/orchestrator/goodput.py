@@ -80,7 +80,7 @@ def compute_goodput(session: Session, *, run_id: int, now: float | None = None) 
     detect: dict[str, list[float]] = defaultdict(list)
     recover: dict[str, list[float]] = defaultdict(list)
     detection_delay = restart_downtime = 0.0
-    for a, nxt in zip(attempts, [*attempts[1:], None], strict=True):
+    for a, nxt in zip(attempts, [*attempts[1:], None], strict=False):  # the last one has no next
         failure = (a.findings or {}).get("failure") or a.exit_reason
         if a.detected_at is None or failure in (None, "completed", "stopped"):
             continue
