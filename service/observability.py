@@ -3,8 +3,8 @@ processes that are not the API (orchestrator, Celery workers).
 
 Process-local instruments (service.metrics.INSTRUMENTS) come from prometheus_client's default registry,
 or, when ``PROMETHEUS_MULTIPROC_DIR`` is set, from the files every process of the deployment writes there.
-The database-backed gauges (service.metrics.ControlPlaneCollector) are added per scrape by the API only,
-so each is exported once however many processes there are.
+The database-backed gauges (service.metrics_collector.ControlPlaneCollector) are added per scrape by the
+API only, so each is exported once however many processes there are.
 
 ``python -m service.observability --port 9101`` serves a multiprocess directory on its own: run it next
 to a Celery worker or the orchestrator, with the same ``PROMETHEUS_MULTIPROC_DIR``.
@@ -23,7 +23,7 @@ from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.metrics import ControlPlaneCollector
+from service.metrics_collector import ControlPlaneCollector
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
