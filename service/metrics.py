@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from prometheus_client import Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from health.metrics import CHECK_DURATION, CHECKS_TOTAL, TASK_DURATION
+
 # ---- request-path instruments (multiprocess-safe: histograms and counters only) ------------------------
 
 HTTP_REQUEST_DURATION = Histogram(
