@@ -305,7 +305,6 @@ def run_trainops(scenario: Scenario, workdir: Path) -> tuple[SupervisorResult, d
     from service.crud.runs import create_run
     from service.db import engine_from_settings, make_session_factory, transaction
     from service.models import Attempt, LogEntry, Node, Run
-    from service.orchestrator.goodput import compute_goodput
     from service.orchestrator.loop import Orchestrator
     from service.orchestrator.runtime import (
         available_launchers,
@@ -315,6 +314,7 @@ def run_trainops(scenario: Scenario, workdir: Path) -> tuple[SupervisorResult, d
         start_in_thread,
     )
     from service.paging import make_pager
+    from service.readmodels.goodput import compute_goodput
     from service.schemas import RunConfig
 
     settings = Settings(home=home, api_port=_free_port())

@@ -275,7 +275,7 @@ def _report(factory: Any, run_id: int) -> None:
     from service.cli import print_goodput, print_logbook
     from service.crud.logbook import list_logbook
     from service.db import transaction
-    from service.orchestrator.goodput import compute_goodput
+    from service.readmodels.goodput import compute_goodput
     from service.schemas import GoodputPublic, LogEntryPublic
 
     with transaction(factory) as session:

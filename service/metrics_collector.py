@@ -53,7 +53,7 @@ from service.metrics import (
 )
 from service.models import Attempt, Checkpoint, Diagnostic, Gpu, Heartbeat, Node, Run
 from service.models import Metric as MetricRow
-from service.orchestrator.goodput import compute_goodput
+from service.readmodels.goodput import compute_goodput
 from service.statemachine import TERMINAL_PHASES, CheckpointState, DiagnosticStatus, NodeState, RunPhase
 
 log = logging.getLogger("trainops.metrics")

@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from bench.load import busy_cores
 from service.db import make_engine, make_session_factory, transaction
 from service.models import Attempt, Checkpoint, LogEntry, Metric, Node, Run
-from service.orchestrator.goodput import compute_goodput
+from service.readmodels.goodput import compute_goodput
 from tests.livesrv import free_port
 
 pytestmark = pytest.mark.slow

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Query, status
 
 from service.api.deps import EntityId, Limit, Offset, Operator, RunId, SessionDep, SettingsDep, Viewer
 from service.crud import runs as runs_crud
-from service.orchestrator.goodput import compute_goodput
+from service.readmodels.goodput import compute_goodput
 from service.schemas import (
     AttemptPublic,
     GoodputPublic,
