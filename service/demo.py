@@ -21,6 +21,8 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
+from service.console import print_goodput, print_logbook
+
 console = Console()
 
 HOSTS = ("demo-h1", "demo-h2", "demo-h3")
@@ -272,7 +274,6 @@ def _render(view: dict[str, Any], elapsed: float) -> Group:
 
 
 def _report(factory: Any, run_id: int) -> None:
-    from service.cli import print_goodput, print_logbook
     from service.crud.logbook import list_logbook
     from service.db import transaction
     from service.readmodels.goodput import compute_goodput

@@ -1,0 +1,65 @@
+"""Terminal output shared by the CLI (service/cli.py) and the demo (service/demo.py): the consoles and the
+printers of API payloads (goodput, restart preview, logbook). Both import it; it imports neither."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def print_goodput(g: dict[str, Any]) -> None:
+    ratio = f"{g['goodput']:.1%}" if g["goodput"] is not None else "n/a"
+    console.print(
+        f"goodput [bold]{ratio}[/]: {g['productive_s']:.1f} s productive of {g['wall_s']:.1f} s wall, "
+        f"{g['attempts']} attempt(s), {g['steps_surviving']} steps kept, {g['steps_recomputed']} "
+        "recomputed"
+    )
+    console.print(
+        "  lost: "
+        + ", ".join(f"{k.removesuffix('_s').replace('_', ' ')} {v:.1f} s" for k, v in g["lost"].items())
+    )
+    if g["failures"]:
+        table = Table("failure", "count", "mean time to detect", "mean time to recover")
+        for name, f in g["failures"].items():
+            table.add_row(
+                name,
+                str(f["count"]),
+                f"{f['mean_time_to_detect_s']:.1f} s" if f["mean_time_to_detect_s"] is not None else "-",
+                f"{f['mean_time_to_recover_s']:.1f} s" if f["mean_time_to_recover_s"] is not None else "-",
+            )
+        console.print(table)
+
+
+def print_restart_preview(p: dict[str, Any]) -> None:
+    ckpt = p["checkpoint"]
+    head = f"after a {p['failure']} failure"
+    if p["divergence_onset"] is not None:
+        head += f" (divergence onset: step {p['divergence_onset']}, {p['onset_source']})"
+    if ckpt is not None:
+        console.print(f"{head} it would restore [bold]step {ckpt['step']}[/] ({ckpt['path']})")
+        pin = f", pinned by {ckpt['pinned_by']}" if ckpt["pinned"] else ""
+        console.print(f"  stored verdict: {ckpt['verdict']}{pin}")
+    elif p["needs_attention"]:
+        console.print(f"{head} [bold red]nothing qualifies[/]: the run would need attention")
+    else:
+        console.print(f"{head} it would start from scratch")
+    console.print(f"  why: {p['reason']}")
+    if p["rejected"]:
+        table = Table("rejected step", "why")
+        for r in p["rejected"]:
+            table.add_row(str(r["step"]), r["reason"])
+        console.print(table)
+
+
+def print_logbook(entries: list[dict[str, Any]]) -> None:
+    table = Table("time", "kind", "sev", "author", "message", show_lines=False)
+    colours = {"critical": "bold red", "error": "red", "warning": "yellow"}
+    for e in entries:
+        style = colours.get(e["severity"], "")
+        table.add_row(str(e["time"])[11:19], e["kind"], e["severity"], e["author"], e["message"], style=style)
+    console.print(table)
