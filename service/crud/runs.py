@@ -8,9 +8,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from service.config import Settings
 from service.crud.logbook import write_log
-from service.errors import Conflict, NotFound, Unavailable, Unprocessable
+from service.errors import Conflict, NotFound
 from service.models import Attempt, Checkpoint, Run, utcnow
 from service.statemachine import (
     ACTIVE_PHASES,
@@ -33,25 +32,9 @@ def get_run(session: Session, *, run_id: int, for_update: bool = False) -> Run:
     return run
 
 
-def check_launcher(config: dict[str, Any], settings: Settings) -> None:
-    """Refuse a run this control plane cannot launch: the `slurm` launcher where Slurm is not enabled, or
-    Slurm options the cluster would refuse (asked of Slurm itself; see `slurm_config_problems`)."""
-    if config.get("launcher") != "slurm":
-        return
-    if not settings.slurm_enabled:
-        raise Unprocessable(
-            "the run asks for the slurm launcher, but Slurm is not enabled on this control plane "
-            "(TRAINOPS_SLURM_ENABLED)"
-        )
-    from service.orchestrator.slurm import SlurmDefaults, SlurmError, check_slurm_run_config
-
-    defaults = SlurmDefaults(partition=settings.slurm_partition, account=settings.slurm_account)
-    try:
-        problems = check_slurm_run_config(config.get("slurm") or {}, defaults)
-    except SlurmError as exc:
-        raise Unavailable(f"could not check the run's Slurm settings: {exc}") from exc
-    if problems:
-        raise Unprocessable("; ".join(p.message for p in problems))
+def ensure_name_free(session: Session, *, name: str) -> None:
+    if session.scalar(sa.select(Run.id).where(Run.name == name)) is not None:
+        raise Conflict(f"a run named {name!r} already exists")
 
 
 def create_run(
@@ -62,13 +45,10 @@ def create_run(
     config: dict[str, Any],
     start: bool,
     author: str,
-    settings: Settings | None = None,
 ) -> Run:
-    """With `settings` (the API), the run's launcher is checked against this control plane first."""
-    if session.scalar(sa.select(Run.id).where(Run.name == name)) is not None:
-        raise Conflict(f"a run named {name!r} already exists")
-    if settings is not None:
-        check_launcher(config, settings)
+    """The API checks the run's launcher against this control plane (service/api/launcher_checks.py) after
+    `ensure_name_free` and before this."""
+    ensure_name_free(session, name=name)
     run = Run(
         name=name,
         owner=owner,
@@ -203,6 +183,14 @@ def stop_run(session: Session, *, run_id: int, reason: str, author: str) -> Run:
     return run
 
 
+def restartable_run(session: Session, *, run_id: int) -> Run:
+    """The run, locked, if it can be restarted (it has not completed)."""
+    run = get_run(session, run_id=run_id, for_update=True)
+    if run.phase == RunPhase.completed:
+        raise Conflict(f"run {run.name} has completed and cannot be restarted")
+    return run
+
+
 def request_restart(
     session: Session,
     *,
@@ -215,15 +203,11 @@ def request_restart(
     clip: float | None = None,
     reset_loss_scale: bool = False,
     skip_batches: int = 0,
-    settings: Settings | None = None,
 ) -> Run:
     """An operator's restart with overrides. LR and clip persist for later attempts; the rest is one-shot.
-    With `settings` (the API), the run's launcher is checked again (a partition may have gone since)."""
-    run = get_run(session, run_id=run_id, for_update=True)
-    if run.phase == RunPhase.completed:
-        raise Conflict(f"run {run.name} has completed and cannot be restarted")
-    if settings is not None:
-        check_launcher(dict(run.config or {}), settings)
+    The API checks the run's launcher again between `restartable_run` and this (a partition may have gone
+    since)."""
+    run = restartable_run(session, run_id=run_id)
     if from_checkpoint_id is not None:
         ckpt = session.get(Checkpoint, from_checkpoint_id)
         if ckpt is None or ckpt.run_id != run.id:

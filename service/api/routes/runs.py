@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, status
 
 from service.api.deps import EntityId, Limit, Offset, Operator, RunId, SessionDep, SettingsDep, Viewer
+from service.api.launcher_checks import check_launcher
 from service.crud import runs as runs_crud
 from service.readmodels.goodput import compute_goodput
 from service.schemas import (
@@ -25,14 +26,11 @@ router = APIRouter(prefix="/runs", tags=["runs"])
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=RunPublic)
 def create_run(body: RunCreate, session: SessionDep, who: Operator, settings: SettingsDep) -> RunPublic:
+    config = body.config.model_dump(mode="json")
+    runs_crud.ensure_name_free(session, name=body.name)
+    check_launcher(config, settings)
     run = runs_crud.create_run(
-        session,
-        name=body.name,
-        owner=body.owner,
-        config=body.config.model_dump(mode="json"),
-        start=body.start,
-        author=who.author,
-        settings=settings,
+        session, name=body.name, owner=body.owner, config=config, start=body.start, author=who.author
     )
     return RunPublic.model_validate(run)
 
@@ -75,9 +73,9 @@ def stop_run(run_id: RunId, session: SessionDep, who: Operator, body: StopReques
 def restart_run(
     run_id: RunId, body: RestartRequest, session: SessionDep, who: Operator, settings: SettingsDep
 ) -> RunPublic:
-    run = runs_crud.request_restart(
-        session, run_id=run_id, author=who.author, settings=settings, **body.model_dump()
-    )
+    run = runs_crud.restartable_run(session, run_id=run_id)
+    check_launcher(dict(run.config or {}), settings)
+    run = runs_crud.request_restart(session, run_id=run_id, author=who.author, **body.model_dump())
     return RunPublic.model_validate(run)
 
 
