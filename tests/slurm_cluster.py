@@ -3,7 +3,9 @@
 Everything runs as root on this one host (`NodeName=n[1-4] NodeHostname=localhost`, one slurmd per node
 started with ``slurmd -N nX``; Debian's build supports several slurmd on one host). State and spool
 directories live under a fresh temp dir per session, so no state survives between sessions, and the
-daemons talk through a munged socket of their own (a system munged, if any, is left alone).
+daemons talk through a munged socket of their own (a system munged, if any, is left alone). Each cluster
+takes free ports of its own (`free_port_block`: slurmctld's port and one per slurmd), so two clusters in
+one pytest session (one per module, back to back) or in two sessions side by side never collide.
 
     with SlurmCluster(tmp_dir).start() as cluster:
         env = cluster.env          # SLURM_CONF for sbatch/squeue/scontrol/sinfo
@@ -15,8 +17,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator, Sequence
@@ -24,8 +28,9 @@ from pathlib import Path
 from types import TracebackType
 
 NODES = ("n1", "n2", "n3", "n4")
-CTLD_PORT = 17000
-FIRST_SLURMD_PORT = 17001
+# Ports are chosen per cluster from this range, below Linux's default ephemeral range (32768-60999) so an
+# outgoing connection's local port does not take one between the check and the daemons' bind.
+PORT_RANGE = (20000, 32000)
 PARTITION = "debug"
 DOWN_PARTITION = "maint"  # State=DOWN: jobs are accepted and held (what a maintenance window looks like)
 RESTRICTED_PARTITION = "restricted"  # AllowAccounts=RESTRICTED_ACCOUNT only
@@ -49,6 +54,8 @@ class SlurmCluster:
         self.munge_socket = base / "munge" / "munge.socket"
         self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
         self._pids: list[tuple[str, int]] = []
+        self.ctld_port = 0  # chosen in start(): slurmctld's port, then one per slurmd
+        self.first_slurmd_port = 0
 
     # ---- life cycle ---------------------------------------------------------------------------------
 
@@ -62,6 +69,8 @@ class SlurmCluster:
             shutil.rmtree(self.base)  # a previous session's state must not leak into this one
         for sub in ("munge", "state", "log", "spool"):
             (self.base / sub).mkdir(parents=True)
+        self.ctld_port = free_port_block(1 + len(self.nodes))
+        self.first_slurmd_port = self.ctld_port + 1
         self._write_conf()
         try:
             self._start_munged()
@@ -218,13 +227,13 @@ class SlurmCluster:
         self._wait_for(self.munge_socket.exists, 10, "munged did not create its socket")
 
     def _write_conf(self) -> None:
-        first, last = FIRST_SLURMD_PORT, FIRST_SLURMD_PORT + len(self.nodes) - 1
+        first, last = self.first_slurmd_port, self.first_slurmd_port + len(self.nodes) - 1
         names = ",".join(self.nodes)
         self.conf.write_text(
             f"""\
 ClusterName=trainops-test
 SlurmctldHost=localhost(127.0.0.1)
-SlurmctldPort={CTLD_PORT}
+SlurmctldPort={self.ctld_port}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -260,6 +269,27 @@ PartitionName={DOWN_PARTITION} Nodes={names} MaxTime=INFINITE State=DOWN
 PartitionName={RESTRICTED_PARTITION} Nodes={names} State=UP AllowAccounts={RESTRICTED_ACCOUNT}
 """
         )
+
+
+def free_port_block(count: int, *, attempts: int = 200) -> int:
+    """The first of `count` consecutive TCP ports nothing listens on or lingers on (TIME_WAIT included:
+    the probe binds without SO_REUSEADDR, as strictly as a daemon that does not set it). Slurm takes the
+    slurmd ports as one range, hence a block rather than single ports."""
+    low, high = PORT_RANGE
+    for _ in range(attempts):
+        first = random.randrange(low, high - count)
+        if all(_port_free(port) for port in range(first, first + count)):
+            return first
+    raise RuntimeError(f"no {count} consecutive free ports in {low}-{high}")
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True
 
 
 def _range(nodes: Sequence[str]) -> str:
