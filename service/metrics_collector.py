@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import math
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
@@ -22,7 +21,7 @@ from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.crud.telemetry import NAN_KEY
+from service.crud.telemetry import decode_stored_field
 from service.metrics import (
     CELERY_QUEUE_LENGTH,
     COLLECT_DURATION,
@@ -319,12 +318,11 @@ class ControlPlaneCollector(Collector):
 
 
 def _field(row: MetricRow, field: str) -> float | None:
-    # Ingestion stores a NaN as NULL and names it in values["nan"]; a NaN loss is news, not a gap.
-    if field in (row.values or {}).get(NAN_KEY, ()):
-        return math.nan
     if field.startswith("values."):
-        return _number((row.values or {}).get(field.removeprefix("values.")))
-    return _number(getattr(row, field))
+        values = row.values if isinstance(row.values, dict) else {}
+        return _number(values.get(field.removeprefix("values.")))
+    # A NaN is stored as NULL and named in values["nan"] (crud decodes it); a NaN loss is news, not a gap.
+    return _number(decode_stored_field(row, field))
 
 
 def _number(value: object) -> float | None:

@@ -16,8 +16,7 @@ import os
 import sys
 
 from trainer.config import ConfigError, parse_args
-
-EXIT_CONFIG, EXIT_DIVERGED = 2, 42
+from trainer.contract import EXIT_CONFIG, EXIT_DIVERGED
 
 
 def exit_code_of(failures: dict[int, object]) -> int:

@@ -17,7 +17,6 @@ instead of blocking the spool forever.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import queue
 import threading
@@ -27,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+from trainer.contract import Spool, SpoolKind, checkpoint_spool_record, metrics_spool_record
 
 MAX_POINTS_PER_REQUEST = 10_000
 
@@ -47,50 +48,6 @@ class NullReporter:
 
 class _Retry(Exception):
     """Delivery failed in a way that may succeed later."""
-
-
-class Spool:
-    """Append-only JSONL of undelivered records, rewritten atomically after a (partial) replay."""
-
-    def __init__(self, directory: Path) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
-        self.path = directory / "pending.jsonl"
-        self.rejected = directory / "rejected.jsonl"
-        self.lock = threading.Lock()
-
-    def append(self, records: list[dict[str, Any]]) -> None:
-        if not records:
-            return
-        with self.lock, self.path.open("a") as f:
-            f.write("".join(json.dumps(r) + "\n" for r in records))
-            f.flush()
-            os.fsync(f.fileno())
-
-    def read(self) -> list[dict[str, Any]]:
-        with self.lock:
-            if not self.path.exists():
-                return []
-            lines = self.path.read_text().splitlines()
-        out = []
-        for line in lines:
-            try:
-                out.append(json.loads(line))
-            except ValueError:  # a line torn by a crash mid-append
-                continue
-        return out
-
-    def drop_first(self, n: int) -> None:
-        """Remove the first n records (delivered), keeping anything appended meanwhile."""
-        with self.lock:
-            lines = self.path.read_text().splitlines(keepends=True) if self.path.exists() else []
-            rest = lines[n:]
-            tmp = self.path.with_name(".pending.tmp")
-            tmp.write_text("".join(rest))
-            os.replace(tmp, self.path)
-
-    def reject(self, records: list[dict[str, Any]], reason: str) -> None:
-        with self.lock, self.rejected.open("a") as f:
-            f.write("".join(json.dumps({"reason": reason, **r}) + "\n" for r in records))
 
 
 class HttpReporter:
@@ -129,10 +86,10 @@ class HttpReporter:
 
     # -- called from the training loop: never blocks on the network ------------------------------------------
     def metric(self, point: dict[str, Any]) -> None:
-        self._enqueue({"kind": "metrics", "attempt": self.attempt, "point": point})
+        self._enqueue(metrics_spool_record(self.attempt, point))
 
     def checkpoint(self, body: dict[str, Any]) -> None:
-        self._enqueue({"kind": "checkpoint", "body": {"attempt": self.attempt, **body}})
+        self._enqueue(checkpoint_spool_record(self.attempt, body))
 
     def heartbeat(self, step: int) -> None:
         with self._heartbeat_lock:
@@ -200,7 +157,7 @@ class HttpReporter:
         return True
 
     def _post(self, group: list[dict[str, Any]]) -> None:
-        if group[0]["kind"] == "metrics":
+        if group[0]["kind"] == SpoolKind.METRICS:
             url = f"/api/v1/runs/{self.run_id}/metrics"
             body = {"attempt": group[0]["attempt"], "points": [r["point"] for r in group]}
         else:
@@ -256,8 +213,8 @@ def _groups(records: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
         last = groups[-1] if groups else None
         if (
             last
-            and r["kind"] == "metrics"
-            and last[0]["kind"] == "metrics"
+            and r["kind"] == SpoolKind.METRICS
+            and last[0]["kind"] == SpoolKind.METRICS
             and last[0]["attempt"] == r["attempt"]
             and len(last) < MAX_POINTS_PER_REQUEST
         ):

@@ -28,6 +28,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from trainer.contract import Section, heartbeat_record, write_heartbeat
+
 # Dense fp16/bf16 peak TFLOP/s per device, for MFU. OPT reached 147 TFLOP/s per A100 (47% of 312).
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "A10G": 125.0, "L4": 121.0, "V100": 125.0}
 OPT_A100_TFLOPS = 147.0
@@ -86,26 +88,11 @@ def reduce_step_stats(
     return loss_sum / world, act_norm, math.sqrt(grad_sq) if grad_sq >= 0 else float("nan")
 
 
-def atomic_write_json(path: Path, obj: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj))
-    os.replace(tmp, path)
-
-
-class Section:
-    """Where a rank is; the orchestrator holds each to its own hang limit (docs/reporting-contract.md)."""
-
-    STARTUP = "startup"  # process start, model build, checkpoint load, until the first step is done
-    STEP = "step"
-    CHECKPOINT_SAVE = "checkpoint_save"
-    VALIDATION = "validation"
-
-
 class HeartbeatFile:
     def __init__(self, directory: Path, *, rank: int, host: str) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.path = directory / f"rank{rank}.json"
-        self.fixed = {"host": host, "pid": os.getpid(), "rank": rank}
+        self.host, self.pid, self.rank = host, os.getpid(), rank
 
     def beat(
         self,
@@ -117,17 +104,19 @@ class HeartbeatFile:
         busy: Sequence[tuple[int, float]] = (),
     ) -> None:
         """`time` is now: the rank finished `step` (section `step`) or entered `section`."""
-        atomic_write_json(
+        write_heartbeat(
             self.path,
-            {
-                "step": step,
-                "time": time.time(),
-                "section": section,
-                "step_time_s": step_time_s,
-                "last_step_s": last_step_s,
-                "busy_s": [[s, round(b, 6)] for s, b in busy],
-                **self.fixed,
-            },
+            heartbeat_record(
+                step=step,
+                time=time.time(),
+                section=section,
+                step_time_s=step_time_s,
+                last_step_s=last_step_s,
+                busy=busy,
+                host=self.host,
+                pid=self.pid,
+                rank=self.rank,
+            ),
         )
 
 

@@ -39,6 +39,21 @@ from trainer.checkpoint import (
     verify_checkpoint,
 )
 from trainer.config import ConfigError, TrainConfig, parse_args
+from trainer.contract import (
+    EXIT_CONFIG,
+    EXIT_DIVERGED,
+    EXIT_OK,
+    cache_dir,
+    checkpoints_dir,
+    faults_dir,
+    heartbeats_dir,
+    json_safe_point,
+    metrics_dir,
+    overrides_path,
+    spool_dir,
+    summary_path,
+    trainer_log_path,
+)
 from trainer.data import TokenStream, prepare_tokens
 from trainer.faults import FaultInjector, faults_from_env
 from trainer.model import PRESETS, OPTModel, build_model, flops_per_token, init_weights, preset_model_config
@@ -59,7 +74,6 @@ from trainer.telemetry import (
     reduce_step_stats,
 )
 
-EXIT_OK, EXIT_CONFIG, EXIT_DIVERGED = 0, 2, 42
 WINDOW = 50  # recent loss / act-norm values kept in checkpoint metadata
 
 
@@ -159,10 +173,6 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def finite_or_none(x: float | None) -> float | None:
-    return x if x is not None and math.isfinite(x) else None
-
-
 def resolve_batch(cfg: TrainConfig, seq_len: int, world: int) -> tuple[int, int]:
     """(global batch tokens, gradient-accumulation steps)."""
     batch_tokens = cfg.global_batch_tokens or PRESETS[cfg.preset].batch_tokens
@@ -195,7 +205,7 @@ def train(cfg: TrainConfig) -> int:
     rank, world, device = init_distributed(cfg)
     run_dir = Path(cfg.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    log = RunLog(run_dir / "trainer.log", rank)
+    log = RunLog(trainer_log_path(run_dir), rank)
     attempt = int(os.environ.get("TRAINOPS_ATTEMPT", "1"))
     host = host_for_rank(rank, world)
     log(
@@ -210,14 +220,14 @@ def train(cfg: TrainConfig) -> int:
     if rank == 0:
         prepare_tokens(
             corpus=cfg.corpus,
-            cache_dir=run_dir / "cache",
+            cache_dir=cache_dir(run_dir),
             vocab_size=cfg.bpe_vocab_size or preset.model.vocab_size,
             tokenizer_dir=cfg.tokenizer_dir,
         )
     dist.barrier()
     _, ids_path = prepare_tokens(
         corpus=cfg.corpus,
-        cache_dir=run_dir / "cache",
+        cache_dir=cache_dir(run_dir),
         vocab_size=cfg.bpe_vocab_size or preset.model.vocab_size,
         tokenizer_dir=cfg.tokenizer_dir,
     )
@@ -246,7 +256,7 @@ def train(cfg: TrainConfig) -> int:
     )
 
     # ---- components (disabled ones are do-nothing objects) ----
-    faults = FaultInjector(cfg.fault, rank=rank, host=host, state_dir=run_dir / "faults", log=log)
+    faults = FaultInjector(cfg.fault, rank=rank, host=host, state_dir=faults_dir(run_dir), log=log)
     scaler = DynamicLossScaler.for_precision(
         cfg.precision, initial=cfg.initial_loss_scale, window=cfg.loss_scale_window, floor=cfg.min_loss_scale
     )
@@ -265,15 +275,15 @@ def train(cfg: TrainConfig) -> int:
     clip = cfg.clip or 1.0
     reporter = (
         make_reporter(
-            rank=rank, world=world, spool_dir=run_dir / "spool", interval_s=cfg.report_interval_s, log=log
+            rank=rank, world=world, spool_dir=spool_dir(run_dir), interval_s=cfg.report_interval_s, log=log
         )
         if cfg.telemetry
         else NullReporter()
     )
     heartbeat = (
-        HeartbeatFile(run_dir / "heartbeats", rank=rank, host=host) if cfg.telemetry else NullHeartbeat()
+        HeartbeatFile(heartbeats_dir(run_dir), rank=rank, host=host) if cfg.telemetry else NullHeartbeat()
     )
-    metrics = MetricsFile(run_dir / "metrics", rank=rank) if cfg.telemetry else NullMetricsFile()
+    metrics = MetricsFile(metrics_dir(run_dir), rank=rank) if cfg.telemetry else NullMetricsFile()
     act_norm_hook = ActivationNorm(model.final_block, device) if cfg.telemetry else NullActivationNorm(device)
     probe = (
         StragglerProbe(world=world, device=device) if cfg.telemetry and world > 1 else NullStragglerProbe()
@@ -284,7 +294,7 @@ def train(cfg: TrainConfig) -> int:
         reporter.checkpoint(catalog_record(info.path, info.step, info.meta, checksum))
 
     checkpointer = Checkpointer(
-        run_dir / "checkpoints",
+        checkpoints_dir(run_dir),
         rank=rank,
         mode=cfg.checkpoint_mode,
         keep=cfg.keep_checkpoints,
@@ -300,7 +310,7 @@ def train(cfg: TrainConfig) -> int:
     overrides: dict[str, float] = {}
     if cfg.resume_from:
         ckpt = (
-            latest_valid_checkpoint(run_dir / "checkpoints")
+            latest_valid_checkpoint(checkpoints_dir(run_dir))
             if cfg.resume_from == "latest"
             else Path(cfg.resume_from)
         )
@@ -343,7 +353,7 @@ def train(cfg: TrainConfig) -> int:
     for key, value in overrides.items():
         log(f"override applied: {key}={value}")
     if rank == 0 and overrides:
-        with (run_dir / "overrides.jsonl").open("a") as f:
+        with overrides_path(run_dir).open("a") as f:
             f.write(json.dumps({"attempt": attempt, "step": step, "time": time.time(), **overrides}) + "\n")
 
     flops_token = flops_per_token(model_cfg, seq_len)
@@ -431,7 +441,7 @@ def train(cfg: TrainConfig) -> int:
             "values": values,
         }
         metrics.write({**point, "attempt": attempt, "rank": rank})
-        reporter.metric(_json_safe(point))
+        reporter.metric(json_safe_point(point))
         reporter.heartbeat(step)
         timing = {"step_time_s": probe.mean_busy_s(), "last_step_s": step_time, "busy": probe.recent()}
         heartbeat.beat(step, **timing)
@@ -493,20 +503,10 @@ def train(cfg: TrainConfig) -> int:
             "world_size": world,
             "batch_tokens": batch_tokens,
         }
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        summary_path(run_dir).write_text(json.dumps(summary, indent=1))
         log(f"done at step {step}: {json.dumps(summary)}")
     dist.destroy_process_group()
     return EXIT_OK
-
-
-def _json_safe(point: dict[str, Any]) -> dict[str, Any]:
-    """Strict JSON for the control plane: non-finite numbers become null (not measured / not
-    representable)."""
-    out = {k: finite_or_none(v) if isinstance(v, float) else v for k, v in point.items() if k != "values"}
-    out["values"] = {k: finite_or_none(v) for k, v in point["values"].items()}
-    if point["loss"] is not None and not math.isfinite(point["loss"]):
-        out["values"]["nonfinite_loss"] = 1.0
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:

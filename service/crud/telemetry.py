@@ -21,33 +21,38 @@ from sqlalchemy.orm import Session
 
 from service.errors import NotFound
 from service.models import Heartbeat, Metric, Run, utcnow
-
-WIDE_FIELDS = (
-    "tokens",
-    "loss",
-    "grad_norm",
-    "loss_scale",
-    "act_norm",
-    "lr",
-    "clip",
-    "tokens_per_s",
-    "tflops_per_gpu",
-    "step_time_s",
+from trainer.contract import (
+    METRIC_FLOAT_FIELDS,
+    METRIC_WIDE_FIELDS,
+    decode_nan_names,
+    encode_nonfinite,
 )
-FLOAT_FIELDS = WIDE_FIELDS[1:]
-# SQLite turns NaN into NULL, and a NaN loss is the very signal of a divergence: NaN fields are stored as
-# NULL on every backend and named in ``values["nan"]``, from which reads restore them.
-NAN_KEY = "nan"
+
+# The wide columns of a metric point; a NaN among them is stored as NULL and named in values["nan"]
+# (trainer.contract: encode_nonfinite on ingestion, decode_stored_field / decode_stored_values on reads).
+WIDE_FIELDS = METRIC_WIDE_FIELDS
+FLOAT_FIELDS = METRIC_FLOAT_FIELDS
 UNIQUE_VIOLATION = "23505"  # PostgreSQL's SQLSTATE
 
 
 def _normalise_point(point: dict[str, Any]) -> dict[str, Any]:
-    nan_fields = [f for f in FLOAT_FIELDS if isinstance(point.get(f), float) and math.isnan(point[f])]
-    if not nan_fields:
-        return point
-    values = dict(point.get("values") or {})
-    values[NAN_KEY] = nan_fields
-    return {**point, **dict.fromkeys(nan_fields), "values": values}
+    """The point as stored: NaN fields NULL and named in ``values["nan"]`` (trainer.contract)."""
+    stored, _ = encode_nonfinite(point)
+    return stored
+
+
+def decode_stored_field(row: Any, name: str) -> Any:
+    """One wide field of a stored metric row (ORM object or selected row with ``values``), a NaN stored as
+    NULL restored. Every reader of stored samples decodes through here (trainer.contract's decoder)."""
+    if name in decode_nan_names(getattr(row, "values", None)):
+        return math.nan
+    return getattr(row, name)
+
+
+def decode_stored_values(row: Any, names: Sequence[str] = WIDE_FIELDS) -> dict[str, Any]:
+    """The named wide fields of a stored metric row, NaNs restored (see decode_stored_field)."""
+    nan_names = decode_nan_names(getattr(row, "values", None))
+    return {name: math.nan if name in nan_names else getattr(row, name) for name in names}
 
 
 def lock_run_for_ingest(session: Session, *, run_id: int) -> None:
@@ -114,8 +119,9 @@ _PG_INSERT = """
 # savepoint (bench/ingest.py), so it is kept for the batches that need it.
 _PG_INGEST_NEW = sa.text(_PG_INSERT)
 _PG_INGEST_SKIPPING_DUPLICATES = sa.text(_PG_INSERT + "    ON CONFLICT DO NOTHING\n")
-# NaN is the one value that needs normalising (see NAN_KEY); in the "strings" mode it is the JSON string
-# "NaN", so a substring test over the serialised batch finds the rare batch that has one.
+# NaN is the one value that needs normalising (trainer.contract.encode_nonfinite); in the "strings" mode
+# it is the JSON string "NaN", so a substring test over the serialised batch finds the rare batch that has
+# one.
 _NAN_JSON = b'"NaN"'
 
 
@@ -224,16 +230,13 @@ def query_metrics(
 
 
 def _row(m: Metric) -> dict[str, Any]:
-    row = {
+    return {
         "step": m.step,
         "attempt": m.attempt,
         "time": m.time,
         "values": m.values,
-        **{name: getattr(m, name) for name in WIDE_FIELDS},
+        **decode_stored_values(m),
     }
-    for name in (m.values or {}).get(NAN_KEY, ()):
-        row[name] = math.nan
-    return row
 
 
 def latest_metric(session: Session, *, run_id: int) -> Metric | None:

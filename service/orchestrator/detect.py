@@ -13,10 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from service.orchestrator.config import DivergenceConfig
+from trainer.contract import EXIT_CONFIG, EXIT_DIVERGED, EXIT_OK
 
-EXIT_OK = 0
-EXIT_CONFIG = 2
-EXIT_DIVERGED = 42
+__all__ = ["EXIT_CONFIG", "EXIT_DIVERGED", "EXIT_OK"]  # re-exported: the exit codes are the contract's
 
 
 class FailureClass(enum.StrEnum):

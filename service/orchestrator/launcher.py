@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from service.orchestrator.runner import EXIT_FILE
+from trainer import contract
 
 ATTEMPT_TAG_ENV = "TRAINOPS_ATTEMPT_TAG"
 
@@ -131,11 +132,10 @@ class LocalLauncher:
             return int(s.getsockname()[1])
 
     def prepare(self, spec: LaunchSpec) -> dict[str, Any]:
-        attempt_dir = spec.run_dir / "attempts" / f"{spec.attempt:04d}"
         return {
             "kind": self.kind,
             "tag": uuid.uuid4().hex,
-            "attempt_dir": str(attempt_dir),
+            "attempt_dir": str(contract.attempt_dir(spec.run_dir, spec.attempt)),
             "world_size": len(spec.hosts) * spec.procs_per_host,
             "rdzv_port": self._free_port(),
         }
@@ -144,7 +144,7 @@ class LocalLauncher:
         tag, world, port = info["tag"], int(info["world_size"]), int(info["rdzv_port"])
         attempt_dir = Path(info["attempt_dir"])
         attempt_dir.mkdir(parents=True, exist_ok=True)
-        for stale in (spec.run_dir / "heartbeats").glob("rank*.json"):
+        for stale in contract.heartbeats_dir(spec.run_dir).glob(contract.HEARTBEAT_GLOB):
             stale.unlink(missing_ok=True)  # the new attempt's ranks must not look alive from old files
         command = [
             self.python,
@@ -246,15 +246,14 @@ def _reap(pid: int) -> None:
 
 def read_rank_beats(run_dir: Path, *, since: float) -> list[dict[str, Any]]:
     """The ranks' local heartbeat files written after `since` (older files belong to earlier attempts)."""
-    beats = []
-    for path in sorted((run_dir / "heartbeats").glob("rank*.json")):
-        try:
-            beat = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue  # being replaced right now; the next loop reads it
-        if float(beat.get("time", 0)) >= since:
-            beats.append(beat)
-    return beats
+    return contract.read_heartbeat_files(run_dir, since=since)
+
+
+def _flag(field_name: str) -> str:
+    """The trainer flag for a field the orchestrator sets (trainer.contract.ORCHESTRATOR_TRAINER_FIELDS)."""
+    if field_name not in contract.ORCHESTRATOR_TRAINER_FIELDS:
+        raise KeyError(f"the orchestrator does not set the trainer's {field_name!r}")
+    return contract.trainer_flag(field_name)
 
 
 def build_trainer_args(
@@ -265,37 +264,37 @@ def build_trainer_args(
     overrides: Mapping[str, Any],
     faults: Sequence[str],
 ) -> list[str]:
-    """Trainer flags for one attempt from the run's config and this attempt's overrides."""
+    """Trainer flags for one attempt from the run's config and this attempt's overrides; a run's
+    `hyperparameters` pass TrainConfig fields by name."""
     args = [
-        "--preset",
+        _flag("preset"),
         str(config.get("preset", "tiny")),
-        "--max-steps",
+        _flag("max_steps"),
         str(config["target_steps"]),
-        "--checkpoint-interval",
+        _flag("checkpoint_interval"),
         str(config.get("checkpoint_interval", 10)),
-        "--precision",
+        _flag("precision"),
         str(config.get("precision", "fp16")),
-        "--run-dir",
+        _flag("run_dir"),
         str(run_dir),
     ]
     for key, value in (config.get("hyperparameters") or {}).items():
-        flag = "--" + key.replace("_", "-")
         if isinstance(value, bool):
-            args.append(flag if value else "--no-" + key.replace("_", "-"))
+            args.append(contract.trainer_flag(key) if value else contract.negated_trainer_flag(key))
         else:
-            args += [flag, str(value)]
+            args += [contract.trainer_flag(key), str(value)]
     if resume_from:
-        args += ["--resume-from", resume_from]
+        args += [_flag("resume_from"), resume_from]
     if overrides.get("lr_scale") is not None:
-        args += ["--lr-scale", repr(float(overrides["lr_scale"]))]
+        args += [_flag("lr_scale"), repr(float(overrides["lr_scale"]))]
     if overrides.get("lr") is not None:
-        args += ["--lr", repr(float(overrides["lr"]))]
+        args += [_flag("lr"), repr(float(overrides["lr"]))]
     if overrides.get("clip") is not None:
-        args += ["--clip", repr(float(overrides["clip"]))]
+        args += [_flag("clip"), repr(float(overrides["clip"]))]
     if overrides.get("reset_loss_scale"):
-        args.append("--reset-loss-scale")
+        args.append(_flag("reset_loss_scale"))
     if overrides.get("skip_batches"):
-        args += ["--skip-batches", str(int(overrides["skip_batches"]))]
+        args += [_flag("skip_batches"), str(int(overrides["skip_batches"]))]
     for spec in faults:
-        args += ["--fault", spec]
+        args += [_flag("fault"), spec]
     return args

@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.crud.checkpoints import CatalogSource, mark_checkpoint, register_checkpoint, upsert_checkpoint
 from service.crud.logbook import write_log
 from service.crud.runs import active_attempt, create_attempt, end_attempt, get_run, set_run_phase
-from service.crud.telemetry import ingest_metrics
+from service.crud.telemetry import decode_stored_field, ingest_metrics
 from service.crud.tokens import create_token
 from service.db import transaction
 from service.metrics import ORCHESTRATOR_LOOP_DURATION
@@ -66,6 +66,16 @@ from service.statemachine import (
     Role,
     RunPhase,
     Severity,
+)
+from trainer.contract import (
+    SPOOL_PENDING_FILE,
+    Spool,
+    SpooledCheckpoint,
+    SpooledMetricPoint,
+    checkpoints_dir,
+    parse_heartbeat,
+    parse_spool_record,
+    spool_dir,
 )
 
 log = logging.getLogger("trainops.orchestrator")
@@ -397,7 +407,7 @@ class Orchestrator:
                     sa.select(Checkpoint.path, Checkpoint.checksum).where(Checkpoint.run_id == run_id)
                 ).all()
             )
-            for info in list_checkpoints(self.run_dir(run) / "checkpoints", deep=False):
+            for info in list_checkpoints(checkpoints_dir(self.run_dir(run)), deep=False):
                 if not info.ok:
                     continue
                 checksum = read_checksum(info.path)
@@ -418,7 +428,7 @@ class Orchestrator:
             with transaction(self.factory) as session:
                 run = get_run(session, run_id=run_id)
                 refresh_checkpoint_verdicts(
-                    session, run_id=run_id, checkpoint_dir=self.run_dir(run) / "checkpoints", cfg=self.cfg
+                    session, run_id=run_id, checkpoint_dir=checkpoints_dir(self.run_dir(run)), cfg=self.cfg
                 )
         except Exception:
             log.exception("checkpoint verdicts of run %s failed", run_id)
@@ -553,26 +563,26 @@ class Orchestrator:
         Its processes are gone, so nothing else touches the spool now; ingestion is idempotent, so records
         that did arrive before are harmless duplicates."""
         from service.schemas import METRIC_POINT, CheckpointCreate
-        from trainer.reporting import Spool
 
         with transaction(self.factory) as session:
-            spool_dir = self.run_dir(get_run(session, run_id=run_id)) / "spool"
-        if not (spool_dir / "pending.jsonl").exists():
+            run_spool_dir = spool_dir(self.run_dir(get_run(session, run_id=run_id)))
+        if not (run_spool_dir / SPOOL_PENDING_FILE).exists():
             return
-        spool = Spool(spool_dir)
+        spool = Spool(run_spool_dir)
         records = spool.read()
         if not records:
             return
         by_attempt: dict[int, list[dict[str, Any]]] = {}
         bodies: list[dict[str, Any]] = []
         unreadable = 0
-        for record in records:  # the reporter's spool format (trainer/reporting.py)
+        for record in records:  # the reporter's spool format (trainer.contract)
             try:
-                if record["kind"] == "metrics":
-                    point = dict(METRIC_POINT.validate_python(record["point"]))
-                    by_attempt.setdefault(int(record["attempt"]), []).append(point)
-                elif record["kind"] == "checkpoint":
-                    bodies.append(CheckpointCreate.model_validate(record["body"]).model_dump())
+                spooled = parse_spool_record(record)
+                if isinstance(spooled, SpooledMetricPoint):
+                    point = dict(METRIC_POINT.validate_python(spooled.point))
+                    by_attempt.setdefault(spooled.attempt, []).append(point)
+                elif isinstance(spooled, SpooledCheckpoint):
+                    bodies.append(CheckpointCreate.model_validate(spooled.body).model_dump())
             except (KeyError, TypeError, ValueError):  # never let one bad line block ending the attempt
                 unreadable += 1
         with transaction(self.factory) as session:
@@ -813,40 +823,28 @@ class Orchestrator:
 
 
 def _rank_beat(beat: Mapping[str, Any]) -> RankBeat:
-    """A rank's heartbeat file (docs/reporting-contract.md) as decide() sees it; files written before
+    """A rank's heartbeat file (trainer.contract.parse_heartbeat) as decide() sees it; files written before
     sections existed read as `step`."""
-    try:
-        section = Section(str(beat.get("section") or Section.step.value))
-    except ValueError:
-        section = Section.step
-    busy = tuple(
-        (int(pair[0]), float(pair[1]))
-        for pair in beat.get("busy_s") or ()
-        if isinstance(pair, list | tuple) and len(pair) == 2 and isinstance(pair[1], int | float)
-    )
+    record = parse_heartbeat(beat)
     return RankBeat(
-        rank=int(beat["rank"]),
-        host=str(beat.get("host", "?")),
-        step=int(beat["step"]),
-        time=float(beat["time"]),
-        step_time_s=_finite(beat.get("step_time_s")),
-        section=section,
-        last_step_s=_finite(beat.get("last_step_s")),
-        busy=busy,
+        rank=record["rank"],
+        host=record["host"],
+        step=record["step"],
+        time=record["time"],
+        step_time_s=record["step_time_s"],
+        section=Section(record["section"]),
+        last_step_s=record["last_step_s"],
+        busy=tuple((int(step), float(busy_s)) for step, busy_s in record["busy_s"]),
     )
-
-
-def _finite(value: Any) -> float | None:
-    return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
 
 
 def stored_metric_sample(row: Any) -> MetricSample:
     """A stored metric row as the divergence detector reads it: a loss stored as null because it was
-    non-finite (its name in `values.nan`) is NaN again."""
-    nan = (row.values or {}).get("nan") if isinstance(row.values, dict) else None
+    non-finite (its name in `values.nan`) is NaN again (crud's decoder; a malformed `values.nan` names
+    nothing)."""
     return MetricSample(
         step=row.step,
-        loss=math.nan if isinstance(nan, list | tuple) and "loss" in nan else row.loss,
+        loss=decode_stored_field(row, "loss"),
         loss_scale=row.loss_scale,
         act_norm=row.act_norm,
     )

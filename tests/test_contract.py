@@ -1,0 +1,198 @@
+"""trainer/contract.py, the code twin of docs/reporting-contract.md: records round-trip, malformed stored
+encodings are harmless, and both sides agree on exit codes, sections and flags."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+import service.orchestrator.detect as detect
+import trainer.launch as launch
+import trainer.train as train
+from service.crud.telemetry import decode_stored_field, decode_stored_values
+from service.orchestrator.launcher import build_trainer_args, read_rank_beats
+from service.orchestrator.loop import _rank_beat, stored_metric_sample
+from trainer import contract
+from trainer.config import TrainConfig
+
+
+def test_exit_codes_are_one_definition_on_both_sides() -> None:
+    assert (contract.EXIT_OK, contract.EXIT_CONFIG, contract.EXIT_DIVERGED) == (0, 2, 42)
+    for module in (launch, train, detect):
+        assert module.EXIT_CONFIG is contract.EXIT_CONFIG
+        assert module.EXIT_DIVERGED is contract.EXIT_DIVERGED
+    assert train.EXIT_OK is detect.EXIT_OK is contract.EXIT_OK
+
+
+def test_run_directory_layout(tmp_path: Path) -> None:
+    assert contract.checkpoints_dir(tmp_path) == tmp_path / "checkpoints"
+    assert contract.heartbeat_path(tmp_path, 3) == tmp_path / "heartbeats" / "rank3.json"
+    assert contract.spool_dir(tmp_path) == tmp_path / "spool"
+    assert contract.metrics_path(tmp_path, 1) == tmp_path / "metrics" / "rank1.jsonl"
+    assert contract.attempt_dir(tmp_path, 7) == tmp_path / "attempts" / "0007"
+    assert contract.heartbeat_path(tmp_path, 12).match(contract.HEARTBEAT_GLOB)
+
+
+def test_heartbeat_round_trip(tmp_path: Path) -> None:
+    record = contract.heartbeat_record(
+        step=41,
+        time=1764140000.5,
+        section=contract.Section.CHECKPOINT_SAVE,
+        step_time_s=0.31,
+        last_step_s=0.34,
+        busy=[(40, 0.3000001), (41, 0.33)],
+        host="h1",
+        pid=4242,
+        rank=0,
+    )
+    contract.heartbeats_dir(tmp_path).mkdir()
+    contract.write_heartbeat(contract.heartbeat_path(tmp_path, 0), record)
+    [raw] = read_rank_beats(tmp_path, since=1764140000.0)
+    assert raw == json.loads(json.dumps(record))
+    assert raw["section"] == "checkpoint_save" and raw["busy_s"] == [[40, 0.3], [41, 0.33]]
+    assert contract.parse_heartbeat(raw) == raw
+    assert read_rank_beats(tmp_path, since=1764140001.0) == []  # an earlier attempt's file
+    beat = _rank_beat(raw)
+    assert beat.section == detect.Section.checkpoint_save and beat.busy == ((40, 0.3), (41, 0.33))
+
+
+def test_heartbeat_parse_normalises_old_and_odd_files() -> None:
+    parsed = contract.parse_heartbeat(
+        {"step": 3, "time": 5, "rank": 1, "section": "warp", "step_time_s": math.inf, "busy_s": [[1], "x"]}
+    )
+    assert parsed["section"] == "step" and parsed["step_time_s"] is None and parsed["busy_s"] == []
+    assert contract.parse_heartbeat({"step": 3, "time": 5, "rank": 1})["section"] == "step"
+    with pytest.raises(KeyError):
+        contract.parse_heartbeat({"time": 5, "rank": 1})
+
+
+def test_sections_agree_with_the_detector() -> None:
+    assert {s.value for s in contract.Section} == {s.value for s in detect.Section}
+
+
+def test_metric_point_wire_form_is_strict_json() -> None:
+    point = {"step": 5, "loss": math.nan, "grad_norm": math.inf, "lr": 1e-3, "values": {"mfu": math.nan}}
+    sent = contract.json_safe_point(point)
+    assert sent == {
+        "step": 5,
+        "loss": None,
+        "grad_norm": None,
+        "lr": 1e-3,
+        "values": {"mfu": None, contract.NONFINITE_LOSS_FLAG: 1.0},
+    }
+    json.dumps(sent, allow_nan=False)
+
+
+def test_nonfinite_encoding_round_trip() -> None:
+    point = {
+        "step": 9,
+        "loss": math.nan,
+        "act_norm": math.nan,
+        "lr": 0.1,
+        "grad_norm": math.inf,
+        "values": {},
+    }
+    stored, nan_names = contract.encode_nonfinite(point)
+    assert nan_names == ["loss", "act_norm"]
+    assert stored["loss"] is None and stored["act_norm"] is None and stored["grad_norm"] == math.inf
+    assert stored["values"] == {"nan": ["loss", "act_norm"]}
+    decoded = contract.decode_nonfinite(stored)
+    assert math.isnan(decoded["loss"]) and math.isnan(decoded["act_norm"]) and decoded["lr"] == 0.1
+    finite = {"step": 1, "loss": 2.0}
+    assert contract.encode_nonfinite(finite) == (finite, [])
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        None,
+        [],
+        "nan",
+        {"nan": "loss"},
+        {"nan": 1},
+        {"nan": None},
+        {"nan": {"loss": 1}},
+        {"nan": [1, "loss"]},
+        {"nan": [["loss"]]},
+        {"nan": ["step", "values"]},
+    ],
+)
+def test_malformed_nonfinite_encodings_neither_raise_nor_invent_a_nan(values: object) -> None:
+    assert contract.decode_nan_names(values) == frozenset()
+    row = SimpleNamespace(step=4, loss=None, loss_scale=1.0, act_norm=2.0, values=values)
+    assert decode_stored_field(row, "loss") is None
+    assert stored_metric_sample(row).loss is None
+    decoded = decode_stored_values(
+        SimpleNamespace(values=values, **dict.fromkeys(contract.METRIC_WIDE_FIELDS))
+    )
+    assert all(v is None for v in decoded.values())
+
+
+def test_crud_decoder_restores_a_stored_nan() -> None:
+    row = SimpleNamespace(
+        step=4, loss=None, loss_scale=1.0, act_norm=None, values={"nan": ["loss", "act_norm"]}
+    )
+    assert math.isnan(decode_stored_field(row, "loss"))
+    assert math.isnan(stored_metric_sample(row).loss)
+
+
+def test_spool_records_round_trip(tmp_path: Path) -> None:
+    spool = contract.Spool(contract.spool_dir(tmp_path))
+    metrics = contract.metrics_spool_record(3, {"step": 10, "loss": 5.1})
+    checkpoint = contract.checkpoint_spool_record(3, {"step": 10, "path": "/ckpt/step_00000010"})
+    spool.append([metrics, checkpoint, {"kind": "future", "x": 1}])
+    with spool.path.open("a") as f:
+        f.write('{"kind": "metr')  # torn by a crash mid-append
+    records = spool.read()
+    assert len(records) == 3
+    parsed = [contract.parse_spool_record(r) for r in records]
+    assert parsed[0] == contract.SpooledMetricPoint(attempt=3, point={"step": 10, "loss": 5.1})
+    assert parsed[1] == contract.SpooledCheckpoint(
+        body={"attempt": 3, "step": 10, "path": "/ckpt/step_00000010"}
+    )
+    assert parsed[2] is None  # a kind this version does not know is skipped
+    spool.drop_first(2)
+    assert spool.read() == [{"kind": "future", "x": 1}]
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        [],
+        "metrics",
+        {"attempt": 1},
+        {"kind": "metrics", "attempt": 1},
+        {"kind": "metrics", "attempt": "x", "point": {"step": 1}},
+        {"kind": "metrics", "point": {"step": 1}},
+        {"kind": "metrics", "attempt": 1, "point": [1]},
+        {"kind": "checkpoint"},
+        {"kind": "checkpoint", "body": "x"},
+    ],
+)
+def test_malformed_spool_records_are_value_errors(record: object) -> None:
+    with pytest.raises(ValueError):
+        contract.parse_spool_record(record)
+
+
+def test_orchestrator_trainer_flags_are_train_config_fields() -> None:
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    assert contract.ORCHESTRATOR_TRAINER_FIELDS - fields == set()
+
+
+def test_build_trainer_args_sets_only_contract_flags(tmp_path: Path) -> None:
+    args = build_trainer_args(
+        config={"target_steps": 50},
+        run_dir=tmp_path,
+        resume_from="/ckpt/step_00000010",
+        overrides={"lr_scale": 0.5, "lr": 1e-4, "clip": 0.5, "reset_loss_scale": True, "skip_batches": 3},
+        faults=["crash:step=5"],
+    )
+    flags = {a for a in args if a.startswith("--")}
+    allowed = {contract.trainer_flag(f) for f in contract.ORCHESTRATOR_TRAINER_FIELDS}
+    assert flags <= allowed
+    assert flags == allowed  # every flag in the set is one the orchestrator sets somewhere

@@ -1,0 +1,413 @@
+"""The trainer <-> orchestrator contract in code: the twin of docs/reporting-contract.md.
+
+Both sides build against this module: the trainer (trainer/train.py, launch.py, reporting.py, telemetry.py)
+writes what it defines, the control plane (service/orchestrator/*, service/crud/telemetry.py) reads it.
+It imports nothing from service/ and nothing heavier than the standard library.
+
+- Exit codes: `EXIT_OK`, `EXIT_CONFIG`, `EXIT_DIVERGED`.
+- Run-directory layout: `checkpoints_dir`, `heartbeats_dir`, `heartbeat_path`, `spool_dir`, `metrics_dir`,
+  `metrics_path`, `attempt_dir`, `cache_dir`, `faults_dir`, `trainer_log_path`, `summary_path`,
+  `overrides_path`.
+- Heartbeat files: `Section`, `HeartbeatRecord`, `heartbeat_record`, `write_heartbeat`, `parse_heartbeat`,
+  `read_heartbeat_files`.
+- Metric points: `MetricPoint`, `METRIC_WIDE_FIELDS`, `METRIC_FLOAT_FIELDS`, `json_safe_point`
+  (what the reporter sends: strict JSON, a non-finite loss flagged in `values.nonfinite_loss`).
+- Non-finite encoding of stored points: `NAN_KEY`, `encode_nonfinite`, `decode_nan_names`,
+  `decode_nonfinite`.
+- Spool: `Spool`, `SpoolKind`, `metrics_spool_record`, `checkpoint_spool_record`, `parse_spool_record`.
+- Trainer flags the orchestrator sets: `ORCHESTRATOR_TRAINER_FIELDS`, `trainer_flag`, `negated_trainer_flag`.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import math
+import os
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypedDict
+
+# -- exit codes of trainer.train and trainer.launch -------------------------------------------------------
+EXIT_OK = 0  # reached its target
+EXIT_CONFIG = 2  # bad configuration / arguments: permanent, restarting cannot help
+EXIT_DIVERGED = 42  # non-finite loss on some rank (metrics flushed first)
+# anything else is a crash; 128 + N (or -N from Popen) is death by signal N
+
+# -- run-directory layout: <run_dir>/... ------------------------------------------------------------------
+CHECKPOINTS_DIR = "checkpoints"
+HEARTBEATS_DIR = "heartbeats"
+SPOOL_DIR = "spool"
+METRICS_DIR = "metrics"
+ATTEMPTS_DIR = "attempts"
+CACHE_DIR = "cache"
+FAULTS_DIR = "faults"
+TRAINER_LOG = "trainer.log"
+SUMMARY_FILE = "summary.json"
+OVERRIDES_FILE = "overrides.jsonl"
+SPOOL_PENDING_FILE = "pending.jsonl"
+SPOOL_REJECTED_FILE = "rejected.jsonl"
+HEARTBEAT_GLOB = "rank*.json"
+
+
+def checkpoints_dir(run_dir: Path) -> Path:
+    return run_dir / CHECKPOINTS_DIR
+
+
+def heartbeats_dir(run_dir: Path) -> Path:
+    return run_dir / HEARTBEATS_DIR
+
+
+def heartbeat_path(run_dir: Path, rank: int) -> Path:
+    return heartbeats_dir(run_dir) / f"rank{rank}.json"
+
+
+def spool_dir(run_dir: Path) -> Path:
+    return run_dir / SPOOL_DIR
+
+
+def metrics_dir(run_dir: Path) -> Path:
+    return run_dir / METRICS_DIR
+
+
+def metrics_path(run_dir: Path, rank: int) -> Path:
+    return metrics_dir(run_dir) / f"rank{rank}.jsonl"
+
+
+def attempt_dir(run_dir: Path, attempt: int) -> Path:
+    """Where the launcher keeps one attempt's files (exit status, logs): attempts/0003/."""
+    return run_dir / ATTEMPTS_DIR / f"{attempt:04d}"
+
+
+def cache_dir(run_dir: Path) -> Path:
+    return run_dir / CACHE_DIR
+
+
+def faults_dir(run_dir: Path) -> Path:
+    return run_dir / FAULTS_DIR
+
+
+def trainer_log_path(run_dir: Path) -> Path:
+    return run_dir / TRAINER_LOG
+
+
+def summary_path(run_dir: Path) -> Path:
+    return run_dir / SUMMARY_FILE
+
+
+def overrides_path(run_dir: Path) -> Path:
+    return run_dir / OVERRIDES_FILE
+
+
+def atomic_write_json(path: Path, obj: Mapping[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
+
+
+# -- heartbeat files: <run_dir>/heartbeats/rank{R}.json ---------------------------------------------------
+class Section(enum.StrEnum):
+    """Where a rank is; the orchestrator holds each to its own hang limit."""
+
+    STARTUP = "startup"  # process start, model build, checkpoint load, until the first step is done
+    STEP = "step"
+    CHECKPOINT_SAVE = "checkpoint_save"
+    VALIDATION = "validation"
+
+
+class HeartbeatRecord(TypedDict):
+    step: int
+    time: float  # Unix seconds: the rank finished `step`, or entered `section`
+    section: str  # a Section value; a file without one reads as "step"
+    step_time_s: float | None  # trailing mean (5 steps) of the rank's busy time per step
+    last_step_s: float | None  # wall time of the rank's last step
+    busy_s: list[list[float]]  # the last 16 steps' [step, busy seconds], oldest first
+    host: str
+    pid: int
+    rank: int
+
+
+def heartbeat_record(
+    *,
+    step: int,
+    time: float,
+    section: str,
+    step_time_s: float | None,
+    last_step_s: float | None,
+    busy: Sequence[tuple[int, float]],
+    host: str,
+    pid: int,
+    rank: int,
+) -> HeartbeatRecord:
+    return {
+        "step": step,
+        "time": time,
+        "section": str(section),
+        "step_time_s": step_time_s,
+        "last_step_s": last_step_s,
+        "busy_s": [[s, round(b, 6)] for s, b in busy],
+        "host": host,
+        "pid": pid,
+        "rank": rank,
+    }
+
+
+def write_heartbeat(path: Path, record: HeartbeatRecord) -> None:
+    """Atomically (a reader never sees half a file)."""
+    atomic_write_json(path, record)
+
+
+def _finite_or_none(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def parse_heartbeat(beat: Mapping[str, Any]) -> HeartbeatRecord:
+    """A heartbeat file's object, normalised: an unknown or missing section reads as `step`, malformed
+    `busy_s` pairs are dropped, non-finite timings are None. Raises KeyError, TypeError or ValueError when
+    `step`, `time` or `rank` is missing or not a number."""
+    section = str(beat.get("section") or Section.STEP.value)
+    if section not in {s.value for s in Section}:
+        section = Section.STEP.value
+    busy = [
+        [int(pair[0]), float(pair[1])]
+        for pair in beat.get("busy_s") or ()
+        if isinstance(pair, list | tuple) and len(pair) == 2 and isinstance(pair[1], int | float)
+    ]
+    return {
+        "step": int(beat["step"]),
+        "time": float(beat["time"]),
+        "section": section,
+        "step_time_s": _finite_or_none(beat.get("step_time_s")),
+        "last_step_s": _finite_or_none(beat.get("last_step_s")),
+        "busy_s": busy,
+        "host": str(beat.get("host", "?")),
+        "pid": beat["pid"] if isinstance(beat.get("pid"), int) else 0,
+        "rank": int(beat["rank"]),
+    }
+
+
+def read_heartbeat_files(run_dir: Path, *, since: float) -> list[dict[str, Any]]:
+    """The ranks' heartbeat files (as written) whose `time` is at or after `since` (older files belong to
+    earlier attempts); a file being replaced right now is skipped (the next read sees it)."""
+    beats = []
+    for path in sorted(heartbeats_dir(run_dir).glob(HEARTBEAT_GLOB)):
+        try:
+            beat = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if float(beat.get("time", 0)) >= since:
+            beats.append(beat)
+    return beats
+
+
+# -- metric points: POST /runs/{id}/metrics, the spool, metrics/rank{R}.jsonl -----------------------------
+class MetricPoint(TypedDict, total=False):
+    step: int  # the only required field; everything else null/absent = not measured
+    time: float
+    tokens: int
+    loss: float | None
+    grad_norm: float | None
+    loss_scale: float | None
+    act_norm: float | None
+    lr: float | None
+    clip: float | None
+    tokens_per_s: float | None
+    tflops_per_gpu: float | None
+    step_time_s: float | None
+    values: dict[str, Any]
+
+
+METRIC_WIDE_FIELDS = (
+    "tokens",
+    "loss",
+    "grad_norm",
+    "loss_scale",
+    "act_norm",
+    "lr",
+    "clip",
+    "tokens_per_s",
+    "tflops_per_gpu",
+    "step_time_s",
+)
+METRIC_FLOAT_FIELDS = METRIC_WIDE_FIELDS[1:]
+NONFINITE_LOSS_FLAG = "nonfinite_loss"  # values key the reporter sets (1.0) when the loss was not finite
+
+
+def finite_or_none(x: float | None) -> float | None:
+    return x if x is not None and math.isfinite(x) else None
+
+
+def json_safe_point(point: Mapping[str, Any]) -> dict[str, Any]:
+    """What the trainer sends: strict JSON, non-finite numbers become null (not measured / not
+    representable), and a non-finite loss sets `values.nonfinite_loss` = 1.0."""
+    out = {k: finite_or_none(v) if isinstance(v, float) else v for k, v in point.items() if k != "values"}
+    out["values"] = {k: finite_or_none(v) for k, v in point["values"].items()}
+    if point["loss"] is not None and not math.isfinite(point["loss"]):
+        out["values"][NONFINITE_LOSS_FLAG] = 1.0
+    return out
+
+
+# -- non-finite encoding of stored points ------------------------------------------------------------------
+# SQLite turns NaN into NULL, and a NaN loss is the very signal of a divergence: a NaN wide field is stored
+# as NULL on every backend and named in values["nan"], from which reads restore it. +-Infinity is stored as
+# it is (float8 and REAL hold it).
+NAN_KEY = "nan"
+
+
+def encode_nonfinite(point: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """(the point as stored, the names of its NaN float fields). Without NaN the point is returned as is."""
+    nan_names = [f for f in METRIC_FLOAT_FIELDS if isinstance(point.get(f), float) and math.isnan(point[f])]
+    if not nan_names:
+        return dict(point), []
+    values = dict(point.get("values") or {})
+    values[NAN_KEY] = nan_names
+    return {**point, **dict.fromkeys(nan_names), "values": values}, nan_names
+
+
+def decode_nan_names(values: object) -> frozenset[str]:
+    """The float fields a stored `values` names as NaN. Robust to malformed rows: anything but a dict whose
+    `nan` is a list of strings names none (never raises, never invents a NaN); names that are not float
+    fields are ignored."""
+    if not isinstance(values, Mapping):
+        return frozenset()
+    names = values.get(NAN_KEY)
+    if not isinstance(names, list | tuple) or not all(isinstance(n, str) for n in names):
+        return frozenset()
+    return frozenset(names).intersection(METRIC_FLOAT_FIELDS)
+
+
+def decode_nonfinite(stored: Mapping[str, Any]) -> dict[str, Any]:
+    """A stored point (wide fields and `values`) with its NaN fields restored."""
+    out = dict(stored)
+    for name in decode_nan_names(stored.get("values")):
+        out[name] = math.nan
+    return out
+
+
+# -- spool: <run_dir>/spool/pending.jsonl, records the reporter could not deliver -------------------------
+class SpoolKind(enum.StrEnum):
+    METRICS = "metrics"  # {"kind": "metrics", "attempt": 3, "point": {...}}
+    CHECKPOINT = "checkpoint"  # {"kind": "checkpoint", "body": {"attempt": 3, ...}}
+
+
+def metrics_spool_record(attempt: int, point: Mapping[str, Any]) -> dict[str, Any]:
+    return {"kind": SpoolKind.METRICS.value, "attempt": attempt, "point": point}
+
+
+def checkpoint_spool_record(attempt: int, body: Mapping[str, Any]) -> dict[str, Any]:
+    return {"kind": SpoolKind.CHECKPOINT.value, "body": {"attempt": attempt, **body}}
+
+
+@dataclass(frozen=True)
+class SpooledMetricPoint:
+    attempt: int
+    point: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class SpooledCheckpoint:
+    body: Mapping[str, Any]
+
+
+def parse_spool_record(record: object) -> SpooledMetricPoint | SpooledCheckpoint | None:
+    """One spool record; None for a kind this version does not know (skipped). Raises ValueError for a
+    malformed record (not an object, no kind, a metrics record without an integer attempt or an object
+    point, a checkpoint without an object body)."""
+    if not isinstance(record, Mapping) or "kind" not in record:
+        raise ValueError(f"not a spool record: {record!r:.200}")
+    kind = record["kind"]
+    if kind == SpoolKind.METRICS:
+        point, attempt = record.get("point"), record.get("attempt")
+        if not isinstance(point, Mapping):
+            raise ValueError("metrics record without a point object")
+        try:
+            return SpooledMetricPoint(attempt=int(attempt), point=point)  # type: ignore[arg-type]
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"metrics record with attempt {attempt!r}") from exc
+    if kind == SpoolKind.CHECKPOINT:
+        body = record.get("body")
+        if not isinstance(body, Mapping):
+            raise ValueError("checkpoint record without a body object")
+        return SpooledCheckpoint(body=body)
+    return None
+
+
+class Spool:
+    """Append-only JSONL of undelivered records, rewritten atomically after a (partial) replay."""
+
+    def __init__(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.path = directory / SPOOL_PENDING_FILE
+        self.rejected = directory / SPOOL_REJECTED_FILE
+        self.lock = threading.Lock()
+
+    def append(self, records: Iterable[Mapping[str, Any]]) -> None:
+        lines = "".join(json.dumps(r) + "\n" for r in records)
+        if not lines:
+            return
+        with self.lock, self.path.open("a") as f:
+            f.write(lines)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def read(self) -> list[Any]:
+        """Every whole line's JSON value, in order (a line torn by a crash mid-append is skipped)."""
+        with self.lock:
+            if not self.path.exists():
+                return []
+            lines = self.path.read_text().splitlines()
+        out = []
+        for line in lines:
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+        return out
+
+    def drop_first(self, n: int) -> None:
+        """Remove the first n records (delivered), keeping anything appended meanwhile."""
+        with self.lock:
+            lines = self.path.read_text().splitlines(keepends=True) if self.path.exists() else []
+            rest = lines[n:]
+            tmp = self.path.with_name(".pending.tmp")
+            tmp.write_text("".join(rest))
+            os.replace(tmp, self.path)
+
+    def reject(self, records: Iterable[Mapping[str, Any]], reason: str) -> None:
+        with self.lock, self.rejected.open("a") as f:
+            f.write("".join(json.dumps({"reason": reason, **r}) + "\n" for r in records))
+
+
+# -- trainer flags the orchestrator sets (service/orchestrator/launcher.py build_trainer_args) -------------
+# Each is a trainer.config.TrainConfig field (tests/test_contract.py checks); a run's `hyperparameters` may
+# pass any other TrainConfig field by name.
+ORCHESTRATOR_TRAINER_FIELDS: frozenset[str] = frozenset(
+    {
+        "preset",
+        "max_steps",
+        "checkpoint_interval",
+        "precision",
+        "run_dir",
+        "resume_from",
+        "lr_scale",
+        "lr",
+        "clip",
+        "reset_loss_scale",
+        "skip_batches",
+        "fault",
+    }
+)
+
+
+def trainer_flag(field_name: str) -> str:
+    """The trainer's command-line flag for a TrainConfig field: max_steps -> --max-steps."""
+    return "--" + field_name.replace("_", "-")
+
+
+def negated_trainer_flag(field_name: str) -> str:
+    """The flag that sets a boolean TrainConfig field false: telemetry -> --no-telemetry."""
+    return "--no-" + field_name.replace("_", "-")
