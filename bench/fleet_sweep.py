@@ -18,9 +18,9 @@ from pathlib import Path
 
 from health.celery_app import make_app
 from health.config import HealthConfig
-from health.sweep import run_sweep
 from service.crud.nodes import get_node, register_node
 from service.db import make_engine, make_session_factory, transaction
+from service.fleet.sweep import run_sweep
 from service.migrate import upgrade
 from service.statemachine import NodeState
 

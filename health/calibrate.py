@@ -19,9 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from health.checks.active import cpu_gemm_gflops
-from health.checks.fabric import CollectiveOutcome, CollectiveSpec, join_and_allreduce
+from health.checks.fabric import CollectiveOutcome, CollectiveSpec, join_and_allreduce, master_port_for
 from health.config import HealthConfig
-from health.fabric import master_port_for
 from health.runner import run_call_isolated
 
 GEMM_ENV = "TRAINOPS_HEALTH_CPU_GEMM_BASELINE_GFLOPS"

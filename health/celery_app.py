@@ -1,8 +1,9 @@
-"""The one Celery app of the health layer, its tasks, and the embedded (in-process) worker.
+"""The one Celery app of the health layer, the host agent's tasks, and the embedded (in-process) worker.
 
 Host workers consume ``health.<host>`` and only run checks; they hold no database credentials and
 return typed results through the result backend. Control-side tasks (sweeps, the beat-driven quick
-sweep) run on the shared queue ``health.shared`` in a process that has the control plane's database.
+sweep) are declared with :func:`health_task` in service/fleet/tasks.py, on this same app, and run on the
+shared queue ``health.shared`` in a process that has the control plane's database.
 With no broker configured, the same app and tasks run through an in-process ``memory://`` broker and a
 worker thread (:class:`EmbeddedWorker`): one code path, no eager shortcut.
 """
@@ -13,6 +14,7 @@ import functools
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -38,6 +40,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 # ``self.app`` is the app that runs it (its broker, backend and health config).
 _TASKS: list[tuple[Callable[..., Any], dict[str, Any]]] = []
 _ROUTES: dict[str, dict[str, str]] = {}
+# Every app built so far: a task declared later (the control side's, service/fleet/tasks.py, imported
+# after this module built its default app) is registered on them too.
+_APPS: weakref.WeakSet[HealthCelery] = weakref.WeakSet()
 
 
 class HealthCelery(Celery):
@@ -57,6 +62,7 @@ class HealthCelery(Celery):
         self.embedded_worker: EmbeddedWorker | None = EmbeddedWorker(self) if embedded else None
         for fn, options in _TASKS:
             self.task(**options)(fn)
+        _APPS.add(self)
         self.conf.update(
             task_serializer="json",
             result_serializer="json",
@@ -115,6 +121,9 @@ def health_task(*, name: str, queue: str, time_limit_s: float | None = None) -> 
             options.update(soft_time_limit=time_limit_s, time_limit=time_limit_s + 30)
         _TASKS.append((measured, options))
         _ROUTES[name] = {"queue": queue}
+        for app in list(_APPS):
+            app.task(**options)(measured)
+            app.conf.task_routes = {**app.conf.task_routes, name: {"queue": queue}}
         return fn
 
     return wrap
@@ -226,45 +235,6 @@ def identify_task(self: Any) -> dict[str, Any]:
         "pid": os.getpid(),
         "nvml": "fake" if config.fake_nvml_path else "pynvml",
     }
-
-
-# --- control side --------------------------------------------------------------------------------------
-@health_task(name="health.sweep", queue=SHARED_QUEUE)
-def sweep_task(
-    self: Any,
-    hosts: list[str] | None,
-    level: str,
-    deadline_s: float | None = None,
-    checks: list[str] | None = None,
-    author: str = "health/sweep",
-) -> dict[str, Any]:
-    from health.sweep import control_session_factory, run_sweep
-
-    report = run_sweep(
-        self.app.session_factory or control_session_factory(),
-        hosts=hosts,
-        level=Level(level),
-        deadline_s=deadline_s,
-        checks=checks,
-        author=author,
-        app=self.app,
-    )
-    return report.to_json()
-
-
-@health_task(name="health.quick_sweep", queue=SHARED_QUEUE)
-def quick_sweep_task(self: Any) -> dict[str, Any]:
-    """Celery beat's entry: the quick checks on every registered host."""
-    from health.sweep import control_session_factory, run_sweep
-
-    report = run_sweep(
-        self.app.session_factory or control_session_factory(),
-        hosts=None,
-        level=Level.quick,
-        author="health/beat",
-        app=self.app,
-    )
-    return report.summary()
 
 
 # --- embedded mode -------------------------------------------------------------------------------------

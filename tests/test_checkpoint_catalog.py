@@ -31,9 +31,9 @@ from service.crud.logbook import list_logbook
 from service.crud.runs import create_run
 from service.crud.telemetry import ingest_metrics
 from service.db import make_engine, make_session_factory, transaction
+from service.fleet.gateway import SweepHealthGateway
 from service.models import Attempt, Checkpoint
 from service.orchestrator.config import OrchestratorConfig
-from service.orchestrator.health_gateway import SweepHealthGateway
 from service.orchestrator.loop import Orchestrator
 from service.orchestrator.verdicts import refresh_checkpoint_verdicts
 from service.statemachine import CheckpointState

@@ -20,10 +20,10 @@ import pytest
 from health.celery_app import make_app
 from health.checks import CROSS_HOST_CHECK
 from health.checks.fabric import CollectiveOutcome
-from health.fabric import GroupMeasurement, bisect, next_round
-from health.sweep import run_sweep
 from service.crud.diagnostics import list_diagnostics
 from service.db import transaction
+from service.fleet.fabric import GroupMeasurement, bisect, next_round
+from service.fleet.sweep import run_sweep
 from service.statemachine import DiagnosticStatus, NodeState
 from tests.test_health_sweep import REDIS, Fleet, Workers, node_log, register, sessions, states
 

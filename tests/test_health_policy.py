@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from health.config import HealthConfig
-from health.policy import CordonRules, Offence, Verdict, classify, decide, decide_offence, lemon_score
 from health.results import CheckResult, CheckStatus, Fault, Level
+from service.fleet.policy import CordonRules, Offence, Verdict, classify, decide, decide_offence, lemon_score
 from service.statemachine import NODE_TRANSITIONS, NodeState
 
 RULES = CordonRules()

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from types import SimpleNamespace
 from typing import Any
 
-from health.scheduler import REASON_ANNOTATION, TAINT_KEY, KubernetesAdapter, SlurmAdapter
+from service.fleet.scheduler import REASON_ANNOTATION, TAINT_KEY, KubernetesAdapter, SlurmAdapter
 
 
 class RecordingRunner:

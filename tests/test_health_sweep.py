@@ -21,12 +21,12 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from health.celery_app import HealthCelery, make_app
 from health.config import HealthConfig, host_queue
-from health.policy import CordonRules
-from health.sweep import blame_nodes, run_sweep
 from service.crud.diagnostics import list_diagnostics
 from service.crud.logbook import list_logbook
 from service.crud.nodes import cordon_node, get_node, register_node, uncordon_node
 from service.db import make_engine, make_session_factory, transaction
+from service.fleet.policy import CordonRules
+from service.fleet.sweep import blame_nodes, run_sweep
 from service.migrate import upgrade
 from service.statemachine import DiagnosticStatus, NodeState
 

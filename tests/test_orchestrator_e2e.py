@@ -20,9 +20,9 @@ from service.crud.logbook import list_logbook
 from service.crud.nodes import register_node
 from service.crud.runs import create_run
 from service.db import engine_from_settings, make_session_factory, transaction
+from service.fleet.gateway import SweepHealthGateway
 from service.models import Attempt, Checkpoint, Metric, Run
 from service.orchestrator.config import OrchestratorConfig, RemediationConfig
-from service.orchestrator.health_gateway import SweepHealthGateway
 from service.orchestrator.launcher import LocalLauncher
 from service.orchestrator.loop import Orchestrator
 from service.schemas import RunConfig

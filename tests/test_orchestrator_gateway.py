@@ -4,16 +4,20 @@ and every hardware failure it attributes to a host counts to that host's lemon s
 from __future__ import annotations
 
 import datetime as dt
+import json
+import subprocess
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
 from service import migrate
 from service.crud.logbook import list_logbook
-from service.crud.nodes import get_node, record_offence, register_node
+from service.crud.nodes import cordon_node, get_node, record_offence, register_node
 from service.db import make_engine, make_session_factory, transaction
+from service.fleet.gateway import SweepHealthGateway
+from service.fleet.scheduler import SlurmAdapter
 from service.models import LogEntry, NodeOffence, utcnow
-from service.orchestrator.health_gateway import SweepHealthGateway
+from service.orchestrator.slurm import sync_slurm_nodes
 from service.statemachine import NodeState
 
 
@@ -93,3 +97,76 @@ def test_old_offences_decay(sqlite_url: str) -> None:
         ages = [o["age_s"] for o in entry.evidence["offences"]]
         assert len(ages) == 3 and ages[0] < 60 and ages[2] > 44 * 86400
         assert 1.2 < entry.evidence["lemon_score"] < 1.3
+
+
+class _FailingScheduler:
+    """A scheduler whose every call fails, like `scontrol` on a slurmctld that is down."""
+
+    name = "slurm"
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def cordon(self, host: str, reason: str) -> None:
+        self.calls.append(f"cordon {host}")
+        raise RuntimeError("scontrol: error: Unable to contact slurm controller")
+
+    def uncordon(self, host: str, reason: str) -> None:
+        self.calls.append(f"uncordon {host}")
+        raise RuntimeError("scontrol: error: Unable to contact slurm controller")
+
+
+def test_a_failing_scheduler_call_is_logged_and_skips_neither_the_cordon_nor_the_blame(
+    sqlite_url: str,
+) -> None:
+    factory = _fleet(sqlite_url, "gpu-31", "gpu-32")
+    scheduler = _FailingScheduler()
+    gateway = SweepHealthGateway(factory, adapters=[scheduler])
+    gateway.cordon(["gpu-31", "gpu-32"], reason="XID 79", evidence={"xid": 79}, run_id=None)
+    gateway.blame(["gpu-31"], reason="hang of run r", run_id=None)
+    assert scheduler.calls == ["cordon gpu-31", "cordon gpu-32", "cordon gpu-31"]
+    assert _state(factory, "gpu-31") == "cordoned" and _state(factory, "gpu-32") == "cordoned"
+    with transaction(factory) as session:
+        offences = session.scalars(sa.select(NodeOffence).order_by(NodeOffence.id)).all()
+        assert [o.kind for o in offences] == ["hardware", "hardware", "hang"]
+        failures = session.scalars(
+            sa.select(LogEntry).where(LogEntry.message.contains("could not cordon")).order_by(LogEntry.id)
+        ).all()
+        assert [f.message.split(":")[0] for f in failures] == [
+            "slurm could not cordon gpu-31",
+            "slurm could not cordon gpu-32",
+            "slurm could not cordon gpu-31",
+        ]
+        assert {f.evidence["adapter"] for f in failures} == {"slurm"}
+        assert all("Unable to contact" in f.evidence["error"] for f in failures)
+
+
+def test_the_slurm_sync_logs_a_failing_scontrol_and_goes_on_to_the_next_node(sqlite_url: str) -> None:
+    factory = _fleet(sqlite_url, "gpu-41", "gpu-42")
+    with transaction(factory) as session:
+        for host in ("gpu-41", "gpu-42"):
+            cordon_node(session, hostname=host, reason="XID 79", author="user:test")
+    sinfo = {"nodes": [{"name": h, "state": ["IDLE"], "reason": ""} for h in ("gpu-41", "gpu-42")]}
+    drained: list[str] = []
+
+    def scontrol(argv: list[str]) -> str:
+        if "NodeName=gpu-41" in argv:
+            raise RuntimeError("scontrol: error: Invalid node name specified")
+        drained.append(argv[2])
+        return ""
+
+    def run(argv: list[str]) -> subprocess.CompletedProcess[str]:
+        return subprocess.CompletedProcess(argv, 0, stdout=json.dumps(sinfo), stderr="")
+
+    report = sync_slurm_nodes(factory, run, adapter=SlurmAdapter(scontrol))
+    assert report.drained == ["gpu-42"] and drained == ["NodeName=gpu-42"]
+    assert report.errors == ["slurm: gpu-41: scontrol: error: Invalid node name specified"]
+    with transaction(factory) as session:
+        node = get_node(session, hostname="gpu-41")
+        entries, _ = list_logbook(session, node_id=node.id)
+        assert entries[-1].message.startswith("slurm could not cordon gpu-41")
+        assert entries[-1].evidence == {
+            "adapter": "slurm",
+            "state": "cordoned",
+            "error": "scontrol: error: Invalid node name specified",
+        }

@@ -17,11 +17,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from health.celery_app import HealthCelery, make_app
 from health.config import HealthConfig
-from health.sweep import run_sweep
 from service.crud.logbook import list_logbook
 from service.crud.nodes import get_node, register_node, uncordon_node
 from service.crud.runs import create_run, get_run, list_attempts, stop_run
 from service.db import make_engine, make_session_factory, transaction
+from service.fleet.sweep import run_sweep
 from service.migrate import upgrade
 from service.orchestrator.config import OrchestratorConfig, RemediationConfig
 from service.orchestrator.launcher import tagged_pids

@@ -35,7 +35,7 @@ ALL_CHECKS: Mapping[str, Check] = {**QUICK_CHECKS, **DEEP_ONLY_CHECKS}
 
 CROSS_HOST_CHECK = "fabric.allreduce"
 """The cross-host all-reduce (and its pairwise bisection, results ``fabric.pairs``): not a per-host check,
-run by the control side over the hosts of a deep sweep together (:mod:`health.fabric`)."""
+run by the control side over the hosts of a deep sweep together (:mod:`service.fleet.fabric`)."""
 SELECTABLE_CHECKS: tuple[str, ...] = (*ALL_CHECKS, CROSS_HOST_CHECK)
 """Names a sweep's ``checks`` may list."""
 

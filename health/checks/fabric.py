@@ -1,6 +1,6 @@
 """Host side of the cross-host fabric checks: join a rendezvous and time an all-reduce with the other hosts.
 
-The control side (:mod:`health.fabric`) picks a master address and port and sends every host of a group
+The control side (:mod:`service.fleet.fabric`) picks a master address and port and sends every host of a group
 its rank and the world size on the host's own queue; each host's worker runs :func:`join_and_allreduce`
 in a killable child process. The join has a deadline (the store's timeout): a host that never joins
 makes the others report ``joined=False`` instead of hanging, and the control side turns that into a
@@ -10,6 +10,8 @@ finding. torch is imported in the child only, as for the other active checks.
 from __future__ import annotations
 
 import datetime as dt
+import random
+import socket
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -17,6 +19,8 @@ from typing import Any
 from health.checks.active import _expected_for, busbw_allreduce
 from health.config import HealthConfig
 from health.shaping import LoadShaper
+
+_LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -66,6 +70,16 @@ def expected_fabric_gbps(config: HealthConfig, gpu_model: str | None) -> float |
     if gpu_model is not None:
         return _expected_for(gpu_model, config.expected_fabric_busbw_gbps)
     return config.cpu_busbw_baseline_gbps
+
+
+def master_port_for(addr: str) -> int:
+    """A free port when the master is this machine (simulated fleets); otherwise one from the torch
+    rendezvous range, where a clash shows as a failed join and is retested by the bisection."""
+    if addr in _LOOPBACK:
+        with socket.socket() as probe:
+            probe.bind((addr, 0))
+            return int(probe.getsockname()[1])
+    return random.randint(29500, 30499)
 
 
 def join_and_allreduce(host: str, spec: CollectiveSpec, config: HealthConfig) -> CollectiveOutcome:

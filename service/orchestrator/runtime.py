@@ -11,9 +11,11 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from health.results import Level
 from service.config import Settings
+from service.fleet.gateway import SweepHealthGateway
+from service.fleet.sweep import run_sweep
 from service.orchestrator.config import OrchestratorConfig
-from service.orchestrator.health_gateway import SweepHealthGateway
 from service.orchestrator.launcher import Launcher, LocalLauncher
 from service.orchestrator.loop import Orchestrator
 
@@ -91,8 +93,6 @@ def start_embedded_beat(
 ) -> threading.Thread:
     """Celery beat's job when there is no Redis: quick checks on every registered host, on a timer, through
     the same Celery app and tasks (its in-process worker)."""
-    from health.results import Level
-    from health.sweep import run_sweep
 
     def loop() -> None:
         while not stop.wait(interval_s):

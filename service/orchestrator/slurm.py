@@ -38,12 +38,12 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from health.scheduler import SlurmAdapter
 from service.crud.logbook import write_log
 from service.crud.nodes import find_node, transition_node
 from service.db import transaction
+from service.fleet.gateway import SweepHealthGateway
+from service.fleet.scheduler import SlurmAdapter, record_scheduler_failure
 from service.orchestrator.detect import EXIT_CONFIG, EXIT_DIVERGED
-from service.orchestrator.health_gateway import SweepHealthGateway
 from service.orchestrator.launcher import ATTEMPT_TAG_ENV, LaunchRefused, LaunchSpec, ProcessStatus
 from service.orchestrator.runner import EXIT_FILE
 from service.statemachine import LogKind, NodeState, Severity
@@ -643,6 +643,7 @@ class SyncReport:
     released: list[str] = field(default_factory=list)  # Slurm gave the node back -> healthy
     drained: list[str] = field(default_factory=list)  # cordoned in trainops -> drained in Slurm
     resumed: list[str] = field(default_factory=list)  # back in service in trainops -> resumed in Slurm
+    errors: list[str] = field(default_factory=list)  # scheduler calls that failed (logged with evidence)
 
 
 def sync_slurm_nodes(
@@ -689,10 +690,38 @@ def sync_slurm_nodes(
                 )
                 report.released.append(name)
             elif node.state in out_of_service and not ours_by_sync and not slurm_node.drained:
-                adapter.cordon(name, node.state_reason or node.state.value)
+                try:
+                    adapter.cordon(name, node.state_reason or node.state.value)
+                except Exception as error:  # logged with evidence; the pass goes on to the next node
+                    report.errors.append(
+                        record_scheduler_failure(
+                            session,
+                            adapter=adapter,
+                            action="cordon",
+                            node=node,
+                            state=node.state,
+                            error=error,
+                            author=SYNC_AUTHOR,
+                        )
+                    )
+                    continue
                 report.drained.append(name)
             elif node.state not in out_of_service and slurm_node.drained and slurm_node.ours:
-                adapter.uncordon(name, node.state_reason or "back in service")
+                try:
+                    adapter.uncordon(name, node.state_reason or "back in service")
+                except Exception as error:  # logged with evidence; the pass goes on to the next node
+                    report.errors.append(
+                        record_scheduler_failure(
+                            session,
+                            adapter=adapter,
+                            action="uncordon",
+                            node=node,
+                            state=node.state,
+                            error=error,
+                            author=SYNC_AUTHOR,
+                        )
+                    )
+                    continue
                 write_log(
                     session,
                     kind=LogKind.action,

@@ -6,9 +6,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response, status
 
-from health.api import SweepRequest, SweepResult, diagnose, health_app_for
 from service.api.deps import Limit, Offset, Operator, SessionDep, SettingsDep, Viewer
 from service.crud import diagnostics as diag_crud
+from service.fleet.diagnostics import SweepRequest, SweepResult, diagnose, health_app_for
 from service.schemas import DiagnosticPublic, Page
 from service.statemachine import DiagnosticStatus
 

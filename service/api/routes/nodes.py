@@ -6,9 +6,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Request, Response, status
 
-from health.api import HostDiagnosticsRequest, SweepResult, diagnose, health_app_for
 from service.api.deps import Limit, Offset, Operator, SessionDep, SettingsDep, Viewer
 from service.crud import nodes as nodes_crud
+from service.fleet.diagnostics import HostDiagnosticsRequest, SweepResult, diagnose, health_app_for
 from service.schemas import NodeCreate, NodePublic, NodeStateChange, Page
 from service.statemachine import NodeState
 

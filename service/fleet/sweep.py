@@ -13,7 +13,6 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Any
 
 from celery.exceptions import TimeoutError as CeleryTimeout
@@ -21,18 +20,17 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from health.celery_app import HealthCelery
 from health.celery_app import app as default_app
-from health.checks import CROSS_HOST_CHECK
+from health.checks import ALL_CHECKS, CROSS_HOST_CHECK
 from health.config import host_queue
-from health.fabric import FABRIC_CHECKS, run_fabric_check
-from health.policy import CordonRules, Decision, Offence, Verdict, classify, decide, decide_offence
 from health.results import CheckResult, CheckStatus, Fault, HostReport, Level
-from health.scheduler import SchedulerAdapter
 from service.crud.diagnostics import list_diagnostics, record_diagnostic
-from service.crud.logbook import write_log
 from service.crud.nodes import get_node, list_nodes, recent_offences, record_offence, transition_node
-from service.db import engine_from_settings, make_session_factory, transaction
+from service.db import transaction
+from service.fleet.fabric import FABRIC_CHECKS, run_fabric_check
+from service.fleet.policy import CordonRules, Decision, Offence, Verdict, classify, decide, decide_offence
+from service.fleet.scheduler import SchedulerAdapter, record_scheduler_failure
 from service.models import Node, utcnow
-from service.statemachine import DiagnosticStatus, LogKind, NodeState, Severity
+from service.statemachine import DiagnosticStatus, LogKind, NodeState
 
 WORKER_CHECK = "health.worker"
 FABRIC_SHARE_OF_DEADLINE = 0.5
@@ -110,14 +108,6 @@ class SweepReport:
         }
 
 
-@lru_cache(maxsize=1)
-def control_session_factory() -> sessionmaker[Session]:
-    """The control plane's database, for control-side tasks run by a Celery worker."""
-    from service.config import get_settings
-
-    return make_session_factory(engine_from_settings(get_settings()))
-
-
 def _targets(
     session_factory: sessionmaker[Session], hosts: Sequence[str] | None, default_gpus: int
 ) -> tuple[dict[str, int], list[str]]:
@@ -155,8 +145,6 @@ def _result_from_row(
 
 def history_of(session: Session, *, hostname: str, exclude_sweep: str, rules: CordonRules) -> list[Verdict]:
     """Verdicts of this host's previous sweeps, newest first, re-judged from ``diagnostics`` by ``rules``."""
-    from health.checks import ALL_CHECKS
-
     rows, _ = list_diagnostics(
         session, hostname=hostname, limit=rules.history_sweeps() * (len(ALL_CHECKS) + len(FABRIC_CHECKS) + 1)
     )
@@ -278,17 +266,18 @@ def _mirror(
             else:
                 adapter.uncordon(outcome.host, outcome.reason)
         except Exception as error:  # one scheduler's outage must not stop the others or the sweep
-            errors.append(f"{adapter.name}: {outcome.host}: {error}")
             with transaction(session_factory) as session:
                 node = get_node(session, hostname=outcome.host)
-                write_log(
-                    session,
-                    kind=LogKind.failure,
-                    severity=Severity.error,
-                    message=f"{adapter.name} could not {action} {outcome.host}: {error}",
-                    author=f"{author}/{adapter.name}",
-                    node_id=node.id,
-                    evidence={"adapter": adapter.name, "state": outcome.state.value, "error": str(error)},
+                errors.append(
+                    record_scheduler_failure(
+                        session,
+                        adapter=adapter,
+                        action=action,
+                        node=node,
+                        state=outcome.state,
+                        error=error,
+                        author=author,
+                    )
                 )
     return errors
 
@@ -314,7 +303,7 @@ def run_sweep(
     the node state itself is the own pool and always changes.
 
     A deep sweep of more than one host first runs the cross-host all-reduce over all of them together
-    (:func:`health.fabric.run_fabric_check`, bisected pairwise when slow or broken); its per-host
+    (:func:`service.fleet.fabric.run_fabric_check`, bisected pairwise when slow or broken); its per-host
     ``fabric.*`` results are judged with that host's own results. Quick sweeps never run it.
     """
     app = app or default_app
@@ -458,32 +447,6 @@ def _ingest_meta(
         rules=rules,
         author=author,
     )
-
-
-def trigger_sweep(
-    *,
-    hosts: Sequence[str] | None,
-    level: Level | str,
-    deadline_s: float | None = None,
-    checks: list[str] | None = None,
-    author: str = "health/api",
-    app: HealthCelery | None = None,
-) -> str:
-    """Start a sweep on the shared queue without waiting; returns the Celery task id of the sweep."""
-    app = app or default_app
-    if app.embedded_worker is not None:
-        app.embedded_worker.ensure(())
-    result = app.send_task(
-        "health.sweep",
-        kwargs={
-            "hosts": list(hosts) if hosts is not None else None,
-            "level": Level(level).value,
-            "deadline_s": deadline_s,
-            "checks": checks,
-            "author": author,
-        },
-    )
-    return str(result.id)
 
 
 def charge(

@@ -1,7 +1,7 @@
 """The cordon policy: a pure function of (node state, recent history, new results, rules) -> decision.
 
 The rules are data (:class:`CordonRules`); the function holds no I/O and is tested as a table. Applying
-a decision (state change, logbook, scheduler adapters) happens in :mod:`health.sweep`.
+a decision (state change, logbook, scheduler adapters) happens in :mod:`service.fleet.sweep`.
 """
 
 from __future__ import annotations

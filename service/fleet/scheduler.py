@@ -2,10 +2,15 @@
 
 Our own host pool is the control plane's node state (the orchestrator only places ranks on
 ``SCHEDULABLE_NODE_STATES``) and is always on; Slurm and Kubernetes adapters mirror each cordon.
+
+One error-handling rule for every scheduler call: a failure (``scontrol`` exiting non-zero, the
+Kubernetes API down) is logged to the logbook with its evidence by :func:`record_scheduler_failure` and
+never raised past the caller, so the node-state change, blame or record that follows still happens.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 import subprocess
 from collections.abc import Callable, Sequence
@@ -13,9 +18,13 @@ from typing import Any, Protocol
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from service.crud.logbook import write_log
 from service.crud.nodes import cordon_node, get_node, list_nodes, uncordon_node
 from service.db import transaction
-from service.statemachine import SCHEDULABLE_NODE_STATES, NodeState
+from service.models import Node
+from service.statemachine import SCHEDULABLE_NODE_STATES, LogKind, NodeState, Severity
+
+log = logging.getLogger("trainops.fleet")
 
 
 class SchedulerAdapter(Protocol):
@@ -56,6 +65,32 @@ class OwnPoolAdapter:
         with transaction(self._factory) as session:
             nodes, _ = list_nodes(session, states=[NodeState.cordoned, NodeState.draining], limit=100_000)
             return {n.hostname: n.state_reason or n.state.value for n in nodes}
+
+
+def record_scheduler_failure(
+    session: Session,
+    *,
+    adapter: SchedulerAdapter,
+    action: str,
+    node: Node,
+    state: NodeState,
+    error: BaseException,
+    author: str,
+) -> str:
+    """Log a scheduler call that failed (``action`` = cordon / uncordon on ``node``) with its evidence; return
+    the one-line error for the caller's report. The caller goes on: one scheduler's outage must stop
+    neither the others nor the state change or blame that follows."""
+    log.warning("%s could not %s %s: %s", adapter.name, action, node.hostname, error)
+    write_log(
+        session,
+        kind=LogKind.failure,
+        severity=Severity.error,
+        message=f"{adapter.name} could not {action} {node.hostname}: {error}",
+        author=f"{author}/{adapter.name}",
+        node_id=node.id,
+        evidence={"adapter": adapter.name, "state": state.value, "error": str(error)},
+    )
+    return f"{adapter.name}: {node.hostname}: {error}"
 
 
 CommandRunner = Callable[[Sequence[str]], str]

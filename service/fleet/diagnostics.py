@@ -1,4 +1,5 @@
-"""What the REST API calls: request/response schemas and the functions behind the diagnostics routes."""
+"""What the REST API's diagnostics routes call: request/response schemas, the health app of an API process,
+and :func:`diagnose` (run a sweep and wait, or start one on the shared queue)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,12 @@ from sqlalchemy.orm import Session, sessionmaker
 from health.celery_app import HealthCelery, make_app
 from health.checks import SELECTABLE_CHECKS
 from health.config import HealthConfig
-from health.sweep import run_sweep, trigger_sweep
 from service.config import Settings
 from service.crud.nodes import get_node
 from service.db import transaction
 from service.errors import BadRequest
+from service.fleet.sweep import run_sweep
+from service.fleet.tasks import trigger_sweep
 
 MAX_DEADLINE_S = 3600.0
 

@@ -13,8 +13,6 @@ links of a culprit with their measurements.
 
 from __future__ import annotations
 
-import random
-import socket
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
@@ -24,7 +22,7 @@ from typing import Any
 from celery.exceptions import TimeoutError as CeleryTimeout
 
 from health.celery_app import HealthCelery
-from health.checks.fabric import CollectiveOutcome, CollectiveSpec
+from health.checks.fabric import CollectiveOutcome, CollectiveSpec, master_port_for
 from health.config import HealthConfig, host_queue
 from health.results import CheckResult, CheckStatus, Fault
 
@@ -33,7 +31,6 @@ PAIRS_CHECK = "fabric.pairs"
 FABRIC_CHECKS = (GROUP_CHECK, PAIRS_CHECK)
 MAX_PAIR_ROUNDS = 8
 """Bisection rounds at most; suspects still unresolved then are reported as such (soft)."""
-_LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 _GATHER_SLACK_S = 10.0
 """Time beyond a rank's own limit for its answer to travel back through the result backend."""
 
@@ -171,16 +168,6 @@ def next_round(bisection: Bisection) -> list[tuple[str, str]]:
 
 
 # --- running collectives through the host queues ------------------------------------------------------
-def master_port_for(addr: str) -> int:
-    """A free port when the master is this machine (simulated fleets); otherwise one from the torch
-    rendezvous range, where a clash shows as a failed join and is retested by the bisection."""
-    if addr in _LOOPBACK:
-        with socket.socket() as probe:
-            probe.bind((addr, 0))
-            return int(probe.getsockname()[1])
-    return random.randint(29500, 30499)
-
-
 def run_groups(
     app: HealthCelery,
     groups: Sequence[Sequence[str]],

@@ -1,0 +1,83 @@
+"""The one gateway that changes node state on the orchestrator's behalf: cordon, blame, deep-check hosts.
+
+It implements the orchestrator's ``HealthGateway`` protocol (service/orchestrator/health_gateway.py)
+with Celery sweeps (Redis or in-process), the cordon policy and the scheduler adapters. Scheduler calls
+follow the one rule of service/fleet/scheduler.py: a failure is logged with its evidence and never
+skips the blame or record that follows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from health.results import Level
+from service.fleet.scheduler import SchedulerAdapter
+from service.fleet.sweep import blame_nodes, charge_nodes, run_sweep
+from service.statemachine import NodeState
+
+
+class SweepHealthGateway:
+    """The real health layer: Celery sweeps (Redis or in-process), the cordon policy, scheduler adapters."""
+
+    def __init__(
+        self,
+        session_factory: sessionmaker[Session],
+        *,
+        author: str = "system:orchestrator",
+        adapters: Sequence[SchedulerAdapter] = (),
+        app: Any = None,
+    ) -> None:
+        self._factory = session_factory
+        self._author = author
+        self._adapters = list(adapters)
+        self._app = app
+
+    def cordon(
+        self,
+        hosts: Sequence[str],
+        *,
+        reason: str,
+        evidence: dict[str, Any],
+        run_id: int | None,
+        offence: str = "hardware",
+    ) -> None:
+        charge_nodes(
+            self._factory,
+            hosts=list(hosts),
+            kind=offence,
+            failure=reason,
+            consequence=NodeState.cordoned,
+            author=self._author,
+            run_id=run_id,
+            evidence=evidence,
+            adapters=self._adapters,
+            app=self._app,
+        )
+
+    def blame(self, hosts: Sequence[str], *, reason: str, run_id: int | None) -> None:
+        blame_nodes(
+            self._factory,
+            hosts=list(hosts),
+            failure=reason,
+            author=self._author,
+            run_id=run_id,
+            adapters=self._adapters,
+            app=self._app,
+        )
+
+    def deep_check(self, hosts: Sequence[str], *, deadline_s: float) -> dict[str, bool]:
+        kwargs: dict[str, Any] = {
+            "hosts": list(hosts),
+            "level": Level.deep,
+            "deadline_s": deadline_s,
+            "author": self._author,
+            "adapters": self._adapters,
+        }
+        if self._app is not None:
+            kwargs["app"] = self._app
+        report = run_sweep(self._factory, **kwargs)
+        fit = {NodeState.healthy, NodeState.probation}
+        return {o.host: o.state in fit for o in report.hosts}
