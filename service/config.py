@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_BOOTSTRAP_TOKEN = "trainops-dev-admin-token"
+SCHEDULERS = ("pool", "slurm", "kubernetes")
+SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 
 
 class Settings(BaseSettings):
@@ -45,9 +48,70 @@ class Settings(BaseSettings):
     )
     slurm_partition: str | None = Field(None, description="Default sbatch --partition for Slurm runs.")
     slurm_account: str | None = Field(None, description="Default sbatch --account for Slurm runs.")
+    scheduler: Annotated[tuple[Literal["pool", "slurm", "kubernetes"], ...], NoDecode] = Field(
+        ("pool",),
+        description="Schedulers that mirror cordons and whose outside drains are synced, comma-separated: "
+        "pool (the control plane's own pool, always on), slurm (needs TRAINOPS_SLURM_ENABLED, which "
+        "implies it), kubernetes.",
+    )
+    kubernetes_api_url: str | None = Field(
+        None,
+        description="Kubernetes API server; default in-cluster https://$KUBERNETES_SERVICE_HOST:"
+        "$KUBERNETES_SERVICE_PORT.",
+    )
+    kubernetes_token_file: Path = Field(
+        SERVICE_ACCOUNT_DIR / "token", description="Bearer token file (re-read when it rotates)."
+    )
+    kubernetes_ca_file: Path = Field(
+        SERVICE_ACCOUNT_DIR / "ca.crt", description="CA bundle of an https API server."
+    )
     max_page_size: int = Field(500, ge=1)
     max_ingest_points: int = Field(10_000, ge=1)
     db_pool_size: int = Field(10, ge=1)
+
+    @field_validator("scheduler", mode="before")
+    @classmethod
+    def _split_schedulers(cls, value: object) -> object:
+        if isinstance(value, str):
+            names = tuple(n.strip().lower() for n in value.split(",") if n.strip())
+            unknown = [n for n in names if n not in SCHEDULERS]
+            if unknown or not names:
+                expected = ", ".join(SCHEDULERS)
+                raise ValueError(
+                    f"TRAINOPS_SCHEDULER={value!r}: expected a comma-separated list of {expected}"
+                )
+            return names
+        return value
+
+    @model_validator(mode="after")
+    def _check_schedulers(self) -> Settings:
+        names = dict.fromkeys(("pool", *self.scheduler, *(("slurm",) if self.slurm_enabled else ())))
+        self.scheduler = tuple(names)  # type: ignore[assignment]
+        if "slurm" in self.scheduler and not self.slurm_enabled:
+            raise ValueError(
+                "TRAINOPS_SCHEDULER lists slurm but TRAINOPS_SLURM_ENABLED is false; set "
+                "TRAINOPS_SLURM_ENABLED=true (scontrol and sinfo on PATH) or drop slurm"
+            )
+        if "kubernetes" in self.scheduler:
+            url = self.resolved_kubernetes_api_url
+            if url is None:
+                raise ValueError(
+                    "TRAINOPS_SCHEDULER lists kubernetes but there is no API server: set "
+                    "TRAINOPS_KUBERNETES_API_URL (outside a pod KUBERNETES_SERVICE_HOST is unset)"
+                )
+            if not url.startswith(("https://", "http://")):
+                raise ValueError(f"TRAINOPS_KUBERNETES_API_URL={url!r} is not an http(s) URL")
+            if not self.kubernetes_token_file.is_file():
+                raise ValueError(
+                    f"TRAINOPS_KUBERNETES_TOKEN_FILE={self.kubernetes_token_file} does not exist "
+                    "(the service account token; mount it or point the setting at a token file)"
+                )
+            if url.startswith("https://") and not self.kubernetes_ca_file.is_file():
+                raise ValueError(
+                    f"TRAINOPS_KUBERNETES_CA_FILE={self.kubernetes_ca_file} does not exist "
+                    f"(the CA bundle that verifies {url})"
+                )
+        return self
 
     @model_validator(mode="after")
     def _refuse_default_secrets(self) -> Settings:
@@ -63,6 +127,18 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.home / 'trainops.db').resolve()}"
+
+    @property
+    def resolved_kubernetes_api_url(self) -> str | None:
+        if self.kubernetes_api_url:
+            return self.kubernetes_api_url.rstrip("/")
+        host, port = (
+            os.environ.get("KUBERNETES_SERVICE_HOST"),
+            os.environ.get("KUBERNETES_SERVICE_PORT", "443"),
+        )
+        if not host:
+            return None
+        return f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"
 
     @property
     def resolved_api_url(self) -> str:

@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from health.results import Level
 from service.fleet.scheduler import SchedulerAdapter
 from service.fleet.sweep import blame_nodes, charge_nodes, run_sweep
+from service.fleet.sync import DrainSyncReport, sync_external_drains
 from service.statemachine import NodeState
 
 
@@ -81,3 +82,8 @@ class SweepHealthGateway:
         report = run_sweep(self._factory, **kwargs)
         fit = {NodeState.healthy, NodeState.probation}
         return {o.host: o.state in fit for o in report.hosts}
+
+    def sync_external(self) -> DrainSyncReport:
+        """Called by the orchestrator at the start of each pass: the adapters' outside drains become
+        cordons (service/fleet/sync.py); with no adapters, nothing to do."""
+        return sync_external_drains(self._factory, self._adapters, author=self._author)

@@ -1,0 +1,355 @@
+"""Scheduler adapters built from settings, and the one sync of outside drains over every adapter.
+
+The Kubernetes adapter is the real one (``kubernetes`` client, ``CoreV1Api``) talking HTTP to a tiny API
+server started on a free port here: it answers the calls the adapter makes (GET a node, GET the node list,
+PATCH a node with a JSON merge patch) and records what it was sent.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator, Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+from sqlalchemy.orm import Session, sessionmaker
+
+from service import migrate
+from service.config import Settings
+from service.crud.logbook import list_logbook
+from service.crud.nodes import cordon_node, get_node, register_node
+from service.db import make_engine, make_session_factory, transaction
+from service.fleet.gateway import SweepHealthGateway
+from service.fleet.scheduler import TAINT_KEY, KubernetesAdapter, SlurmAdapter
+from service.fleet.schedulers import build_scheduler_adapters
+from service.fleet.sync import sync_external_drains
+
+TOKEN = "sa-token-for-tests"
+
+
+def _merge(target: dict[str, Any], patch: dict[str, Any]) -> None:
+    """RFC 7386 JSON merge patch: objects merge, null deletes, anything else (lists too) replaces."""
+    for key, value in patch.items():
+        if value is None:
+            target.pop(key, None)
+        elif isinstance(value, dict) and isinstance(target.get(key), dict):
+            _merge(target[key], value)
+        else:
+            target[key] = value
+
+
+class FakeApiServer:
+    """The three Kubernetes API calls the adapter makes, over real HTTP on 127.0.0.1:<free port>."""
+
+    def __init__(self, names: Sequence[str]) -> None:
+        self.nodes: dict[str, dict[str, Any]] = {
+            n: {
+                "apiVersion": "v1",
+                "kind": "Node",
+                "metadata": {"name": n, "annotations": {}},
+                "spec": {},
+            }
+            for n in names
+        }
+        self.requests: list[dict[str, Any]] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _reply(self, code: int, body: dict[str, Any]) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _record(self, body: Any = None) -> None:
+                server.requests.append(
+                    {
+                        "method": self.command,
+                        "path": self.path.split("?")[0],
+                        "authorization": self.headers.get("Authorization"),
+                        "content_type": self.headers.get("Content-Type"),
+                        "body": body,
+                    }
+                )
+
+            def _node(self) -> dict[str, Any] | None:
+                name = self.path.split("?")[0].removeprefix("/api/v1/nodes/")
+                node = server.nodes.get(name)
+                if node is None:
+                    self._reply(
+                        404, {"kind": "Status", "status": "Failure", "reason": "NotFound", "code": 404}
+                    )
+                return node
+
+            def do_GET(self) -> None:
+                self._record()
+                if self.path.split("?")[0] == "/api/v1/nodes":
+                    items = list(server.nodes.values())
+                    self._reply(200, {"apiVersion": "v1", "kind": "NodeList", "metadata": {}, "items": items})
+                elif (node := self._node()) is not None:
+                    self._reply(200, node)
+
+            def do_PATCH(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                self._record(body)
+                if (node := self._node()) is not None:
+                    _merge(node, body)
+                    self._reply(200, node)
+
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._httpd.server_address[1]}"
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+    def patches(self) -> list[dict[str, Any]]:
+        return [r for r in self.requests if r["method"] == "PATCH"]
+
+
+@pytest.fixture
+def api_server() -> Iterator[FakeApiServer]:
+    server = FakeApiServer(["gpu-1", "gpu-2", "gpu-3"])
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def token_file(tmp_path: Path) -> Path:
+    path = tmp_path / "token"
+    path.write_text(TOKEN + "\n")
+    return path
+
+
+def _kubernetes_settings(url: str, token_file: Path) -> Settings:
+    return Settings(scheduler="pool,kubernetes", kubernetes_api_url=url, kubernetes_token_file=token_file)
+
+
+def _fleet(url: str, *hosts: str) -> sessionmaker[Session]:
+    migrate.upgrade(url)
+    factory = make_session_factory(make_engine(url))
+    with transaction(factory) as session:
+        for host in hosts:
+            register_node(session, hostname=host, author="user:test")
+    return factory
+
+
+def _node(factory: sessionmaker[Session], host: str) -> tuple[str, str | None]:
+    with transaction(factory) as session:
+        node = get_node(session, hostname=host)
+        return node.state.value, node.state_reason
+
+
+# ---- settings -> adapters ----------------------------------------------------------------------------
+
+
+def test_the_scheduler_setting_builds_the_kubernetes_adapter(
+    monkeypatch: pytest.MonkeyPatch, api_server: FakeApiServer, token_file: Path
+) -> None:
+    monkeypatch.setenv("TRAINOPS_SCHEDULER", "pool, kubernetes")
+    monkeypatch.setenv("TRAINOPS_KUBERNETES_API_URL", api_server.url)
+    monkeypatch.setenv("TRAINOPS_KUBERNETES_TOKEN_FILE", str(token_file))
+    settings = Settings()
+    assert settings.scheduler == ("pool", "kubernetes")
+    adapters = build_scheduler_adapters(settings)
+    assert [type(a) for a in adapters] == [KubernetesAdapter]
+    assert adapters[0].external_drains() == {}
+    assert api_server.requests[-1]["path"] == "/api/v1/nodes"
+    assert api_server.requests[-1]["authorization"] == f"Bearer {TOKEN}"
+
+
+def test_the_default_is_the_own_pool_only_and_slurm_enabled_implies_slurm() -> None:
+    assert Settings().scheduler == ("pool",)
+    assert build_scheduler_adapters(Settings()) == []
+    settings = Settings(slurm_enabled=True)
+    assert settings.scheduler == ("pool", "slurm")
+    assert [a.name for a in build_scheduler_adapters(settings)] == ["slurm"]
+
+
+def test_in_cluster_defaults_come_from_the_pod_environment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, token_file: Path
+) -> None:
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.96.0.1")
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "443")
+    ca = tmp_path / "ca.crt"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    settings = Settings(scheduler="kubernetes", kubernetes_token_file=token_file, kubernetes_ca_file=ca)
+    assert settings.resolved_kubernetes_api_url == "https://10.96.0.1:443"
+    assert str(Settings().kubernetes_token_file) == "/var/run/secrets/kubernetes.io/serviceaccount/token"
+    assert str(Settings().kubernetes_ca_file) == "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"TRAINOPS_SCHEDULER": "nomad"}, "expected a comma-separated list of pool, slurm, kubernetes"),
+        ({"TRAINOPS_SCHEDULER": "slurm"}, "TRAINOPS_SLURM_ENABLED is false"),
+        ({"TRAINOPS_SCHEDULER": "kubernetes"}, "set TRAINOPS_KUBERNETES_API_URL"),
+        (
+            {"TRAINOPS_SCHEDULER": "kubernetes", "TRAINOPS_KUBERNETES_API_URL": "ftp://k8s"},
+            "is not an http\\(s\\) URL",
+        ),
+        (
+            {"TRAINOPS_SCHEDULER": "kubernetes", "TRAINOPS_KUBERNETES_API_URL": "http://127.0.0.1:1"},
+            "TRAINOPS_KUBERNETES_TOKEN_FILE=/nonexistent/token does not exist",
+        ),
+        (
+            {
+                "TRAINOPS_SCHEDULER": "kubernetes",
+                "TRAINOPS_KUBERNETES_API_URL": "https://k8s.example:6443",
+                "TRAINOPS_KUBERNETES_TOKEN_FILE": "<token>",
+            },
+            "TRAINOPS_KUBERNETES_CA_FILE=/nonexistent/ca.crt does not exist",
+        ),
+    ],
+)
+def test_a_bad_scheduler_setting_fails_at_construction_with_the_fix(
+    monkeypatch: pytest.MonkeyPatch, token_file: Path, env: dict[str, str], message: str
+) -> None:
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.setenv("TRAINOPS_KUBERNETES_TOKEN_FILE", "/nonexistent/token")
+    monkeypatch.setenv("TRAINOPS_KUBERNETES_CA_FILE", "/nonexistent/ca.crt")
+    for key, value in env.items():
+        monkeypatch.setenv(key, str(token_file) if value == "<token>" else value)
+    with pytest.raises(ValidationError, match=message):
+        Settings()
+
+
+# ---- a cordon through the gateway reaches the API server ---------------------------------------------
+
+
+def test_a_cordon_through_the_gateway_patches_the_node_like_kubectl_cordon(
+    sqlite_url: str, api_server: FakeApiServer, token_file: Path
+) -> None:
+    factory = _fleet(sqlite_url, "gpu-1", "gpu-2")
+    api_server.nodes["gpu-1"]["spec"]["taints"] = [
+        {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}
+    ]
+    adapters = build_scheduler_adapters(_kubernetes_settings(api_server.url, token_file))
+    gateway = SweepHealthGateway(factory, adapters=adapters)
+    gateway.cordon(["gpu-1"], reason="XID 79 (GPU has fallen off the bus)", evidence={"xid": 79}, run_id=None)
+
+    assert _node(factory, "gpu-1")[0] == "cordoned"
+    [patch] = api_server.patches()
+    assert patch["path"] == "/api/v1/nodes/gpu-1"
+    assert patch["authorization"] == f"Bearer {TOKEN}"
+    assert "merge-patch+json" in patch["content_type"]
+    # what `kubectl cordon gpu-1` sends ({"spec": {"unschedulable": true}}), plus our taint and reason
+    assert patch["body"]["spec"]["unschedulable"] is True
+    node = api_server.nodes["gpu-1"]
+    assert node["spec"]["unschedulable"] is True
+    assert [t["key"] for t in node["spec"]["taints"]] == ["nvidia.com/gpu", TAINT_KEY]
+    assert "XID 79" in node["metadata"]["annotations"]["trainops.io/cordon-reason"]
+    assert "unschedulable" not in api_server.nodes["gpu-2"]["spec"]  # nothing else touched
+
+
+def test_an_unreachable_api_server_is_logged_and_the_cordon_still_happens(
+    sqlite_url: str, token_file: Path
+) -> None:
+    server = FakeApiServer([])
+    url = server.url
+    server.close()  # nothing listens there any more
+    factory = _fleet(sqlite_url, "gpu-1")
+    gateway = SweepHealthGateway(
+        factory, adapters=build_scheduler_adapters(_kubernetes_settings(url, token_file))
+    )
+    gateway.cordon(["gpu-1"], reason="XID 79", evidence={}, run_id=None)
+    assert _node(factory, "gpu-1")[0] == "cordoned"
+    with transaction(factory) as session:
+        entries, _ = list_logbook(session, node_id=get_node(session, hostname="gpu-1").id)
+        failure = next(e for e in entries if e.message.startswith("kubernetes could not cordon gpu-1"))
+        assert failure.evidence["adapter"] == "kubernetes"
+
+
+# ---- outside drains -> cordons, one sync for every adapter --------------------------------------------
+
+
+def test_a_node_cordoned_by_an_admin_in_kubernetes_is_cordoned_and_released_by_the_sync(
+    sqlite_url: str, api_server: FakeApiServer, token_file: Path
+) -> None:
+    factory = _fleet(sqlite_url, "gpu-1", "gpu-2", "gpu-3")
+    gateway = SweepHealthGateway(
+        factory, adapters=build_scheduler_adapters(_kubernetes_settings(api_server.url, token_file))
+    )
+    gateway.cordon(["gpu-1"], reason="XID 79", evidence={}, run_id=None)  # ours: tainted, not external
+    api_server.nodes["gpu-2"]["spec"]["unschedulable"] = True  # `kubectl cordon gpu-2`
+
+    report = gateway.sync_external()
+    assert report.cordoned == ["kubernetes:gpu-2"] and report.errors == []
+    state, reason = _node(factory, "gpu-2")
+    assert state == "cordoned"
+    assert reason == "kubernetes: gpu-2 is drained outside trainops: cordoned outside trainops"
+    with transaction(factory) as session:
+        entries, _ = list_logbook(session, node_id=get_node(session, hostname="gpu-2").id)
+        assert entries[-1].author == "system:orchestrator/kubernetes"
+        assert entries[-1].evidence["adapter"] == "kubernetes"
+        assert entries[-1].evidence["external_reason"] == "cordoned outside trainops"
+    assert _node(factory, "gpu-3")[0] == "healthy"
+    assert gateway.sync_external().cordoned == []  # level-triggered: nothing new
+
+    del api_server.nodes["gpu-2"]["spec"]["unschedulable"]  # `kubectl uncordon gpu-2`
+    report = gateway.sync_external()
+    assert report.released == ["kubernetes:gpu-2"]
+    assert _node(factory, "gpu-2")[0] == "healthy"
+    assert _node(factory, "gpu-1")[0] == "cordoned"  # trainops' own cordon is never lifted by the sync
+
+
+class _Sinfo:
+    def __init__(self, stdout: str) -> None:
+        self.stdout = stdout
+
+    def __call__(self, argv: Sequence[str]) -> str:
+        return self.stdout
+
+
+class _Down:
+    name = "kubernetes"
+
+    def cordon(self, host: str, reason: str) -> None: ...
+
+    def uncordon(self, host: str, reason: str) -> None: ...
+
+    def external_drains(self) -> dict[str, str]:
+        raise ConnectionError("Kubernetes API unreachable")
+
+
+def test_slurm_drains_take_the_same_sync_and_a_failing_adapter_stops_neither(sqlite_url: str) -> None:
+    factory = _fleet(sqlite_url, "node001", "node002", "node003")
+    with transaction(factory) as session:
+        cordon_node(session, hostname="node003", reason="operator: bad fan", author="user:ops")
+    sinfo = _Sinfo("node001|trainops: hard fault\nnode002|bad DIMM, ticket 4411\nnode003|fan\nnode009|x\n")
+
+    report = sync_external_drains(factory, [_Down(), SlurmAdapter(run=sinfo)], author="system:fleet")
+    assert report.errors == ["kubernetes: Kubernetes API unreachable"]
+    assert report.cordoned == ["slurm:node002"]  # node001 is our drain, node003 already out, node009 unknown
+    assert _node(factory, "node002") == (
+        "cordoned",
+        "slurm: node002 is drained outside trainops: bad DIMM, ticket 4411",
+    )
+    assert _node(factory, "node001")[0] == "healthy"
+    with transaction(factory) as session:
+        entries, _ = list_logbook(session)
+        failure = next(e for e in entries if e.message.startswith("kubernetes could not list"))
+        assert failure.kind.value == "failure" and failure.author == "system:fleet/kubernetes"
+        assert failure.evidence == {
+            "adapter": "kubernetes",
+            "action": "external_drains",
+            "error": "Kubernetes API unreachable",
+        }
+
+    sinfo.stdout = "node003|fan\n"  # the admin resumed node002
+    report = sync_external_drains(factory, [SlurmAdapter(run=sinfo)])
+    assert report.released == ["slurm:node002"]
+    assert _node(factory, "node002")[0] == "healthy"
+    assert _node(factory, "node003") == ("cordoned", "operator: bad fan")  # not ours to lift
