@@ -309,12 +309,12 @@ def run_trainops(scenario: Scenario, workdir: Path) -> tuple[SupervisorResult, d
     from service.orchestrator.runtime import (
         available_launchers,
         build_health_gateway,
-        load_orchestrator_config,
         start_embedded_beat,
         start_in_thread,
     )
     from service.paging import make_pager
     from service.readmodels.goodput import compute_goodput
+    from service.recovery.config import load_orchestrator_config
     from service.schemas import RunConfig
 
     settings = Settings(home=home, api_port=_free_port())

@@ -122,10 +122,10 @@ def run_demo(*, home: Path, port: int, exit_when_done: bool, timeout_s: float = 
     from service.db import engine_from_settings, make_session_factory, transaction
     from service.orchestrator.runtime import (
         build_orchestrator,
-        load_orchestrator_config,
         start_embedded_beat,
         start_in_thread,
     )
+    from service.recovery.config import load_orchestrator_config
     from service.schemas import RunConfig
 
     settings = Settings(home=home, api_port=port)

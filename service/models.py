@@ -206,7 +206,7 @@ class Checkpoint(Base):
     act_norm: Mapped[float | None]
     healthy: Mapped[bool | None]  # follows `verdict`: True healthy, False unhealthy, None pending
     healthy_reason: Mapped[str | None] = mapped_column(sa.Text)  # the verdict's reason, in words
-    # OPT's restart rule on the steps that descend from this checkpoint (service/orchestrator/verdicts.py):
+    # OPT's restart rule on the steps that descend from this checkpoint (service/recovery/verdicts.py):
     # a restart_point.Verdict value, the numbers it was decided on, and whether more steps can still change
     # it (an operator's mark, or a full trend window, settles it).
     verdict: Mapped[str] = mapped_column(sa.String(16), default="pending")

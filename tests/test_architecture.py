@@ -4,6 +4,10 @@
   inside a function: a GPU host's worker and a trainer never load the control plane.
 * Our own modules have no import cycle at module level (imports inside functions are left out: they run
   late, and a cycle through one cannot break module loading).
+* The orchestrator is a leaf: only its own package, the entry points that start it (``service/cli.py``,
+  ``service/demo.py``) and ``bench/`` import ``service.orchestrator``, not even inside a function (tests may
+  too). The API, crud, fleet and read models in particular never do; what they share with it (the recovery
+  rules, restart-preview, verdicts, the Slurm checks and node sync) lives below it.
 """
 
 from __future__ import annotations
@@ -19,6 +23,9 @@ ROOT = Path(__file__).resolve().parent.parent
 OWN_PACKAGES = ("health", "service", "trainer", "migrations")
 AGENT_PACKAGES = ("health", "trainer")
 CONTROL_PACKAGE = "service"
+ORCHESTRATOR = "service.orchestrator"
+ORCHESTRATOR_IMPORTERS = ("service.orchestrator", "service.cli", "service.demo", "bench")
+ORCHESTRATOR_FREE = ("service.api", "service.crud", "service.fleet", "service.readmodels")
 
 
 def module_name(path: Path) -> str:
@@ -28,10 +35,10 @@ def module_name(path: Path) -> str:
     return ".".join(parts)
 
 
-def own_modules() -> dict[str, Path]:
+def own_modules(packages: tuple[str, ...] = OWN_PACKAGES) -> dict[str, Path]:
     """Every module of our packages: dotted name -> file."""
     modules: dict[str, Path] = {}
-    for package in OWN_PACKAGES:
+    for package in packages:
         for path in sorted((ROOT / package).rglob("*.py")):
             modules[module_name(path)] = path
     return modules
@@ -149,4 +156,65 @@ def test_the_host_worker_loads_no_control_plane_module() -> None:
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True
     )
+    assert out.stdout.strip() == "[]"
+
+
+def _within(name: str, packages: tuple[str, ...]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in packages)
+
+
+def orchestrator_imports(modules: dict[str, Path]) -> dict[str, list[str]]:
+    """Module -> ``file:line: imports X`` per import of ``service.orchestrator`` (inside functions too)."""
+    found: dict[str, list[str]] = {}
+    for name, path in modules.items():
+        for imported, line in imported_names(name, path, top_level_only=False):
+            if _within(imported, (ORCHESTRATOR,)):
+                shown = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+                found.setdefault(name, []).append(f"{shown}:{line}: imports {imported}")
+    return found
+
+
+def test_only_the_entry_points_import_the_orchestrator() -> None:
+    modules = own_modules((*OWN_PACKAGES, "bench"))
+    offending = [
+        hit
+        for name, hits in orchestrator_imports(modules).items()
+        if not _within(name, ORCHESTRATOR_IMPORTERS)
+        for hit in hits
+    ]
+    report = "\n".join(sorted(set(offending)))
+    assert not offending, f"only {', '.join(ORCHESTRATOR_IMPORTERS)} may import {ORCHESTRATOR}:\n{report}"
+
+
+def test_api_crud_fleet_and_readmodels_never_import_the_orchestrator() -> None:
+    modules = {n: p for n, p in own_modules().items() if _within(n, ORCHESTRATOR_FREE)}
+    assert any(n.startswith("service.api.") for n in modules) and any(
+        n.startswith("service.fleet.") for n in modules
+    )
+    offending = sorted(hit for hits in orchestrator_imports(modules).values() for hit in hits)
+    assert not offending, "\n".join(offending)
+
+
+def test_the_orchestrator_import_check_sees_imports_inside_functions(tmp_path: Path) -> None:
+    source = tmp_path / "late.py"
+    source.write_text(
+        "def f():\n    from service.orchestrator.runtime import build_orchestrator\n"
+        "def g():\n    import service.orchestrator.loop\n"
+    )
+    assert orchestrator_imports({"service.api.late": source}) == {
+        "service.api.late": [
+            f"{source}:2: imports service.orchestrator.runtime",
+            f"{source}:2: imports service.orchestrator.runtime.build_orchestrator",
+            f"{source}:4: imports service.orchestrator.loop",
+        ]
+    }
+
+
+def test_the_api_app_loads_no_orchestrator_module() -> None:
+    """What the API server (``service.main``) imports: no ``service.orchestrator`` module."""
+    code = (
+        "import sys; import service.main; "
+        "print(sorted(m for m in sys.modules if m.split('.')[:2] == ['service', 'orchestrator']))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -33,9 +33,9 @@ from service.crud.telemetry import ingest_metrics
 from service.db import make_engine, make_session_factory, transaction
 from service.fleet.gateway import SweepHealthGateway
 from service.models import Attempt, Checkpoint
-from service.orchestrator.config import OrchestratorConfig
 from service.orchestrator.loop import Orchestrator
-from service.orchestrator.verdicts import refresh_checkpoint_verdicts
+from service.recovery.config import OrchestratorConfig
+from service.recovery.verdicts import refresh_checkpoint_verdicts
 from service.statemachine import CheckpointState
 from tests.conftest import make_run
 from trainer.checkpoint import (

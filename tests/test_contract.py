@@ -11,12 +11,13 @@ from types import SimpleNamespace
 
 import pytest
 
-import service.orchestrator.detect as detect
+import service.recovery.detect as detect
 import trainer.launch as launch
 import trainer.train as train
 from service.crud.telemetry import decode_stored_field, decode_stored_values
 from service.orchestrator.launcher import build_trainer_args, read_rank_beats
-from service.orchestrator.loop import _rank_beat, stored_metric_sample
+from service.orchestrator.loop import _rank_beat
+from service.recovery.samples import stored_metric_sample
 from trainer import contract
 from trainer.config import TrainConfig
 

@@ -7,7 +7,6 @@ from typing import Any
 
 import pytest
 
-from service.orchestrator.config import OrchestratorConfig, RemediationConfig
 from service.orchestrator.decide import (
     EndAttempt,
     EndedAttempt,
@@ -21,9 +20,10 @@ from service.orchestrator.decide import (
     decide,
     failure_of,
 )
-from service.orchestrator.detect import MetricSample, RankBeat
 from service.orchestrator.launcher import ProcessStatus
-from service.orchestrator.restart_point import CheckpointCandidate
+from service.recovery.config import OrchestratorConfig, RemediationConfig
+from service.recovery.detect import MetricSample, RankBeat
+from service.recovery.restart_point import CheckpointCandidate
 from service.statemachine import DesiredState, NodeState, RunPhase, check_run_transition
 
 NOW = 10_000.0

@@ -10,7 +10,6 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from service.orchestrator.config import HangConfig, OrchestratorConfig
 from service.orchestrator.decide import (
     EndAttempt,
     ObservedAttempt,
@@ -18,7 +17,10 @@ from service.orchestrator.decide import (
     decide,
     run_hang_limits,
 )
-from service.orchestrator.detect import (
+from service.orchestrator.launcher import ProcessStatus
+from service.orchestrator.loop import _rank_beat
+from service.recovery.config import HangConfig, OrchestratorConfig
+from service.recovery.detect import (
     RankBeat,
     Section,
     detect_hang,
@@ -26,8 +28,6 @@ from service.orchestrator.detect import (
     hang_limits,
     quantile,
 )
-from service.orchestrator.launcher import ProcessStatus
-from service.orchestrator.loop import _rank_beat
 from service.schemas import HangOverrides, RunConfig
 from service.statemachine import DesiredState, NodeState, RunPhase
 

@@ -16,8 +16,8 @@ from service.crud.nodes import cordon_node, get_node, record_offence, register_n
 from service.db import make_engine, make_session_factory, transaction
 from service.fleet.gateway import SweepHealthGateway
 from service.fleet.scheduler import SlurmAdapter
+from service.fleet.slurm_sync import sync_slurm_nodes
 from service.models import LogEntry, NodeOffence, utcnow
-from service.orchestrator.slurm import sync_slurm_nodes
 from service.statemachine import NodeState
 
 

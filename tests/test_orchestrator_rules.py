@@ -8,13 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from service.orchestrator.config import (
+from service.orchestrator.policy import FailureRecord, backoff_s, plan_remediation
+from service.recovery.config import (
     DivergenceConfig,
     OrchestratorConfig,
     RemediationConfig,
     RestartPointConfig,
 )
-from service.orchestrator.detect import (
+from service.recovery.detect import (
     FailureClass,
     MetricSample,
     RankBeat,
@@ -24,8 +25,7 @@ from service.orchestrator.detect import (
     detect_straggler,
     hang_limits,
 )
-from service.orchestrator.policy import FailureRecord, backoff_s, plan_remediation
-from service.orchestrator.restart_point import (
+from service.recovery.restart_point import (
     CheckpointCandidate,
     CheckpointVerdict,
     Verdict,
@@ -347,7 +347,7 @@ def test_a_stored_metric_row_reads_back_as_the_detector_expects() -> None:
     string) written by a careless client neither raises in the loop nor invents a NaN."""
     from types import SimpleNamespace
 
-    from service.orchestrator.loop import stored_metric_sample
+    from service.recovery.samples import stored_metric_sample
 
     def row(values: object) -> SimpleNamespace:
         return SimpleNamespace(step=3, loss=None, loss_scale=1.0, act_norm=2.0, values=values)

@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 
-from service.orchestrator.config import DivergenceConfig, RestartPointConfig
-from service.orchestrator.detect import FailureClass, MetricSample, detect_divergence
-from service.orchestrator.restart_point import (
+from service.recovery.config import DivergenceConfig, RestartPointConfig
+from service.recovery.detect import FailureClass, MetricSample, detect_divergence
+from service.recovery.restart_point import (
     CheckpointCandidate,
     Verdict,
     judge_checkpoint,

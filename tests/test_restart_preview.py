@@ -17,9 +17,9 @@ from service.config import DEFAULT_BOOTSTRAP_TOKEN, Settings
 from service.crud.telemetry import ingest_metrics
 from service.db import make_engine, make_session_factory, transaction
 from service.models import Attempt
-from service.orchestrator.config import OrchestratorConfig
 from service.orchestrator.decide import Launch, ObservedRun, decide
-from service.orchestrator.restart_point import CheckpointCandidate
+from service.recovery.config import OrchestratorConfig
+from service.recovery.restart_point import CheckpointCandidate
 from service.statemachine import DesiredState, NodeState, RunPhase
 from tests.conftest import make_run
 from tests.livesrv import LiveServer

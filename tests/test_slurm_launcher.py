@@ -9,19 +9,18 @@ from pathlib import Path
 
 import pytest
 
-from service.orchestrator.detect import classify_exit
+from service.fleet.slurm import SlurmDefaults, parse_scontrol_record
 from service.orchestrator.launcher import LaunchSpec
 from service.orchestrator.slurm import (
     JobView,
-    SlurmDefaults,
     SlurmLauncher,
     decode_exit_field,
     decode_wait_status,
-    parse_scontrol_record,
     read_job_exit_status,
     root_cause_exit_code,
     status_of_job,
 )
+from service.recovery.detect import classify_exit
 
 
 def launch_spec(run_dir: Path, **changes: object) -> LaunchSpec:

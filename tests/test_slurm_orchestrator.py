@@ -21,12 +21,14 @@ from service.crud.logbook import list_logbook
 from service.crud.nodes import get_node, register_node, uncordon_node
 from service.crud.runs import create_run, get_run, list_attempts, stop_run
 from service.db import make_engine, make_session_factory, transaction
+from service.fleet.slurm import parse_scontrol_record
+from service.fleet.slurm_sync import SlurmHealthGateway
 from service.fleet.sweep import run_sweep
 from service.migrate import upgrade
-from service.orchestrator.config import OrchestratorConfig, RemediationConfig
 from service.orchestrator.launcher import tagged_pids
 from service.orchestrator.loop import Orchestrator
-from service.orchestrator.slurm import SlurmHealthGateway, SlurmLauncher, parse_scontrol_record
+from service.orchestrator.slurm import SlurmLauncher
+from service.recovery.config import OrchestratorConfig, RemediationConfig
 from service.schemas import RunConfig
 from service.statemachine import NodeState, RunPhase
 from tests.slurm_cluster import DOWN_PARTITION, NODES, PARTITION, SlurmCluster

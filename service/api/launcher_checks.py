@@ -1,7 +1,8 @@
 """Checks the API makes before it accepts a run's launcher config: can this control plane launch it?
 
 The routes call these before they call crud (service/crud/runs.py stores and reads runs and knows nothing
-of settings or launchers), so the crud layer never imports the orchestrator.
+of settings or launchers), so the crud layer never imports the orchestrator. The Slurm checks are fleet's
+(`service/fleet/slurm.py`), so the API does not import it either.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from typing import Any
 
 from service.config import Settings
 from service.errors import Unavailable, Unprocessable
-from service.orchestrator.slurm import SlurmDefaults, SlurmError, check_slurm_run_config
+from service.fleet.slurm import SlurmDefaults, SlurmError, check_slurm_run_config
 
 
 def check_launcher(config: dict[str, Any], settings: Settings) -> None:

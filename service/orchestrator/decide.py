@@ -10,8 +10,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from service.orchestrator.config import OrchestratorConfig
-from service.orchestrator.detect import (
+from service.orchestrator.launcher import ProcessStatus
+from service.orchestrator.policy import FailureRecord, plan_remediation
+from service.recovery.config import OrchestratorConfig
+from service.recovery.detect import (
     DivergenceFinding,
     FailureClass,
     HangLimits,
@@ -23,9 +25,7 @@ from service.orchestrator.detect import (
     detect_straggler,
     hang_limits,
 )
-from service.orchestrator.launcher import ProcessStatus
-from service.orchestrator.policy import FailureRecord, plan_remediation
-from service.orchestrator.restart_point import CheckpointCandidate, pick_restart_checkpoint, rule_for_run
+from service.recovery.restart_point import CheckpointCandidate, pick_restart_checkpoint, rule_for_run
 from service.statemachine import DesiredState, NodeState, RunPhase
 
 BAD_NODE_STATES = frozenset({NodeState.suspect, NodeState.cordoned, NodeState.draining, NodeState.retired})

@@ -23,12 +23,11 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.crud.checkpoints import CatalogSource, mark_checkpoint, register_checkpoint, upsert_checkpoint
 from service.crud.logbook import write_log
 from service.crud.runs import active_attempt, create_attempt, end_attempt, get_run, set_run_phase
-from service.crud.telemetry import decode_stored_field, ingest_metrics
+from service.crud.telemetry import ingest_metrics
 from service.crud.tokens import create_token
 from service.db import transaction
 from service.metrics import ORCHESTRATOR_LOOP_DURATION
 from service.models import Attempt, Checkpoint, Metric, Node, Run
-from service.orchestrator.config import DivergenceConfig, OrchestratorConfig
 from service.orchestrator.decide import (
     BAD_NODE_STATES,
     Action,
@@ -44,7 +43,6 @@ from service.orchestrator.decide import (
     decide,
     failure_of,
 )
-from service.orchestrator.detect import FailureClass, MetricSample, RankBeat, Section
 from service.orchestrator.failing_passes import FailingPasses
 from service.orchestrator.health_gateway import HealthGateway
 from service.orchestrator.launcher import (
@@ -55,8 +53,11 @@ from service.orchestrator.launcher import (
     build_trainer_args,
     read_rank_beats,
 )
-from service.orchestrator.restart_point import CheckpointCandidate
-from service.orchestrator.verdicts import refresh_checkpoint_verdicts
+from service.recovery.config import OrchestratorConfig
+from service.recovery.detect import FailureClass, RankBeat, Section
+from service.recovery.restart_point import CheckpointCandidate
+from service.recovery.samples import act_norm_lineage, attempt_samples, checkpoint_candidates, lineage_samples
+from service.recovery.verdicts import refresh_checkpoint_verdicts
 from service.statemachine import (
     RUN_TRANSITIONS,
     TERMINAL_PHASES,
@@ -80,7 +81,6 @@ from trainer.contract import (
 
 log = logging.getLogger("trainops.orchestrator")
 AUTHOR = "system:orchestrator"
-SAMPLE_WINDOW = 400  # newest metric rows of an attempt that divergence detection looks at
 
 Pager = Callable[[int, str, dict[str, Any]], None]
 
@@ -836,92 +836,3 @@ def _rank_beat(beat: Mapping[str, Any]) -> RankBeat:
         last_step_s=record["last_step_s"],
         busy=tuple((int(step), float(busy_s)) for step, busy_s in record["busy_s"]),
     )
-
-
-def stored_metric_sample(row: Any) -> MetricSample:
-    """A stored metric row as the divergence detector reads it: a loss stored as null because it was
-    non-finite (its name in `values.nan`) is NaN again (crud's decoder; a malformed `values.nan` names
-    nothing)."""
-    return MetricSample(
-        step=row.step,
-        loss=decode_stored_field(row, "loss"),
-        loss_scale=row.loss_scale,
-        act_norm=row.act_norm,
-    )
-
-
-def attempt_samples(session: Session, *, run_id: int, attempt: int) -> tuple[MetricSample, ...]:
-    """The attempt's newest `SAMPLE_WINDOW` metric rows, oldest first."""
-    rows = session.execute(
-        sa.select(Metric.step, Metric.loss, Metric.loss_scale, Metric.act_norm, Metric.values)
-        .where(Metric.run_id == run_id, Metric.attempt == attempt)
-        .order_by(Metric.step.desc())
-        .limit(SAMPLE_WINDOW)
-    ).all()
-    return tuple(stored_metric_sample(r) for r in reversed(rows))
-
-
-def lineage_samples(
-    session: Session, *, run_id: int, attempt: int, upto: int, divergence: DivergenceConfig
-) -> tuple[MetricSample, ...]:
-    """The metrics of the steps an attempt resumed from: per step up to its restore point `upto`, the newest
-    earlier attempt that computed it (after a rollback, the recomputed history), as many steps back as the
-    divergence baselines look, oldest first."""
-    if upto <= 0:
-        return ()
-    depth = max(divergence.loss_spike_window, divergence.act_norm_window) + divergence.act_norm_patience + 1
-    rows = session.execute(
-        sa.select(Metric.step, Metric.attempt, Metric.loss, Metric.loss_scale, Metric.act_norm, Metric.values)
-        .where(
-            Metric.run_id == run_id,
-            Metric.attempt < attempt,
-            Metric.step <= upto,
-            Metric.step > upto - depth,
-        )
-        .order_by(Metric.step, Metric.attempt)
-    ).all()
-    newest = {r.step: r for r in rows}  # ordered by attempt: the last one per step wins
-    return tuple(stored_metric_sample(r) for _, r in sorted(newest.items()))
-
-
-def checkpoint_candidates(session: Session, *, run_id: int) -> list[CheckpointCandidate]:
-    """The run's catalogued checkpoints as restart candidates: usable when committed or verified in the
-    catalog and intact on disk (marker, manifest, sizes). What the orchestrator and restart-preview see."""
-    from trainer.checkpoint import verify_checkpoint
-
-    rows = session.scalars(
-        sa.select(Checkpoint).where(
-            Checkpoint.run_id == run_id,
-            Checkpoint.state.in_(
-                [CheckpointState.committed, CheckpointState.verified, CheckpointState.corrupt]
-            ),
-        )
-    )
-    out = []
-    for c in rows:
-        usable, why = c.state != CheckpointState.corrupt, "marked corrupt"
-        if usable:
-            ok, reason = verify_checkpoint(c.path, deep=False)  # marker, manifest, sizes: cheap
-            usable, why = ok, reason
-        out.append(
-            CheckpointCandidate(
-                id=c.id,
-                step=c.step,
-                path=c.path,
-                usable=usable,
-                loss_scale=c.loss_scale,
-                act_norm=c.act_norm,
-                unusable_reason="" if usable else why,
-            )
-        )
-    return out
-
-
-def act_norm_lineage(session: Session, *, run_id: int, from_step: int) -> dict[int, float]:
-    """Per step, the activation norm of the newest attempt that computed it (the surviving history)."""
-    rows = session.execute(
-        sa.select(Metric.step, Metric.attempt, Metric.act_norm)
-        .where(Metric.run_id == run_id, Metric.step >= from_step, Metric.act_norm.is_not(None))
-        .order_by(Metric.step, Metric.attempt)
-    ).all()
-    return {r.step: r.act_norm for r in rows if r.act_norm is not None and math.isfinite(r.act_norm)}

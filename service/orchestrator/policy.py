@@ -6,8 +6,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from service.orchestrator.config import RemediationConfig
-from service.orchestrator.detect import FailureClass
+from service.recovery.config import RemediationConfig
+from service.recovery.detect import FailureClass
 
 
 @dataclass(frozen=True)

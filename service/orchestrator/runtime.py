@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
-from dataclasses import fields, is_dataclass
-from pathlib import Path
-from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -15,40 +11,19 @@ from health.results import Level
 from service.config import Settings
 from service.fleet.gateway import SweepHealthGateway
 from service.fleet.sweep import run_sweep
-from service.orchestrator.config import OrchestratorConfig
 from service.orchestrator.launcher import Launcher, LocalLauncher
 from service.orchestrator.loop import Orchestrator
+from service.recovery.config import OrchestratorConfig, load_orchestrator_config
 
 log = logging.getLogger("trainops.orchestrator")
-
-
-def _build(cls: type, data: dict[str, Any]) -> Any:
-    kwargs = {}
-    known = {f.name: f for f in fields(cls)}
-    for key, value in data.items():
-        if key not in known:
-            raise ValueError(f"unknown orchestrator setting {key!r} for {cls.__name__}")
-        default = known[key].default_factory() if callable(known[key].default_factory) else known[key].default
-        kwargs[key] = (
-            _build(type(default), value) if is_dataclass(default) and isinstance(value, dict) else value
-        )
-    return cls(**kwargs)
-
-
-def load_orchestrator_config(settings: Settings, **overrides: Any) -> OrchestratorConfig:
-    """Defaults, then the JSON file named by TRAINOPS_ORCHESTRATOR_CONFIG, then `overrides`."""
-    data: dict[str, Any] = {"runs_dir": str(settings.home / "runs"), "api_url": settings.resolved_api_url}
-    if settings.orchestrator_config is not None:
-        data.update(json.loads(Path(settings.orchestrator_config).read_text()))
-    data.update(overrides)
-    return _build(OrchestratorConfig, data)
 
 
 def available_launchers(settings: Settings) -> dict[str, Launcher]:
     """Launchers by the name a run's config uses (`launcher: local | slurm`)."""
     launchers: dict[str, Launcher] = {"local": LocalLauncher()}
     if settings.slurm_enabled:
-        from service.orchestrator.slurm import SlurmDefaults, SlurmLauncher
+        from service.fleet.slurm import SlurmDefaults
+        from service.orchestrator.slurm import SlurmLauncher
 
         launchers["slurm"] = SlurmLauncher(
             defaults=SlurmDefaults(partition=settings.slurm_partition, account=settings.slurm_account)
@@ -59,7 +34,7 @@ def available_launchers(settings: Settings) -> dict[str, Launcher]:
 def build_health_gateway(settings: Settings, session_factory: sessionmaker[Session]) -> SweepHealthGateway:
     """With Slurm, cordons also drain the node in Slurm, and Slurm's own drains and outages are synced."""
     if settings.slurm_enabled:
-        from service.orchestrator.slurm import SlurmHealthGateway
+        from service.fleet.slurm_sync import SlurmHealthGateway
 
         return SlurmHealthGateway(session_factory)
     return SweepHealthGateway(session_factory)

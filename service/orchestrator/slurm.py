@@ -15,38 +15,38 @@ and, for a job whose id was never recorded, ``squeue --json`` filtered in Python
 also writes the exit status into the attempt directory, as the local runner does, so an attempt that Slurm
 has already purged from its memory still has an outcome.
 
-`SlurmHealthGateway` is the orchestrator's health gateway with the Slurm cordon adapter, plus a
-level-triggered sync run before every reconcile pass: drains and outages made outside trainops (an admin's
-``scontrol update State=DRAIN``, a node that went DOWN) cordon the node in the control plane, and trainops'
-own drains (reason prefixed ``trainops:``) follow the control plane's node state.
+Asking Slurm (commands, `scontrol` records, node lists), the sbatch defaults and the check of a run's Slurm
+options are in `service/fleet/slurm.py`; the node-state sync and `SlurmHealthGateway` in
+`service/fleet/slurm_sync.py`.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import shlex
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy.orm import Session, sessionmaker
-
-from service.crud.logbook import write_log
-from service.crud.nodes import find_node, transition_node
-from service.db import transaction
-from service.fleet.gateway import SweepHealthGateway
-from service.fleet.scheduler import SlurmAdapter, record_scheduler_failure
-from service.orchestrator.detect import EXIT_CONFIG, EXIT_DIVERGED
+from service.fleet.slurm import (
+    SlurmDefaults,
+    SlurmError,
+    SlurmRunner,
+    checked_stdout,
+    non_empty_options,
+    parse_scontrol_record,
+    read_slurm_nodes,
+    slurm_config_problems,
+)
 from service.orchestrator.launcher import ATTEMPT_TAG_ENV, LaunchRefused, LaunchSpec, ProcessStatus
 from service.orchestrator.runner import EXIT_FILE
-from service.statemachine import LogKind, NodeState, Severity
+from service.recovery.detect import EXIT_CONFIG, EXIT_DIVERGED
 
 BATCH_SCRIPT = "slurm-job.sh"
 TASK_EXIT_PREFIX = "exit-node"  # + SLURM_NODEID + ".json": one task's own exit status
@@ -94,24 +94,6 @@ PERMANENT_SBATCH_ERRORS = (
 )
 
 
-class SlurmError(RuntimeError):
-    """A Slurm command refused or failed; the message is Slurm's own (invalid node name, bad partition)."""
-
-
-SlurmRunner = Callable[[Sequence[str]], "subprocess.CompletedProcess[str]"]
-
-
-def run_slurm(argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(list(argv), capture_output=True, text=True, timeout=60)
-
-
-def _checked(result: subprocess.CompletedProcess[str], what: str) -> str:
-    if result.returncode != 0:
-        message = " ".join((result.stderr or result.stdout).split()) or f"exit status {result.returncode}"
-        raise SlurmError(f"{what} failed: {message}")
-    return result.stdout
-
-
 # ---- decoding Slurm's answers ---------------------------------------------------------------------
 
 
@@ -129,16 +111,6 @@ def decode_exit_field(text: str) -> int:
     if signal_number and int(signal_number):
         return 128 + int(signal_number)
     return int(code or 0)
-
-
-def parse_scontrol_record(line: str) -> dict[str, str]:
-    """One `scontrol show ... -o` line as key -> value (values run to the next ` Key=`)."""
-    fields: dict[str, str] = {}
-    matches = list(re.finditer(r"(?:^|\s)([A-Za-z][\w/:()]*)=", line))
-    for index, match in enumerate(matches):
-        end = matches[index + 1].start() if index + 1 < len(matches) else len(line)
-        fields[match.group(1)] = line[match.end() : end].strip()
-    return fields
 
 
 @dataclass(frozen=True)
@@ -190,19 +162,6 @@ def status_of_job(
 
 
 # ---- the launcher ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SlurmDefaults:
-    """Cluster-wide sbatch defaults; a run's `slurm` config section overrides each."""
-
-    partition: str | None = None
-    account: str | None = None
-    time_limit: str | None = None
-    gpus_per_node: int = 0
-    extra_sbatch_flags: tuple[str, ...] = ()
-    placement: str = "nodelist"  # "nodelist": the orchestrator's hosts; "exclude": Slurm places
-    nodelist: tuple[str, ...] = ()  # with placement "exclude": nodes the job must include (spares first)
 
 
 @dataclass
@@ -312,7 +271,9 @@ class SlurmLauncher:
         if nodelist in ("", "(null)"):
             return ()
         if nodelist not in self._hostnames:
-            out = _checked(self._run(["scontrol", "show", "hostnames", nodelist]), "scontrol show hostnames")
+            out = checked_stdout(
+                self._run(["scontrol", "show", "hostnames", nodelist]), "scontrol show hostnames"
+            )
             self._hostnames[nodelist] = tuple(out.split())
         return self._hostnames[nodelist]
 
@@ -321,7 +282,7 @@ class SlurmLauncher:
         if job is None or job.state not in ACTIVE_JOB_STATES:
             return
         # scancel sends SIGTERM to every step (torchrun shuts its workers down), SIGKILL after KillWait.
-        _checked(self._run(["scancel", str(job.job_id)]), f"scancel {job.job_id}")
+        checked_stdout(self._run(["scancel", str(job.job_id)]), f"scancel {job.job_id}")
         deadline = time.monotonic() + grace_s + 30
         while time.monotonic() < deadline:
             job = self._job(info)
@@ -334,7 +295,7 @@ class SlurmLauncher:
 
     def options(self, spec: LaunchSpec) -> dict[str, Any]:
         """The cluster-wide defaults, overridden by the run's `slurm` config section."""
-        return {**_non_empty(self.defaults.__dict__), **_non_empty(dict(spec.launcher_options))}
+        return {**non_empty_options(self.defaults.__dict__), **non_empty_options(dict(spec.launcher_options))}
 
     def sbatch_argv(self, spec: LaunchSpec, info: Mapping[str, Any], script: Path) -> list[str]:
         options = self.options(spec)
@@ -429,7 +390,7 @@ exit "$code"
         if result.returncode != 0:
             if "Invalid job id" in (result.stderr or ""):
                 return None  # purged after MinJobAge
-            _checked(result, f"scontrol show job {job_id}")
+            checked_stdout(result, f"scontrol show job {job_id}")
         record = parse_scontrol_record(result.stdout.strip())
         return JobView(
             job_id=int(job_id),
@@ -441,7 +402,7 @@ exit "$code"
 
     def _job_by_tag(self, tag: str) -> JobView | None:
         """The attempt's job when the orchestrator died between sbatch and recording the job id."""
-        data = json.loads(_checked(self._run(["squeue", "--json"]), "squeue --json"))
+        data = json.loads(checked_stdout(self._run(["squeue", "--json"]), "squeue --json"))
         for job in data.get("jobs", []):
             if f"tag={tag}" in str(job.get("comment", "")):
                 raw = job.get("exit_code")
@@ -453,10 +414,6 @@ exit "$code"
                     nodes=str(job.get("nodes", "")),
                 )
         return None
-
-
-def _non_empty(options: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in options.items() if v not in (None, "", (), [], 0)}
 
 
 def read_job_exit_status(attempt_dir: Path) -> int | None:
@@ -503,261 +460,3 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))
         return int(s.getsockname()[1])
-
-
-# ---- checking a run's Slurm options against the cluster --------------------------------------------
-
-
-@dataclass(frozen=True)
-class SlurmPartition:
-    name: str
-    state: str  # UP, DOWN, DRAIN, INACTIVE
-    default: bool
-    allow_accounts: frozenset[str] | None  # None: every account
-    deny_accounts: frozenset[str]
-
-    def allows(self, account: str) -> bool:
-        if account in self.deny_accounts:
-            return False
-        return self.allow_accounts is None or account in self.allow_accounts
-
-
-@dataclass(frozen=True)
-class SlurmProblem:
-    message: str
-    permanent: bool  # False: may pass later without a change to the run (a partition down for maintenance)
-
-
-def read_partitions(run: SlurmRunner) -> dict[str, SlurmPartition]:
-    out = _checked(run(["scontrol", "show", "partition", "-o"]), "scontrol show partition")
-    partitions: dict[str, SlurmPartition] = {}
-    for line in out.splitlines():
-        record = parse_scontrol_record(line.strip())
-        if "PartitionName" not in record:
-            continue
-        allow = record.get("AllowAccounts", "ALL")
-        partitions[record["PartitionName"]] = SlurmPartition(
-            name=record["PartitionName"],
-            state=record.get("State", "UNKNOWN"),
-            default=record.get("Default") == "YES",
-            allow_accounts=None if allow == "ALL" else frozenset(filter(None, allow.split(","))),
-            deny_accounts=frozenset(filter(None, record.get("DenyAccounts", "").split(","))),
-        )
-    return partitions
-
-
-def slurm_config_problems(options: Mapping[str, Any], run: SlurmRunner) -> list[SlurmProblem]:
-    """What Slurm would refuse (or hold forever) about a run's Slurm options: a partition that does not
-    exist or is not up, an account the partition does not allow, node names Slurm does not know.
-
-    Asked of Slurm itself (``scontrol show partition -o``, ``sinfo --json``); raises SlurmError when Slurm
-    cannot be asked. Accounts are checked against the partition's AllowAccounts/DenyAccounts; an account
-    that slurmdbd does not know is refused by sbatch at launch, which ends the run as needing attention.
-    """
-    problems: list[SlurmProblem] = []
-    partitions = read_partitions(run)
-    name = options.get("partition")
-    partition = partitions.get(name) if name else next((p for p in partitions.values() if p.default), None)
-    if name and partition is None:
-        available = ", ".join(sorted(partitions)) or "none"
-        problems.append(
-            SlurmProblem(f"Slurm partition {name!r} does not exist (available: {available})", permanent=True)
-        )
-    elif partition is not None and partition.state != "UP":
-        problems.append(
-            SlurmProblem(f"Slurm partition {partition.name!r} is {partition.state}, not UP", permanent=False)
-        )
-    account = options.get("account")
-    if account and partition is not None and not partition.allows(str(account)):
-        allowed = ", ".join(sorted(partition.allow_accounts or ())) or "none"
-        problems.append(
-            SlurmProblem(
-                f"Slurm account {account!r} may not run jobs in partition {partition.name!r} "
-                f"(allowed accounts: {allowed})",
-                permanent=True,
-            )
-        )
-    wanted_nodes = [str(n) for n in options.get("nodelist") or ()]
-    if wanted_nodes:
-        known = read_slurm_nodes(run)
-        unknown = [n for n in wanted_nodes if n not in known]
-        if unknown:
-            problems.append(
-                SlurmProblem(
-                    f"Slurm does not know node name(s) {', '.join(unknown)} "
-                    f"(known: {', '.join(sorted(known)) or 'none'})",
-                    permanent=True,
-                )
-            )
-    return problems
-
-
-def check_slurm_run_config(options: Mapping[str, Any], defaults: SlurmDefaults) -> list[SlurmProblem]:
-    """`slurm_config_problems` for a run's `slurm` section on this control plane's cluster (SLURM_CONF of
-    the environment), with the cluster-wide defaults applied."""
-    merged = {**_non_empty(defaults.__dict__), **_non_empty(dict(options))}
-    return slurm_config_problems(merged, run_slurm)
-
-
-# ---- nodes: Slurm <-> control plane ----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SlurmNode:
-    name: str
-    states: frozenset[str]  # e.g. {"IDLE", "DRAIN"}, {"DOWN", "NOT_RESPONDING"}
-    reason: str
-
-    @property
-    def drained(self) -> bool:
-        return bool(self.states & {"DRAIN", "DRAINED", "DRAINING"})
-
-    @property
-    def down(self) -> bool:
-        return bool(self.states & {"DOWN", "FAIL", "NOT_RESPONDING", "POWERED_DOWN"})
-
-    @property
-    def ours(self) -> bool:
-        return self.reason.startswith(SlurmAdapter.REASON_PREFIX)
-
-
-def read_slurm_nodes(run: SlurmRunner) -> dict[str, SlurmNode]:
-    data = json.loads(_checked(run(["sinfo", "--json"]), "sinfo --json"))
-    nodes: dict[str, SlurmNode] = {}
-    for entry in data.get("nodes", []):
-        state = entry.get("state")
-        states = {str(s).upper() for s in ([state] if isinstance(state, str) else state or [])}
-        states |= {str(s).upper() for s in entry.get("state_flags") or []}
-        name = str(entry["name"])
-        nodes[name] = SlurmNode(name, frozenset(states), str(entry.get("reason", "")))
-    return nodes
-
-
-SYNC_AUTHOR = "system:orchestrator/slurm"
-SYNC_PREFIX = "slurm: "  # control-plane cordons made by the sync, so it can lift them again
-
-
-@dataclass
-class SyncReport:
-    cordoned: list[str] = field(default_factory=list)  # drained or down outside trainops -> cordoned
-    released: list[str] = field(default_factory=list)  # Slurm gave the node back -> healthy
-    drained: list[str] = field(default_factory=list)  # cordoned in trainops -> drained in Slurm
-    resumed: list[str] = field(default_factory=list)  # back in service in trainops -> resumed in Slurm
-    errors: list[str] = field(default_factory=list)  # scheduler calls that failed (logged with evidence)
-
-
-def sync_slurm_nodes(
-    session_factory: sessionmaker[Session], run: SlurmRunner, *, adapter: SlurmAdapter
-) -> SyncReport:
-    """One level-triggered pass over the nodes registered in both places.
-
-    Outside drains and outages are findings: the node is cordoned with Slurm's reason (the logbook says
-    so) and released when Slurm has it back. trainops' own drains follow the node state: a node cordoned,
-    retired or draining in the control plane is drained in Slurm, and a node back in service is resumed.
-    """
-    report = SyncReport()
-    slurm_nodes = read_slurm_nodes(run)
-    out_of_service = (NodeState.cordoned, NodeState.retired, NodeState.draining)
-    for name, slurm_node in sorted(slurm_nodes.items()):
-        with transaction(session_factory) as session:
-            node = find_node(session, hostname=name)
-            if node is None:
-                continue
-            external = (slurm_node.drained and not slurm_node.ours) or slurm_node.down
-            ours_by_sync = node.state is NodeState.cordoned and (node.state_reason or "").startswith(
-                SYNC_PREFIX
-            )
-            if external and node.state not in out_of_service:
-                what = "down" if slurm_node.down else "drained outside trainops"
-                transition_node(
-                    session,
-                    node=node,
-                    target=NodeState.cordoned,
-                    reason=f"{SYNC_PREFIX}{name} is {what}: {slurm_node.reason or 'no reason given'}",
-                    author=SYNC_AUTHOR,
-                    evidence={"slurm_states": sorted(slurm_node.states), "slurm_reason": slurm_node.reason},
-                    severity=Severity.warning,
-                )
-                report.cordoned.append(name)
-            elif not external and ours_by_sync and not slurm_node.drained:
-                transition_node(
-                    session,
-                    node=node,
-                    target=NodeState.healthy,
-                    reason=f"{SYNC_PREFIX}{name} is back in service in Slurm",
-                    author=SYNC_AUTHOR,
-                    evidence={"slurm_states": sorted(slurm_node.states)},
-                )
-                report.released.append(name)
-            elif node.state in out_of_service and not ours_by_sync and not slurm_node.drained:
-                try:
-                    adapter.cordon(name, node.state_reason or node.state.value)
-                except Exception as error:  # logged with evidence; the pass goes on to the next node
-                    report.errors.append(
-                        record_scheduler_failure(
-                            session,
-                            adapter=adapter,
-                            action="cordon",
-                            node=node,
-                            state=node.state,
-                            error=error,
-                            author=SYNC_AUTHOR,
-                        )
-                    )
-                    continue
-                report.drained.append(name)
-            elif node.state not in out_of_service and slurm_node.drained and slurm_node.ours:
-                try:
-                    adapter.uncordon(name, node.state_reason or "back in service")
-                except Exception as error:  # logged with evidence; the pass goes on to the next node
-                    report.errors.append(
-                        record_scheduler_failure(
-                            session,
-                            adapter=adapter,
-                            action="uncordon",
-                            node=node,
-                            state=node.state,
-                            error=error,
-                            author=SYNC_AUTHOR,
-                        )
-                    )
-                    continue
-                write_log(
-                    session,
-                    kind=LogKind.action,
-                    severity=Severity.info,
-                    message=f"node {name}: resumed in Slurm (back in service in trainops)",
-                    author=SYNC_AUTHOR,
-                    node_id=node.id,
-                    evidence={"slurm_reason": slurm_node.reason},
-                )
-                report.resumed.append(name)
-    return report
-
-
-class SlurmHealthGateway(SweepHealthGateway):
-    """The health gateway of an orchestrator on Slurm: cordons also drain in Slurm (via `SlurmAdapter`),
-    and `sync_external` (called at the start of each reconcile pass) reconciles node states both ways."""
-
-    def __init__(
-        self,
-        session_factory: sessionmaker[Session],
-        *,
-        env: Mapping[str, str] | None = None,
-        author: str = "system:orchestrator",
-        app: Any = None,
-    ) -> None:
-        command_env = {**os.environ, **(env or {})}
-
-        def run(argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
-            return subprocess.run(list(argv), capture_output=True, text=True, timeout=60, env=command_env)
-
-        def run_checked(argv: Sequence[str]) -> str:
-            return _checked(run(argv), " ".join(argv[:2]))
-
-        self._slurm_run = run
-        self.slurm_adapter = SlurmAdapter(run_checked)
-        super().__init__(session_factory, author=author, adapters=[self.slurm_adapter], app=app)
-
-    def sync_external(self) -> SyncReport:
-        return sync_slurm_nodes(self._factory, self._slurm_run, adapter=self.slurm_adapter)

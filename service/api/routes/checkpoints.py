@@ -20,10 +20,10 @@ from service.api.deps import (
 )
 from service.crud import checkpoints as ckpt_crud
 from service.crud import runs as runs_crud
-from service.orchestrator.config import OrchestratorConfig
-from service.orchestrator.detect import FailureClass
-from service.orchestrator.preview import restart_preview
-from service.orchestrator.verdicts import runs_dir_of
+from service.recovery.config import OrchestratorConfig, load_orchestrator_config
+from service.recovery.detect import FailureClass
+from service.recovery.preview import restart_preview
+from service.recovery.verdicts import runs_dir_of
 from service.schemas import CheckpointCreate, CheckpointMark, CheckpointPublic, Page, RestartPreviewPublic
 from service.statemachine import CheckpointState
 
@@ -39,8 +39,6 @@ RunsDir = Annotated[Path, Depends(get_runs_dir)]
 
 
 def get_orchestrator_config(settings: SettingsDep) -> OrchestratorConfig:
-    from service.orchestrator.runtime import load_orchestrator_config
-
     return load_orchestrator_config(settings)
 
 

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from service.orchestrator.config import DivergenceConfig
+from service.recovery.config import DivergenceConfig
 from trainer.contract import EXIT_CONFIG, EXIT_DIVERGED, EXIT_OK
 
 __all__ = ["EXIT_CONFIG", "EXIT_DIVERGED", "EXIT_OK"]  # re-exported: the exit codes are the contract's

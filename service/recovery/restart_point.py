@@ -21,8 +21,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from service.orchestrator.config import RestartPointConfig
-from service.orchestrator.detect import FailureClass
+from service.recovery.config import RestartPointConfig
+from service.recovery.detect import FailureClass
 
 
 class Verdict(enum.StrEnum):

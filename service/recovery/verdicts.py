@@ -38,9 +38,9 @@ from service.config import Settings
 from service.crud.checkpoints import AUTO_PIN_AUTHOR
 from service.crud.logbook import jsonable, write_log
 from service.models import Attempt, Checkpoint, Metric, Run, utcnow
-from service.orchestrator.config import OrchestratorConfig
-from service.orchestrator.detect import FailureClass
-from service.orchestrator.restart_point import (
+from service.recovery.config import OrchestratorConfig, load_orchestrator_config
+from service.recovery.detect import FailureClass
+from service.recovery.restart_point import (
     CheckpointVerdict,
     Verdict,
     divergence_cutoff,
@@ -408,6 +408,4 @@ def _int_or_none(value: Any) -> int | None:
 def runs_dir_of(settings: Settings) -> Path:
     """The directory of the runs' files (`<runs_dir>/<run name>/checkpoints/...`), as the orchestrator sees
     it: the API writes pin markers there."""
-    from service.orchestrator.runtime import load_orchestrator_config
-
     return Path(load_orchestrator_config(settings).runs_dir).resolve()

@@ -1,8 +1,17 @@
-"""The orchestrator's typed config (one per component, read once at the edge)."""
+"""The orchestrator's typed config (one per component, read once at the edge), and its loader.
+
+The recovery rules (detection, the restart rule, verdicts) take their sections of it; the API loads the same
+document for restart-preview and the runs directory, so the loader lives here, below the orchestrator.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from service.config import Settings
 
 
 @dataclass(kw_only=True)
@@ -181,3 +190,25 @@ class OrchestratorConfig:
             raise ValueError(
                 "need failing_pass_backoff_max_s >= loop_interval_s and transient_failure_patience_s >= 0"
             )
+
+
+def _build(cls: type, data: dict[str, Any]) -> Any:
+    kwargs = {}
+    known = {f.name: f for f in fields(cls)}
+    for key, value in data.items():
+        if key not in known:
+            raise ValueError(f"unknown orchestrator setting {key!r} for {cls.__name__}")
+        default = known[key].default_factory() if callable(known[key].default_factory) else known[key].default
+        kwargs[key] = (
+            _build(type(default), value) if is_dataclass(default) and isinstance(value, dict) else value
+        )
+    return cls(**kwargs)
+
+
+def load_orchestrator_config(settings: Settings, **overrides: Any) -> OrchestratorConfig:
+    """Defaults, then the JSON file named by TRAINOPS_ORCHESTRATOR_CONFIG, then `overrides`."""
+    data: dict[str, Any] = {"runs_dir": str(settings.home / "runs"), "api_url": settings.resolved_api_url}
+    if settings.orchestrator_config is not None:
+        data.update(json.loads(Path(settings.orchestrator_config).read_text()))
+    data.update(overrides)
+    return _build(OrchestratorConfig, data)

@@ -1,10 +1,10 @@
 """`restart-preview`: what the orchestrator would restore now for a given failure, and why.
 
-The same observation the reconcile loop decides on (`loop.checkpoint_candidates`, `loop.act_norm_lineage`)
-and the same rule (`restart_point.pick_restart_checkpoint`). For a divergence the onset is the current one:
-the active attempt's metrics as the detector reads them, else the onset recorded when the newest attempt
-ended diverged; with no onset, the answer is the newest healthy checkpoint under OPT's rule (what an
-operator's restart without a checkpoint restores).
+The same observation the reconcile loop decides on (`samples.checkpoint_candidates`,
+`samples.act_norm_lineage`) and the same rule (`restart_point.pick_restart_checkpoint`). For a divergence the
+onset is the current one: the active attempt's metrics as the detector reads them, else the onset recorded
+when the newest attempt ended diverged; with no onset, the answer is the newest healthy checkpoint under
+OPT's rule (what an operator's restart without a checkpoint restores).
 """
 
 from __future__ import annotations
@@ -16,19 +16,19 @@ from sqlalchemy.orm import Session
 
 from service.crud.runs import get_run
 from service.models import Attempt, Checkpoint
-from service.orchestrator.config import OrchestratorConfig
-from service.orchestrator.detect import FailureClass, detect_divergence
-from service.orchestrator.loop import (
-    act_norm_lineage,
-    attempt_samples,
-    checkpoint_candidates,
-    lineage_samples,
-)
-from service.orchestrator.restart_point import (
+from service.recovery.config import OrchestratorConfig
+from service.recovery.detect import FailureClass, detect_divergence
+from service.recovery.restart_point import (
     CheckpointCandidate,
     RestartChoice,
     pick_restart_checkpoint,
     rule_for_run,
+)
+from service.recovery.samples import (
+    act_norm_lineage,
+    attempt_samples,
+    checkpoint_candidates,
+    lineage_samples,
 )
 from service.schemas import CheckpointPublic, RejectedCheckpoint, RestartPreviewPublic
 
