@@ -169,6 +169,29 @@ def test_the_scheduler_setting_builds_the_kubernetes_adapter(
     assert api_server.requests[-1]["authorization"] == f"Bearer {TOKEN}"
 
 
+def test_the_orchestrator_builds_its_gateway_from_the_setting(
+    monkeypatch: pytest.MonkeyPatch, api_server: FakeApiServer, token_file: Path, sqlite_url: str
+) -> None:
+    """`trainops orchestrator` with TRAINOPS_SCHEDULER=kubernetes mirrors its cordons to the API server and
+    syncs the drains made there; with Slurm the Slurm gateway keeps its own sync and Kubernetes mirrors."""
+    from service.fleet.gateway import SweepHealthGateway
+    from service.fleet.slurm_sync import SlurmHealthGateway
+    from service.orchestrator.runtime import build_health_gateway
+
+    monkeypatch.setenv("TRAINOPS_SCHEDULER", "kubernetes")
+    monkeypatch.setenv("TRAINOPS_KUBERNETES_API_URL", api_server.url)
+    monkeypatch.setenv("TRAINOPS_KUBERNETES_TOKEN_FILE", str(token_file))
+    factory = _fleet(sqlite_url, "k1")
+    gateway = build_health_gateway(Settings(), factory)
+    assert type(gateway) is SweepHealthGateway
+    assert [a.name for a in gateway._adapters] == ["kubernetes"]
+    gateway.sync_external()
+    assert any(r["path"] == "/api/v1/nodes" for r in api_server.requests)
+    with_slurm = build_health_gateway(Settings(slurm_enabled=True), factory)
+    assert isinstance(with_slurm, SlurmHealthGateway)
+    assert [a.name for a in with_slurm._adapters] == ["slurm", "kubernetes"]
+
+
 def test_the_default_is_the_own_pool_only_and_slurm_enabled_implies_slurm() -> None:
     assert Settings().scheduler == ("pool",)
     assert build_scheduler_adapters(Settings()) == []

@@ -21,7 +21,7 @@ from service.crud.logbook import write_log
 from service.crud.nodes import find_node, transition_node
 from service.db import transaction
 from service.fleet.gateway import SweepHealthGateway
-from service.fleet.scheduler import SlurmAdapter, record_scheduler_failure
+from service.fleet.scheduler import SchedulerAdapter, SlurmAdapter, record_scheduler_failure
 from service.fleet.slurm import SlurmRunner, checked_stdout, read_slurm_nodes
 from service.statemachine import LogKind, NodeState, Severity
 
@@ -138,6 +138,7 @@ class SlurmHealthGateway(SweepHealthGateway):
         env: Mapping[str, str] | None = None,
         author: str = "system:orchestrator",
         app: Any = None,
+        other_adapters: Sequence[SchedulerAdapter] = (),
     ) -> None:
         command_env = {**os.environ, **(env or {})}
 
@@ -149,7 +150,10 @@ class SlurmHealthGateway(SweepHealthGateway):
 
         self._slurm_run = run
         self.slurm_adapter = SlurmAdapter(run_checked)
-        super().__init__(session_factory, author=author, adapters=[self.slurm_adapter], app=app)
+        # other schedulers (Kubernetes) get the cordons too; the sync below is Slurm's own, both ways
+        super().__init__(
+            session_factory, author=author, adapters=[self.slurm_adapter, *other_adapters], app=app
+        )
 
     def sync_external(self) -> SyncReport:
         return sync_slurm_nodes(self._factory, self._slurm_run, adapter=self.slurm_adapter)

@@ -32,12 +32,18 @@ def available_launchers(settings: Settings) -> dict[str, Launcher]:
 
 
 def build_health_gateway(settings: Settings, session_factory: sessionmaker[Session]) -> SweepHealthGateway:
-    """With Slurm, cordons also drain the node in Slurm, and Slurm's own drains and outages are synced."""
+    """Cordons are mirrored to the schedulers of `settings.scheduler` (TRAINOPS_SCHEDULER). With Slurm, its
+    own drains and outages are synced both ways by the Slurm gateway; otherwise every adapter's outside
+    drains become cordons at the start of each pass (`service/fleet/sync.py`)."""
+    from service.fleet.schedulers import build_scheduler_adapters
+
+    adapters = build_scheduler_adapters(settings)
     if settings.slurm_enabled:
         from service.fleet.slurm_sync import SlurmHealthGateway
 
-        return SlurmHealthGateway(session_factory)
-    return SweepHealthGateway(session_factory)
+        others = [a for a in adapters if a.name != "slurm"]
+        return SlurmHealthGateway(session_factory, other_adapters=others)
+    return SweepHealthGateway(session_factory, adapters=adapters)
 
 
 def build_orchestrator(
