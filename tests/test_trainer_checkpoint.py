@@ -120,3 +120,16 @@ def test_a_checkpoint_deleted_while_it_is_verified_is_reported_not_raised(
     ok, reason = verify_checkpoint(path)
     assert not ok and reason.startswith("unreadable")
     assert list_checkpoints(tmp_path) == []
+
+
+def test_pinning_a_checkpoint_that_just_vanished_says_so_instead_of_raising(tmp_path: Path) -> None:
+    """Retention, or a re-save of the same step, can remove a checkpoint's directory between the control
+    plane's look at the disk and its pin: the pin reports it and writes nothing."""
+    from trainer.checkpoint import is_pinned, pin_checkpoint
+
+    here = tmp_path / "step_00000010"
+    here.mkdir()
+    assert pin_checkpoint(here) is True and is_pinned(here)
+    assert pin_checkpoint(here) is True  # already pinned
+    gone = tmp_path / "step_00000020"
+    assert pin_checkpoint(gone) is False and not gone.exists()

@@ -215,13 +215,21 @@ def catalog_record(path: Path, step: int, meta: dict[str, Any], checksum: str | 
     }
 
 
-def pin_checkpoint(path: str | Path) -> None:
+def pin_checkpoint(path: str | Path) -> bool:
     """Exempt a checkpoint from retention (the control plane pins restart candidates). The marker is the
-    contract between the control plane and retention: the trainer never asks the control plane."""
+    contract between the control plane and retention: the trainer never asks the control plane.
+
+    Returns False, pinning nothing, when the checkpoint's directory is gone: retention or a re-save of the
+    same step (which replaces the directory) can remove it between the caller's check and this write."""
     marker = Path(path) / PINNED
-    if not marker.exists():
+    if marker.exists():
+        return True
+    try:
         atomic_write_text(marker, "")
         _fsync_dir(Path(path))
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def unpin_checkpoint(path: str | Path) -> None:

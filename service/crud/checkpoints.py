@@ -323,9 +323,5 @@ def set_pin_marker(session: Session, *, checkpoint: Checkpoint, pinned: bool, ru
         return
     if not path.is_dir():
         raise Conflict(f"checkpoint {checkpoint.id} is not on disk ({checkpoint.path}): nothing to pin")
-    try:
-        pin_checkpoint(path)
-    except FileNotFoundError as exc:  # deleted by retention in the meantime
-        raise Conflict(
-            f"checkpoint {checkpoint.id} was deleted while being pinned ({checkpoint.path})"
-        ) from exc
+    if not pin_checkpoint(path):  # deleted by retention (or replaced by a re-save) in the meantime
+        raise Conflict(f"checkpoint {checkpoint.id} was deleted while being pinned ({checkpoint.path})")

@@ -334,8 +334,7 @@ def _move_automatic_pin(
     )
     restored = []
     for r in rows:  # the catalog says pinned: the marker must be there (an API pin whose commit came late)
-        if r.pinned and _on_disk(r, checkpoint_dir) and not is_pinned(r.path):
-            pin_checkpoint(r.path)
+        if r.pinned and _on_disk(r, checkpoint_dir) and not is_pinned(r.path) and pin_checkpoint(r.path):
             restored.append(r.step)
     if restored:
         write_log(
@@ -350,7 +349,8 @@ def _move_automatic_pin(
     if newest is None:
         return
     if not newest.pinned and newest.pinned_by in (None, AUTO_PIN_AUTHOR):
-        pin_checkpoint(newest.path)
+        if not pin_checkpoint(newest.path):
+            return  # its directory went away (retention, a re-save) since it was checked: next pass
         newest.pinned, newest.pinned_by = True, AUTO_PIN_AUTHOR
         done.pinned = newest.step
     if not newest.pinned:
