@@ -116,8 +116,10 @@ def _insert_unless_present(session: Session, row: dict[str, Any]) -> int | None:
         from sqlalchemy.dialects.postgresql import insert
     elif dialect == "sqlite":
         from sqlalchemy.dialects.sqlite import insert
-    else:  # pragma: no cover - trainops runs on the two
-        raise NotImplementedError(f"no upsert for {dialect}")
+    else:  # trainops's migrations and tests cover the two; refuse anything else plainly
+        raise RuntimeError(
+            f"the checkpoint catalog supports PostgreSQL and SQLite, not {dialect!r} (TRAINOPS_DATABASE_URL)"
+        )
     stmt = (
         insert(Checkpoint)
         .values(**row)
