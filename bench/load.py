@@ -2,7 +2,7 @@
 
     with busy_cores() as pids: ...    # every core at 100 % from another process while the block runs
 
-Used by tests/test_demo.py and bench/demo_under_load.py: the main job must reach its target on a machine
+Used by tests/e2e/test_demo.py and bench/demo_under_load.py: the main job must reach its target on a machine
 whose cores are all taken by something else, as a shared training host's are.
 """
 

@@ -25,7 +25,7 @@ from service.db import transaction
 from service.fleet.fabric import GroupMeasurement, bisect, next_round
 from service.fleet.sweep import run_sweep
 from service.statemachine import DiagnosticStatus, NodeState
-from tests.test_health_sweep import REDIS, Fleet, Workers, node_log, register, sessions, states
+from tests.health.test_health_sweep import REDIS, Fleet, Workers, node_log, register, sessions, states
 
 HEALTHY_GBPS = 1.0
 FLOOR_GBPS = 0.5

@@ -22,7 +22,7 @@ from service.crud import telemetry
 from service.db import make_engine, make_session_factory, transaction
 from service.metrics import exported_metric_names
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 DASH = REPO / "dashboards"
 RULES = DASH / "prometheus" / "trainops.rules.yml"
 PROMETHEUS_BUILTINS = {"ALERTS", "up"}

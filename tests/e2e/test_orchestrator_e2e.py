@@ -199,7 +199,7 @@ def test_the_control_plane_goes_down_mid_run_and_no_metric_is_lost(stack: Stack)
     )
     # The API goes down and stays down until the attempt is over: the trainer keeps training and spools its
     # reports; the orchestrator (which reads heartbeat files and the database) stores the spool when the
-    # attempt ends (the trainer's own replay into a live server: tests/test_trainer_reporting.py).
+    # attempt ends (the trainer's own replay into a live server: tests/trainer/test_trainer_reporting.py).
     stack.server.stop()
     stack.wait_for(phase(run_id, "completed", "needs_attention", "failed"))
     stack.server.start()

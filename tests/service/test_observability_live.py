@@ -39,7 +39,7 @@ from tests.livesrv import LiveServer, free_port
 # Needs Redis and Debian's `prometheus` package, both provided by make test (.ci/prepare-machine).
 pytestmark = pytest.mark.redis
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 PROM_DIR = REPO / "dashboards" / "prometheus"
 GRAFANA_DIR = REPO / "dashboards" / "grafana"
 BROKER_URL = "redis://127.0.0.1:6379/13"

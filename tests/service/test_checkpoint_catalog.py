@@ -48,7 +48,7 @@ from trainer.checkpoint import (
     read_checksum,
 )
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parents[1] / "data"
 CFG = OrchestratorConfig()  # trend window 20, >= 5 points, runaway x3
 
 

@@ -9,7 +9,7 @@ import pytest
 import sqlalchemy as sa
 
 from service.models import Checkpoint, Run
-from tests.test_orchestrator_e2e import Stack, in_thread, stack  # noqa: F401 - the fixture
+from tests.e2e.test_orchestrator_e2e import Stack, in_thread, stack  # noqa: F401 - the fixture
 from trainer.checkpoint import PINNED
 
 pytestmark = pytest.mark.slow

@@ -25,7 +25,7 @@ from service.recovery.restart_point import (
     pick_restart_checkpoint,
 )
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parents[1] / "data"
 CHECKPOINT_INTERVAL = 5
 DIVERGENCE = DivergenceConfig()
 RESTART = RestartPointConfig()

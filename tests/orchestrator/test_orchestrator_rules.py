@@ -35,7 +35,7 @@ from service.recovery.restart_point import (
     rule_for_run,
 )
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parents[1] / "data"
 
 
 def _recorded(name: str) -> list[MetricSample]:

@@ -31,7 +31,7 @@ from trainer.schedule import LRSchedule
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BOOTSTRAP_SECRET = "bootstrap-secret-from-the-vault"
 CRASH_STEP = 80  # attempt 3 crashes here (a crash, within budget: the run waits in `restarting`)
 CONFIG_EXIT_STEP = 120  # attempt 4 exits with the trainer's config code here (the run needs attention)

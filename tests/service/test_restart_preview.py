@@ -23,7 +23,7 @@ from service.recovery.restart_point import CheckpointCandidate
 from service.statemachine import DesiredState, NodeState, RunPhase
 from tests.conftest import make_run
 from tests.livesrv import LiveServer
-from tests.test_checkpoint_catalog import record_of, recorded, save_checkpoint
+from tests.service.test_checkpoint_catalog import record_of, recorded, save_checkpoint
 
 ADMIN = {"Authorization": f"Bearer {DEFAULT_BOOTSTRAP_TOKEN}"}
 CFG = OrchestratorConfig()
