@@ -21,7 +21,7 @@ keys, not counted), and the bench prints values/s too: MLflow's figures (mlflow#
 per request) count one value per point. The baseline inserts the same rows.
 
     .venv/bin/python bench/ingest.py            # full run (~1 min)
-    .venv/bin/python bench/ingest.py --quick    # small sizes, seconds (used by tests/service/test_bench_ingest.py)
+    .venv/bin/python bench/ingest.py --quick    # small sizes, seconds (tests/service/test_bench_ingest.py)
 
 Numbers are only comparable inside one run: the machine is shared and noisy, hence the ratio.
 """

@@ -1,6 +1,7 @@
 """`decide()`: a pure function from a run's desired and observed state to the actions that reconcile them.
 
-No I/O here; everything it needs is in `ObservedRun`. Table-tested in tests/orchestrator/test_orchestrator_decide.py.
+No I/O here; everything it needs is in `ObservedRun`.
+Table-tested in tests/orchestrator/test_orchestrator_decide.py.
 """
 
 from __future__ import annotations
