@@ -384,8 +384,7 @@ class Spool:
 
 # -- trainer flags the orchestrator sets (service/orchestrator/launcher.py build_trainer_args) -------------
 # Each is a trainer.config.TrainConfig field (tests/trainer/test_contract.py checks); a run's
-# `hyperparameters` may
-# pass any other TrainConfig field by name.
+# `hyperparameters` may pass any other TrainConfig field by name.
 ORCHESTRATOR_TRAINER_FIELDS: frozenset[str] = frozenset(
     {
         "preset",
