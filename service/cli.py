@@ -8,10 +8,17 @@ from typing import Annotated, Any, NoReturn
 
 import httpx
 import typer
-from rich.table import Table
 
 from service.config import Settings, get_settings
-from service.console import console, err_console, print_goodput, print_logbook, print_restart_preview
+from service.console import (
+    DataTable,
+    console,
+    err_console,
+    esc,
+    print_goodput,
+    print_logbook,
+    print_restart_preview,
+)
 
 app = typer.Typer(
     help="trainops: operations for long, large training runs.",
@@ -33,7 +40,7 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print raw JSON.")]
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
-    err_console.print(f"[bold red]error:[/] {message}")
+    err_console.print(f"[bold red]error:[/] {esc(message)}")
     raise typer.Exit(code)
 
 
@@ -75,7 +82,7 @@ class ApiClient:
         return r.json() if r.content else None
 
 
-def _emit(data: Any, as_json: bool, table: Table | None = None) -> None:
+def _emit(data: Any, as_json: bool, table: DataTable | None = None) -> None:
     if as_json or table is None:
         console.print_json(json.dumps(data, default=str))
     else:
@@ -222,7 +229,7 @@ def runs_list(
 ) -> None:
     """List runs, newest first."""
     page = ApiClient(url, token).request("GET", "/runs", params={"phase": phase or [], "limit": limit})
-    table = Table("id", "name", "owner", "phase", "desired", "restarts", "created")
+    table = DataTable("id", "name", "owner", "phase", "desired", "restarts", "created")
     for r in page["items"]:
         table.add_row(
             str(r["id"]),
@@ -256,7 +263,9 @@ def runs_create(
         fail(f"{config_file.name} is not JSON: {exc}", 2)
     body = {"name": name, "owner": owner, "config": config, "start": start}
     run = ApiClient(url, token).request("POST", "/runs", json=body)
-    console.print(f"run {run['id']} ({run['name']}): phase {run['phase']}, desired {run['desired_state']}")
+    console.print(
+        f"run {run['id']} ({esc(run['name'])}): phase {run['phase']}, desired {run['desired_state']}"
+    )
 
 
 @runs_app.command("show")
@@ -269,15 +278,17 @@ def runs_show(run_id: int, url: UrlOpt = None, token: TokenOpt = None, as_json: 
         _emit({"run": run, "attempts": attempts}, True)
         return
     console.print(
-        f"[bold]{run['name']}[/] (id {run['id']}, owner {run['owner']}): phase [bold]{run['phase']}[/], "
-        f"desired {run['desired_state']}"
+        f"[bold]{esc(run['name'])}[/] (id {run['id']}, owner {esc(run['owner'])}): "
+        f"phase [bold]{run['phase']}[/], desired {run['desired_state']}"
     )
     if run["phase_reason"]:
-        console.print(f"  reason: {run['phase_reason']}")
+        console.print(f"  reason: {esc(run['phase_reason'])}")
     console.print(
         f"  overrides: lr_scale={run['lr_scale']} lr={run['lr_override']} clip={run['clip_override']}"
     )
-    table = Table("attempt", "hosts", "from ckpt", "start step", "last step", "exit", "code", "steps lost")
+    table = DataTable(
+        "attempt", "hosts", "from ckpt", "start step", "last step", "exit", "code", "steps lost"
+    )
     for a in attempts:
         table.add_row(
             str(a["number"]),
@@ -328,7 +339,7 @@ def runs_restart(
     run = ApiClient(url, token).request(
         "POST", f"/runs/{run_id}/restart", json={k: v for k, v in body.items() if v is not None}
     )
-    console.print(f"restart of {run['name']} requested")
+    console.print(f"restart of {esc(run['name'])} requested")
 
 
 @runs_app.command("restart-preview")
@@ -360,14 +371,14 @@ def runs_stop(
 ) -> None:
     """Ask a run to stop."""
     run = ApiClient(url, token).request("POST", f"/runs/{run_id}/stop", json={"reason": reason})
-    console.print(f"{run['name']}: desired state {run['desired_state']}, phase {run['phase']}")
+    console.print(f"{esc(run['name'])}: desired state {run['desired_state']}, phase {run['phase']}")
 
 
 @runs_app.command("start")
 def runs_start(run_id: int, url: UrlOpt = None, token: TokenOpt = None) -> None:
     """Ask a run to start."""
     run = ApiClient(url, token).request("POST", f"/runs/{run_id}/start")
-    console.print(f"{run['name']}: desired state {run['desired_state']}, phase {run['phase']}")
+    console.print(f"{esc(run['name'])}: desired state {run['desired_state']}, phase {run['phase']}")
 
 
 # ---- nodes -----------------------------------------------------------------------------------------
@@ -383,7 +394,7 @@ def nodes_list(
 ) -> None:
     """List hosts with their state and GPU count."""
     page = ApiClient(url, token).request("GET", "/nodes", params={"state": state or [], "limit": limit})
-    table = Table("host", "state", "gpus", "failures", "blame", "reason")
+    table = DataTable("host", "state", "gpus", "failures", "blame", "reason")
     for n in page["items"]:
         table.add_row(
             n["hostname"],
@@ -454,7 +465,7 @@ def nodes_register(
     if gpus_from_nvml:
         body["gpus"] = local_gpu_inventory(host)
     node = ApiClient(url, token).request("POST", "/nodes", json=body)
-    console.print(f"{node['hostname']}: {node['state']}, {len(node['gpus'])} GPU(s)")
+    console.print(f"{esc(node['hostname'])}: {node['state']}, {len(node['gpus'])} GPU(s)")
 
 
 @nodes_app.command("cordon")
@@ -466,7 +477,7 @@ def nodes_cordon(
 ) -> None:
     """Take a host out of service."""
     node = ApiClient(url, token).request("POST", f"/nodes/{host}/cordon", json={"reason": reason})
-    console.print(f"{node['hostname']}: {node['state']} ({node['state_reason']})")
+    console.print(f"{esc(node['hostname'])}: {node['state']} ({esc(node['state_reason'])})")
 
 
 @nodes_app.command("uncordon")
@@ -478,7 +489,7 @@ def nodes_uncordon(
 ) -> None:
     """Return a host to service."""
     node = ApiClient(url, token).request("POST", f"/nodes/{host}/uncordon", json={"reason": reason})
-    console.print(f"{node['hostname']}: {node['state']} ({node['state_reason']})")
+    console.print(f"{esc(node['hostname'])}: {node['state']} ({esc(node['state_reason'])})")
 
 
 # ---- logbook and tokens ----------------------------------------------------------------------------
@@ -530,7 +541,7 @@ def tokens_create(
     if run_id is not None:
         body["run_id"] = run_id
     created = ApiClient(url, token, bootstrap=bootstrap).request("POST", "/tokens", json=body)
-    console.print(f"token {created['id']} ({created['role']}) for {created['name']}:")
+    console.print(f"token {created['id']} ({created['role']}) for {esc(created['name'])}:")
     print(created["token"])
 
 

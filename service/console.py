@@ -6,10 +6,25 @@ from __future__ import annotations
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 console = Console()
 err_console = Console(stderr=True)
+
+
+def esc(value: Any) -> str:
+    """`value` as literal text inside a Rich markup string: data (a run's name, an owner, a note, a server's
+    error message) may contain `[` and `]`, which Rich would otherwise read as markup, and crash on `[/]`."""
+    return escape(str(value))
+
+
+class DataTable(Table):
+    """A table whose string cells are literal text, never markup (cells hold data written by users)."""
+
+    def add_row(self, *renderables: Any, **kwargs: Any) -> None:
+        super().add_row(*(Text(r) if isinstance(r, str) else r for r in renderables), **kwargs)
 
 
 def print_goodput(g: dict[str, Any]) -> None:
@@ -24,7 +39,7 @@ def print_goodput(g: dict[str, Any]) -> None:
         + ", ".join(f"{k.removesuffix('_s').replace('_', ' ')} {v:.1f} s" for k, v in g["lost"].items())
     )
     if g["failures"]:
-        table = Table("failure", "count", "mean time to detect", "mean time to recover")
+        table = DataTable("failure", "count", "mean time to detect", "mean time to recover")
         for name, f in g["failures"].items():
             table.add_row(
                 name,
@@ -41,23 +56,23 @@ def print_restart_preview(p: dict[str, Any]) -> None:
     if p["divergence_onset"] is not None:
         head += f" (divergence onset: step {p['divergence_onset']}, {p['onset_source']})"
     if ckpt is not None:
-        console.print(f"{head} it would restore [bold]step {ckpt['step']}[/] ({ckpt['path']})")
+        console.print(f"{head} it would restore [bold]step {ckpt['step']}[/] ({esc(ckpt['path'])})")
         pin = f", pinned by {ckpt['pinned_by']}" if ckpt["pinned"] else ""
-        console.print(f"  stored verdict: {ckpt['verdict']}{pin}")
+        console.print(f"  stored verdict: {esc(ckpt['verdict'])}{pin}")
     elif p["needs_attention"]:
         console.print(f"{head} [bold red]nothing qualifies[/]: the run would need attention")
     else:
         console.print(f"{head} it would start from scratch")
-    console.print(f"  why: {p['reason']}")
+    console.print(f"  why: {esc(p['reason'])}")
     if p["rejected"]:
-        table = Table("rejected step", "why")
+        table = DataTable("rejected step", "why")
         for r in p["rejected"]:
             table.add_row(str(r["step"]), r["reason"])
         console.print(table)
 
 
 def print_logbook(entries: list[dict[str, Any]]) -> None:
-    table = Table("time", "kind", "sev", "author", "message", show_lines=False)
+    table = DataTable("time", "kind", "sev", "author", "message", show_lines=False)
     colours = {"critical": "bold red", "error": "red", "warning": "yellow"}
     for e in entries:
         style = colours.get(e["severity"], "")

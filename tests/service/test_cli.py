@@ -75,3 +75,33 @@ def test_cli_errors_are_one_line_without_traceback(server: LiveServer, tmp_path:
     server.env["TRAINOPS_MODE"] = "prod"
     r = server.cli("runs", "list", check=False)
     assert r.returncode == 2 and "BOOTSTRAP_ADMIN_TOKEN" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_data_with_markup_characters_is_printed_as_written(server: LiveServer) -> None:
+    # Owners, notes, reasons and host names are user data: `[/]` or `[bold]` in them is text, not Rich markup
+    # (before, `[/]` crashed `runs list` and `logbook` with a MarkupError traceback).
+    owner, note, reason = "team[/]ml", "loss [bold]spiked[/] at [/] step 40", "fan [red] stuck [/]"
+    httpx.post(f"{server.url}/api/v1/nodes", json={"hostname": "gpu-9"}, headers=ADMIN).raise_for_status()
+    httpx.post(
+        f"{server.url}/api/v1/runs",
+        json={"name": "opt-x", "owner": owner, "config": {"target_steps": 10}},
+        headers=ADMIN,
+    ).raise_for_status()
+
+    out = server.cli("runs", "list", check=False)
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
+    assert owner in out.stdout and "opt-x" in out.stdout
+    shown = server.cli("runs", "show", "1", check=False)
+    assert shown.returncode == 0 and owner in shown.stdout, shown.stderr
+
+    server.cli("logbook", "--note", note, "--run", "1")
+    server.cli("nodes", "cordon", "gpu-9", "--reason", reason)
+    log = server.cli("logbook", check=False)
+    assert log.returncode == 0 and "Traceback" not in log.stderr, log.stderr
+    flat = " ".join(log.stdout.split())  # the table wraps long cells
+    assert "[bold]spiked[/]" in flat
+    nodes = server.cli("nodes", "list", check=False)
+    assert nodes.returncode == 0 and "[red]" in nodes.stdout, nodes.stderr
+
+    r = server.cli("nodes", "cordon", "ghost[/]", "--reason", "x", check=False)
+    assert r.returncode == 1 and "ghost[/]" in r.stderr and "Traceback" not in r.stderr
