@@ -105,10 +105,13 @@ def write_manifest(path: Path) -> str:
 def verify_checkpoint(path: str | Path, *, deep: bool = True) -> tuple[bool, str]:
     """(ok, reason). deep=False checks marker, manifest and sizes only (no hashing)."""
     path = Path(path)
-    if not path.is_dir():
-        return False, "not a directory"
-    if not (path / MARKER).is_file():
-        return False, "no COMMITTED marker (torn or in-progress save)"
+    try:
+        if not path.is_dir():
+            return False, "not a directory"
+        if not (path / MARKER).is_file():
+            return False, "no COMMITTED marker (torn or in-progress save)"
+    except OSError as e:  # a path the OS cannot use (a name over 255 bytes, no permission): not a checkpoint
+        return False, f"unusable path: {e.strerror or e}"
     try:
         manifest = json.loads((path / MANIFEST).read_text())
         files: dict[str, dict[str, Any]] = manifest["files"]
@@ -280,6 +283,24 @@ def commit(tmp: Path, final: Path, *, before_marker: Callable[[], None] = lambda
     return checksum
 
 
+def read_rng_state(path: Path, rank: int) -> dict[str, Any] | None:
+    """A rank's RNG state saved with its checkpoint (None when absent). Loaded with `weights_only=True`: the
+    file sits in a directory a trainer token can write to, and a full unpickle would run whatever code a
+    crafted file names. RNG state is a dict of byte tensors, which the restricted unpickler accepts."""
+    import torch
+
+    rng_file = path / f"rng_rank{rank}.pt"
+    if not rng_file.exists():
+        return None
+    try:
+        state = torch.load(rng_file, weights_only=True)
+    except Exception as exc:  # UnpicklingError names the refused global; any failure means an unusable file
+        raise ValueError(f"{rng_file}: not a plain RNG state ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(state, dict):
+        raise ValueError(f"{rng_file}: not a plain RNG state (a {type(state).__name__}, not a dict)")
+    return state
+
+
 def dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
@@ -402,7 +423,6 @@ class Checkpointer:
 
     def load(self, path: Path, model: Any, optimizer: Any) -> tuple[dict[str, Any], dict[str, Any] | None]:
         """Load model+optimizer shards in place; returns (meta, this rank's RNG state or None)."""
-        import torch
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
@@ -410,9 +430,7 @@ class Checkpointer:
         state = {"model": model_sd, "optim": optim_sd}
         dcp.load(state, checkpoint_id=str(path))
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-        rng_file = path / f"rng_rank{self.rank}.pt"
-        rng = torch.load(rng_file, weights_only=False) if rng_file.exists() else None
-        return read_meta(path), rng
+        return read_meta(path), read_rng_state(path, self.rank)
 
     def close(self) -> None:
         self.wait()

@@ -133,3 +133,29 @@ def test_pinning_a_checkpoint_that_just_vanished_says_so_instead_of_raising(tmp_
     assert pin_checkpoint(here) is True  # already pinned
     gone = tmp_path / "step_00000020"
     assert pin_checkpoint(gone) is False and not gone.exists()
+
+
+class _RunsCodeWhenUnpickled:
+    """What a hostile trainer token could leave as `rng_rank0.pt`: unpickling it calls `Path.touch`."""
+
+    def __init__(self, target: Path) -> None:
+        self.target = target
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (Path.touch.__get__(self.target), ())  # type: ignore[return-value]
+
+
+def test_a_crafted_rng_file_is_refused_without_running_its_code(tmp_path: Path) -> None:
+    import torch
+
+    path = make_checkpoint(tmp_path, 10)
+    torch.save({"cpu": torch.get_rng_state()}, path / "rng_rank1.pt")
+    state = checkpoint_module.read_rng_state(path, 1)
+    assert state is not None and torch.equal(state["cpu"], torch.get_rng_state())
+    assert checkpoint_module.read_rng_state(path, 2) is None  # a rank saved without RNG state
+
+    proof = tmp_path / "code-ran"
+    torch.save({"cpu": _RunsCodeWhenUnpickled(proof)}, path / "rng_rank0.pt")
+    with pytest.raises(ValueError, match="not a plain RNG state"):
+        checkpoint_module.read_rng_state(path, 0)
+    assert not proof.exists()
