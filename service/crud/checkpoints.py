@@ -246,6 +246,15 @@ def list_checkpoints(
     return list(rows), total
 
 
+def checkpoint_checksums(session: Session, *, run_id: int) -> dict[str, str | None]:
+    """The run's catalogued checkpoints: path -> checksum (how the orchestrator's disk sync tells a file it
+    already knows from a re-save)."""
+    rows = session.execute(
+        sa.select(Checkpoint.path, Checkpoint.checksum).where(Checkpoint.run_id == run_id)
+    ).all()
+    return {path: checksum for path, checksum in rows}
+
+
 def mark_checkpoint(
     session: Session,
     *,
@@ -299,6 +308,56 @@ def mark_checkpoint(
             evidence={"checkpoint_id": ckpt.id, "step": ckpt.step, "changes": changes, **(evidence or {})},
         )
     return ckpt
+
+
+# States that claim a usable file on disk; the catalog must not keep claiming it once the file is gone.
+ON_DISK_STATES = (CheckpointState.committed, CheckpointState.verified, CheckpointState.corrupt)
+
+
+def mark_vanished_checkpoints(
+    session: Session, *, run_id: int, checkpoint_dir: Path, author: str
+) -> list[Checkpoint]:
+    """Mark `deleted` the run's catalogued checkpoints whose directory is gone from `checkpoint_dir` (the
+    trainer's retention deleted them, or an operator did), each with a logbook entry; returns them.
+
+    Only paths inside the run's checkpoint directory are judged, and nothing at all when that directory
+    does not exist here (a control plane that does not mount the runs' filesystem cannot tell a deleted
+    checkpoint from one it cannot see). A re-save that brings a step back is catalogued again by its
+    registration or the disk sync (`upsert_checkpoint` replaces a deleted row)."""
+    root = Path(checkpoint_dir).resolve()
+    if not root.is_dir():
+        return []
+    rows = session.scalars(
+        sa.select(Checkpoint).where(Checkpoint.run_id == run_id, Checkpoint.state.in_(ON_DISK_STATES))
+    )
+    gone: list[Checkpoint] = []
+    for ckpt in rows:
+        path = Path(ckpt.path).resolve()
+        if path.parent != root or not path.name.startswith("step_") or path.exists():
+            continue
+        was = ckpt.state
+        check_checkpoint_transition(was, CheckpointState.deleted)
+        ckpt.state = CheckpointState.deleted
+        was_pinned, ckpt.pinned = ckpt.pinned, False
+        gone.append(ckpt)
+        write_log(
+            session,
+            kind=LogKind.diagnosis,
+            severity=Severity.warning if was_pinned else Severity.info,
+            message=f"checkpoint step {ckpt.step} ({ckpt.path}): {was.value} -> deleted: its directory is "
+            "gone from disk" + (" although it was pinned" if was_pinned else " (retention)"),
+            author=author,
+            run_id=run_id,
+            evidence={
+                "checkpoint_id": ckpt.id,
+                "step": ckpt.step,
+                "path": ckpt.path,
+                "was": was.value,
+                "was_pinned": was_pinned,
+                "checkpoint_dir": str(root),
+            },
+        )
+    return gone
 
 
 def run_checkpoint_dir(session: Session, *, run_id: int, runs_dir: Path) -> Path:

@@ -35,7 +35,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from service.config import Settings
-from service.crud.checkpoints import AUTO_PIN_AUTHOR
+from service.crud.checkpoints import AUTO_PIN_AUTHOR, mark_vanished_checkpoints
 from service.crud.logbook import jsonable, write_log
 from service.models import Attempt, Checkpoint, Metric, Run, utcnow
 from service.recovery.config import OrchestratorConfig, load_orchestrator_config
@@ -257,6 +257,7 @@ class VerdictPass:
     changed: list[tuple[int, str, str]] = field(default_factory=list)  # (step, before, after)
     pinned: int | None = None  # step newly pinned
     unpinned: list[int] = field(default_factory=list)
+    deleted: list[int] = field(default_factory=list)  # steps found gone from disk and marked deleted
 
 
 def refresh_checkpoint_verdicts(
@@ -269,8 +270,11 @@ def refresh_checkpoint_verdicts(
 ) -> VerdictPass:
     """Judge the run's checkpoints on disk whose verdict can still change, store the verdicts, and move the
     automatic pin to the newest healthy one. Cheap when nothing changed: one query for the candidates and
-    one per undecided checkpoint on disk (retention keeps few)."""
+    one per undecided checkpoint on disk (retention keeps few). Checkpoints gone from disk are marked
+    deleted first, so the catalog never offers one that no longer exists."""
     done = VerdictPass()
+    gone = mark_vanished_checkpoints(session, run_id=run_id, checkpoint_dir=checkpoint_dir, author=author)
+    done.deleted = sorted(c.step for c in gone)
     rows = list(
         session.scalars(
             sa.select(Checkpoint)
