@@ -29,7 +29,7 @@ HOSTS = ("demo-h1", "demo-h2", "demo-h3")
 GPUS_PER_HOST = 2
 TARGET_STEPS = 120
 GPU_FAULT_AFTER_STEP = 30  # plant the ECC error once attempt 2 has trained past this step
-# Attempt-scoped faults (see service.orchestrator.loop.parse_faults): each fires once, in its attempt.
+# Attempt-scoped faults (see service.orchestrator.apply.parse_faults): each fires once, in its attempt.
 FAULTS = (
     "1:crash:step=14,rank=1,signal=KILL",  # a rank killed (OOM killer, preempted process)
     "3:hang:step=62,rank=1",  # a rank stuck in a collective

@@ -43,6 +43,16 @@ ORCHESTRATOR_LOOP_DURATION = Histogram(
     "Duration of one reconcile pass of the orchestrator over every run.",
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
 )
+ORCHESTRATOR_FAILED_PASSES = Counter(
+    "trainops_orchestrator_failed_passes_total",
+    "Reconcile passes of one run that raised, by stage (observe, decide, apply) and whether the error was "
+    "transient (database or network); the run is retried with back-off.",
+    ["stage", "transient"],
+)
+ORCHESTRATOR_RUNS_ESCALATED = Counter(
+    "trainops_orchestrator_escalated_runs_total",
+    "Runs put in needs_attention (and paged) because their reconcile passes kept failing.",
+)
 # The host agent's instruments (updated in its Celery workers) are defined in health/metrics.py.
 HEALTH_CHECK_DURATION = CHECK_DURATION
 HEALTH_CHECKS = CHECKS_TOTAL
@@ -53,6 +63,8 @@ INSTRUMENTS: tuple[Counter | Histogram, ...] = (
     METRIC_POINTS_INGESTED,
     METRIC_POINTS_DUPLICATE,
     ORCHESTRATOR_LOOP_DURATION,
+    ORCHESTRATOR_FAILED_PASSES,
+    ORCHESTRATOR_RUNS_ESCALATED,
     HEALTH_CHECK_DURATION,
     HEALTH_CHECKS,
     HEALTH_TASK_DURATION,

@@ -382,7 +382,7 @@ class Spool:
             f.write("".join(json.dumps({"reason": reason, **r}) + "\n" for r in records))
 
 
-# -- trainer flags the orchestrator sets (service/orchestrator/launcher.py build_trainer_args) -------------
+# -- trainer flags the orchestrator sets (service/orchestrator/launchers/base.py build_trainer_args) ------
 # Each is a trainer.config.TrainConfig field (tests/trainer/test_contract.py checks); a run's
 # `hyperparameters` may pass any other TrainConfig field by name.
 ORCHESTRATOR_TRAINER_FIELDS: frozenset[str] = frozenset(

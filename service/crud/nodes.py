@@ -49,6 +49,11 @@ def list_nodes(
     return list(rows), total
 
 
+def all_nodes(session: Session) -> list[Node]:
+    """Every registered node, by hostname (what the orchestrator's observe reads each pass)."""
+    return list(session.scalars(sa.select(Node).order_by(Node.hostname)))
+
+
 def register_node(
     session: Session,
     *,

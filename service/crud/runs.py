@@ -13,6 +13,7 @@ from service.errors import Conflict, NotFound
 from service.models import Attempt, Checkpoint, Run, utcnow
 from service.statemachine import (
     ACTIVE_PHASES,
+    TERMINAL_PHASES,
     CheckpointState,
     DesiredState,
     LogKind,
@@ -271,6 +272,53 @@ def active_attempt(session: Session, *, run_id: int) -> Attempt | None:
     )
 
 
+def find_attempt(session: Session, *, run_id: int, number: int) -> Attempt | None:
+    return session.scalar(sa.select(Attempt).where(Attempt.run_id == run_id, Attempt.number == number))
+
+
+def next_attempt_number(session: Session, *, run_id: int) -> int:
+    return (session.scalar(sa.select(sa.func.max(Attempt.number)).where(Attempt.run_id == run_id)) or 0) + 1
+
+
+def busy_hosts(session: Session, *, except_run_id: int) -> frozenset[str]:
+    """The hosts of every other run's attempt in progress."""
+    rows = session.scalars(
+        sa.select(Attempt.hosts).where(Attempt.ended_at.is_(None), Attempt.run_id != except_run_id)
+    )
+    return frozenset(host for hosts in rows for host in hosts)
+
+
+def runs_to_reconcile(session: Session) -> list[int]:
+    """The runs the orchestrator acts on, by id: those with an attempt in progress, those meant to run and
+    not completed, and those meant to stop that have not settled yet."""
+    active = sa.select(Attempt.run_id).where(Attempt.ended_at.is_(None))
+    query = sa.select(Run.id).where(
+        sa.or_(
+            Run.id.in_(active),
+            sa.and_(Run.desired_state == DesiredState.running, Run.phase != RunPhase.completed),
+            sa.and_(Run.desired_state == DesiredState.stopped, Run.phase.not_in(list(TERMINAL_PHASES))),
+        )
+    )
+    return list(session.scalars(query.order_by(Run.id)))
+
+
+def record_attempt_allocation(
+    session: Session, *, attempt: Attempt, allocated: Sequence[str], author: str
+) -> None:
+    """The scheduler placed the attempt itself (Slurm `placement: exclude`): its hosts become the
+    allocation, so busy hosts, hang blame and the next attempt's locality follow where it really runs."""
+    write_log(
+        session,
+        kind=LogKind.action,
+        author=author,
+        run_id=attempt.run_id,
+        message=f"attempt {attempt.number}: the scheduler placed it on {', '.join(allocated)} "
+        f"(the orchestrator had picked {', '.join(attempt.hosts)})",
+        evidence={"allocated": list(allocated), "picked": list(attempt.hosts)},
+    )
+    attempt.hosts = list(allocated)
+
+
 def create_attempt(
     session: Session,
     *,
@@ -291,7 +339,7 @@ def create_attempt(
         RunPhase.needs_attention,
     ):
         raise Conflict(f"run {run.name} is {run.phase.value}; no attempt can start")
-    number = (session.scalar(sa.select(sa.func.max(Attempt.number)).where(Attempt.run_id == run.id)) or 0) + 1
+    number = next_attempt_number(session, run_id=run.id)
     attempt = Attempt(
         run_id=run.id,
         number=number,

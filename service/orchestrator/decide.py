@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from service.orchestrator.launcher import ProcessStatus
+from service.orchestrator.launchers.base import ProcessStatus
 from service.orchestrator.policy import FailureRecord, plan_remediation
 from service.recovery.config import OrchestratorConfig
 from service.recovery.detect import (

@@ -11,7 +11,8 @@ from health.results import Level
 from service.config import Settings
 from service.fleet.gateway import SweepHealthGateway
 from service.fleet.sweep import run_sweep
-from service.orchestrator.launcher import Launcher, LocalLauncher
+from service.orchestrator.launchers.base import Launcher
+from service.orchestrator.launchers.local import LocalLauncher
 from service.orchestrator.loop import Orchestrator
 from service.recovery.config import OrchestratorConfig, load_orchestrator_config
 
@@ -23,7 +24,7 @@ def available_launchers(settings: Settings) -> dict[str, Launcher]:
     launchers: dict[str, Launcher] = {"local": LocalLauncher()}
     if settings.slurm_enabled:
         from service.fleet.slurm import SlurmDefaults
-        from service.orchestrator.slurm import SlurmLauncher
+        from service.orchestrator.launchers.slurm import SlurmLauncher
 
         launchers["slurm"] = SlurmLauncher(
             defaults=SlurmDefaults(partition=settings.slurm_partition, account=settings.slurm_account)

@@ -43,6 +43,18 @@ def attempt_samples(session: Session, *, run_id: int, attempt: int) -> tuple[Met
     return tuple(stored_metric_sample(r) for r in reversed(rows))
 
 
+def recent_step_times(session: Session, *, run_id: int, window: int) -> tuple[float, ...]:
+    """The run's newest `window` step times (any attempt), oldest first: what its hang limits are
+    calibrated on. A stored value that is not a finite number is skipped."""
+    rows = session.scalars(
+        sa.select(Metric.step_time_s)
+        .where(Metric.run_id == run_id, Metric.step_time_s.is_not(None))
+        .order_by(Metric.step.desc(), Metric.attempt.desc())
+        .limit(window)
+    ).all()
+    return tuple(float(t) for t in reversed(rows) if isinstance(t, int | float) and math.isfinite(t))
+
+
 def lineage_samples(
     session: Session, *, run_id: int, attempt: int, upto: int, divergence: DivergenceConfig
 ) -> tuple[MetricSample, ...]:

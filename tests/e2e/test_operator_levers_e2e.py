@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 from service.crud.runs import create_run
 from service.db import make_engine, make_session_factory, transaction
 from service.models import Attempt, Checkpoint, LogEntry, Metric, Run
-from service.orchestrator.launcher import LocalLauncher
+from service.orchestrator.launchers.local import LocalLauncher
 from trainer.schedule import LRSchedule
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]

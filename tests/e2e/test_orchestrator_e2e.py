@@ -22,7 +22,7 @@ from service.crud.runs import create_run
 from service.db import engine_from_settings, make_session_factory, transaction
 from service.fleet.gateway import SweepHealthGateway
 from service.models import Attempt, Checkpoint, Metric, Run
-from service.orchestrator.launcher import LocalLauncher
+from service.orchestrator.launchers.local import LocalLauncher
 from service.orchestrator.loop import Orchestrator
 from service.recovery.config import OrchestratorConfig, RemediationConfig
 from service.schemas import RunConfig

@@ -25,9 +25,9 @@ from service.fleet.slurm import parse_scontrol_record
 from service.fleet.slurm_sync import SlurmHealthGateway
 from service.fleet.sweep import run_sweep
 from service.migrate import upgrade
-from service.orchestrator.launcher import tagged_pids
+from service.orchestrator.launchers.local import tagged_pids
+from service.orchestrator.launchers.slurm import SlurmLauncher
 from service.orchestrator.loop import Orchestrator
-from service.orchestrator.slurm import SlurmLauncher
 from service.recovery.config import OrchestratorConfig, RemediationConfig
 from service.schemas import RunConfig
 from service.statemachine import NodeState, RunPhase

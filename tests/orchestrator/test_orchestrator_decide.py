@@ -20,7 +20,7 @@ from service.orchestrator.decide import (
     decide,
     failure_of,
 )
-from service.orchestrator.launcher import ProcessStatus
+from service.orchestrator.launchers.base import ProcessStatus
 from service.recovery.config import OrchestratorConfig, RemediationConfig
 from service.recovery.detect import MetricSample, RankBeat
 from service.recovery.restart_point import CheckpointCandidate

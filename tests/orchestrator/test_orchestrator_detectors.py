@@ -17,8 +17,8 @@ from service.orchestrator.decide import (
     decide,
     run_hang_limits,
 )
-from service.orchestrator.launcher import ProcessStatus
-from service.orchestrator.loop import _rank_beat
+from service.orchestrator.launchers.base import ProcessStatus
+from service.orchestrator.observe import rank_beat
 from service.recovery.config import HangConfig, OrchestratorConfig
 from service.recovery.detect import (
     RankBeat,
@@ -311,12 +311,12 @@ def test_heartbeat_files_old_and_new_read_as_beats(tmp_path: Path) -> None:
         "pid": 1,
         "rank": 1,
     }
-    parsed = _rank_beat(json.loads(json.dumps(new)))
+    parsed = rank_beat(json.loads(json.dumps(new)))
     assert parsed.section is Section.checkpoint_save and parsed.busy == ((8, 0.39), (9, 0.42))
     assert parsed.last_step_s == 0.41
-    old = _rank_beat({"step": 3, "time": NOW, "step_time_s": None, "host": "h1", "pid": 1, "rank": 0})
+    old = rank_beat({"step": 3, "time": NOW, "step_time_s": None, "host": "h1", "pid": 1, "rank": 0})
     assert old.section is Section.step and old.busy == () and old.last_step_s is None
-    odd = _rank_beat({**new, "section": "compiling", "last_step_s": float("nan")})
+    odd = rank_beat({**new, "section": "compiling", "last_step_s": float("nan")})
     assert odd.section is Section.step and odd.last_step_s is None
 
 

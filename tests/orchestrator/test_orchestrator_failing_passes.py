@@ -16,7 +16,7 @@ from service.crud.runs import create_run, get_run
 from service.db import make_engine, make_session_factory, transaction
 from service.fleet.gateway import SweepHealthGateway
 from service.orchestrator.failing_passes import FailingPasses, is_transient, retry_delay_s
-from service.orchestrator.launcher import LocalLauncher
+from service.orchestrator.launchers.local import LocalLauncher
 from service.orchestrator.loop import Orchestrator
 from service.recovery.config import OrchestratorConfig
 from service.statemachine import RunPhase, Severity

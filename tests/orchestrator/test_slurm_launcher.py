@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from service.fleet.slurm import SlurmDefaults, parse_scontrol_record
-from service.orchestrator.launcher import LaunchSpec
-from service.orchestrator.slurm import (
+from service.orchestrator.launchers.base import LaunchSpec
+from service.orchestrator.launchers.slurm import (
     JobView,
     SlurmLauncher,
     decode_exit_field,

@@ -31,9 +31,8 @@ from service.crud.logbook import list_logbook
 from service.crud.runs import create_run
 from service.crud.telemetry import ingest_metrics
 from service.db import make_engine, make_session_factory, transaction
-from service.fleet.gateway import SweepHealthGateway
 from service.models import Attempt, Checkpoint
-from service.orchestrator.loop import Orchestrator
+from service.orchestrator.observe import sync_checkpoints
 from service.recovery.config import OrchestratorConfig
 from service.recovery.verdicts import refresh_checkpoint_verdicts
 from service.statemachine import CheckpointState
@@ -109,13 +108,10 @@ def new_run(factory: sessionmaker[Session], name: str = "r") -> int:
         return create_run(session, name=name, owner="t", config={}, start=False, author="user:test").id
 
 
-def orchestrator(factory: sessionmaker[Session], runs_dir: Path) -> Orchestrator:
-    return Orchestrator(
-        factory,
-        OrchestratorConfig(runs_dir=str(runs_dir)),
-        launchers={},
-        health=SweepHealthGateway(factory),
-    )
+def sync_from_disk(factory: sessionmaker[Session], runs_dir: Path, run_id: int) -> None:
+    """The orchestrator's catalogue of checkpoints found on disk (a step of its observe)."""
+    with transaction(factory) as session:
+        sync_checkpoints(session, run_id=run_id, runs_dir=runs_dir)
 
 
 def row(factory: sessionmaker[Session], run_id: int, step: int) -> Checkpoint:
@@ -193,7 +189,6 @@ def test_discovery_and_registration_converge_in_either_order(
     run_id = new_run(factory)
     path = save_checkpoint(runs_dir / "r" / "checkpoints", 40, attempt=2, loss_scale=32768.0, act_norm=12.5)
     registration = record_of(path)
-    orch = orchestrator(factory, runs_dir)
 
     def register() -> None:
         with transaction(factory) as session:
@@ -201,11 +196,11 @@ def test_discovery_and_registration_converge_in_either_order(
 
     if trainer_first:
         register()
-        orch._sync_checkpoints(run_id)
+        sync_from_disk(factory, runs_dir, run_id)
     else:
-        orch._sync_checkpoints(run_id)
+        sync_from_disk(factory, runs_dir, run_id)
         register()
-    orch._sync_checkpoints(run_id)
+    sync_from_disk(factory, runs_dir, run_id)
     stored = row(factory, run_id, 40)
     assert stored.checksum == registration["checksum"] and stored.checksum is not None
     assert stored.size_bytes == registration["size_bytes"] and stored.size_bytes
@@ -234,7 +229,7 @@ def test_discovery_catalogues_a_re_save_the_trainer_could_not_report(
             session, run_id=run_id, data=record_of(save_checkpoint(ckpt_dir, 8, attempt=1, loss_scale=0.25))
         )
     save_checkpoint(ckpt_dir, 8, attempt=2, loss_scale=4096.0)  # control plane down when it was registered
-    orchestrator(factory, runs_dir)._sync_checkpoints(run_id)
+    sync_from_disk(factory, runs_dir, run_id)
     stored = row(factory, run_id, 8)
     assert (stored.attempt, stored.loss_scale) == (2, 4096.0)  # what meta.json on disk says
 

@@ -15,8 +15,8 @@ import service.recovery.detect as detect
 import trainer.launch as launch
 import trainer.train as train
 from service.crud.telemetry import decode_stored_field, decode_stored_values
-from service.orchestrator.launcher import build_trainer_args, read_rank_beats
-from service.orchestrator.loop import _rank_beat
+from service.orchestrator.launchers.base import build_trainer_args
+from service.orchestrator.observe import rank_beat, read_rank_beats
 from service.recovery.samples import stored_metric_sample
 from trainer import contract
 from trainer.config import TrainConfig
@@ -58,7 +58,7 @@ def test_heartbeat_round_trip(tmp_path: Path) -> None:
     assert raw["section"] == "checkpoint_save" and raw["busy_s"] == [[40, 0.3], [41, 0.33]]
     assert contract.parse_heartbeat(raw) == raw
     assert read_rank_beats(tmp_path, since=1764140001.0) == []  # an earlier attempt's file
-    beat = _rank_beat(raw)
+    beat = rank_beat(raw)
     assert beat.section == detect.Section.checkpoint_save and beat.busy == ((40, 0.3), (41, 0.33))
 
 

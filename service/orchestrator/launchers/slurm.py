@@ -1,4 +1,4 @@
-"""Running attempts on a Slurm cluster, and keeping the control plane's node states and Slurm's agreeing.
+"""Running attempts on a Slurm cluster.
 
 `SlurmLauncher` submits each attempt as one batch job: ``sbatch --nodelist=<the hosts the orchestrator
 picked>`` (run config ``slurm.placement: nodelist``, the default), or ``sbatch --nodes=N --exclude=<the
@@ -44,7 +44,7 @@ from service.fleet.slurm import (
     read_slurm_nodes,
     slurm_config_problems,
 )
-from service.orchestrator.launcher import ATTEMPT_TAG_ENV, LaunchRefused, LaunchSpec, ProcessStatus
+from service.orchestrator.launchers.base import ATTEMPT_TAG_ENV, LaunchRefused, LaunchSpec, ProcessStatus
 from service.orchestrator.runner import EXIT_FILE
 from service.recovery.detect import EXIT_CONFIG, EXIT_DIVERGED
 

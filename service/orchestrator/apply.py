@@ -1,0 +1,507 @@
+"""Apply: carry out the actions `decide()` chose for one run, one handler per action type.
+
+Every handler is idempotent against the database: it re-reads what it changes under the run's lock and does
+nothing when an earlier pass (or another orchestrator) already did it, so a pass interrupted half-way is
+simply observed and decided again. Every change is recorded (a logbook entry with evidence) in the same
+transaction as the change itself.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.crud.checkpoints import mark_checkpoint
+from service.crud.logbook import write_log
+from service.crud.runs import (
+    active_attempt,
+    create_attempt,
+    end_attempt,
+    find_attempt,
+    get_run,
+    next_attempt_number,
+    set_run_phase,
+)
+from service.crud.tokens import create_token
+from service.db import transaction
+from service.models import Attempt, Run
+from service.orchestrator.decide import (
+    BAD_NODE_STATES,
+    Action,
+    EndAttempt,
+    Escalate,
+    Launch,
+    MarkFirstStep,
+    ObservedRun,
+    SetPhase,
+    WaitForHosts,
+    failure_of,
+)
+from service.orchestrator.health_gateway import HealthGateway
+from service.orchestrator.launchers.base import (
+    Launcher,
+    LaunchRefused,
+    LaunchSpec,
+    build_trainer_args,
+    launcher_for,
+)
+from service.orchestrator.observe import AUTHOR
+from service.orchestrator.spool import drain_spool
+from service.recovery.config import OrchestratorConfig
+from service.recovery.detect import FailureClass
+from service.statemachine import CheckpointState, DesiredState, LogKind, Role, RunPhase, Severity
+
+log = logging.getLogger("trainops.orchestrator")
+
+Pager = Callable[[int, str, dict[str, Any]], None]
+
+
+def _datetime(value: float | None) -> dt.datetime | None:
+    return dt.datetime.fromtimestamp(value, dt.UTC) if value is not None else None
+
+
+def parse_faults(specs: Sequence[str], attempt: int) -> list[str]:
+    """Run-config fault specs are `ATTEMPT:SPEC` (inject SPEC into that attempt only) or a bare SPEC
+    (attempt 1 only), so a fault does not fire again on the restarted attempt."""
+    chosen = []
+    for spec in specs:
+        head, sep, rest = spec.partition(":")
+        if sep and head.isdigit():
+            if int(head) == attempt:
+                chosen.append(rest)
+        elif attempt == 1:
+            chosen.append(spec)
+    return chosen
+
+
+def launch_overrides(action: Launch) -> dict[str, Any]:
+    """The overrides an attempt records and passes to the trainer: those set (the LR scale always)."""
+    return {
+        k: v
+        for k, v in action.overrides.items()
+        if (v is not None and v is not False and v != 0) or k == "lr_scale"
+    }
+
+
+class Applier:
+    """The apply step of the reconcile loop: `apply(observed, actions)` runs each action's handler."""
+
+    def __init__(
+        self,
+        session_factory: sessionmaker[Session],
+        cfg: OrchestratorConfig,
+        *,
+        runs_dir: Path,
+        launchers: Mapping[str, Launcher],
+        health: HealthGateway,
+        pager: Pager | None,
+        trainer_env: Mapping[str, str],
+    ) -> None:
+        self.factory = session_factory
+        self.cfg = cfg
+        self.runs_dir = runs_dir
+        self.launchers = launchers
+        self.health = health
+        self.pager = pager
+        self.trainer_env = dict(trainer_env)
+        self.waiting_since: dict[int, float] = {}
+        """Per run, since when it waits for healthy hosts (logged once per wait; decide() reads it)."""
+        self._handlers: dict[type[Action], Callable[[ObservedRun, Any], None]] = {
+            WaitForHosts: self.wait_for_hosts,
+            EndAttempt: self.end_attempt,
+            Launch: self.launch,
+            SetPhase: self.set_phase,
+            Escalate: self.escalate,
+            MarkFirstStep: self.mark_first_step,
+        }
+
+    def apply(self, observed: ObservedRun, actions: Sequence[Action]) -> None:
+        for action in actions:
+            if not isinstance(action, WaitForHosts):
+                self.waiting_since.pop(observed.run_id, None)  # any other action ends a wait
+            self._handlers[type(action)](observed, action)
+
+    def page(self, run_id: int, reason: str, evidence: dict[str, Any]) -> None:
+        if self.pager is not None:
+            try:
+                self.pager(run_id, reason, evidence)
+            except Exception:  # paging is best effort; the logbook entry is the record
+                log.exception("paging on-call failed")
+
+    # ---- one handler per action ---------------------------------------------------------------------
+
+    def wait_for_hosts(self, observed: ObservedRun, action: WaitForHosts) -> None:
+        if observed.run_id in self.waiting_since:
+            return
+        self.waiting_since[observed.run_id] = observed.now
+        with transaction(self.factory) as session:
+            write_log(
+                session,
+                kind=LogKind.decision,
+                severity=Severity.warning,
+                author=AUTHOR,
+                run_id=observed.run_id,
+                message=f"waiting for healthy hosts: {action.available} free, {action.needed} needed "
+                f"(deadline {self.cfg.remediation.hosts_wait_s:.0f} s)",
+                evidence={"available": action.available, "needed": action.needed},
+            )
+
+    def set_phase(self, observed: ObservedRun, action: SetPhase) -> None:
+        with transaction(self.factory) as session:
+            run = get_run(session, run_id=observed.run_id, for_update=True)
+            set_run_phase(
+                session,
+                run=run,
+                target=action.target,
+                reason=action.reason,
+                author=AUTHOR,
+                evidence=dict(action.evidence),
+            )
+
+    def mark_first_step(self, observed: ObservedRun, action: MarkFirstStep) -> None:
+        with transaction(self.factory) as session:
+            attempt = active_attempt(session, run_id=observed.run_id)
+            if attempt is not None and attempt.first_step_at is None:
+                first = (
+                    min((b.time for b in observed.attempt.beats), default=time.time())
+                    if observed.attempt
+                    else time.time()
+                )
+                attempt.first_step_at = _datetime(first)
+
+    def end_attempt(self, observed: ObservedRun, action: EndAttempt) -> None:
+        assert observed.attempt is not None
+        detected = time.time()
+        with transaction(self.factory) as session:
+            attempt = active_attempt(session, run_id=observed.run_id)
+            info = dict(attempt.launcher or {}) if attempt else {}
+        if action.kill and "tag" in info:
+            launcher_for(self.launchers, info).kill(info)
+        drain_spool(
+            self.factory, run_id=observed.run_id, run_dir=self.runs_dir / observed.name, author=AUTHOR
+        )
+        newest = max((c.step for c in observed.checkpoints if c.usable), default=None)
+        with transaction(self.factory) as session:
+            attempt = active_attempt(session, run_id=observed.run_id)
+            if attempt is None or attempt.number != observed.attempt.number:
+                return  # already ended by an earlier pass
+            final = launcher_for(self.launchers, info).status(info) if "tag" in info else None
+            code = action.exit_code
+            if code is None and final is not None and final.state == "exited":
+                code = final.exit_code
+            attempt.findings = {
+                **dict(action.evidence),
+                "failure": action.outcome,
+                "detail": action.reason,
+                "newest_checkpoint_step": newest,
+            }
+            attempt.detected_at = _datetime(detected)
+            attempt.last_progress_at = _datetime(action.last_progress_at)
+            end_attempt(
+                session,
+                attempt=attempt,
+                exit_reason=str(action.outcome),
+                exit_code=code,
+                last_step=observed.attempt.last_step,
+                steps_lost=None,
+                author=AUTHOR,
+                evidence={"reason": action.reason, **dict(action.evidence)},
+            )
+            run = get_run(session, run_id=observed.run_id, for_update=True)
+            if action.outcome == "stopped":
+                set_run_phase(
+                    session,
+                    run=run,
+                    target=RunPhase.stopped,
+                    reason=action.reason,
+                    author=AUTHOR,
+                    kind=LogKind.action,
+                )
+            elif failure_of(str(action.outcome)) is not None and run.phase in (
+                RunPhase.running,
+                RunPhase.starting,
+            ):
+                set_run_phase(
+                    session,
+                    run=run,
+                    target=RunPhase.restarting,
+                    severity=Severity.warning,
+                    reason=f"attempt {attempt.number}: {action.outcome}: {action.reason}",
+                    author=AUTHOR,
+                    evidence={"attempt": attempt.number, **dict(action.evidence)},
+                )
+        if action.cordon_hosts:
+            self.health.cordon(
+                action.cordon_hosts,
+                reason=f"{action.outcome}: {action.reason}",
+                evidence=dict(action.evidence),
+                run_id=observed.run_id,
+                offence=action.offence,
+            )
+        if action.blame_hosts:
+            self.health.blame(
+                action.blame_hosts, reason=f"{action.outcome} of run {observed.name}", run_id=observed.run_id
+            )
+
+    def escalate(self, observed: ObservedRun, action: Escalate) -> None:
+        with transaction(self.factory) as session:
+            run = get_run(session, run_id=observed.run_id, for_update=True)
+            if run.phase == RunPhase.needs_attention:
+                if not run.pending_restart:
+                    return  # already escalated and paged
+                # An operator's restart of a run that needs attention cannot be carried out: say so and drop
+                # it (the run stays where it is), rather than trying it again on every pass.
+                write_log(
+                    session,
+                    kind=LogKind.failure,
+                    severity=Severity.critical,
+                    author=AUTHOR,
+                    run_id=run.id,
+                    message=f"operator restart not carried out: {action.reason}",
+                    evidence={**dict(action.evidence), "dropped_pending_restart": dict(run.pending_restart)},
+                )
+            else:
+                set_run_phase(
+                    session,
+                    run=run,
+                    target=RunPhase.needs_attention,
+                    reason=action.reason,
+                    author=AUTHOR,
+                    severity=Severity.critical,
+                    evidence=dict(action.evidence),
+                )
+            run.pending_restart = None
+        self.page(observed.run_id, action.reason, dict(action.evidence))
+
+    def launch(self, observed: ObservedRun, action: Launch) -> None:
+        """Deep-check probation hosts, verify the restore point in full, record the attempt (with its
+        launcher's identifying info, before anything starts), then start it."""
+        if action.deep_check and not self._hosts_pass_deep_check(observed, action):
+            return  # the next pass sees their new states and picks other hosts
+        if action.checkpoint is not None and not self._restore_point_intact(action):
+            return  # the next pass chooses again without it
+        recorded = self._record_attempt(observed, action)
+        if recorded is None:
+            return  # an attempt is already in progress
+        launcher, spec, info = recorded
+        self._start_attempt(observed, launcher, spec, info)
+
+    # ---- the steps of a launch ----------------------------------------------------------------------
+
+    def _hosts_pass_deep_check(self, observed: ObservedRun, action: Launch) -> bool:
+        fit = self.health.deep_check(action.hosts, deadline_s=self.cfg.remediation.deep_check_deadline_s)
+        unfit = sorted(h for h in action.hosts if not fit.get(h, False))
+        with transaction(self.factory) as session:
+            write_log(
+                session,
+                kind=LogKind.diagnosis,
+                author=AUTHOR,
+                run_id=observed.run_id,
+                severity=Severity.warning if unfit else Severity.info,
+                message=f"deep diagnostics before relaunch on {', '.join(action.hosts)}: "
+                + (f"unfit: {', '.join(unfit)}" if unfit else "all passed"),
+                evidence={"hosts": fit},
+            )
+        return not unfit
+
+    def _restore_point_intact(self, action: Launch) -> bool:
+        """Verify the chosen checkpoint in full (every file's checksum); a failing one is marked corrupt."""
+        from trainer.checkpoint import verify_checkpoint
+
+        assert action.checkpoint is not None
+        ok, why = verify_checkpoint(action.checkpoint.path, deep=True)
+        if not ok:
+            with transaction(self.factory) as session:
+                mark_checkpoint(
+                    session,
+                    checkpoint_id=action.checkpoint.id,
+                    author=AUTHOR,
+                    state=CheckpointState.corrupt,
+                    healthy=False,
+                    reason=f"failed verification before restore: {why}",
+                )
+        return ok
+
+    def _launcher_of_run(self, run: Run) -> Launcher:
+        kind = str((run.config or {}).get("launcher", "local"))
+        launcher = self.launchers.get(kind)
+        if launcher is None:
+            raise ValueError(
+                f"run {run.name} asks for launcher {(run.config or {}).get('launcher')!r}, which this "
+                f"orchestrator does not have ({', '.join(self.launchers)})"
+            )
+        return launcher
+
+    def _launch_spec(
+        self,
+        observed: ObservedRun,
+        action: Launch,
+        *,
+        run: Run,
+        number: int,
+        overrides: dict[str, Any],
+        token: str,
+    ) -> LaunchSpec:
+        config = run.config or {}
+        run_dir = self.runs_dir / run.name
+        return LaunchSpec(
+            run_id=run.id,
+            run_name=run.name,
+            attempt=number,
+            hosts=action.hosts,
+            procs_per_host=int(config.get("procs_per_host", 1)),
+            run_dir=run_dir,
+            trainer_args=tuple(
+                build_trainer_args(
+                    config=config,
+                    run_dir=run_dir,
+                    resume_from=action.checkpoint.path if action.checkpoint else None,
+                    overrides=overrides,
+                    faults=parse_faults(config.get("faults") or [], number),
+                )
+            ),
+            env={**self.trainer_env, "TRAINOPS_TOKEN": token},
+            launcher_options=dict(config.get(str(config.get("launcher", "local"))) or {}),
+            unfit_hosts=tuple(
+                sorted(h for h, state in observed.node_states.items() if state in BAD_NODE_STATES)
+            ),
+        )
+
+    def _record_attempt(
+        self, observed: ObservedRun, action: Launch
+    ) -> tuple[Launcher, LaunchSpec, dict[str, Any]] | None:
+        """In one transaction: the attempt's trainer token, its launcher info, the run's phase, the attempt
+        row, what carries over from the previous attempt, and the logbook decision. None when an attempt is
+        already in progress."""
+        overrides = launch_overrides(action)
+        with transaction(self.factory) as session:
+            run = get_run(session, run_id=observed.run_id, for_update=True)
+            if active_attempt(session, run_id=run.id) is not None:
+                return None
+            launcher = self._launcher_of_run(run)
+            number = next_attempt_number(session, run_id=run.id)
+            _, token = create_token(
+                session, name=f"{run.name}-attempt-{number}", role=Role.trainer, run_id=run.id
+            )
+            spec = self._launch_spec(
+                observed, action, run=run, number=number, overrides=overrides, token=token
+            )
+            info = launcher.prepare(spec)
+            if run.phase != RunPhase.starting:
+                set_run_phase(session, run=run, target=RunPhase.starting, reason=action.reason, author=AUTHOR)
+            attempt = create_attempt(
+                session,
+                run=run,
+                hosts=action.hosts,
+                restored_from_checkpoint_id=action.checkpoint.id if action.checkpoint else None,
+                overrides=overrides,
+                launcher=info,
+                start_step=action.checkpoint.step if action.checkpoint else 0,
+                author=AUTHOR,
+            )
+            self._carry_over(session, run=run, attempt=attempt, action=action)
+            write_log(
+                session,
+                kind=LogKind.decision,
+                author=AUTHOR,
+                run_id=run.id,
+                message=f"attempt {number}: {action.reason}",
+                evidence={
+                    **dict(action.evidence),
+                    "hosts": list(action.hosts),
+                    "overrides": overrides,
+                    "checkpoint": action.checkpoint.path if action.checkpoint else None,
+                },
+            )
+        return launcher, spec, info
+
+    def _carry_over(self, session: Session, *, run: Run, attempt: Attempt, action: Launch) -> None:
+        """What the new attempt changes on the previous one (its lost steps) and on the run (restart count,
+        standing LR scale and clip, the operator's restart request consumed, desired state)."""
+        previous = find_attempt(session, run_id=run.id, number=attempt.number - 1)
+        if previous is not None and previous.last_step is not None:
+            previous.steps_lost = max(0, previous.last_step - attempt.start_step)
+        if previous is not None and failure_of(previous.exit_reason or "") is not None:
+            run.restart_count += 1
+        run.lr_scale = float(action.overrides.get("lr_scale") or run.lr_scale)
+        if action.overrides.get("clip") is not None:
+            run.clip_override = float(action.overrides["clip"])
+        if action.consume_pending_restart:
+            run.pending_restart = None
+        if run.desired_state != DesiredState.running:
+            run.desired_state = DesiredState.running
+
+    def _start_attempt(
+        self, observed: ObservedRun, launcher: Launcher, spec: LaunchSpec, info: dict[str, Any]
+    ) -> None:
+        """Start the recorded attempt. A scheduler's refusal ends it (`_launch_refused`); any other error
+        ends it as a crash and fails the pass (the loop counts it)."""
+        try:
+            started = launcher.start(spec, info)
+        except LaunchRefused as exc:
+            self._launch_refused(observed, spec.attempt, launcher.kind, exc)
+            return
+        except Exception as exc:
+            with transaction(self.factory) as session:
+                attempt = active_attempt(session, run_id=observed.run_id)
+                if attempt is not None:
+                    end_attempt(
+                        session,
+                        attempt=attempt,
+                        exit_reason="crash",
+                        exit_code=None,
+                        last_step=None,
+                        steps_lost=None,
+                        author=AUTHOR,
+                        evidence={"launch_error": repr(exc)},
+                    )
+            raise
+        with transaction(self.factory) as session:
+            attempt = active_attempt(session, run_id=observed.run_id)
+            if attempt is not None and attempt.number == spec.attempt:
+                attempt.launcher = {**info, **started}
+
+    def _launch_refused(self, observed: ObservedRun, number: int, kind: str, exc: LaunchRefused) -> None:
+        """The scheduler refused the attempt. A permanent refusal (the run asks for something the cluster
+        does not have) ends it as a configuration failure and the run needs an operator; a transient one
+        ends it as a crash, which the restart policy retries with back-off within the restart budget."""
+        outcome = FailureClass.config if exc.permanent else FailureClass.crash
+        what = "permanent: the run needs attention" if exc.permanent else "transient: retrying"
+        with transaction(self.factory) as session:
+            attempt = active_attempt(session, run_id=observed.run_id)
+            if attempt is None or attempt.number != number:
+                return
+            attempt.findings = {"failure": outcome.value, "detail": f"launch refused: {exc}"}
+            end_attempt(
+                session,
+                attempt=attempt,
+                exit_reason=outcome.value,
+                exit_code=None,
+                last_step=None,
+                steps_lost=None,
+                author=AUTHOR,
+                evidence={"launch_error": str(exc), "permanent": exc.permanent},
+            )
+            write_log(
+                session,
+                kind=LogKind.failure,
+                severity=Severity.error if exc.permanent else Severity.warning,
+                author=AUTHOR,
+                run_id=observed.run_id,
+                message=f"attempt {number}: {kind} refused the launch ({what}): {exc}",
+                evidence={"launch_error": str(exc), "permanent": exc.permanent},
+            )
+        if exc.permanent:
+            self.escalate(
+                observed,
+                Escalate(
+                    f"{kind} refused attempt {number}: {exc}; fix the run's {kind} settings, then restart it",
+                    {"launch_error": str(exc)},
+                ),
+            )

@@ -1,0 +1,214 @@
+"""Observe: one run's desired and observed state as `decide()` reads it (`ObservedRun`), built from crud and
+recovery reads, the attempt's processes (its launcher) and the ranks' heartbeat files.
+
+Two steps come before it on every pass and keep what it reads current: the checkpoints committed on disk
+are catalogued (`sync_checkpoints`) and their verdicts refreshed (`refresh_verdicts`). Observing changes
+nothing else, with one exception: a scheduler that placed an attempt itself has its allocation recorded as
+the attempt's hosts (`record_attempt_allocation`), since everything decided afterwards depends on it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from service.crud.checkpoints import CatalogSource, checkpoint_checksums, upsert_checkpoint
+from service.crud.nodes import all_nodes
+from service.crud.runs import busy_hosts, get_run, list_attempts, record_attempt_allocation
+from service.models import Attempt, Run
+from service.orchestrator.decide import EndedAttempt, ObservedAttempt, ObservedRun
+from service.orchestrator.launchers.base import Launcher, ProcessStatus, launcher_for
+from service.recovery.config import OrchestratorConfig
+from service.recovery.detect import RankBeat, Section
+from service.recovery.samples import (
+    act_norm_lineage,
+    attempt_samples,
+    checkpoint_candidates,
+    lineage_samples,
+    recent_step_times,
+)
+from service.recovery.verdicts import refresh_checkpoint_verdicts
+from trainer import contract
+
+AUTHOR = "system:orchestrator"
+
+
+def timestamp(value: dt.datetime | None) -> float | None:
+    return value.timestamp() if value is not None else None
+
+
+def run_dir_of(runs_dir: Path, run: Run) -> Path:
+    """Where the run's files live: checkpoints, heartbeats, the spool, each attempt's directory."""
+    return runs_dir / run.name
+
+
+def observe_run(
+    session: Session,
+    *,
+    run_id: int,
+    runs_dir: Path,
+    cfg: OrchestratorConfig,
+    launchers: Mapping[str, Launcher],
+    waiting_for_hosts_since: float | None,
+    now: float,
+) -> ObservedRun:
+    run = get_run(session, run_id=run_id)
+    attempts = list_attempts(session, run_id=run_id)
+    current = next((a for a in attempts if a.ended_at is None), None)
+    history = tuple(
+        EndedAttempt(
+            number=a.number,
+            hosts=tuple(a.hosts),
+            ended_at=timestamp(a.ended_at) or now,
+            outcome=a.exit_reason or "lost",
+            findings=a.findings or {},
+            newest_checkpoint_step=(a.findings or {}).get("newest_checkpoint_step"),
+        )
+        for a in attempts
+        if a.ended_at is not None
+    )
+    nodes = all_nodes(session)
+    checkpoints = checkpoint_candidates(session, run_id=run_id)
+    observed_attempt = (
+        observe_attempt(
+            session,
+            run=run,
+            attempt=current,
+            run_dir=run_dir_of(runs_dir, run),
+            cfg=cfg,
+            launchers=launchers,
+            now=now,
+        )
+        if current is not None
+        else None
+    )
+    config = run.config or {}
+    return ObservedRun(
+        run_id=run.id,
+        name=run.name,
+        desired=run.desired_state,
+        phase=run.phase,
+        target_steps=int(config.get("target_steps", 1)),
+        checkpoint_interval=int(config.get("checkpoint_interval") or 0),
+        host_count=int(config.get("host_count", 1)),
+        max_restarts=int(config.get("max_restarts", cfg.remediation.max_restarts)),
+        lr_scale=run.lr_scale,
+        lr_override=run.lr_override,
+        clip_override=run.clip_override,
+        pending_restart=run.pending_restart,
+        now=now,
+        attempt=observed_attempt,
+        history=history,
+        node_states={n.hostname: n.state for n in nodes},
+        busy_hosts=busy_hosts(session, except_run_id=run_id),
+        checkpoints=tuple(checkpoints),
+        act_norms=act_norm_lineage(
+            session, run_id=run_id, from_step=min((c.step for c in checkpoints), default=0)
+        ),
+        node_changed_at={n.hostname: n.state_changed_at.timestamp() for n in nodes},
+        waiting_for_hosts_since=waiting_for_hosts_since,
+        step_times=recent_step_times(session, run_id=run_id, window=cfg.hang.step_time_window),
+        hang_overrides={k: float(v) for k, v in (config.get("hang") or {}).items() if v is not None},
+    )
+
+
+def observe_attempt(
+    session: Session,
+    *,
+    run: Run,
+    attempt: Attempt,
+    run_dir: Path,
+    cfg: OrchestratorConfig,
+    launchers: Mapping[str, Launcher],
+    now: float,
+) -> ObservedAttempt:
+    """The attempt in progress: its processes as its launcher sees them, the ranks' heartbeats since it
+    started, its newest metrics and the lineage it resumed from (decoded by crud)."""
+    info = attempt.launcher or {}
+    started = timestamp(attempt.started_at) or now
+    if "tag" not in info:
+        status = ProcessStatus("lost", detail="the launch was not recorded")
+    else:
+        status = launcher_for(launchers, info).status(info)
+        if status.allocated_hosts and set(status.allocated_hosts) != set(attempt.hosts):
+            record_attempt_allocation(
+                session, attempt=attempt, allocated=status.allocated_hosts, author=AUTHOR
+            )
+    beats = tuple(rank_beat(b) for b in read_rank_beats(run_dir, since=started))
+    samples = attempt_samples(session, run_id=run.id, attempt=attempt.number)
+    last_step = max([b.step for b in beats] + [s.step for s in samples], default=None)
+    lineage = lineage_samples(
+        session,
+        run_id=run.id,
+        attempt=attempt.number,
+        upto=attempt.start_step or 0,
+        divergence=cfg.divergence,
+    )
+    return ObservedAttempt(
+        number=attempt.number,
+        hosts=tuple(attempt.hosts),
+        started_at=started,
+        world_size=int(info.get("world_size", len(attempt.hosts))),
+        process=status,
+        beats=beats,
+        samples=samples,
+        lineage=lineage,
+        last_step=last_step,
+        first_step_seen=attempt.first_step_at is not None,
+    )
+
+
+def read_rank_beats(run_dir: Path, *, since: float) -> list[dict[str, Any]]:
+    """The ranks' local heartbeat files written after `since` (older files belong to earlier attempts)."""
+    return contract.read_heartbeat_files(run_dir, since=since)
+
+
+def rank_beat(beat: Mapping[str, Any]) -> RankBeat:
+    """A rank's heartbeat file (trainer.contract.parse_heartbeat) as decide() sees it; files written before
+    sections existed read as `step`."""
+    record = contract.parse_heartbeat(beat)
+    return RankBeat(
+        rank=record["rank"],
+        host=record["host"],
+        step=record["step"],
+        time=record["time"],
+        step_time_s=record["step_time_s"],
+        section=Section(record["section"]),
+        last_step_s=record["last_step_s"],
+        busy=tuple((int(step), float(busy_s)) for step, busy_s in record["busy_s"]),
+    )
+
+
+def sync_checkpoints(session: Session, *, run_id: int, runs_dir: Path) -> None:
+    """Catalogue the committed checkpoints found on disk: those the trainer could not report (control
+    plane down while it saved), and re-saves the catalog has not heard of yet. The same idempotent upsert
+    as the trainer's registration, with the record read from the checkpoint itself (meta.json,
+    manifest), so the two converge in either order; a path whose checksum the catalog already has
+    costs nothing more than reading its manifest."""
+    from trainer.checkpoint import catalog_record, list_checkpoints, read_checksum
+
+    run = get_run(session, run_id=run_id)
+    known = checkpoint_checksums(session, run_id=run_id)
+    for info in list_checkpoints(contract.checkpoints_dir(run_dir_of(runs_dir, run)), deep=False):
+        if not info.ok:
+            continue
+        checksum = read_checksum(info.path)
+        if str(info.path) in known and known[str(info.path)] == checksum:
+            continue
+        try:
+            record = catalog_record(info.path, info.step, info.meta, checksum)
+        except OSError:  # deleted by retention while we looked
+            continue
+        upsert_checkpoint(session, run_id=run_id, data=record, source=CatalogSource.disk, author=AUTHOR)
+
+
+def refresh_verdicts(session: Session, *, run_id: int, runs_dir: Path, cfg: OrchestratorConfig) -> None:
+    """Judge the run's undecided checkpoints and move the automatic pin (`recovery/verdicts.py`)."""
+    run = get_run(session, run_id=run_id)
+    refresh_checkpoint_verdicts(
+        session, run_id=run_id, checkpoint_dir=contract.checkpoints_dir(run_dir_of(runs_dir, run)), cfg=cfg
+    )
