@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,9 +25,16 @@ from service.statemachine import (
 
 
 def get_run(session: Session, *, run_id: int, for_update: bool = False) -> Run:
+    """The run; with `for_update`, locked until the transaction ends, so a read-modify-write of it (a
+    restart request, its consumption) cannot interleave with another one."""
     query = sa.select(Run).where(Run.id == run_id)
     if for_update:
-        query = query.with_for_update()
+        query = query.with_for_update().execution_options(populate_existing=True)
+        if session.get_bind().dialect.name == "sqlite":
+            # SQLite ignores FOR UPDATE, and pysqlite begins a transaction only at the first write: a
+            # no-op write takes the database's write lock first, so what is read next is current and
+            # stays so until commit (concurrent writers wait on the busy timeout).
+            session.execute(sa.update(Run).where(Run.id == run_id).values(id=Run.id))
     run = session.scalar(query)
     if run is None:
         raise NotFound(f"run {run_id} does not exist")
@@ -209,6 +217,15 @@ def request_restart(
     The API checks the run's launcher again between `restartable_run` and this (a partition may have gone
     since)."""
     run = restartable_run(session, run_id=run_id)
+    if run.pending_restart:
+        # One request at a time, each consumed exactly once by the orchestrator (by its id): a second one
+        # would either be dropped unseen or silently replace the first's overrides.
+        pending = run.pending_restart
+        raise Conflict(
+            f"a restart of run {run.name} requested by {pending.get('author')} at "
+            f"{pending.get('requested_at')} is still pending; the orchestrator applies it on its next "
+            "pass. Retry once the run's pending_restart is empty"
+        )
     if from_checkpoint_id is not None:
         ckpt = session.get(Checkpoint, from_checkpoint_id)
         if ckpt is None or ckpt.run_id != run.id:
@@ -226,6 +243,7 @@ def request_restart(
     if clip is not None:
         run.clip_override = clip
     run.pending_restart = {
+        "id": uuid.uuid4().hex,
         "requested_at": utcnow().isoformat(),
         "author": author,
         "reason": reason,

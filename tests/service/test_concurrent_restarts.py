@@ -1,0 +1,67 @@
+"""Two on-call engineers (or one impatient one) ask for a restart at the same moment: one request wins, the
+others are told so (409), and none is acknowledged and then lost."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from service import migrate
+from tests.conftest import ADMIN_HEADERS
+from tests.livesrv import LiveServer
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[LiveServer]:
+    url = None
+    if request.param == "postgres":
+        url = request.getfixturevalue("postgres_url")
+        migrate.upgrade(url)
+    srv = LiveServer(tmp_path, database_url=url).start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def test_ten_concurrent_restarts_one_accepted_nine_conflict(server: LiveServer) -> None:
+    api = f"{server.url}/api/v1"
+    run = httpx.post(
+        f"{api}/runs",
+        json={"name": "opt-race", "owner": "alice", "config": {"target_steps": 10}},
+        headers=ADMIN_HEADERS,
+    ).json()
+    barrier = threading.Barrier(10)
+    answers: list[httpx.Response] = []
+
+    def ask(i: int) -> None:
+        barrier.wait()
+        answers.append(
+            httpx.post(
+                f"{api}/runs/{run['id']}/restart",
+                json={"reason": f"engineer {i}", "lr_scale": 0.5 + i / 100},
+                headers=ADMIN_HEADERS,
+                timeout=60,
+            )
+        )
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+    codes = sorted(r.status_code for r in answers)
+    assert codes == [200] + [409] * 9, [r.text for r in answers]
+    (won,) = [r.json() for r in answers if r.status_code == 200]
+    assert all("is still pending" in r.json()["detail"] for r in answers if r.status_code == 409)
+    stored = httpx.get(f"{api}/runs/{run['id']}", headers=ADMIN_HEADERS).json()
+    # what is stored is exactly the accepted request, overrides included
+    assert stored["pending_restart"] == won["pending_restart"] and stored["pending_restart"]["id"]
+    assert stored["lr_scale"] == won["lr_scale"]
+    log = httpx.get(f"{api}/logbook", params={"run_id": run["id"]}, headers=ADMIN_HEADERS).json()
+    assert sum("restart of run opt-race requested" in e["message"] for e in log["items"]) == 1
