@@ -19,16 +19,16 @@ Host keys besides faults: ``gpus``, ``model``, ``driver`` (false = no driver ins
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pynvml
+
+from health.fault_script import host_spec, load_script
 
 NVLINK_LINKS = 18
 HEALTHY_TEMPERATURE_C = 45
@@ -36,23 +36,6 @@ POWER_LIMIT_MW = 700_000
 POWER_USAGE_MW = 310_000
 PCIE_MAX_GEN = 5
 PCIE_MAX_WIDTH = 16
-
-
-@lru_cache(maxsize=8)
-def _load_script(path: str, mtime_ns: int) -> dict[str, Any]:
-    return json.loads(Path(path).read_text())
-
-
-def load_script(path: Path) -> dict[str, Any]:
-    """The parsed fault file, cached until the file changes (a test may re-script faults between sweeps)."""
-    return _load_script(str(path), path.stat().st_mtime_ns)
-
-
-def host_spec(script: dict[str, Any], host: str) -> dict[str, Any]:
-    spec = dict(script.get("hosts", {}).get(host, {}))
-    spec.setdefault("gpus", script.get("default_gpus", 8))
-    spec.setdefault("faults", [])
-    return spec
 
 
 @dataclass

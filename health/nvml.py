@@ -3,22 +3,41 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
-
-import pynvml
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 from health.config import HealthConfig
-from health.fake_nvml import FakeNvml
 
-# Errors meaning "there is no NVML here": the checks report these as skipped, with the reason.
-NVML_ABSENT = (pynvml.NVMLError_LibraryNotFound, pynvml.NVMLError_DriverNotLoaded)
+if TYPE_CHECKING:
+    import pynvml
+
+
+def load_pynvml() -> ModuleType:
+    """The NVML bindings, imported on first use: the control plane imports this package (the Celery app,
+    check names, results) and installs without them; only the host agent needs them."""
+    try:
+        import pynvml
+    except ImportError as error:
+        raise ImportError(
+            "the NVML bindings (nvidia-ml-py) are not installed: install trainops[health] on GPU hosts"
+        ) from error
+    return pynvml
+
+
+def nvml_absent_errors() -> tuple[type[Exception], ...]:
+    """Errors meaning "there is no NVML here": the checks report these as skipped, with the reason."""
+    bindings = load_pynvml()
+    return (bindings.NVMLError_LibraryNotFound, bindings.NVMLError_DriverNotLoaded)
 
 
 def open_nvml(config: HealthConfig, host: str) -> Any:
     """The pynvml-compatible backend for ``host``: the fake when a fault script is configured, else pynvml."""
     if config.fake_nvml_path is not None:
+        # Imported here: the fake raises pynvml's own errors, so it needs the bindings too.
+        from health.fake_nvml import FakeNvml
+
         return FakeNvml.for_host(config.fake_nvml_path, host)
-    return pynvml
+    return load_pynvml()
 
 
 class NvmlUnavailable(Exception):
@@ -48,6 +67,7 @@ class XidWatcher:
 
     def _open(self) -> None:
         nvml = self._nvml
+        bindings = load_pynvml()
         try:
             nvml.nvmlInit()
             event_set = nvml.nvmlEventSetCreate()
@@ -55,11 +75,11 @@ class XidWatcher:
                 try:
                     handle = nvml.nvmlDeviceGetHandleByIndex(index)
                     nvml.nvmlDeviceRegisterEvents(handle, nvml.nvmlEventTypeXidCriticalError, event_set)
-                except pynvml.NVMLError:
+                except bindings.NVMLError:
                     # A lost or unsupported GPU cannot be watched; the passive checks report it.
                     continue
             self._event_set = event_set
-        except NVML_ABSENT as error:
+        except nvml_absent_errors() as error:
             self._error = f"no NVML on this host ({nvml_error_name(error)})"
 
     def drain(self) -> XidDrain:
@@ -68,12 +88,13 @@ class XidWatcher:
         if self._error is not None:
             return XidDrain(error=self._error)
         drained = XidDrain()
+        bindings = load_pynvml()
         while True:
             try:
                 event = self._nvml.nvmlEventSetWait_v2(self._event_set, 0)
-            except pynvml.NVMLError_Timeout:
+            except bindings.NVMLError_Timeout:
                 return drained
-            except pynvml.NVMLError as error:
+            except bindings.NVMLError as error:
                 drained.error = f"reading XID events failed ({nvml_error_name(error)})"
                 return drained
             drained.events.append((int(self._nvml.nvmlDeviceGetIndex(event.device)), int(event.eventData)))

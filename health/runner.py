@@ -18,7 +18,6 @@ from multiprocessing import context, forkserver, popen_forkserver, reduction, sp
 from multiprocessing.connection import Connection
 from typing import Any
 
-from health.checks import ALL_CHECKS
 from health.checks.context import CheckContext
 from health.results import CheckResult, CheckStatus, Fault
 
@@ -26,8 +25,8 @@ from health.results import CheckResult, CheckStatus, Fault
 class _CheckPopen(popen_forkserver.Popen):
     """forkserver launch without the caller's ``__main__``: stock forkserver re-imports the main module in
     every child (1-2 s per check set under an API server or a bench script, measured); checks need only
-    ``health.checks``, which the server preloads. A forkserver child is cheap (~25 ms) and, unlike a
-    plain fork, never inherits the worker's threads, held locks or torch/CUDA state."""
+    ``health.checks.registry``, which the server preloads. A forkserver child is cheap (~25 ms) and,
+    unlike a plain fork, never inherits the worker's threads, held locks or torch/CUDA state."""
 
     def _launch(self, process_obj: Any) -> None:
         prep_data = spawn.get_preparation_data(process_obj._name)
@@ -55,13 +54,17 @@ class _CheckProcess(context.ForkServerProcess):
 
 
 _MP = multiprocessing.get_context("forkserver")
-_MP.set_forkserver_preload(["health.checks", "health.checks.fabric", "health.runner"])
+_MP.set_forkserver_preload(["health.checks.registry", "health.checks.fabric", "health.runner"])
 
 
 def _run_one(name: str, ctx: CheckContext) -> CheckResult:
+    # Imported in the check process (its forkserver preloaded it): the implementations load the NVML
+    # bindings, which the worker and the control plane, both importing this module, do without.
+    from health.checks.registry import CHECK_FUNCTIONS
+
     start = time.perf_counter()
     try:
-        result = ALL_CHECKS[name](ctx)
+        result = CHECK_FUNCTIONS[name](ctx)
     except Exception as error:  # a crashing check is a finding about the host, reported as such
         result = CheckResult(
             check=name,

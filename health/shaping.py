@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from health.config import HealthConfig
-from health.fake_nvml import host_spec, load_script
+from health.fault_script import host_spec, load_script
 
 
 @dataclass(frozen=True)

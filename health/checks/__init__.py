@@ -1,37 +1,36 @@
-"""The check registry: which checks each level runs, by name."""
+"""The check catalogue: which checks each level runs, by name.
+
+Names only, so the control plane (sweeps, the diagnostics API) can validate and count checks without
+loading their implementations and the NVML bindings they need; :mod:`health.checks.registry` maps each
+name to its function, loaded in the check process.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from health.results import Level
 
-from health.checks import active, passive
-from health.checks.context import CheckContext
-from health.results import CheckResult, Level
+QUICK_CHECKS: tuple[str, ...] = (
+    "nvml.gpu_count",
+    "nvml.ecc",
+    "nvml.memory_retirement",
+    "nvml.xid",
+    "nvml.thermal",
+    "nvml.power",
+    "nvml.pcie",
+    "nvml.nvlink",
+    "nvml.recovery_action",
+    "host.clock",
+    "host.disk_free",
+)
 
-Check = Callable[[CheckContext], CheckResult]
+DEEP_ONLY_CHECKS: tuple[str, ...] = (
+    "torch.gemm",
+    "torch.memory_pattern",
+    "torch.allreduce_local",
+    "host.disk_throughput",
+)
 
-QUICK_CHECKS: Mapping[str, Check] = {
-    "nvml.gpu_count": passive.check_gpu_count,
-    "nvml.ecc": passive.check_ecc,
-    "nvml.memory_retirement": passive.check_memory_retirement,
-    "nvml.xid": passive.check_xid,
-    "nvml.thermal": passive.check_thermal,
-    "nvml.power": passive.check_power,
-    "nvml.pcie": passive.check_pcie,
-    "nvml.nvlink": passive.check_nvlink,
-    "nvml.recovery_action": passive.check_recovery_action,
-    "host.clock": passive.check_clock,
-    "host.disk_free": passive.check_disk_free,
-}
-
-DEEP_ONLY_CHECKS: Mapping[str, Check] = {
-    "torch.gemm": active.check_gemm,
-    "torch.memory_pattern": active.check_memory_pattern,
-    "torch.allreduce_local": active.check_allreduce_local,
-    "host.disk_throughput": active.check_disk_throughput,
-}
-
-ALL_CHECKS: Mapping[str, Check] = {**QUICK_CHECKS, **DEEP_ONLY_CHECKS}
+ALL_CHECKS: tuple[str, ...] = (*QUICK_CHECKS, *DEEP_ONLY_CHECKS)
 
 CROSS_HOST_CHECK = "fabric.allreduce"
 """The cross-host all-reduce (and its pairwise bisection, results ``fabric.pairs``): not a per-host check,

@@ -1,14 +1,17 @@
 """Deep, active checks with torch: GEMM, memory pattern, all-reduce bandwidth, disk (DCGM level 2-3).
 
 torch is imported inside each check: the worker process itself never loads it, so the isolated check
-process stays cheap to fork and a hung CUDA call dies with it.
+process stays cheap to fork and a hung CUDA call dies with it. On a host without torch (the agent
+installed with the health extra only) the torch checks report ``skipped`` with the reason.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from health.checks.context import CheckContext
@@ -26,6 +29,28 @@ def _expected_for(model: str, table: dict[str, float] | Any) -> float | None:
     return next((value for fragment, value in table.items() if fragment in model), None)
 
 
+TORCH_ABSENT = "torch is not installed on this host; the torch checks need the trainops[trainer] extra"
+
+
+def needs_torch(name: str) -> Callable[[Callable[[CheckContext], CheckResult]], Callable[..., CheckResult]]:
+    """The check reports ``skipped`` with the reason where torch is not installed (a host agent installed
+    with the health extra only): a missing tool is not a finding about the host's GPUs."""
+
+    def wrap(check: Callable[[CheckContext], CheckResult]) -> Callable[..., CheckResult]:
+        @functools.wraps(check)
+        def run(ctx: CheckContext) -> CheckResult:
+            try:
+                import torch  # noqa: F401  (only whether it imports)
+            except ImportError:
+                return CheckResult(check=name, status=CheckStatus.skipped, reason=TORCH_ABSENT)
+            return check(ctx)
+
+        return run
+
+    return wrap
+
+
+@needs_torch("torch.gemm")
 def check_gemm(ctx: CheckContext) -> CheckResult:
     import torch
 
@@ -109,6 +134,7 @@ def cpu_gemm_gflops(n: int, iterations: int = 5) -> float:
 PATTERNS = (0x00, 0xFF, 0xAA, 0x55)
 
 
+@needs_torch("torch.memory_pattern")
 def check_memory_pattern(ctx: CheckContext) -> CheckResult:
     import torch
 
@@ -152,6 +178,7 @@ def check_memory_pattern(ctx: CheckContext) -> CheckResult:
     return CheckResult(check=name, status=CheckStatus.passed, measurements=measured)
 
 
+@needs_torch("torch.allreduce_local")
 def check_allreduce_local(ctx: CheckContext) -> CheckResult:
     """All-reduce across this node's devices: NCCL over its GPUs, or gloo between two CPU ranks."""
     import torch

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from health.config import HealthConfig
-from health.nvml import NVML_ABSENT, NvmlUnavailable, XidDrain, nvml_error_name, open_nvml
+from health.nvml import NvmlUnavailable, XidDrain, nvml_absent_errors, nvml_error_name, open_nvml
 from health.shaping import LoadShaper
 
 
@@ -30,7 +30,7 @@ class CheckContext:
             backend = open_nvml(self.config, self.host)
             try:
                 backend.nvmlInit()
-            except NVML_ABSENT as error:
+            except nvml_absent_errors() as error:
                 raise NvmlUnavailable(f"no NVML on this host ({nvml_error_name(error)})") from error
             self._nvml = backend
         return self._nvml
