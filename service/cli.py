@@ -411,11 +411,14 @@ def nodes_list(
 def local_gpu_inventory(host: str) -> list[dict[str, Any]]:
     """This machine's GPUs as NVML reports them (with TRAINOPS_FAKE_NVML naming a fake-NVML script, the
     simulated GPUs of `host` in it)."""
-    import pynvml
-
     from health.config import HealthConfig
-    from health.nvml import open_nvml
+    from health.nvml import load_pynvml, open_nvml
 
+    try:
+        # The NVML bindings are the health extra's, not the control plane's: a clear error without them.
+        pynvml = load_pynvml()
+    except ImportError as exc:
+        fail(str(exc))
     nvml = open_nvml(HealthConfig.from_env(), host)
     try:
         nvml.nvmlInit()
