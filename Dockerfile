@@ -1,20 +1,29 @@
-# The trainops service image: control plane API, orchestrator, health workers (one image, several commands).
-FROM python:3.11-slim
+# The trainops images, one per kind of host (docs/deployment.md), both installed from requirements.lock
+# (used as constraints: each image takes the locked version of what its extras need, and nothing more).
+#   docker build --target control -t trainops:latest .   API, orchestrator, fleet workers, migrations
+#   docker build --target gpu-host -t trainops:gpu .      per-host health agent and the trainer
+FROM python:3.11-slim AS source
 
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
 WORKDIR /app
-
-# The CPU torch wheel first, as the Makefile does, so `torch>=2.6` does not pull a multi-GB CUDA build;
-# the GPU trainer image installs the CUDA build instead.
-RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
-
-COPY pyproject.toml README.md ./
+COPY requirements.lock pyproject.toml README.md ./
 COPY service ./service
 COPY trainer ./trainer
 COPY health ./health
 COPY migrations ./migrations
-RUN pip install . && useradd --create-home --uid 1000 trainops
+RUN useradd --create-home --uid 1000 trainops
 
+# The control plane: no torch, tokenizers or NVML bindings (the base install), plus the Kubernetes
+# adapter's client. An orchestrator that starts attempts itself (the local launcher) runs on a GPU host.
+FROM source AS control
+RUN pip install -c requirements.lock '.[kubernetes]'
 USER trainops
 EXPOSE 8000
 CMD ["uvicorn", "--factory", "service.main:create_app", "--host", "0.0.0.0", "--port", "8000"]
+
+# A GPU host: the health agent (NVML bindings) and the trainer. torch is the lock's release from the
+# package index, i.e. its CUDA build (the lock pins the release; the Makefile takes its CPU build locally).
+FROM source AS gpu-host
+RUN pip install -c requirements.lock '.[trainer,health]'
+USER trainops
+CMD ["python", "-m", "health.worker_main", "--help"]
