@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -265,6 +265,31 @@ def request_restart(
         },
     )
     return run
+
+
+def consume_restart_request(
+    session: Session, *, run: Run, request: Mapping[str, Any] | None, author: str
+) -> bool:
+    """The orchestrator has carried out `request` (the restart request it observed): clear it, but only if
+    it is still the pending one (compare-and-set on its id, the run locked by the caller). A request that
+    replaced it meanwhile (after a stop cleared the first) stays pending for the next pass, and the
+    logbook says so. Returns whether `request` was the pending one."""
+    pending = run.pending_restart
+    if request is None or not pending:
+        return False
+    if pending.get("id") == request.get("id"):
+        run.pending_restart = None
+        return True
+    write_log(
+        session,
+        kind=LogKind.decision,
+        message=f"run {run.name}: a newer restart request arrived while the orchestrator acted on an "
+        "earlier one; it stays pending and is carried out on the next pass",
+        author=author,
+        run_id=run.id,
+        evidence={"acted_on": dict(request), "pending": dict(pending)},
+    )
+    return False
 
 
 # ---- attempts -------------------------------------------------------------------------------------

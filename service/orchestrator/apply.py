@@ -21,6 +21,7 @@ from service.crud.checkpoints import mark_checkpoint
 from service.crud.logbook import write_log
 from service.crud.runs import (
     active_attempt,
+    consume_restart_request,
     create_attempt,
     end_attempt,
     find_attempt,
@@ -405,7 +406,7 @@ class Applier:
                 start_step=action.checkpoint.step if action.checkpoint else 0,
                 author=AUTHOR,
             )
-            self._carry_over(session, run=run, attempt=attempt, action=action)
+            self._carry_over(session, run=run, attempt=attempt, action=action, observed=observed)
             write_log(
                 session,
                 kind=LogKind.decision,
@@ -421,7 +422,9 @@ class Applier:
             )
         return launcher, spec, info
 
-    def _carry_over(self, session: Session, *, run: Run, attempt: Attempt, action: Launch) -> None:
+    def _carry_over(
+        self, session: Session, *, run: Run, attempt: Attempt, action: Launch, observed: ObservedRun
+    ) -> None:
         """What the new attempt changes on the previous one (its lost steps) and on the run (restart count,
         standing LR scale and clip, the operator's restart request consumed, desired state)."""
         previous = find_attempt(session, run_id=run.id, number=attempt.number - 1)
@@ -433,7 +436,7 @@ class Applier:
         if action.overrides.get("clip") is not None:
             run.clip_override = float(action.overrides["clip"])
         if action.consume_pending_restart:
-            run.pending_restart = None
+            consume_restart_request(session, run=run, request=observed.pending_restart, author=AUTHOR)
         if run.desired_state != DesiredState.running:
             run.desired_state = DesiredState.running
 

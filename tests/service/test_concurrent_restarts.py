@@ -11,6 +11,9 @@ import httpx
 import pytest
 
 from service import migrate
+from service.crud.logbook import list_logbook
+from service.crud.runs import consume_restart_request, create_run, get_run, request_restart, stop_run
+from service.db import make_engine, make_session_factory, transaction
 from tests.conftest import ADMIN_HEADERS
 from tests.livesrv import LiveServer
 
@@ -65,3 +68,31 @@ def test_ten_concurrent_restarts_one_accepted_nine_conflict(server: LiveServer) 
     assert stored["lr_scale"] == won["lr_scale"]
     log = httpx.get(f"{api}/logbook", params={"run_id": run["id"]}, headers=ADMIN_HEADERS).json()
     assert sum("restart of run opt-race requested" in e["message"] for e in log["items"]) == 1
+
+
+def test_the_orchestrator_consumes_only_the_request_it_acted_on(migrated_url: str) -> None:
+    # The orchestrator observed request 1 and is launching for it; meanwhile an operator stopped the run
+    # (which drops request 1) and asked for a new restart. Launching for request 1 must not clear request 2.
+    factory = make_session_factory(make_engine(migrated_url))
+    with transaction(factory) as session:
+        run_id = create_run(session, name="opt-cas", owner="a", config={}, start=False, author="user:a").id
+        first = dict(request_restart(session, run_id=run_id, author="user:a", reason="one").pending_restart)
+    with transaction(factory) as session:
+        stop_run(session, run_id=run_id, reason="hold on", author="user:b")
+        second = dict(request_restart(session, run_id=run_id, author="user:b", reason="two").pending_restart)
+    assert first["id"] != second["id"]
+
+    with transaction(factory) as session:
+        run = get_run(session, run_id=run_id, for_update=True)
+        assert not consume_restart_request(session, run=run, request=first, author="system:orchestrator")
+    with transaction(factory) as session:
+        run = get_run(session, run_id=run_id)
+        assert run.pending_restart == second
+        entries, _ = list_logbook(session, run_id=run_id)
+        assert any("a newer restart request arrived" in e.message for e in entries)
+
+    with transaction(factory) as session:
+        run = get_run(session, run_id=run_id, for_update=True)
+        assert consume_restart_request(session, run=run, request=second, author="system:orchestrator")
+    with transaction(factory) as session:
+        assert get_run(session, run_id=run_id).pending_restart is None
