@@ -384,7 +384,7 @@ class Spool:
 
 # -- trainer flags the orchestrator sets (service/orchestrator/launchers/base.py build_trainer_args) ------
 # Each is a trainer.config.TrainConfig field (tests/trainer/test_contract.py checks); a run's
-# `hyperparameters` may pass any other TrainConfig field by name.
+# `hyperparameters` may pass only the fields of RUN_HYPERPARAMETERS below.
 ORCHESTRATOR_TRAINER_FIELDS: frozenset[str] = frozenset(
     {
         "preset",
@@ -401,6 +401,71 @@ ORCHESTRATOR_TRAINER_FIELDS: frozenset[str] = frozenset(
         "fault",
     }
 )
+
+
+# -- what a run's `hyperparameters` may set ------------------------------------------------------------------
+# The training recipe only. Each becomes a trainer flag after the orchestrator's own, so anything that names
+# files or places (run_dir, resume_from, corpus, tokenizer_dir), the operator's levers (lr_scale,
+# skip_batches, reset_loss_scale), the run config's own fields (preset, max_steps, precision,
+# checkpoint_interval, fault) and what the orchestrator relies on (telemetry, device) stay out: a client
+# could otherwise point a run at another run's files or blind its watcher. Value kinds: int, float (an int
+# is accepted), bool, or the tuple of allowed strings. tests/trainer/test_contract.py checks each against
+# TrainConfig.
+RUN_HYPERPARAMETERS: Mapping[str, type | tuple[str, ...]] = {
+    "seq_len": int,
+    "micro_batch_size": int,
+    "global_batch_tokens": int,
+    "lr": float,
+    "warmup_steps": int,
+    "total_tokens": int,
+    "min_lr_ratio": float,
+    "weight_decay": float,
+    "beta1": float,
+    "beta2": float,
+    "adam_eps": float,
+    "clip": float,
+    "grad_predivide": bool,
+    "initial_loss_scale": float,
+    "loss_scale_window": int,
+    "min_loss_scale": float,
+    "dropout": float,
+    "seed": int,
+    "checkpoint_mode": ("async", "sync"),
+    "keep_checkpoints": int,
+    "val_interval": int,
+    "val_batches": int,
+    "bpe_vocab_size": int,
+    "peak_tflops": float,
+    "threads": int,
+    "pg_timeout_s": float,
+    "report_interval_s": float,
+}
+
+
+def check_run_hyperparameters(values: Mapping[str, Any]) -> None:
+    """Raise ValueError naming the first key a run's `hyperparameters` may not set, or whose value is of the
+    wrong kind (the API answers 422 with it)."""
+    for key, value in values.items():
+        kind = RUN_HYPERPARAMETERS.get(key)
+        if kind is None:
+            raise ValueError(
+                f"hyperparameters.{key}: not a hyperparameter a run may set; allowed: "
+                + ", ".join(sorted(RUN_HYPERPARAMETERS))
+            )
+        if isinstance(kind, tuple):
+            ok = value in kind
+            expected = " or ".join(repr(k) for k in kind)
+        elif kind is bool:
+            ok, expected = isinstance(value, bool), "true or false"
+        elif kind is int:
+            ok, expected = isinstance(value, int) and not isinstance(value, bool), "an integer"
+        else:
+            ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+            expected = "a finite number"
+        if not ok:
+            raise ValueError(f"hyperparameters.{key}: must be {expected}, not {value!r}")
+    if "keep_checkpoints" in values and values["keep_checkpoints"] < 2:
+        raise ValueError("hyperparameters.keep_checkpoints: must be >= 2 (as the trainer requires)")
 
 
 def trainer_flag(field_name: str) -> str:

@@ -6,8 +6,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
+import typing
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -197,3 +200,46 @@ def test_build_trainer_args_sets_only_contract_flags(tmp_path: Path) -> None:
     allowed = {contract.trainer_flag(f) for f in contract.ORCHESTRATOR_TRAINER_FIELDS}
     assert flags <= allowed
     assert flags == allowed  # every flag in the set is one the orchestrator sets somewhere
+
+
+def test_run_hyperparameters_are_recipe_fields_of_the_right_kind() -> None:
+    hints = typing.get_type_hints(TrainConfig)
+    for name, kind in contract.RUN_HYPERPARAMETERS.items():
+        assert name in hints, name
+        # lr and clip are the run's base recipe; the operator's overrides come after them and win
+        assert name not in contract.ORCHESTRATOR_TRAINER_FIELDS - {"lr", "clip"}, name
+        if isinstance(kind, tuple):
+            assert typing.get_origin(hints[name]) is typing.Literal, name
+            assert set(typing.get_args(hints[name])) == set(kind), name
+        else:
+            allowed = set(typing.get_args(hints[name])) - {type(None)} or {hints[name]}
+            assert allowed == {kind}, (name, allowed)
+    for forbidden in ("run_dir", "resume_from", "corpus", "tokenizer_dir", "telemetry", "fault", "lr_scale"):
+        assert forbidden not in contract.RUN_HYPERPARAMETERS
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"run_dir": "/runs/other-run"}, "hyperparameters.run_dir: not a hyperparameter"),
+        ({"resume_from": "/runs/other-run/checkpoints/step_00000010"}, "hyperparameters.resume_from"),
+        ({"corpus": "/etc"}, "hyperparameters.corpus"),
+        ({"lr": "6e-4"}, "hyperparameters.lr: must be a finite number"),
+        ({"lr": float("inf")}, "hyperparameters.lr: must be a finite number"),
+        ({"seed": 1.5}, "hyperparameters.seed: must be an integer"),
+        ({"seed": True}, "hyperparameters.seed: must be an integer"),
+        ({"grad_predivide": 1}, "hyperparameters.grad_predivide: must be true or false"),
+        ({"checkpoint_mode": "later"}, "hyperparameters.checkpoint_mode: must be 'async' or 'sync'"),
+        ({"keep_checkpoints": 1}, "hyperparameters.keep_checkpoints: must be >= 2"),
+    ],
+)
+def test_run_hyperparameters_refuse_what_a_run_may_not_set(values: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        contract.check_run_hyperparameters(values)
+
+
+def test_run_hyperparameters_accept_the_recipe() -> None:
+    contract.check_run_hyperparameters(
+        {"lr": 6e-4, "weight_decay": 0, "seed": 7, "grad_predivide": False, "checkpoint_mode": "sync"}
+    )
+    contract.check_run_hyperparameters({"keep_checkpoints": 8, "threads": 1, "pg_timeout_s": 60})
