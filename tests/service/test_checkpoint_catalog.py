@@ -8,6 +8,7 @@ newest healthy checkpoint is pinned on disk, where the trainer's retention honou
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -373,6 +374,34 @@ def test_verdicts_follow_the_recorded_healthy_run_and_the_pin_moves_forward(
     # the trainer's own retention (keep 1) keeps the pinned ones and deletes the rest
     deleted = {p.name for p in apply_retention(ckpt_dir, keep=1)}
     assert deleted == {checkpoint_name(30), checkpoint_name(40)}
+    # ... and the catalog follows: what retention deleted is `deleted`, never offered as usable again
+    done = refresh(factory, run_id, ckpt_dir)
+    assert done.deleted == [30, 40]
+    assert [(s, row(factory, run_id, s).state.value) for s in (20, 30, 40, 50)] == [
+        (20, "committed"),
+        (30, "deleted"),
+        (40, "deleted"),
+        (50, "committed"),
+    ]
+    assert row(factory, run_id, 20).pinned and row(factory, run_id, 50).pinned
+    assert any("step 40" in m and "-> deleted: its directory is gone" in m for m in messages(factory, run_id))
+    assert refresh(factory, run_id, ckpt_dir).deleted == []  # once
+
+
+def test_a_control_plane_that_cannot_see_the_runs_directory_marks_nothing_deleted(
+    factory: sessionmaker[Session], runs_dir: Path, tmp_path: Path
+) -> None:
+    run_id = new_run(factory)
+    elsewhere = tmp_path / "elsewhere" / "checkpoints"
+    ckpt_id = catalogue(factory, run_id, save_checkpoint(elsewhere, 10, attempt=1, loss_scale=4.0))
+    shutil.rmtree(elsewhere.parent)
+    # the run's own checkpoint directory does not exist here (another host's filesystem): nothing is judged
+    assert refresh(factory, run_id, runs_dir / "r" / "checkpoints").deleted == []
+    # a catalogued path outside the run's directory is never judged, even when the directory exists
+    (runs_dir / "r" / "checkpoints").mkdir(parents=True)
+    assert refresh(factory, run_id, runs_dir / "r" / "checkpoints").deleted == []
+    with transaction(factory) as session:
+        assert session.get(Checkpoint, ckpt_id).state == CheckpointState.committed
 
 
 def test_a_rollback_judges_each_checkpoint_on_its_own_descendants(
