@@ -11,15 +11,18 @@ from contextlib import asynccontextmanager
 
 import sqlalchemy as sa
 from fastapi import APIRouter, FastAPI, Request, status
-from fastapi.responses import JSONResponse
+from fastapi.exceptions import RequestValidationError
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.api.body_guard import BodyGuardMiddleware
+from service.api.errors import SafeJSONResponse, request_validation_error
 from service.api.routes import checkpoints, diagnostics, logbook, nodes, runs, system, telemetry, tokens
 from service.config import Settings, get_settings
 from service.db import engine_from_settings, make_session_factory
 from service.errors import ServiceError
 from service.metrics import HTTP_REQUEST_DURATION
+from service.schemas import DEFAULT_BODY_LIMIT_BYTES, METRIC_BATCH_LIMIT_BYTES, NOTE_BODY_LIMIT_BYTES
 from service.statemachine import InvalidTransition
 
 log = logging.getLogger("trainops.api")
@@ -67,41 +70,54 @@ def create_app(
     app.include_router(api)
     app.include_router(system.router)
     _install_error_handlers(app)
+    # Added first, so it runs inside the timing middleware: refused requests are timed too.
+    app.add_middleware(
+        BodyGuardMiddleware,
+        api_prefix=API_PREFIX,
+        default_limit=DEFAULT_BODY_LIMIT_BYTES,
+        route_limits=[
+            ("POST", rf"^{API_PREFIX}/runs/[^/]+/metrics$", METRIC_BATCH_LIMIT_BYTES),
+            ("POST", rf"^{API_PREFIX}/logbook$", NOTE_BODY_LIMIT_BYTES),
+        ],
+    )
     app.add_middleware(RequestTimingMiddleware)
     return app
 
 
 def _install_error_handlers(app: FastAPI) -> None:
+    # Every error body is encoded safely (api/errors.py): a 422 echoing NaN or a lone surrogate was a 500.
+    app.add_exception_handler(RequestValidationError, request_validation_error)  # type: ignore[arg-type]
+
     @app.exception_handler(ServiceError)
-    async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=exc.status_code)
+    async def _service_error(_: Request, exc: ServiceError) -> SafeJSONResponse:
+        return SafeJSONResponse({"detail": str(exc)}, status_code=exc.status_code)
 
     @app.exception_handler(InvalidTransition)
-    async def _invalid_transition(_: Request, exc: InvalidTransition) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=status.HTTP_409_CONFLICT)
+    async def _invalid_transition(_: Request, exc: InvalidTransition) -> SafeJSONResponse:
+        return SafeJSONResponse({"detail": str(exc)}, status_code=status.HTTP_409_CONFLICT)
 
     @app.exception_handler(sa.exc.IntegrityError)
-    async def _integrity(_: Request, exc: sa.exc.IntegrityError) -> JSONResponse:
+    async def _integrity(_: Request, exc: sa.exc.IntegrityError) -> SafeJSONResponse:
         log.info("integrity error: %s", exc.orig)
-        return JSONResponse({"detail": "the request conflicts with stored data"}, status_code=409)
+        return SafeJSONResponse({"detail": "the request conflicts with stored data"}, status_code=409)
 
     @app.exception_handler(sa.exc.DataError)
-    async def _data_error(_: Request, exc: sa.exc.DataError) -> JSONResponse:
+    async def _data_error(_: Request, exc: sa.exc.DataError) -> SafeJSONResponse:
         log.info("data error: %s", exc.orig)
-        return JSONResponse({"detail": "a value is out of range for the database"}, status_code=422)
+        return SafeJSONResponse({"detail": "a value is out of range for the database"}, status_code=422)
 
     @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    async def _unexpected(request: Request, exc: Exception) -> SafeJSONResponse:
         # Logged with its traceback here; the caller gets a message, never a traceback.
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return JSONResponse(
+        return SafeJSONResponse(
             {"detail": f"internal error ({type(exc).__name__}); see the service log"}, status_code=500
         )
 
     @app.exception_handler(sa.exc.OperationalError)
-    async def _db_down(_: Request, exc: sa.exc.OperationalError) -> JSONResponse:
+    async def _db_down(_: Request, exc: sa.exc.OperationalError) -> SafeJSONResponse:
         log.warning("database error: %s", exc.orig)
-        return JSONResponse(
+        return SafeJSONResponse(
             {"detail": "database unavailable, retry later"}, status_code=503, headers={"Retry-After": "5"}
         )
 

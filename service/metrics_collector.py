@@ -21,7 +21,7 @@ from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.crud.telemetry import decode_stored_field
+from service.crud.telemetry import decode_stored_field, readable_time
 from service.metrics import (
     CELERY_QUEUE_LENGTH,
     COLLECT_DURATION,
@@ -145,23 +145,33 @@ class ControlPlaneCollector(Collector):
                 for run_id, step in latest.items()
             )
         )
-        # Newest first: a later attempt's recomputed step wins over the rolled-back one.
+        # Newest first: a later attempt's recomputed step wins over the rolled-back one. Rows whose time the
+        # driver cannot read (PostgreSQL 'infinity', year 57,000) are left out in SQL: one of them made the
+        # whole scrape report the database down and drop every run's series.
         recent = session.execute(
             sa.select(MetricRow)
-            .where(window)
+            .where(window, readable_time())
             .order_by(MetricRow.run_id, MetricRow.step.desc(), MetricRow.attempt.desc())
         ).scalars()
         found: dict[int, dict[str, tuple[float, dt.datetime]]] = defaultdict(dict)
+        unreadable: dict[int, int] = defaultdict(int)
         for row in recent:
-            have = found[row.run_id]
-            if "time" not in have:
-                have["time"] = (row.time.timestamp(), row.time)
-            for spec, field, _ in RUN_STEP_FIELDS:
-                if spec.name in have:
-                    continue
-                value = _field(row, field)
-                if value is not None:
-                    have[spec.name] = (value, row.time)
+            try:
+                have = found[row.run_id]
+                if "time" not in have:
+                    have["time"] = (row.time.timestamp(), row.time)
+                for spec, field, _ in RUN_STEP_FIELDS:
+                    if spec.name in have:
+                        continue
+                    value = _field(row, field)
+                    if value is not None:
+                        have[spec.name] = (value, row.time)
+            except (TypeError, ValueError, OverflowError, AttributeError) as exc:
+                # One bad stored row costs its run this row, never the scrape.
+                unreadable[row.run_id] += 1
+                log.debug("metrics: run %s step %s unreadable: %r", row.run_id, row.step, exc)
+        for run_id, count in unreadable.items():
+            log.warning("metrics: run %s: %d stored metric rows could not be read, left out", run_id, count)
         for run_id, have in found.items():
             label = [names[run_id]]
             for spec, _, scale in RUN_STEP_FIELDS:

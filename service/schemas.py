@@ -3,9 +3,20 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
+import math
+import time
 from typing import Annotated, Any, Generic, Literal, Required, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    TypeAdapter,
+    model_validator,
+)
 from typing_extensions import TypedDict
 
 from service.statemachine import (
@@ -18,6 +29,7 @@ from service.statemachine import (
     RunPhase,
     Severity,
 )
+from trainer.contract import METRIC_FLOAT_FIELDS, NAN_KEY
 
 Name = Annotated[
     str, StringConstraints(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -30,6 +42,135 @@ Reason = Annotated[str, StringConstraints(min_length=1, max_length=2000, strip_w
 T = TypeVar("T")
 MAX_ID = 2**31 - 1
 MAX_STEP = 2**62
+
+
+# ---- limits (docs/security.md, "Limits") --------------------------------------------------------------
+# Every request body is read whole before it is parsed, so its size is capped per route before a byte is
+# parsed (service/api/body_guard.py), and every free-form field is bounded in shape so what is stored
+# stays small enough to read back, render and scrape.
+KIB = 1024
+MIB = 1024 * KIB
+DEFAULT_BODY_LIMIT_BYTES = 64 * KIB
+# A logbook note may hold 20,000 characters; JSON-escaped non-ASCII text takes up to 12 bytes a character.
+NOTE_BODY_LIMIT_BYTES = 256 * KIB
+
+# Free-form JSON (checkpoint metadata, logbook evidence): nesting depth, keys plus values in all, characters
+# in a string or key. Finite numbers only (JSON has no literal for NaN) and no lone UTF-16 surrogates (text
+# that cannot be stored as UTF-8).
+FREE_JSON_MAX_DEPTH = 8
+FREE_JSON_MAX_NODES = 1000
+FREE_JSON_MAX_STRING = 4096
+FREE_JSON_MAX_KEY = 256
+
+# Metric points: named values per point and characters in a name; the window a point's time must fall in.
+MAX_POINTS_PER_BATCH = 10_000
+MAX_VALUES_PER_POINT = 32
+MAX_VALUE_NAME_CHARS = 64
+METRIC_TIME_MAX_PAST_S = 10 * 365 * 86_400  # a spool replayed long after; never 1970 or a negative time
+METRIC_TIME_MAX_FUTURE_S = 86_400  # clock skew between hosts; a millisecond epoch is ~55,000 years ahead
+
+# Hyper-parameters: how many, the characters of a name and of a string value.
+MAX_HYPERPARAMETERS = 64
+MAX_HYPERPARAMETER_NAME = 64
+MAX_HYPERPARAMETER_STRING = 256
+
+
+def _json_path(path: tuple[str | int, ...]) -> str:
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).lstrip(".") or "(top level)"
+
+
+def _has_lone_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def check_free_json(value: Any) -> Any:
+    """Free-form JSON within FREE_JSON_* (depth, size, string length), finite numbers, storable text.
+
+    Raises ValueError naming where in the value the problem is (pydantic puts the field in front)."""
+    nodes = 0
+    stack: list[tuple[Any, tuple[str | int, ...]]] = [(value, ())]
+    while stack:
+        item, path = stack.pop()
+        nodes += 1
+        if nodes > FREE_JSON_MAX_NODES:
+            raise ValueError(f"more than {FREE_JSON_MAX_NODES} keys and values in all")
+        if len(path) > FREE_JSON_MAX_DEPTH:
+            raise ValueError(f"nested deeper than {FREE_JSON_MAX_DEPTH} levels at {_json_path(path)}")
+        if isinstance(item, dict):
+            for key, child in item.items():
+                key = str(key)
+                if len(key) > FREE_JSON_MAX_KEY or _has_lone_surrogate(key):
+                    raise ValueError(
+                        f"a key at {_json_path(path)} is longer than {FREE_JSON_MAX_KEY} characters "
+                        "or holds a lone UTF-16 surrogate"
+                    )
+                stack.append((child, (*path, key)))
+        elif isinstance(item, list):
+            stack.extend((child, (*path, i)) for i, child in enumerate(item))
+        elif isinstance(item, str):
+            if len(item) > FREE_JSON_MAX_STRING:
+                raise ValueError(
+                    f"string at {_json_path(path)} is longer than {FREE_JSON_MAX_STRING} characters"
+                )
+            if _has_lone_surrogate(item):
+                raise ValueError(f"string at {_json_path(path)} holds a lone UTF-16 surrogate")
+        elif isinstance(item, float) and not math.isfinite(item):
+            raise ValueError(f"number at {_json_path(path)} is not finite")
+    return value
+
+
+FreeJson = Annotated[dict[str, Any], AfterValidator(check_free_json)]
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+
+
+def _unix_seconds_near_now(value: float | None) -> float | None:
+    """A metric point's time: finite Unix seconds within the window around the server's clock."""
+    if value is None:
+        return None
+    now = time.time()
+    if not (math.isfinite(value) and now - METRIC_TIME_MAX_PAST_S <= value <= now + METRIC_TIME_MAX_FUTURE_S):
+        raise ValueError(
+            f"time must be finite Unix seconds from {METRIC_TIME_MAX_PAST_S // (365 * 86_400)} years before "
+            f"to {METRIC_TIME_MAX_FUTURE_S // 3600} hours after the server's clock (milliseconds are not "
+            "seconds)"
+        )
+    return value
+
+
+def _no_reserved_value_name(values: dict[str, Any] | None) -> dict[str, Any] | None:
+    if values and NAN_KEY in values:
+        raise ValueError(
+            f'"{NAN_KEY}" is reserved: the server names NaN fields there (docs/reporting-contract.md); '
+            "send a NaN loss as the loss itself, or null with values.nonfinite_loss = 1"
+        )
+    return values
+
+
+def _largest_metric_batch_bytes() -> int:
+    """The compact JSON size of the largest batch the metric schemas admit: MAX_POINTS_PER_BATCH points,
+    each with every field at its widest (the longest float a float64 prints, MAX_STEP, MAX_VALUES_PER_POINT
+    names of MAX_VALUE_NAME_CHARS characters)."""
+    widest_float = -2.2250738585072014e-308
+    point = {
+        "step": MAX_STEP,
+        "time": widest_float,
+        "tokens": MAX_STEP,
+        **dict.fromkeys(METRIC_FLOAT_FIELDS, widest_float),
+        "values": {
+            f"{i:03d}".ljust(MAX_VALUE_NAME_CHARS, "v"): widest_float for i in range(MAX_VALUES_PER_POINT)
+        },
+    }
+    point_bytes = len(json.dumps(point, separators=(",", ":")))
+    envelope = len(json.dumps({"attempt": MAX_ID, "points": []}, separators=(",", ":")))
+    return envelope + MAX_POINTS_PER_BATCH * (point_bytes + 1)
+
+
+# Rounded up to whole MiB; docs/reporting-contract.md states the figure (a test keeps them equal).
+METRIC_BATCH_LIMIT_BYTES = -(-_largest_metric_batch_bytes() // MIB) * MIB
 
 
 class Strict(BaseModel):
@@ -52,12 +193,17 @@ class Page(BaseModel, Generic[T]):
 # ---- runs -------------------------------------------------------------------------------------------
 
 
+ShortText = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+
+
 class SlurmConfig(Strict):
-    partition: str | None = None
-    account: str | None = None
-    time_limit: str | None = Field(None, description="sbatch --time, e.g. 2-00:00:00")
+    partition: Annotated[str, StringConstraints(max_length=128)] | None = None
+    account: Annotated[str, StringConstraints(max_length=128)] | None = None
+    time_limit: Annotated[str, StringConstraints(max_length=64)] | None = Field(
+        None, description="sbatch --time, e.g. 2-00:00:00"
+    )
     gpus_per_node: int = Field(0, ge=0, le=64)
-    extra_sbatch_flags: list[str] = Field(default_factory=list)
+    extra_sbatch_flags: list[ShortText] = Field(default_factory=list, max_length=64)
     placement: Literal["nodelist", "exclude"] = Field(
         "nodelist",
         description="nodelist: sbatch --nodelist of the hosts the orchestrator picks; exclude: sbatch "
@@ -65,6 +211,7 @@ class SlurmConfig(Strict):
     )
     nodelist: list[Annotated[str, StringConstraints(min_length=1, max_length=200)]] = Field(
         default_factory=list,
+        max_length=10_000,
         description="With placement=exclude: Slurm nodes the job must include (sbatch --nodelist): spares.",
     )
 
@@ -97,20 +244,31 @@ class HangOverrides(Strict):
 class RunConfig(Strict):
     """What to train and how to look after it."""
 
-    preset: str = Field("tiny", description="Model preset: tiny, small, 125M ... 175B (OPT Table 1).")
+    preset: Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")] = (
+        Field("tiny", description="Model preset: tiny, small, 125M ... 175B (OPT Table 1).")
+    )
     target_steps: int = Field(..., ge=1, le=10_000_000_000)
-    target_tokens: int | None = Field(None, ge=1)
-    checkpoint_interval: int = Field(10, ge=1, description="Steps between checkpoints.")
+    target_tokens: int | None = Field(None, ge=1, le=MAX_STEP)
+    checkpoint_interval: int = Field(10, ge=1, le=MAX_STEP, description="Steps between checkpoints.")
     launcher: Literal["local", "slurm"] = "local"
     host_count: int = Field(2, ge=1, le=100_000)
     procs_per_host: int = Field(1, ge=1, le=64)
     precision: Literal["fp16", "bf16", "fp32"] = "fp16"
-    hyperparameters: dict[str, float | int | str | bool] = Field(
-        default_factory=dict, description="Passed to the trainer: lr, batch_size, seq_len, warmup_steps, ..."
+    hyperparameters: dict[
+        Annotated[str, StringConstraints(min_length=1, max_length=MAX_HYPERPARAMETER_NAME)],
+        FiniteFloat | int | Annotated[str, StringConstraints(max_length=MAX_HYPERPARAMETER_STRING)] | bool,
+    ] = Field(
+        default_factory=dict,
+        max_length=MAX_HYPERPARAMETERS,
+        description="Passed to the trainer: lr, batch_size, seq_len, warmup_steps, ...",
     )
-    max_restarts: int = Field(20, ge=0, description="Restart budget before the run needs attention.")
+    max_restarts: int = Field(
+        20, ge=0, le=1_000_000, description="Restart budget before the run needs attention."
+    )
     slurm: SlurmConfig | None = None
-    faults: list[str] = Field(default_factory=list, description="Fault injection specs (tests and demo).")
+    faults: list[ShortText] = Field(
+        default_factory=list, max_length=64, description="Fault injection specs (tests and demo)."
+    )
     hang: HangOverrides | None = Field(
         None, description="Per-run hang limits (14 s steps, 2-minute saves); unset = the orchestrator's."
     )
@@ -173,6 +331,7 @@ class RestartRequest(Strict):
     from_checkpoint_id: int | None = Field(
         None,
         ge=1,
+        le=MAX_ID,
         description="Restore this checkpoint (default: the orchestrator picks the last healthy one).",
     )
     lr: float | None = Field(None, gt=0, le=1.0, description="Absolute peak LR from now on.")
@@ -245,7 +404,14 @@ class MetricPoint(TypedDict, total=False):
     __pydantic_config__ = ConfigDict(extra="forbid")  # type: ignore[misc]
 
     step: Required[Annotated[int, Field(ge=0, le=MAX_STEP)]]
-    time: Annotated[float | None, Field(description="Unix seconds; server time when absent.")]
+    time: Annotated[
+        float | None,
+        Field(
+            description="Unix seconds, finite, within 10 years before and a day after the server's clock; "
+            "server time when absent."
+        ),
+        AfterValidator(_unix_seconds_near_now),
+    ]
     tokens: Annotated[int | None, Field(ge=0, le=MAX_STEP)]
     loss: float | None
     grad_norm: float | None
@@ -256,7 +422,19 @@ class MetricPoint(TypedDict, total=False):
     tokens_per_s: float | None
     tflops_per_gpu: float | None
     step_time_s: float | None
-    values: dict[str, float | int | None] | None
+    values: Annotated[
+        dict[
+            Annotated[str, StringConstraints(min_length=1, max_length=MAX_VALUE_NAME_CHARS)],
+            FiniteFloat | int | None,
+        ]
+        | None,
+        Field(
+            max_length=MAX_VALUES_PER_POINT,
+            description=f"Other named values: finite numbers or null, at most {MAX_VALUES_PER_POINT} names "
+            f'of at most {MAX_VALUE_NAME_CHARS} characters; "{NAN_KEY}" is reserved.',
+        ),
+        AfterValidator(_no_reserved_value_name),
+    ]
 
 
 METRIC_POINT = TypeAdapter(MetricPoint)
@@ -264,7 +442,7 @@ METRIC_POINT = TypeAdapter(MetricPoint)
 
 class MetricBatch(Strict):
     attempt: int = Field(..., ge=1, le=MAX_ID)
-    points: list[MetricPoint] = Field(..., max_length=10_000)
+    points: list[MetricPoint] = Field(..., max_length=MAX_POINTS_PER_BATCH)
 
     model_config = ConfigDict(
         extra="forbid",
@@ -314,6 +492,10 @@ class MetricPublic(ORM):
 class MetricSeries(ORM):
     run_id: int
     total: int = Field(description="Rows in the requested range.")
+    skipped: int = Field(
+        0,
+        description="Stored rows in the range that could not be read (a bad time or values), left out.",
+    )
     bucket_steps: int = Field(description="Steps averaged per returned point; 1 = raw rows.")
     points: list[MetricPublic]
 
@@ -349,7 +531,7 @@ class CheckpointCreate(Strict):
     clip: float | None = None
     loss: float | None = None
     act_norm: float | None = None
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    metadata: FreeJson = Field(default_factory=dict)
 
 
 class CheckpointMark(Strict):
@@ -436,7 +618,10 @@ class GpuSpec(Strict):
 
 class NodeCreate(Strict):
     hostname: Hostname
-    labels: dict[str, str] = Field(default_factory=dict)
+    labels: dict[
+        Annotated[str, StringConstraints(min_length=1, max_length=128)],
+        Annotated[str, StringConstraints(max_length=1024)],
+    ] = Field(default_factory=dict, max_length=64)
     gpus: list[GpuSpec] = Field(default_factory=list, max_length=1024)
 
     @model_validator(mode="after")
@@ -491,7 +676,7 @@ class NoteCreate(Strict):
     run_id: int | None = Field(None, ge=1, le=MAX_ID)
     hostname: Hostname | None = None
     severity: Severity = Severity.info
-    evidence: dict[str, Any] = Field(default_factory=dict)
+    evidence: FreeJson = Field(default_factory=dict)
 
 
 class LogEntryPublic(ORM):

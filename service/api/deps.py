@@ -10,6 +10,7 @@ from fastapi import Depends, HTTPException, Path, Query, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
+from service.api.body_guard import principal_from_scope
 from service.config import Settings
 from service.crud.tokens import Principal, authenticate
 from service.db import transaction
@@ -52,10 +53,15 @@ def _unauthorized(message: str) -> HTTPException:
 
 
 def get_principal(
+    request: Request,
     settings: SettingsDep,
     session: SessionDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
 ) -> Principal:
+    # A request with a body was authenticated before its body was read (api/body_guard.py).
+    authenticated = principal_from_scope(request.scope)
+    if authenticated is not None:
+        return authenticated
     if credentials is None or credentials.scheme.lower() != "bearer" or not credentials.credentials:
         raise _unauthorized("missing bearer token")
     secret = credentials.credentials

@@ -9,6 +9,7 @@ step) makes a re-sent batch add nothing.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,6 +34,27 @@ from trainer.contract import (
 WIDE_FIELDS = METRIC_WIDE_FIELDS
 FLOAT_FIELDS = METRIC_FLOAT_FIELDS
 UNIQUE_VIOLATION = "23505"  # PostgreSQL's SQLSTATE
+
+log = logging.getLogger("trainops.telemetry")
+
+# Stored times outside what Python's datetime can hold (PostgreSQL's 'infinity', a millisecond epoch read as
+# seconds: year 57,000; a negative one: BC) cannot be read at all: the driver raises on the row, which took
+# down the whole read. Reads select only rows inside these bounds and count the rest as unreadable.
+READABLE_TIME_MIN = dt.datetime(1, 1, 2, tzinfo=dt.UTC)
+READABLE_TIME_MAX = dt.datetime(9999, 12, 30, tzinfo=dt.UTC)
+
+
+def readable_time() -> sa.ColumnElement[bool]:
+    """The condition a stored metric row's time must meet for the row to be read (see READABLE_TIME_*)."""
+    return Metric.time.between(READABLE_TIME_MIN, READABLE_TIME_MAX)
+
+
+def readable_values(values: object) -> dict[str, Any] | None:
+    """A stored ``values`` as the API shows it: a JSON object with string keys, or None for anything else
+    (a row stored before validation, or written by hand)."""
+    if values is None or (isinstance(values, dict) and all(isinstance(k, str) for k in values)):
+        return values
+    return None
 
 
 def _normalise_point(point: dict[str, Any]) -> dict[str, Any]:
@@ -84,7 +106,7 @@ def ingest_metrics(
     else:
         points = [_normalise_point(p) for p in points]
         inserted = _ingest_generic(session, run_id=run_id, attempt=attempt, points=points, now=now)
-    return IngestResult(accepted=inserted, duplicates=len(points) - inserted)
+    return IngestResult(accepted=inserted, duplicates=max(0, len(points) - inserted))
 
 
 def _point_time(point: dict[str, Any], now: dt.datetime) -> dt.datetime:
@@ -157,24 +179,20 @@ def _ingest_generic(
         }
         for p in points
     ]
-    before = (
-        session.scalar(
-            sa.select(sa.func.count())
-            .select_from(Metric)
-            .where(Metric.run_id == run_id, Metric.attempt == attempt)
-        )
-        or 0
-    )
-    session.execute(sqlite.insert(Metric).on_conflict_do_nothing(), rows)
-    after = (
-        session.scalar(
-            sa.select(sa.func.count())
-            .select_from(Metric)
-            .where(Metric.run_id == run_id, Metric.attempt == attempt)
-        )
-        or 0
-    )
-    return int(after - before)
+    # The statement's own row count (sqlite3 sums it over executemany; ignored rows add nothing), not a
+    # count of the attempt's rows before and after: a concurrent batch into the same attempt committed in
+    # between made that difference larger than the batch, and the duplicate count negative.
+    # On the Core connection: the ORM's bulk-insert result carries no row count.
+    result = session.connection().execute(sqlite.insert(Metric.__table__).on_conflict_do_nothing(), rows)
+    return int(result.rowcount or 0)
+
+
+@dataclass(frozen=True)
+class MetricRows:
+    rows: list[dict[str, Any]]
+    total: int  # rows stored in the range
+    bucket_steps: int  # steps averaged per returned row; 1 = not downsampled
+    skipped: int  # stored rows in the range that could not be read (READABLE_TIME_*), left out
 
 
 def query_metrics(
@@ -185,11 +203,10 @@ def query_metrics(
     end_step: int | None = None,
     attempt: int | None = None,
     max_points: int = 1000,
-) -> tuple[list[dict[str, Any]], int, int]:
-    """Rows in a step range; past ``max_points`` rows, averages over equal step buckets.
-
-    Returns (rows, total rows in range, bucket width in steps; 1 = not downsampled).
-    """
+) -> MetricRows:
+    """Rows in a step range; past ``max_points`` rows, averages over equal step buckets. A stored row that
+    cannot be read is left out and counted (``skipped``), never an error for the whole range; a ``values``
+    that is not a JSON object reads as null."""
     where = [Metric.run_id == run_id]
     if start_step is not None:
         where.append(Metric.step >= start_step)
@@ -202,10 +219,15 @@ def query_metrics(
     ).one()
     total, lo, hi = int(stats[0]), stats[1], stats[2]
     if total == 0:
-        return [], 0, 1
+        return MetricRows([], 0, 1, 0)
+    readable = int(session.scalar(sa.select(sa.func.count()).where(*where, readable_time())) or 0)
+    skipped = total - readable
+    if skipped:
+        log.warning("run %s: %d stored metric rows have an unreadable time and are left out", run_id, skipped)
+    where.append(readable_time())
     if total <= max_points:
         rows = session.scalars(sa.select(Metric).where(*where).order_by(Metric.step, Metric.attempt)).all()
-        return [_row(m) for m in rows], total, 1
+        return MetricRows([_row(m) for m in rows], total, 1, skipped)
     width = max(1, math.ceil((hi - lo + 1) / max_points))
     bucket = (Metric.step - lo) // width
     query = (
@@ -226,7 +248,7 @@ def query_metrics(
         if isinstance(row["time"], str):  # SQLite returns aggregates of datetimes as text
             row["time"] = dt.datetime.fromisoformat(row["time"])
         out.append({**row, "values": None})
-    return out, total, width
+    return MetricRows(out, total, width, skipped)
 
 
 def _row(m: Metric) -> dict[str, Any]:
@@ -234,7 +256,7 @@ def _row(m: Metric) -> dict[str, Any]:
         "step": m.step,
         "attempt": m.attempt,
         "time": m.time,
-        "values": m.values,
+        "values": readable_values(m.values),
         **decode_stored_values(m),
     }
 

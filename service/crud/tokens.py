@@ -14,6 +14,21 @@ from service.models import ApiToken, Run, utcnow
 from service.statemachine import Role
 
 TOKEN_PREFIX = "tops_"
+# api_tokens.name and logbook.author are VARCHAR(200); PostgreSQL refuses longer values.
+NAME_COLUMN_CHARS = 200
+_HASH_SUFFIX_CHARS = 8
+
+
+def fit_name(name: str, limit: int = NAME_COLUMN_CHARS) -> str:
+    """``name`` if it fits in ``limit`` characters, else its head plus ``~`` and a stable hash of the whole.
+
+    Names are derived from user input (``<run name>-attempt-N`` from a 200-character run name, the author
+    ``user:<token name>``): the same input always gives the same name, and names that differ only past
+    the cut stay distinct."""
+    if len(name) <= limit:
+        return name
+    digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:_HASH_SUFFIX_CHARS]
+    return f"{name[: limit - _HASH_SUFFIX_CHARS - 1]}~{digest}"
 
 
 def hash_token(secret: str) -> str:
@@ -30,7 +45,7 @@ class Principal:
 
     @property
     def author(self) -> str:
-        return f"user:{self.name}" if self.role != Role.trainer else f"trainer:{self.name}"
+        return fit_name(f"user:{self.name}" if self.role != Role.trainer else f"trainer:{self.name}")
 
 
 def create_token(
@@ -43,7 +58,7 @@ def create_token(
     if run_id is not None and session.get(Run, run_id) is None:
         raise NotFound(f"run {run_id} does not exist")
     secret = TOKEN_PREFIX + secrets.token_urlsafe(32)
-    token = ApiToken(name=name, role=role, run_id=run_id, token_hash=hash_token(secret))
+    token = ApiToken(name=fit_name(name), role=role, run_id=run_id, token_hash=hash_token(secret))
     session.add(token)
     session.flush()
     return token, secret

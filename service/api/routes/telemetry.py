@@ -82,7 +82,7 @@ def query_metrics(
     max_points: Annotated[int, Query(ge=1, le=10_000, description="Downsample past this many rows.")] = 1000,
 ) -> MetricSeries:
     runs_crud.get_run(session, run_id=run_id)
-    rows, total, width = telemetry.query_metrics(
+    found = telemetry.query_metrics(
         session,
         run_id=run_id,
         start_step=start_step,
@@ -91,7 +91,11 @@ def query_metrics(
         max_points=max_points,
     )
     return MetricSeries(
-        run_id=run_id, total=total, bucket_steps=width, points=[MetricPublic.model_validate(r) for r in rows]
+        run_id=run_id,
+        total=found.total,
+        skipped=found.skipped,
+        bucket_steps=found.bucket_steps,
+        points=[MetricPublic.model_validate(r) for r in found.rows],
     )
 
 
