@@ -1,4 +1,8 @@
-"""The service's one typed config, read once at the edge (env prefix ``TRAINOPS_``)."""
+"""The service's one typed config, read once at the edge (env prefix ``TRAINOPS_``).
+
+It is a `health.config.LayeredSettings` like the health and orchestrator configs: one mechanism, one
+precedence (keywords > environment > config file > defaults) for all three.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +12,16 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import NoDecode, SettingsConfigDict
+
+from health.config import LayeredSettings
 
 DEFAULT_BOOTSTRAP_TOKEN = "trainops-dev-admin-token"
 SCHEDULERS = ("pool", "slurm", "kubernetes")
 SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 
 
-class Settings(BaseSettings):
+class Settings(LayeredSettings):
     """Control-plane settings. Embedded defaults: SQLite under ``./.trainops/``, no Redis."""
 
     model_config = SettingsConfigDict(env_prefix="TRAINOPS_", extra="ignore")
@@ -37,7 +43,9 @@ class Settings(BaseSettings):
         description="An admin token accepted without a database row, so a fresh install can be driven. "
         "Must be changed outside dev mode.",
     )
-    orchestrator_config: Path | None = Field(None, description="JSON file of orchestrator settings.")
+    orchestrator_config: Path | None = Field(
+        None, description="JSON (or, by a .toml extension, TOML) file of orchestrator settings."
+    )
     page_webhook_url: str | None = Field(
         None, description="Webhook POSTed when a run needs attention (for setups without Alertmanager)."
     )

@@ -6,16 +6,25 @@ document for restart-preview and the runs directory, so the loader lives here, b
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field, fields, is_dataclass
-from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_settings import SettingsConfigDict
+
+from health.config import LayeredSettings
 from service.config import Settings
 
+ORCHESTRATOR_ENV_PREFIX = "TRAINOPS_ORCHESTRATOR_"
 
-@dataclass(kw_only=True)
-class DivergenceConfig:
+
+class _Section(BaseModel):
+    """A section of the orchestrator config: keyword-constructed, unknown keys refused, documented by the
+    docstrings under its fields."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+
+class DivergenceConfig(_Section):
     loss_spike_window: int = 20
     """Trailing steps whose median and MAD are the baseline of the loss-spike test."""
     loss_spike_ratio: float = 1.5
@@ -39,7 +48,8 @@ class DivergenceConfig:
     min_points: int = 8
     """Steps needed in a trailing window before the spike and runaway tests judge anything."""
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _check_invariants(self) -> Self:
         if self.loss_spike_ratio <= 1 or self.act_norm_multiple <= 1:
             raise ValueError("loss_spike_ratio and act_norm_multiple must be > 1")
         if (
@@ -51,10 +61,10 @@ class DivergenceConfig:
             raise ValueError("windows and patiences must be >= 1")
         if self.min_points > min(self.loss_spike_window, self.act_norm_window):
             raise ValueError("min_points must not exceed the trailing windows")
+        return self
 
 
-@dataclass(kw_only=True)
-class RestartPointConfig:
+class RestartPointConfig(_Section):
     act_norm_trend_window: int = 20
     """Steps after a checkpoint over which the activation norm's trend is measured (OPT's restart rule)."""
     act_norm_flat_tolerance: float = 0.002
@@ -66,8 +76,7 @@ class RestartPointConfig:
     """Fewer stored points after a checkpoint than this and its trend is unknown (it does not qualify)."""
 
 
-@dataclass(kw_only=True)
-class RemediationConfig:
+class RemediationConfig(_Section):
     lr_factor: float = 0.5
     """LR scale multiplier per divergence, compounding across repeats."""
     min_lr_scale: float = 0.05
@@ -97,17 +106,18 @@ class RemediationConfig:
     deep_check_deadline_s: float = 120.0
     """Deadline for those diagnostics."""
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _check_invariants(self) -> Self:
         if not 0 < self.lr_factor < 1:
             raise ValueError("lr_factor must be in (0, 1)")
         if not 0 < self.min_lr_scale <= 1:
             raise ValueError("min_lr_scale must be in (0, 1]")
         if self.backoff_base_s < 0 or self.backoff_max_s < self.backoff_base_s:
             raise ValueError("need 0 <= backoff_base_s <= backoff_max_s")
+        return self
 
 
-@dataclass(kw_only=True)
-class HangConfig:
+class HangConfig(_Section):
     """How the hang limits are calibrated to each run (`detect.hang_limits`); a run's `RunConfig.hang`
     overrides any of them for that run."""
 
@@ -123,17 +133,30 @@ class HangConfig:
     validation_s: float = 600.0
     """Limit for a rank inside a validation pass."""
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _check_invariants(self) -> Self:
         if self.step_time_multiple < 1:
             raise ValueError("hang.step_time_multiple must be >= 1")
         if not 0 < self.step_time_quantile <= 1:
             raise ValueError("hang.step_time_quantile must be in (0, 1]")
         if self.step_time_window < 1:
             raise ValueError("hang.step_time_window must be >= 1")
+        return self
 
 
-@dataclass(kw_only=True)
-class OrchestratorConfig:
+class OrchestratorConfig(LayeredSettings):
+    """The orchestrator's settings, highest precedence first: keyword arguments (`load_orchestrator_config`'s
+    overrides) > ``TRAINOPS_ORCHESTRATOR_<FIELD>`` and ``TRAINOPS_ORCHESTRATOR_<SECTION>__<FIELD>`` >
+    the JSON or TOML file ``TRAINOPS_ORCHESTRATOR_CONFIG`` names > the control plane's runs directory and
+    API URL > the defaults below. Unknown keys are refused wherever they come from."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ORCHESTRATOR_ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        use_attribute_docstrings=True,
+    )
+
     loop_interval_s: float = 1.0
     """Period of the reconcile loop (events may wake it earlier; they never decide)."""
     heartbeat_interval_s: float = 2.0
@@ -151,7 +174,7 @@ class OrchestratorConfig:
     """A rank whose step time exceeds the median of the others by this factor is a straggler ..."""
     straggler_confirm_steps: int = 5
     """... in each of this many consecutive steps (one slow reading is no evidence)."""
-    hang: HangConfig = field(default_factory=HangConfig)
+    hang: HangConfig = Field(default_factory=HangConfig)
     failing_pass_limit: int = 5
     """Consecutive failed reconcile passes of one run (an exception while observing, deciding or applying)
     after which the run goes to needs_attention with the error in the logbook and on-call is paged. Between
@@ -161,11 +184,12 @@ class OrchestratorConfig:
     transient_failure_patience_s: float = 300.0
     """A streak of transient errors (database or network unreachable) escalates only once it has also lasted
     this long: a database restart is waited out, an outage that lasts is paged."""
-    divergence: DivergenceConfig = field(default_factory=DivergenceConfig)
-    restart_point: RestartPointConfig = field(default_factory=RestartPointConfig)
-    remediation: RemediationConfig = field(default_factory=RemediationConfig)
+    divergence: DivergenceConfig = Field(default_factory=DivergenceConfig)
+    restart_point: RestartPointConfig = Field(default_factory=RestartPointConfig)
+    remediation: RemediationConfig = Field(default_factory=RemediationConfig)
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _check_invariants(self) -> Self:
         # NVRx invariant: declare a hang only after several missed heartbeats, or slow steps look hung.
         if self.heartbeat_interval_s >= self.hang_timeout_s:
             raise ValueError("heartbeat_interval_s must be < hang_timeout_s")
@@ -190,25 +214,16 @@ class OrchestratorConfig:
             raise ValueError(
                 "need failing_pass_backoff_max_s >= loop_interval_s and transient_failure_patience_s >= 0"
             )
-
-
-def _build(cls: type, data: dict[str, Any]) -> Any:
-    kwargs = {}
-    known = {f.name: f for f in fields(cls)}
-    for key, value in data.items():
-        if key not in known:
-            raise ValueError(f"unknown orchestrator setting {key!r} for {cls.__name__}")
-        default = known[key].default_factory() if callable(known[key].default_factory) else known[key].default
-        kwargs[key] = (
-            _build(type(default), value) if is_dataclass(default) and isinstance(value, dict) else value
-        )
-    return cls(**kwargs)
+        return self
 
 
 def load_orchestrator_config(settings: Settings, **overrides: Any) -> OrchestratorConfig:
-    """Defaults, then the JSON file named by TRAINOPS_ORCHESTRATOR_CONFIG, then `overrides`."""
-    data: dict[str, Any] = {"runs_dir": str(settings.home / "runs"), "api_url": settings.resolved_api_url}
-    if settings.orchestrator_config is not None:
-        data.update(json.loads(Path(settings.orchestrator_config).read_text()))
-    data.update(overrides)
-    return _build(OrchestratorConfig, data)
+    """`overrides` > the environment (``TRAINOPS_ORCHESTRATOR_*``) > the JSON or TOML file named by
+    TRAINOPS_ORCHESTRATOR_CONFIG > the runs directory under the control plane's home and its API URL >
+    the defaults. A section given as a dict merges key by key with the layers below; given as a model,
+    it replaces them."""
+    return OrchestratorConfig.load(
+        file=settings.orchestrator_config,
+        defaults={"runs_dir": str(settings.home / "runs"), "api_url": settings.resolved_api_url},
+        **overrides,
+    )

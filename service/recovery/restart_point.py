@@ -13,7 +13,6 @@ the catalog's stored health verdicts and `restart-preview`.
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import math
 import statistics
@@ -73,7 +72,7 @@ def rule_for_run(cfg: RestartPointConfig, *, checkpoint_interval: int | None) ->
     20-step window allows, so a slow runaway over hundreds of steps is not called bounded."""
     if not checkpoint_interval or checkpoint_interval <= cfg.act_norm_trend_window:
         return cfg
-    return dataclasses.replace(cfg, act_norm_trend_window=int(checkpoint_interval))
+    return cfg.model_copy(update={"act_norm_trend_window": int(checkpoint_interval)})
 
 
 def log_growth_rate(points: Sequence[tuple[int, float]]) -> float | None:
