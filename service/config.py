@@ -73,6 +73,12 @@ class Settings(LayeredSettings):
     kubernetes_ca_file: Path = Field(
         SERVICE_ACCOUNT_DIR / "ca.crt", description="CA bundle of an https API server."
     )
+    kubernetes_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="Seconds one Kubernetes API call may take; a call that runs out is a scheduler failure "
+        "(logged, never fatal) and the next sync pass tries again.",
+    )
     max_page_size: int = Field(500, ge=1)
     max_ingest_points: int = Field(10_000, ge=1)
     db_pool_size: int = Field(10, ge=1)

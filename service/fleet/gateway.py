@@ -1,9 +1,10 @@
 """The one gateway that changes node state on the orchestrator's behalf: cordon, blame, deep-check hosts.
 
 It implements the orchestrator's ``HealthGateway`` protocol (service/orchestrator/health_gateway.py)
-with Celery sweeps (Redis or in-process), the cordon policy and the scheduler adapters. Scheduler calls
-follow the one rule of service/fleet/scheduler.py: a failure is logged with its evidence and never
-skips the blame or record that follows.
+with Celery sweeps (Redis or in-process), the cordon policy and the scheduler adapters (Slurm and
+Kubernetes alike: the orchestrator's runtime builds them from settings, ``build_scheduler_adapters``).
+Scheduler calls follow the one rule of service/fleet/scheduler.py: a failure is logged with its evidence
+and never skips the blame or record that follows.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from health.results import Level
 from service.fleet.scheduler import SchedulerAdapter
 from service.fleet.sweep import blame_nodes, charge_nodes, run_sweep
-from service.fleet.sync import DrainSyncReport, sync_external_drains
+from service.fleet.sync import SyncReport, sync_schedulers
 from service.statemachine import NodeState
 
 
@@ -83,7 +84,11 @@ class SweepHealthGateway:
         fit = {NodeState.healthy, NodeState.probation}
         return {o.host: o.state in fit for o in report.hosts}
 
-    def sync_external(self) -> DrainSyncReport:
-        """Called by the orchestrator at the start of each pass: the adapters' outside drains become
-        cordons (service/fleet/sync.py); with no adapters, nothing to do."""
-        return sync_external_drains(self._factory, self._adapters, author=self._author)
+    @property
+    def adapters(self) -> list[SchedulerAdapter]:
+        return list(self._adapters)
+
+    def sync_external(self) -> SyncReport:
+        """Called by the orchestrator at the start of each pass: node states and every scheduler's agree,
+        both ways (service/fleet/sync.py); with no adapters, nothing to do."""
+        return sync_schedulers(self._factory, self._adapters, author=self._author)

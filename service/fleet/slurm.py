@@ -2,21 +2,23 @@
 sbatch defaults, checking a run's Slurm options against the cluster (what the API asks before it accepts a
 run, `check_slurm_run_config`), and reading its nodes.
 
-Used by the API's launcher checks, by the node sync (`service/fleet/slurm_sync.py`) and by the
-orchestrator's Slurm launcher (`service/orchestrator/slurm.py`); it changes nothing, in Slurm or in the
-control plane.
+Used by the API's launcher checks, by the Slurm scheduler adapter (`service/fleet/scheduler.py`: drains,
+and the node states the sync reads) and by the orchestrator's Slurm launcher; it changes nothing, in Slurm
+or in the control plane.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from service.fleet.scheduler import SlurmAdapter
+REASON_PREFIX = "trainops: "
+"""Every drain trainops makes has a reason starting with this; any other drain is someone else's."""
 
 
 class SlurmError(RuntimeError):
@@ -35,6 +37,18 @@ def checked_stdout(result: subprocess.CompletedProcess[str], what: str) -> str:
         message = " ".join((result.stderr or result.stdout).split()) or f"exit status {result.returncode}"
         raise SlurmError(f"{what} failed: {message}")
     return result.stdout
+
+
+def checked_runner(env: Mapping[str, str] | None = None) -> Callable[[Sequence[str]], str]:
+    """Run a Slurm command (``env`` over the process environment, e.g. ``SLURM_CONF``) and return its
+    stdout; a refusal raises SlurmError with Slurm's own message, which is the evidence a failure logs."""
+    command_env = {**os.environ, **env} if env else None
+
+    def run(argv: Sequence[str]) -> str:
+        result = subprocess.run(list(argv), capture_output=True, text=True, timeout=60, env=command_env)
+        return checked_stdout(result, " ".join(argv[:2]))
+
+    return run
 
 
 def parse_scontrol_record(line: str) -> dict[str, str]:
@@ -173,15 +187,22 @@ class SlurmNode:
 
     @property
     def down(self) -> bool:
-        return bool(self.states & {"DOWN", "FAIL", "NOT_RESPONDING", "POWERED_DOWN"})
+        # An outage Slurm sees (DOWN, DOWN* = DOWN + NOT_RESPONDING, FAIL). Not POWERED_DOWN: a node that
+        # power saving switched off is idle and powers up when a job asks for it.
+        return bool(self.states & {"DOWN", "FAIL", "NOT_RESPONDING"})
 
     @property
     def ours(self) -> bool:
-        return self.reason.startswith(SlurmAdapter.REASON_PREFIX)
+        return self.reason.startswith(REASON_PREFIX)
 
 
 def read_slurm_nodes(run: SlurmRunner) -> dict[str, SlurmNode]:
-    data = json.loads(checked_stdout(run(["sinfo", "--json"]), "sinfo --json"))
+    return parse_sinfo_nodes(checked_stdout(run(["sinfo", "--json"]), "sinfo --json"))
+
+
+def parse_sinfo_nodes(sinfo_json: str) -> dict[str, SlurmNode]:
+    """The nodes of ``sinfo --json`` by name: base state and flags (``DOWN``, ``DRAIN``, ...), reason."""
+    data = json.loads(sinfo_json)
     nodes: dict[str, SlurmNode] = {}
     for entry in data.get("nodes", []):
         state = entry.get("state")

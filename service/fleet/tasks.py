@@ -3,6 +3,10 @@
 They run on the shared queue ``health.shared`` in a process that has the control plane's database (the
 control worker, ``python -m service.fleet.worker``, or an embedded worker); host workers never import
 this module. Importing it registers the tasks on every health app already built.
+
+Their cordons are mirrored to the schedulers of the control plane's settings (``TRAINOPS_SCHEDULER``,
+``build_scheduler_adapters``), the same adapters the orchestrator's gateway uses: a node beat's sweep
+cordons is drained in Slurm and cordoned in Kubernetes too.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from health.config import SHARED_QUEUE
 from health.results import Level
 from service.config import get_settings
 from service.db import engine_from_settings, make_session_factory
+from service.fleet.scheduler import SchedulerAdapter
+from service.fleet.schedulers import build_scheduler_adapters
 from service.fleet.sweep import run_sweep
 
 SWEEP_TASK = "health.sweep"
@@ -29,6 +35,13 @@ QUICK_SWEEP_TASK = "health.quick_sweep"
 def control_session_factory() -> sessionmaker[Session]:
     """The control plane's database, for control-side tasks run by a Celery worker."""
     return make_session_factory(engine_from_settings(get_settings()))
+
+
+@lru_cache(maxsize=1)
+def control_scheduler_adapters() -> tuple[SchedulerAdapter, ...]:
+    """The schedulers control-side sweeps mirror their cordons to, from the service settings (built once
+    per process, like the database's session factory)."""
+    return tuple(build_scheduler_adapters(get_settings()))
 
 
 @health_task(name=SWEEP_TASK, queue=SHARED_QUEUE)
@@ -48,6 +61,7 @@ def sweep_task(
         checks=checks,
         author=author,
         app=self.app,
+        adapters=control_scheduler_adapters(),
     )
     return report.to_json()
 
@@ -61,6 +75,7 @@ def quick_sweep_task(self: Any) -> dict[str, Any]:
         level=Level.quick,
         author="health/beat",
         app=self.app,
+        adapters=control_scheduler_adapters(),
     )
     return report.summary()
 

@@ -1,7 +1,7 @@
 """What the orchestrator asks of fleet health: cordon, blame, deep-check hosts.
 
 The protocol only; the implementation that changes node state is service/fleet/gateway.py
-(``SweepHealthGateway``, and ``SlurmHealthGateway`` on Slurm).
+(``SweepHealthGateway``, with the scheduler adapters of the settings, Slurm's included).
 """
 
 from __future__ import annotations

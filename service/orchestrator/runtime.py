@@ -33,18 +33,12 @@ def available_launchers(settings: Settings) -> dict[str, Launcher]:
 
 
 def build_health_gateway(settings: Settings, session_factory: sessionmaker[Session]) -> SweepHealthGateway:
-    """Cordons are mirrored to the schedulers of `settings.scheduler` (TRAINOPS_SCHEDULER). With Slurm, its
-    own drains and outages are synced both ways by the Slurm gateway; otherwise every adapter's outside
-    drains become cordons at the start of each pass (`service/fleet/sync.py`)."""
+    """Cordons are mirrored to the schedulers of `settings.scheduler` (TRAINOPS_SCHEDULER: Slurm, Kubernetes),
+    and at the start of each pass node states and every scheduler's are synced both ways (outside drains
+    and outages become cordons; `service/fleet/sync.py`)."""
     from service.fleet.schedulers import build_scheduler_adapters
 
-    adapters = build_scheduler_adapters(settings)
-    if settings.slurm_enabled:
-        from service.fleet.slurm_sync import SlurmHealthGateway
-
-        others = [a for a in adapters if a.name != "slurm"]
-        return SlurmHealthGateway(session_factory, other_adapters=others)
-    return SweepHealthGateway(session_factory, adapters=adapters)
+    return SweepHealthGateway(session_factory, adapters=build_scheduler_adapters(settings))
 
 
 def build_orchestrator(

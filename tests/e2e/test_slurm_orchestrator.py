@@ -21,8 +21,9 @@ from service.crud.logbook import list_logbook
 from service.crud.nodes import get_node, register_node, uncordon_node
 from service.crud.runs import create_run, get_run, list_attempts, stop_run
 from service.db import make_engine, make_session_factory, transaction
+from service.fleet.gateway import SweepHealthGateway
+from service.fleet.scheduler import SlurmAdapter
 from service.fleet.slurm import parse_scontrol_record
-from service.fleet.slurm_sync import SlurmHealthGateway
 from service.fleet.sweep import run_sweep
 from service.migrate import upgrade
 from service.orchestrator.launchers.local import tagged_pids
@@ -44,7 +45,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
 class Stack:
     factory: sessionmaker[Session]
     orchestrator: Orchestrator
-    gateway: SlurmHealthGateway
+    gateway: SweepHealthGateway
     health_app: HealthCelery
     faults: Path
     cluster: SlurmCluster
@@ -152,7 +153,8 @@ def stack(cluster: SlurmCluster, tmp_path: Path) -> Iterator[Stack]:
             min_disk_write_mb_s=1.0,
         )
     )
-    gateway = SlurmHealthGateway(factory, env={"SLURM_CONF": str(cluster.conf)}, app=health_app)
+    slurm = SlurmAdapter(env={"SLURM_CONF": str(cluster.conf)})
+    gateway = SweepHealthGateway(factory, adapters=[slurm], app=health_app)
     cfg = OrchestratorConfig(
         loop_interval_s=0.5,
         hang_timeout_s=90.0,  # two CPU cores shared by four ranks' worth of work: steps can stall
@@ -209,7 +211,7 @@ def test_bad_host_is_drained_excluded_and_resumed_on_uncordon(stack: Stack) -> N
         hosts=["n2"],
         level="quick",
         app=stack.health_app,
-        adapters=[stack.gateway.slurm_adapter],
+        adapters=stack.gateway.adapters,
     )
     assert stack.node_state("n2")[0] == NodeState.cordoned
     assert stack.cluster.node_states()["n2"] in ("drain", "drng")
@@ -228,7 +230,7 @@ def test_bad_host_is_drained_excluded_and_resumed_on_uncordon(stack: Stack) -> N
     with transaction(stack.factory) as session:
         uncordon_node(session, hostname="n2", reason="GPU swapped", author="test")
     stack.cluster.wait_idle(["n2"], timeout_s=30)
-    assert any("resumed in Slurm" in m for m in stack.node_log("n2"))
+    assert any("released in slurm (back in service in trainops)" in m for m in stack.node_log("n2"))
 
 
 def test_node_lost_mid_attempt_is_cordoned_and_the_run_moves_on(stack: Stack) -> None:

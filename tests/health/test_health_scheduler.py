@@ -1,7 +1,9 @@
-"""Scheduler adapters: the exact scontrol argv, and Kubernetes cordon + taint through CoreV1Api.patch_node."""
+"""Scheduler adapters: the exact scontrol argv, Kubernetes cordon + taint through CoreV1Api.patch_node, and
+what each reports as held outside trainops."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from types import SimpleNamespace
 from typing import Any
@@ -36,10 +38,34 @@ def test_slurm_drain_and_resume_run_scontrol_with_the_reason_as_one_argument() -
     ]
 
 
-def test_slurm_external_drains_are_those_not_made_by_us() -> None:
-    runner = RecordingRunner("node001|trainops: hard fault\nnode002|bad DIMM, ticket 4411\n")
-    assert SlurmAdapter(run=runner).external_drains() == {"node002": "bad DIMM, ticket 4411"}
-    assert runner.calls[0][0] == "sinfo"
+def sinfo_json(*nodes: tuple[str, list[str], str]) -> str:
+    """``sinfo --json`` as Slurm 23 writes it: per node its state list (base state and flags) and reason."""
+    return json.dumps({"nodes": [{"name": n, "state": states, "reason": r} for n, states, r in nodes]})
+
+
+def test_slurm_nodes_held_outside_trainops_are_other_drains_and_outages() -> None:
+    runner = RecordingRunner(
+        sinfo_json(
+            ("node001", ["IDLE", "DRAIN"], "trainops: hard fault"),
+            ("node002", ["IDLE", "DRAIN"], "bad DIMM, ticket 4411"),
+            ("node003", ["DOWN", "NOT_RESPONDING"], "Not responding"),  # sinfo shows it as down*
+            ("node004", ["IDLE"], ""),
+            ("node005", ["DOWN", "DRAIN"], "trainops: hard fault"),  # our drain, then the node died
+            ("node006", ["IDLE", "POWERED_DOWN"], ""),  # power saving: powers up when a job asks
+            ("node007", ["FAIL"], "PSU alarm"),
+        )
+    )
+    nodes = SlurmAdapter(run=runner).external_states()
+    assert runner.calls == [["sinfo", "--json"]]
+    assert nodes.known == {f"node00{i}" for i in range(1, 8)}
+    assert nodes.held == {"node001", "node002", "node005"} and nodes.ours == {"node001", "node005"}
+    assert {host: (hold.condition, hold.reason) for host, hold in nodes.outside.items()} == {
+        "node002": ("drained outside trainops", "bad DIMM, ticket 4411"),
+        "node003": ("down", "Not responding"),
+        "node005": ("down", "trainops: hard fault"),
+        "node007": ("down", "PSU alarm"),
+    }
+    assert nodes.outside["node003"].evidence["slurm_states"] == ["DOWN", "NOT_RESPONDING"]
 
 
 class FakeCoreV1Api:
@@ -101,8 +127,12 @@ def test_kubernetes_cordon_marks_unschedulable_taints_and_keeps_other_taints() -
     assert REASON_ANNOTATION not in node["metadata"]["annotations"]
 
 
-def test_kubernetes_external_drains_are_cordons_without_our_taint() -> None:
-    api = FakeCoreV1Api(["a", "b"])
+def test_kubernetes_nodes_held_outside_trainops_are_cordons_without_our_taint() -> None:
+    api = FakeCoreV1Api(["a", "b", "c"])
     KubernetesAdapter(api).cordon("a", "ecc")
     api.nodes["b"]["spec"]["unschedulable"] = True  # `kubectl cordon b` by an admin
-    assert KubernetesAdapter(api).external_drains() == {"b": "cordoned outside trainops"}
+    nodes = KubernetesAdapter(api).external_states()
+    assert nodes.known == {"a", "b", "c"} and nodes.held == {"a", "b"} and nodes.ours == {"a"}
+    assert {host: (hold.condition, hold.reason) for host, hold in nodes.outside.items()} == {
+        "b": ("drained outside trainops", "cordoned outside trainops")
+    }

@@ -4,19 +4,15 @@ and every hardware failure it attributes to a host counts to that host's lemon s
 from __future__ import annotations
 
 import datetime as dt
-import json
-import subprocess
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
 from service import migrate
 from service.crud.logbook import list_logbook
-from service.crud.nodes import cordon_node, get_node, record_offence, register_node
+from service.crud.nodes import get_node, record_offence, register_node
 from service.db import make_engine, make_session_factory, transaction
 from service.fleet.gateway import SweepHealthGateway
-from service.fleet.scheduler import SlurmAdapter
-from service.fleet.slurm_sync import sync_slurm_nodes
 from service.models import LogEntry, NodeOffence, utcnow
 from service.statemachine import NodeState
 
@@ -139,34 +135,3 @@ def test_a_failing_scheduler_call_is_logged_and_skips_neither_the_cordon_nor_the
         ]
         assert {f.evidence["adapter"] for f in failures} == {"slurm"}
         assert all("Unable to contact" in f.evidence["error"] for f in failures)
-
-
-def test_the_slurm_sync_logs_a_failing_scontrol_and_goes_on_to_the_next_node(sqlite_url: str) -> None:
-    factory = _fleet(sqlite_url, "gpu-41", "gpu-42")
-    with transaction(factory) as session:
-        for host in ("gpu-41", "gpu-42"):
-            cordon_node(session, hostname=host, reason="XID 79", author="user:test")
-    sinfo = {"nodes": [{"name": h, "state": ["IDLE"], "reason": ""} for h in ("gpu-41", "gpu-42")]}
-    drained: list[str] = []
-
-    def scontrol(argv: list[str]) -> str:
-        if "NodeName=gpu-41" in argv:
-            raise RuntimeError("scontrol: error: Invalid node name specified")
-        drained.append(argv[2])
-        return ""
-
-    def run(argv: list[str]) -> subprocess.CompletedProcess[str]:
-        return subprocess.CompletedProcess(argv, 0, stdout=json.dumps(sinfo), stderr="")
-
-    report = sync_slurm_nodes(factory, run, adapter=SlurmAdapter(scontrol))
-    assert report.drained == ["gpu-42"] and drained == ["NodeName=gpu-42"]
-    assert report.errors == ["slurm: gpu-41: scontrol: error: Invalid node name specified"]
-    with transaction(factory) as session:
-        node = get_node(session, hostname="gpu-41")
-        entries, _ = list_logbook(session, node_id=node.id)
-        assert entries[-1].message.startswith("slurm could not cordon gpu-41")
-        assert entries[-1].evidence == {
-            "adapter": "slurm",
-            "state": "cordoned",
-            "error": "scontrol: error: Invalid node name specified",
-        }
