@@ -16,8 +16,8 @@ also writes the exit status into the attempt directory, as the local runner does
 has already purged from its memory still has an outcome.
 
 Asking Slurm (commands, `scontrol` records, node lists), the sbatch defaults and the check of a run's Slurm
-options are in `service/fleet/slurm.py`; the node-state sync and `SlurmHealthGateway` in
-`service/fleet/slurm_sync.py`.
+options are in `service/fleet/slurm.py`; draining nodes and syncing node states with Slurm are fleet's
+(the Slurm adapter in `service/fleet/scheduler.py`, the sync in `service/fleet/sync.py`).
 """
 
 from __future__ import annotations
