@@ -36,7 +36,7 @@ from service.metrics import (
 )
 from service.orchestrator.apply import Applier, Pager
 from service.orchestrator.decide import Action, ObservedRun, decide
-from service.orchestrator.failing_passes import FailingPasses, RunPassFailures
+from service.orchestrator.failing_passes import FailingPasses, RunPassFailures, describe
 from service.orchestrator.health_gateway import HealthGateway
 from service.orchestrator.launchers.base import Launcher
 from service.orchestrator.observe import AUTHOR, observe_run, refresh_verdicts, sync_checkpoints
@@ -86,6 +86,8 @@ class Orchestrator:
             backoff_base_s=cfg.loop_interval_s,
             backoff_max_s=cfg.failing_pass_backoff_max_s,
         )
+        self._failing_side_steps: set[str] = set()
+        """Side steps (the scheduler sync, a run's verdicts) failing now: their traceback is logged once."""
         self._wake = threading.Event()
         self._stop = threading.Event()
 
@@ -250,8 +252,10 @@ class Orchestrator:
             return
         try:
             sync()
-        except Exception:  # the scheduler being unreachable must not stop the loop; the next pass retries
-            log.exception("syncing node states with the scheduler failed")
+        except Exception as error:  # an unreachable scheduler must not stop the loop; the next pass retries
+            self._side_step_failed("scheduler-sync", "syncing node states with the scheduler failed", error)
+        else:
+            self._failing_side_steps.discard("scheduler-sync")
 
     def _refresh_verdicts(self, run_id: int) -> None:
         """Judge the run's undecided checkpoints and move the automatic pin. A failure here is logged and
@@ -259,5 +263,16 @@ class Orchestrator:
         try:
             with transaction(self.factory) as session:
                 refresh_verdicts(session, run_id=run_id, runs_dir=self.runs_dir, cfg=self.cfg)
-        except Exception:
-            log.exception("checkpoint verdicts of run %s failed", run_id)
+        except Exception as error:
+            self._side_step_failed(f"verdicts:{run_id}", f"checkpoint verdicts of run {run_id} failed", error)
+        else:
+            self._failing_side_steps.discard(f"verdicts:{run_id}")
+
+    def _side_step_failed(self, key: str, what: str, error: Exception) -> None:
+        """Log a failing side step: with its traceback the first time, then one line per pass until it
+        succeeds again (it is retried every pass; a traceback a second is noise, not evidence)."""
+        if key in self._failing_side_steps:
+            log.warning("%s again: %s", what, describe(error))
+            return
+        self._failing_side_steps.add(key)
+        log.exception(what)

@@ -228,3 +228,37 @@ def test_a_run_whose_observe_raises_is_contained_retried_with_back_off_counted_a
     time.sleep(fleet.orchestrator.cfg.failing_pass_backoff_max_s)
     assert broken_run in fleet.orchestrator.reconcile_once()
     assert fleet.orchestrator.failing_passes.get(broken_run) is None and len(fleet.pages) == 1
+
+
+def test_failing_checkpoint_verdicts_never_hold_up_the_run_and_log_their_traceback_once(
+    fleet: Fleet, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The verdict pass is a side step: it is retried every pass, but a traceback a second is noise."""
+    import service.orchestrator.loop
+
+    broken_run = fleet.runs["long_path"]
+    refresh = service.orchestrator.loop.refresh_verdicts
+
+    def refresh_verdicts(session: Session, *, run_id: int, runs_dir: Path, cfg: OrchestratorConfig) -> None:
+        if run_id == broken_run:
+            raise OSError(errno.ENAMETOOLONG, "File name too long")
+        refresh(session, run_id=run_id, runs_dir=runs_dir, cfg=cfg)
+
+    monkeypatch.setattr(service.orchestrator.loop, "refresh_verdicts", refresh_verdicts)
+    caplog.set_level(logging.WARNING, logger="trainops.orchestrator")
+    for _ in range(3):
+        assert set(fleet.orchestrator.reconcile_once()) == set(fleet.runs.values())
+    logged = [(r.levelno, r.exc_info is not None, r.getMessage()) for r in caplog.records]
+    what = f"checkpoint verdicts of run {broken_run} failed"
+    assert logged == [
+        (logging.ERROR, True, what),
+        (logging.WARNING, False, f"{what} again: OSError: [Errno 36] File name too long"),
+        (logging.WARNING, False, f"{what} again: OSError: [Errno 36] File name too long"),
+    ]
+    # once it succeeds, the next failure is new evidence: its traceback is logged again
+    monkeypatch.setattr(service.orchestrator.loop, "refresh_verdicts", refresh)
+    fleet.orchestrator.reconcile_once()
+    monkeypatch.setattr(service.orchestrator.loop, "refresh_verdicts", refresh_verdicts)
+    caplog.clear()
+    fleet.orchestrator.reconcile_once()
+    assert [(r.levelno, r.exc_info is not None) for r in caplog.records] == [(logging.ERROR, True)]
