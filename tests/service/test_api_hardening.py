@@ -8,7 +8,8 @@ import datetime as dt
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -439,3 +440,66 @@ def test_a_422_echoing_unencodable_input_is_still_json(admin: TestClient) -> Non
     r = _post_raw(admin, "/api/v1/runs", '{"name": "x", "owner": 1.5, "config": {"target_steps": NaN}}')
     assert r.status_code == 422, r.text
     assert json.loads(r.text)["detail"]
+
+
+@dataclass
+class _RunningLauncher:
+    """A launcher whose attempts start and keep running, with no processes: only naming is under test."""
+
+    kind: str = "fake"
+
+    def prepare(self, spec: Any) -> dict[str, Any]:
+        return {"kind": self.kind, "world_size": len(spec.hosts)}
+
+    def start(self, spec: Any, info: Mapping[str, Any]) -> dict[str, Any]:
+        return {}
+
+    def status(self, info: Mapping[str, Any]) -> Any:
+        from service.orchestrator.launchers.base import ProcessStatus
+
+        return ProcessStatus("running")
+
+    def kill(self, info: Mapping[str, Any], *, grace_s: float = 5.0) -> None:
+        return None
+
+
+@pytest.mark.postgres
+def test_a_run_with_a_200_character_name_starts_on_postgres(postgres_url: str, tmp_path: Any) -> None:
+    """The orchestrator names each attempt's trainer token "<run name>-attempt-N" (over 200 characters
+    here); the attempt must still be launched, with its token stored."""
+    from service import migrate
+    from service.crud.nodes import register_node
+    from service.crud.runs import active_attempt, create_run
+    from service.fleet.gateway import SweepHealthGateway
+    from service.models import ApiToken
+    from service.orchestrator.loop import Orchestrator
+    from service.recovery.config import OrchestratorConfig
+
+    migrate.upgrade(postgres_url)
+    engine = make_engine(postgres_url)
+    factory = make_session_factory(engine)
+    try:
+        with transaction(factory) as session:
+            register_node(session, hostname="h1", author="test")
+            run_id = create_run(
+                session,
+                name="n" * 200,
+                owner="test",
+                config={"preset": "tiny", "target_steps": 100, "host_count": 1, "launcher": "fake"},
+                start=True,
+                author="test",
+            ).id
+        orchestrator = Orchestrator(
+            factory,
+            OrchestratorConfig(loop_interval_s=0.01, runs_dir=str(tmp_path)),
+            launchers={"fake": _RunningLauncher()},
+            health=SweepHealthGateway(factory),
+            pager=lambda run, reason, evidence: None,
+        )
+        orchestrator.reconcile_once()
+        with transaction(factory) as session:
+            assert active_attempt(session, run_id=run_id) is not None
+            names = list(session.scalars(sa.select(ApiToken.name).where(ApiToken.run_id == run_id)))
+        assert names and all(len(name) <= 200 for name in names)
+    finally:
+        engine.dispose()
