@@ -83,6 +83,19 @@ def test_cli_help_runs_without_the_extras(tmp_path: Path) -> None:
     assert "orchestrator" in result.stdout
 
 
+def test_checkpoint_functions_the_control_plane_calls_need_no_torch(tmp_path: Path) -> None:
+    # The orchestrator and the API verify, list and pin checkpoints (trainer.checkpoint) on the base install.
+    script = (
+        "import pathlib\n"
+        "from trainer.checkpoint import is_pinned, list_checkpoints, pin_checkpoint, verify_checkpoint\n"
+        "step = pathlib.Path('ckpt/step_00000010'); step.mkdir(parents=True)\n"
+        "assert not verify_checkpoint(step)[0] and len(list_checkpoints('ckpt')) == 1\n"
+        "pin_checkpoint(step); assert is_pinned(step)\n"
+    )
+    result = run_without(EXTRA_MODULES, [sys.executable, "-c", script], tmp_path)
+    assert result.returncode == 0, result.stderr
+
+
 def test_cli_names_the_missing_extra_where_it_needs_nvml(tmp_path: Path) -> None:
     trainops = Path(sys.executable).parent / "trainops"
     argv = [str(trainops), "nodes", "register", "h1", "--gpus-from-nvml", "--url", "http://127.0.0.1:9"]
