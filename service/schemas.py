@@ -19,6 +19,7 @@ from pydantic import (
 )
 from typing_extensions import TypedDict
 
+from service.sbatch_flags import check_sbatch_flags
 from service.statemachine import (
     CheckpointState,
     DesiredState,
@@ -29,7 +30,7 @@ from service.statemachine import (
     RunPhase,
     Severity,
 )
-from trainer.contract import METRIC_FLOAT_FIELDS, NAN_KEY
+from trainer.contract import METRIC_FLOAT_FIELDS, NAN_KEY, check_run_hyperparameters
 
 Name = Annotated[
     str, StringConstraints(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -215,6 +216,11 @@ class SlurmConfig(Strict):
         description="With placement=exclude: Slurm nodes the job must include (sbatch --nodelist): spares.",
     )
 
+    @model_validator(mode="after")
+    def _flags_refine_only(self) -> SlurmConfig:
+        check_sbatch_flags(self.extra_sbatch_flags)  # service/sbatch_flags.py: what may not be overridden
+        return self
+
 
 class HangOverrides(Strict):
     """This run's hang limits, in place of the orchestrator's (docs/orchestrator.md, "Detection"). The
@@ -260,7 +266,8 @@ class RunConfig(Strict):
     ] = Field(
         default_factory=dict,
         max_length=MAX_HYPERPARAMETERS,
-        description="Passed to the trainer: lr, batch_size, seq_len, warmup_steps, ...",
+        description="The training recipe passed to the trainer: lr, seq_len, micro_batch_size, warmup_steps, "
+        "weight_decay, seed, ... (trainer/contract.py RUN_HYPERPARAMETERS lists them; others are a 422).",
     )
     max_restarts: int = Field(
         20, ge=0, le=1_000_000, description="Restart budget before the run needs attention."
@@ -272,6 +279,12 @@ class RunConfig(Strict):
     hang: HangOverrides | None = Field(
         None, description="Per-run hang limits (14 s steps, 2-minute saves); unset = the orchestrator's."
     )
+
+    @model_validator(mode="after")
+    def _recipe_only(self) -> RunConfig:
+        # Each key becomes a trainer flag after the orchestrator's own: paths and levers stay out.
+        check_run_hyperparameters(self.hyperparameters)
+        return self
 
 
 class RunCreate(Strict):

@@ -171,3 +171,25 @@ def test_goodput_of_a_run_that_never_ran_is_empty_not_an_error(admin: TestClient
     r = admin.get(f"/api/v1/runs/{run['id']}/goodput")
     assert r.status_code == 200, r.text
     assert r.json()["attempts"] == 0 and r.json()["failures"] == {}
+
+
+def test_hyperparameters_are_the_recipe_only(admin: TestClient) -> None:
+    # Each key becomes a trainer flag after the orchestrator's own: one naming another run's files (or the
+    # operator's levers) would win. Refused with the key named, and nothing stored.
+    for bad, key in (
+        ({"run_dir": "/runs/other-run"}, "run_dir"),
+        ({"resume_from": "/runs/other-run/checkpoints/step_00000010"}, "resume_from"),
+        ({"lr_scale": 100.0}, "lr_scale"),
+        ({"seed": "7"}, "seed"),
+    ):
+        r = admin.post(
+            "/api/v1/runs",
+            json={"name": "bad-hp", "owner": "a", "config": {"target_steps": 5, "hyperparameters": bad}},
+        )
+        assert r.status_code == 422 and f"hyperparameters.{key}" in r.text, r.text
+    assert admin.get("/api/v1/runs").json()["total"] == 0
+    r = admin.post(
+        "/api/v1/runs",
+        json={"name": "ok-hp", "owner": "a", "config": {"target_steps": 5, "hyperparameters": {"lr": 6e-4}}},
+    )
+    assert r.status_code == 201, r.text
