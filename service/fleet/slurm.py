@@ -17,6 +17,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from service.sbatch_flags import check_sbatch_flags
+
 REASON_PREFIX = "trainops: "
 """Every drain trainops makes has a reason starting with this; any other drain is someone else's."""
 
@@ -128,6 +130,10 @@ def slurm_config_problems(options: Mapping[str, Any], run: SlurmRunner) -> list[
     that slurmdbd does not know is refused by sbatch at launch, which ends the run as needing attention.
     """
     problems: list[SlurmProblem] = []
+    try:  # also for runs stored before the API checked them: a flag that overrides trainops's own never runs
+        check_sbatch_flags([str(f) for f in options.get("extra_sbatch_flags") or ()])
+    except ValueError as exc:
+        problems.append(SlurmProblem(str(exc), permanent=True))
     partitions = read_partitions(run)
     name = options.get("partition")
     partition = partitions.get(name) if name else next((p for p in partitions.values() if p.default), None)

@@ -95,3 +95,26 @@ def test_restart_checks_the_stored_slurm_settings_again(api: TestClient, tmp_pat
     assert r.status_code == 422
     assert r.json()["detail"] == f"Slurm partition 'retired' does not exist (available: {PARTITIONS})"
     assert api.get(f"/api/v1/runs/{run_id}").json()["pending_restart"] is None
+
+
+def test_sbatch_flags_that_override_trainops_are_a_422_on_create_and_on_restart(
+    api: TestClient, tmp_path: Path
+) -> None:
+    r = post_run(api, "evil", extra_sbatch_flags=["--exclusive", "--export=ALL,LD_PRELOAD=/tmp/x.so"])
+    assert r.status_code == 422 and "--export is not allowed" in r.text, r.text
+    assert api.get("/api/v1/runs").json()["total"] == 0
+    assert post_run(api, "refined", extra_sbatch_flags=["--exclusive", "--mem=0"]).status_code == 201
+
+    # stored before the API checked flags (written directly): a restart is refused, nothing is launched
+    factory = make_session_factory(make_engine(f"sqlite:///{tmp_path / 'trainops.db'}"))
+    config = {
+        "target_steps": 5,
+        "host_count": 2,
+        "launcher": "slurm",
+        "slurm": {"extra_sbatch_flags": ["--output=/x"]},
+    }
+    with transaction(factory) as session:
+        run_id = create_run(session, name="old-flags", owner="a", config=config, start=False, author="t").id
+    r = api.post(f"/api/v1/runs/{run_id}/restart", json={"reason": "try again"})
+    assert r.status_code == 422 and "--output is not allowed" in r.text, r.text
+    assert api.get(f"/api/v1/runs/{run_id}").json()["pending_restart"] is None
