@@ -6,6 +6,7 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -90,3 +91,13 @@ def make_run(client: TestClient, name: str = "opt-tiny", **config: object) -> di
     )
     assert r.status_code == 201, r.text
     return r.json()
+
+
+def checkpoint_path(client: TestClient, run: dict, step: int) -> str:
+    """Where the run's trainer would save `step`: the only place the API lets a checkpoint be registered
+    (<runs_dir>/<run name>/checkpoints/step_<N>)."""
+    from service.recovery.verdicts import runs_dir_of
+    from trainer.checkpoint import checkpoint_name
+
+    app: Any = client.app
+    return str(runs_dir_of(app.state.settings) / run["name"] / "checkpoints" / checkpoint_name(step))

@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from service.crud.logbook import write_log
-from service.errors import BadRequest, Conflict, NotFound
+from service.errors import BadRequest, Conflict, NotFound, Unprocessable
 from service.models import Checkpoint, Run, utcnow
 from service.statemachine import CheckpointState, LogKind, Severity, check_checkpoint_transition
 
@@ -46,8 +46,32 @@ class UpsertOutcome(enum.StrEnum):
     stale = "stale"  # a late registration of a file a later attempt has already replaced: ignored
 
 
-def register_checkpoint(session: Session, *, run_id: int, data: dict[str, Any]) -> tuple[Checkpoint, bool]:
-    """Store a checkpoint the trainer wrote (see `upsert_checkpoint`); returns (row, created)."""
+def checkpoint_path_problem(path: str | Path, *, checkpoint_dir: Path) -> str | None:
+    """Why `path` cannot be one of this run's checkpoints, or None: it must be a `step_<N>` directory
+    directly inside the run's own checkpoint directory once resolved (a symlink, `..` or another run's
+    directory would make a restart load files this run never wrote)."""
+    root = Path(checkpoint_dir).resolve()
+    try:
+        resolved = Path(path).resolve()
+    except (OSError, RuntimeError, ValueError) as exc:  # a symlink loop, a NUL byte
+        return f"checkpoint path {str(path)!r} cannot be resolved: {exc}"
+    name = resolved.name
+    if resolved.parent != root or not (name.startswith("step_") and name[5:].isdigit()):
+        return f"checkpoint path {str(path)!r} is not a step_<N> directory in this run's {root}"
+    return None
+
+
+def register_checkpoint(
+    session: Session, *, run_id: int, data: dict[str, Any], runs_dir: Path
+) -> tuple[Checkpoint, bool]:
+    """Store a checkpoint the trainer wrote (see `upsert_checkpoint`); returns (row, created). The path must
+    lie in the run's own checkpoint directory (`checkpoint_path_problem`): a trainer token is a credential
+    a client holds, and a path it names is what a restart of this run loads."""
+    problem = checkpoint_path_problem(
+        data["path"], checkpoint_dir=run_checkpoint_dir(session, run_id=run_id, runs_dir=runs_dir)
+    )
+    if problem is not None:
+        raise Unprocessable(problem)
     ckpt, outcome = upsert_checkpoint(
         session, run_id=run_id, data=data, source=CatalogSource.trainer, author="trainer"
     )

@@ -17,7 +17,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.crud.checkpoints import mark_checkpoint
+from service.crud.checkpoints import checkpoint_path_problem, mark_checkpoint
 from service.crud.logbook import write_log
 from service.crud.runs import (
     active_attempt,
@@ -57,6 +57,7 @@ from service.orchestrator.spool import drain_spool
 from service.recovery.config import OrchestratorConfig
 from service.recovery.detect import FailureClass
 from service.statemachine import CheckpointState, DesiredState, LogKind, Role, RunPhase, Severity
+from trainer.contract import checkpoints_dir
 
 log = logging.getLogger("trainops.orchestrator")
 
@@ -285,7 +286,7 @@ class Applier:
         launcher's identifying info, before anything starts), then start it."""
         if action.deep_check and not self._hosts_pass_deep_check(observed, action):
             return  # the next pass sees their new states and picks other hosts
-        if action.checkpoint is not None and not self._restore_point_intact(action):
+        if action.checkpoint is not None and not self._restore_point_intact(observed, action):
             return  # the next pass chooses again without it
         recorded = self._record_attempt(observed, action)
         if recorded is None:
@@ -311,12 +312,17 @@ class Applier:
             )
         return not unfit
 
-    def _restore_point_intact(self, action: Launch) -> bool:
+    def _restore_point_intact(self, observed: ObservedRun, action: Launch) -> bool:
         """Verify the chosen checkpoint in full (every file's checksum); a failing one is marked corrupt."""
         from trainer.checkpoint import verify_checkpoint
 
         assert action.checkpoint is not None
-        ok, why = verify_checkpoint(action.checkpoint.path, deep=True)
+        # Catalogued before the API confined paths, or found by some other route: never restore files from
+        # outside this run's own checkpoint directory.
+        outside = checkpoint_path_problem(
+            action.checkpoint.path, checkpoint_dir=checkpoints_dir(self.runs_dir / observed.name)
+        )
+        ok, why = (False, outside) if outside else verify_checkpoint(action.checkpoint.path, deep=True)
         if not ok:
             with transaction(self.factory) as session:
                 mark_checkpoint(

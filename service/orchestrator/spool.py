@@ -12,7 +12,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.crud.checkpoints import register_checkpoint
+from service.crud.checkpoints import checkpoint_path_problem, register_checkpoint
 from service.crud.logbook import write_log
 from service.crud.telemetry import ingest_metrics
 from service.db import transaction
@@ -23,6 +23,7 @@ from trainer.contract import (
     Spool,
     SpooledCheckpoint,
     SpooledMetricPoint,
+    checkpoints_dir,
     parse_spool_record,
     spool_dir,
 )
@@ -57,17 +58,29 @@ def drain_spool(session_factory: sessionmaker[Session], *, run_id: int, run_dir:
     with transaction(session_factory) as session:
         for attempt_number, points in points_by_attempt.items():
             ingest_metrics(session, run_id=run_id, attempt=attempt_number, points=points)
+        refused: list[str] = []
         for body in checkpoint_bodies:
-            register_checkpoint(session, run_id=run_id, data=body)
+            problem = checkpoint_path_problem(body["path"], checkpoint_dir=checkpoints_dir(run_dir))
+            if problem is not None:  # the spool is a file a client can write: the same rule as the API's
+                refused.append(problem)
+                continue
+            register_checkpoint(session, run_id=run_id, data=body, runs_dir=run_dir.parent)
         write_log(
             session,
             kind=LogKind.action,
             author=author,
             run_id=run_id,
-            severity=Severity.warning if unreadable else Severity.info,
+            severity=Severity.warning if unreadable or refused else Severity.info,
             message=f"stored {sum(map(len, points_by_attempt.values()))} metric point(s) and "
-            f"{len(checkpoint_bodies)} checkpoint(s) the trainer had spooled while the control plane was "
-            "unreachable" + (f"; {unreadable} unreadable record(s) skipped" if unreadable else ""),
-            evidence={"records": len(records), "unreadable": unreadable, "spool": str(spool.path)},
+            f"{len(checkpoint_bodies) - len(refused)} checkpoint(s) the trainer had spooled while the "
+            "control plane was unreachable"
+            + (f"; {unreadable} unreadable record(s) skipped" if unreadable else "")
+            + (f"; {len(refused)} checkpoint(s) outside the run's directory refused" if refused else ""),
+            evidence={
+                "records": len(records),
+                "unreadable": unreadable,
+                "refused": refused,
+                "spool": str(spool.path),
+            },
         )
     spool.drop_first(len(records))

@@ -6,7 +6,7 @@ import re
 
 from fastapi.testclient import TestClient
 
-from tests.conftest import make_run, make_token
+from tests.conftest import checkpoint_path, make_run, make_token
 
 # (method, path template) -> least role that may call it; "ingest" = operator, or the run's own trainer token.
 ROUTE_ROLES: dict[tuple[str, str], str] = {
@@ -62,7 +62,9 @@ def test_auth_matrix(admin: TestClient) -> None:
     run = make_run(admin, "r1")
     other = make_run(admin, "r2")
     admin.post("/api/v1/nodes", json={"hostname": "h1"})
-    ckpt = admin.post(f"/api/v1/runs/{run['id']}/checkpoints", json={"step": 1, "path": "/c1"}).json()
+    ckpt = admin.post(
+        f"/api/v1/runs/{run['id']}/checkpoints", json={"step": 1, "path": checkpoint_path(admin, run, 1)}
+    ).json()
     tokens = {
         "viewer": make_token(admin, "viewer"),
         "operator": make_token(admin, "operator"),

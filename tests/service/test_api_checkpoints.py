@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi.testclient import TestClient
 
 from service.config import Settings
-from tests.conftest import make_run, make_token
+from tests.conftest import checkpoint_path, make_run, make_token
 
 
 def test_register_commit_and_mark(admin: TestClient, settings: Settings) -> None:
@@ -59,7 +59,7 @@ def test_list_filters_by_state_newest_first(admin: TestClient) -> None:
     run = make_run(admin)
     base = f"/api/v1/runs/{run['id']}/checkpoints"
     for step in (10, 20, 30):
-        admin.post(base, json={"step": step, "path": f"/c/{step}"})
+        admin.post(base, json={"step": step, "path": checkpoint_path(admin, run, step)})
     bad = admin.get(base).json()["items"][0]
     admin.post(
         f"/api/v1/checkpoints/{bad['id']}/mark", json={"reason": "checksum mismatch", "state": "corrupt"}
@@ -74,7 +74,9 @@ def test_list_filters_by_state_newest_first(admin: TestClient) -> None:
 
 def test_mark_needs_something_to_change(admin: TestClient) -> None:
     run = make_run(admin)
-    c = admin.post(f"/api/v1/runs/{run['id']}/checkpoints", json={"step": 1, "path": "/a"}).json()
+    c = admin.post(
+        f"/api/v1/runs/{run['id']}/checkpoints", json={"step": 1, "path": checkpoint_path(admin, run, 1)}
+    ).json()
     assert admin.post(f"/api/v1/checkpoints/{c['id']}/mark", json={"reason": "nothing"}).status_code == 422
     assert (
         admin.post("/api/v1/checkpoints/424242/mark", json={"reason": "x", "pinned": True}).status_code == 404

@@ -27,7 +27,7 @@ from service.schemas import (
     MetricBatch,
 )
 from service.statemachine import Role
-from tests.conftest import ADMIN_HEADERS, make_run, make_token
+from tests.conftest import ADMIN_HEADERS, checkpoint_path, make_run, make_token
 
 MIB = 1024 * 1024
 
@@ -173,7 +173,7 @@ def _deep(depth: int) -> Any:
 
 def test_free_form_json_fields_are_bounded(admin: TestClient) -> None:
     run = make_run(admin)
-    ckpt = {"step": 10, "path": "/ckpt/step_10", "state": "committed"}
+    ckpt = {"step": 10, "path": checkpoint_path(admin, run, 10), "state": "committed"}
     cases: list[tuple[str, dict[str, Any], str]] = [
         (f"/api/v1/runs/{run['id']}/checkpoints", {**ckpt, "metadata": _deep(40)}, "metadata"),
         (f"/api/v1/runs/{run['id']}/checkpoints", {**ckpt, "metadata": {"x": "y" * 20_000}}, "metadata"),
@@ -340,7 +340,7 @@ def test_long_names_fit_their_columns_on_postgres(postgres_url: str, tmp_path: A
         trainer = make_token(client, "trainer", run_id=run["id"], name="t" * 200)
         r = client.post(
             f"/api/v1/runs/{run['id']}/checkpoints",
-            json={"step": 10, "path": "/ckpt/step_10", "state": "committed"},
+            json={"step": 10, "path": checkpoint_path(client, run, 10), "state": "committed"},
             headers=trainer,
         )
         assert r.status_code == 201, r.text

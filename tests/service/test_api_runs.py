@@ -8,7 +8,7 @@ from fastapi.testclient import TestClient
 from service.crud.runs import get_run, set_run_phase
 from service.db import transaction
 from service.statemachine import RunPhase
-from tests.conftest import make_run
+from tests.conftest import checkpoint_path, make_run
 
 
 def test_create_list_and_get_runs(admin: TestClient) -> None:
@@ -62,7 +62,13 @@ def test_restart_with_overrides_sets_standing_and_one_shot_overrides(admin: Test
     run = make_run(admin)
     ckpt = admin.post(
         f"/api/v1/runs/{run['id']}/checkpoints",
-        json={"attempt": 1, "step": 10, "path": "/ckpt/step_10", "state": "committed", "loss_scale": 2.0},
+        json={
+            "attempt": 1,
+            "step": 10,
+            "path": checkpoint_path(admin, run, 10),
+            "state": "committed",
+            "loss_scale": 2.0,
+        },
     ).json()
     r = admin.post(
         f"/api/v1/runs/{run['id']}/restart",
@@ -93,12 +99,16 @@ def test_restart_with_overrides_sets_standing_and_one_shot_overrides(admin: Test
 def test_restart_refuses_a_corrupt_or_foreign_checkpoint(admin: TestClient) -> None:
     run = make_run(admin, "a")
     other = make_run(admin, "b")
-    ckpt = admin.post(f"/api/v1/runs/{other['id']}/checkpoints", json={"step": 1, "path": "/x"}).json()
+    ckpt = admin.post(
+        f"/api/v1/runs/{other['id']}/checkpoints", json={"step": 1, "path": checkpoint_path(admin, other, 1)}
+    ).json()
     r = admin.post(
         f"/api/v1/runs/{run['id']}/restart", json={"reason": "r", "from_checkpoint_id": ckpt["id"]}
     )
     assert r.status_code == 404
-    own = admin.post(f"/api/v1/runs/{run['id']}/checkpoints", json={"step": 1, "path": "/y"}).json()
+    own = admin.post(
+        f"/api/v1/runs/{run['id']}/checkpoints", json={"step": 1, "path": checkpoint_path(admin, run, 1)}
+    ).json()
     assert (
         admin.post(
             f"/api/v1/checkpoints/{own['id']}/mark", json={"reason": "bad sha", "state": "corrupt"}

@@ -141,7 +141,7 @@ def test_a_re_save_after_a_rollback_replaces_the_rows_description(
     first = save_checkpoint(ckpt_dir, 100, attempt=1, loss_scale=0.5)
     old = record_of(first)
     with transaction(factory) as session:
-        ckpt, created = register_checkpoint(session, run_id=run_id, data=old)
+        ckpt, created = register_checkpoint(session, run_id=run_id, data=old, runs_dir=runs_dir)
         assert created
         mark_checkpoint(
             session,
@@ -193,7 +193,7 @@ def test_discovery_and_registration_converge_in_either_order(
 
     def register() -> None:
         with transaction(factory) as session:
-            register_checkpoint(session, run_id=run_id, data=registration)
+            register_checkpoint(session, run_id=run_id, data=registration, runs_dir=runs_dir)
 
     if trainer_first:
         register()
@@ -227,7 +227,10 @@ def test_discovery_catalogues_a_re_save_the_trainer_could_not_report(
     ckpt_dir = runs_dir / "r" / "checkpoints"
     with transaction(factory) as session:
         register_checkpoint(
-            session, run_id=run_id, data=record_of(save_checkpoint(ckpt_dir, 8, attempt=1, loss_scale=0.25))
+            session,
+            run_id=run_id,
+            data=record_of(save_checkpoint(ckpt_dir, 8, attempt=1, loss_scale=0.25)),
+            runs_dir=runs_dir,
         )
     save_checkpoint(ckpt_dir, 8, attempt=2, loss_scale=4096.0)  # control plane down when it was registered
     sync_from_disk(factory, runs_dir, run_id)
@@ -312,7 +315,9 @@ def add_metrics(session: Session, run_id: int, attempt: int, points: list[dict[s
 
 def catalogue(factory: sessionmaker[Session], run_id: int, path: Path) -> int:
     with transaction(factory) as session:
-        return register_checkpoint(session, run_id=run_id, data=record_of(path))[0].id
+        return register_checkpoint(session, run_id=run_id, data=record_of(path), runs_dir=path.parents[2])[
+            0
+        ].id
 
 
 def refresh(factory: sessionmaker[Session], run_id: int, ckpt_dir: Path) -> Any:
@@ -393,7 +398,14 @@ def test_a_control_plane_that_cannot_see_the_runs_directory_marks_nothing_delete
 ) -> None:
     run_id = new_run(factory)
     elsewhere = tmp_path / "elsewhere" / "checkpoints"
-    ckpt_id = catalogue(factory, run_id, save_checkpoint(elsewhere, 10, attempt=1, loss_scale=4.0))
+    with transaction(factory) as session:  # a row catalogued before registrations were confined
+        ckpt_id = upsert_checkpoint(
+            session,
+            run_id=run_id,
+            data=record_of(save_checkpoint(elsewhere, 10, attempt=1, loss_scale=4.0)),
+            source=CatalogSource.disk,
+            author="test",
+        )[0].id
     shutil.rmtree(elsewhere.parent)
     # the run's own checkpoint directory does not exist here (another host's filesystem): nothing is judged
     assert refresh(factory, run_id, runs_dir / "r" / "checkpoints").deleted == []
@@ -467,18 +479,46 @@ def test_api_pin_and_unpin_reach_disk_and_retention_honours_them(
 
 
 @pytest.mark.parametrize(
-    "path", ["/tmp/elsewhere/step_00000010", "{dir}/../../other/checkpoints/step_00000010", "{dir}"]
+    "path",
+    [
+        "/tmp/elsewhere/step_00000010",  # anywhere
+        "{runs}/other/checkpoints/step_00000010",  # another run's checkpoint
+        "{dir}/../../other/checkpoints/step_00000010",  # the same, by ..
+        "{dir}/step_00000011",  # a symlink in our directory to another run's checkpoint
+        "{dir}",  # the directory itself
+        "{dir}/meta.json",  # not a step directory
+    ],
 )
-def test_api_pin_stays_inside_the_runs_checkpoint_directory(
+def test_a_checkpoint_is_registered_only_inside_its_runs_directory(
     admin: TestClient, settings: Settings, path: str
 ) -> None:
+    # A trainer token is a credential a client holds: the path it registers is what this run's restart
+    # would load, so another run's files (by name, by .., by symlink) are refused.
+    run = make_run(admin, name="confined")
+    runs = settings.home / "runs"
+    ckpt_dir = runs / "confined" / "checkpoints"
+    ckpt_dir.mkdir(parents=True)
+    other = save_checkpoint(runs / "other" / "checkpoints", 10, attempt=1, loss_scale=4.0)
+    (ckpt_dir / "step_00000011").symlink_to(other)
+    url = f"/api/v1/runs/{run['id']}/checkpoints"
+    r = admin.post(url, json={"step": 10, "path": path.format(dir=ckpt_dir, runs=runs)})
+    assert r.status_code == 422 and "this run's" in r.json()["detail"], r.text
+    assert admin.get(url).json()["total"] == 0
+    assert admin.post(url, json={"step": 10, "path": str(ckpt_dir / "step_00000010")}).status_code == 201
+
+
+def test_api_pin_stays_inside_the_runs_checkpoint_directory(
+    admin: TestClient, settings: Settings, factory: sessionmaker[Session]
+) -> None:
+    # a row catalogued before registrations were confined: pinning it writes nothing outside the run
     run = make_run(admin, name="confined")
     ckpt_dir = settings.home / "runs" / "confined" / "checkpoints"
     ckpt_dir.mkdir(parents=True)
-    r = admin.post(
-        f"/api/v1/runs/{run['id']}/checkpoints", json={"step": 10, "path": path.format(dir=ckpt_dir)}
-    )
-    assert r.status_code == 201
-    r = admin.post(f"/api/v1/checkpoints/{r.json()['id']}/mark", json={"reason": "x", "pinned": True})
+    elsewhere = save_checkpoint(settings.home / "elsewhere", 10, attempt=1, loss_scale=4.0)
+    with transaction(factory) as session:
+        legacy, _ = upsert_checkpoint(
+            session, run_id=run["id"], data=record_of(elsewhere), source=CatalogSource.disk, author="test"
+        )
+    r = admin.post(f"/api/v1/checkpoints/{legacy.id}/mark", json={"reason": "x", "pinned": True})
     assert r.status_code == 409 and "not in its run's checkpoint directory" in r.json()["detail"]
-    assert not (ckpt_dir / PINNED).exists()
+    assert not (elsewhere / PINNED).exists() and not (ckpt_dir / PINNED).exists()

@@ -255,7 +255,7 @@ def _prometheus_config(tmp_path: Path, ports: dict[str, int]) -> Path:
     return path
 
 
-def _seed(url: str, db_url: str) -> dict[str, Any]:
+def _seed(url: str, db_url: str, runs_dir: Path) -> dict[str, Any]:
     api = httpx.Client(base_url=url, headers=ADMIN_HEADERS, timeout=10)
     healthy_id, healthy_token = _create_run(api, HEALTHY)
     stalled_id, stalled_token = _create_run(api, STALLED)
@@ -278,11 +278,12 @@ def _seed(url: str, db_url: str) -> dict[str, Any]:
     for rank in (0, 1):
         body = {"attempt": 1, "rank": rank, "host": "node-1", "step": 50}
         assert stalled.post(f"/api/v1/runs/{stalled_id}/heartbeats", json=body).status_code == 204
-    for run_id, client in ((stalled_id, stalled), (healthy_id, None)):
+    for run_id, name, client in ((stalled_id, STALLED, stalled), (healthy_id, HEALTHY, None)):
         client = client or httpx.Client(
             base_url=url, headers={"Authorization": f"Bearer {healthy_token}"}, timeout=10
         )
-        ckpt = {"attempt": 1, "step": 40, "path": f"/ckpt/{run_id}/step_40", "state": "committed"}
+        path = str(runs_dir / name / "checkpoints" / "step_00000040")
+        ckpt = {"attempt": 1, "step": 40, "path": path, "state": "committed"}
         assert client.post(f"/api/v1/runs/{run_id}/checkpoints", json=ckpt).status_code == 201
 
     engine = make_engine(db_url)
@@ -396,7 +397,7 @@ def test_every_dashboard_query_and_rule_through_prometheus(tmp_path: Path, broke
             procs.append(_start(argv, log, env))
             _wait_http(f"http://127.0.0.1:{ports[job]}/metrics", procs[-1], log)
 
-        seeded = _seed(server.url, f"sqlite:///{tmp_path / 'trainops.db'}")
+        seeded = _seed(server.url, f"sqlite:///{tmp_path / 'trainops.db'}", server.home / "runs")
         healthy_id, healthy_token = seeded["healthy"]
         attention_id, attention_token = seeded["attention"]
         celery = Celery(broker=broker)

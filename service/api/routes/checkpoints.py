@@ -49,10 +49,17 @@ OrchestratorConfigDep = Annotated[OrchestratorConfig, Depends(get_orchestrator_c
     "/runs/{run_id}/checkpoints", status_code=status.HTTP_201_CREATED, response_model=CheckpointPublic
 )
 def register_checkpoint(
-    run_id: RunId, body: CheckpointCreate, session: SessionDep, _: Ingestor, response: Response
+    run_id: RunId,
+    body: CheckpointCreate,
+    session: SessionDep,
+    _: Ingestor,
+    response: Response,
+    runs_dir: RunsDir,
 ) -> CheckpointPublic:
     runs_crud.get_run(session, run_id=run_id)
-    ckpt, created = ckpt_crud.register_checkpoint(session, run_id=run_id, data=body.model_dump())
+    ckpt, created = ckpt_crud.register_checkpoint(
+        session, run_id=run_id, data=body.model_dump(), runs_dir=runs_dir
+    )
     if not created:
         response.status_code = status.HTTP_200_OK
     return CheckpointPublic.model_validate(ckpt)
