@@ -7,6 +7,7 @@ precedence (keywords > environment > config file > defaults) for all three.
 from __future__ import annotations
 
 import os
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
@@ -17,6 +18,24 @@ from pydantic_settings import NoDecode, SettingsConfigDict
 from health.config import LayeredSettings
 
 DEFAULT_BOOTSTRAP_TOKEN = "trainops-dev-admin-token"
+# Outside dev mode the bootstrap token is an admin credential accepted without a database row, so it must
+# be long and random: secrets.token_urlsafe(32) gives 43 characters of about 6 bits each.
+MIN_BOOTSTRAP_TOKEN_CHARS = 32
+# A long token made of few characters ("x" * 32, "abab...") is not random whatever its length; a random
+# hex or url-safe token of 32 characters has well over this many distinct ones.
+MIN_BOOTSTRAP_TOKEN_DISTINCT_CHARS = 10
+# Words of documentation examples, templates and the dev default (compared with case and punctuation
+# dropped): a token containing one was copied, not generated.
+PLACEHOLDER_TOKEN_WORDS = (
+    "changeme",
+    "replaceme",
+    "placeholder",
+    "example",
+    "yoursecret",
+    "yourtoken",
+    "devadmintoken",
+)
+GENERATE_TOKEN_HINT = "python -c 'import secrets; print(secrets.token_urlsafe(32))'"
 SCHEDULERS = ("pool", "slurm", "kubernetes")
 SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 
@@ -24,7 +43,9 @@ SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 class Settings(LayeredSettings):
     """Control-plane settings. Embedded defaults: SQLite under ``./.trainops/``, no Redis."""
 
-    model_config = SettingsConfigDict(env_prefix="TRAINOPS_", extra="ignore")
+    # hide_input_in_errors: a refused setting is a secret (the bootstrap token, a database URL's password);
+    # pydantic would otherwise print the inputs next to the error, into the service's startup log.
+    model_config = SettingsConfigDict(env_prefix="TRAINOPS_", extra="ignore", hide_input_in_errors=True)
 
     mode: Literal["dev", "prod"] = Field("dev", description="`prod` refuses default secrets.")
     home: Path = Field(Path(".trainops"), description="State directory of the embedded mode.")
@@ -129,10 +150,14 @@ class Settings(LayeredSettings):
 
     @model_validator(mode="after")
     def _refuse_default_secrets(self) -> Settings:
-        if self.mode != "dev" and self.bootstrap_admin_token.get_secret_value() == DEFAULT_BOOTSTRAP_TOKEN:
+        if self.mode == "dev":
+            return self
+        problem = bootstrap_token_problem(self.bootstrap_admin_token.get_secret_value())
+        if problem is not None:
             raise ValueError(
-                "TRAINOPS_BOOTSTRAP_ADMIN_TOKEN is the built-in default; set a secret of your own "
-                "outside dev mode (TRAINOPS_MODE=prod)."
+                f"TRAINOPS_BOOTSTRAP_ADMIN_TOKEN {problem}; outside dev mode (TRAINOPS_MODE={self.mode}) it "
+                f"must be a random secret of at least {MIN_BOOTSTRAP_TOKEN_CHARS} characters. "
+                f"Generate one with: {GENERATE_TOKEN_HINT}"
             )
         return self
 
@@ -157,6 +182,20 @@ class Settings(LayeredSettings):
     @property
     def resolved_api_url(self) -> str:
         return (self.api_url or f"http://{self.api_host}:{self.api_port}").rstrip("/")
+
+
+def bootstrap_token_problem(token: str) -> str | None:
+    """Why `token` is no production bootstrap token (a phrase that never quotes it), or None if it may be."""
+    if token == DEFAULT_BOOTSTRAP_TOKEN:
+        return "is the built-in default"
+    if len(token) < MIN_BOOTSTRAP_TOKEN_CHARS:
+        return f"is only {len(token)} characters long"
+    letters = re.sub(r"[^a-z0-9]", "", token.lower())
+    if any(word in letters for word in PLACEHOLDER_TOKEN_WORDS):
+        return "is a placeholder from an example"
+    if len(set(token)) < MIN_BOOTSTRAP_TOKEN_DISTINCT_CHARS:
+        return f"has only {len(set(token))} distinct characters (not random)"
+    return None
 
 
 @lru_cache

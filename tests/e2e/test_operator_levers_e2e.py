@@ -32,7 +32,8 @@ from trainer.schedule import LRSchedule
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
 REPO = Path(__file__).resolve().parents[2]
-BOOTSTRAP_SECRET = "bootstrap-secret-from-the-vault"
+# Prod mode wants a random token of at least 32 characters (secrets.token_urlsafe(32) makes one like it).
+BOOTSTRAP_SECRET = "q7Vd2LxN9rTfKp4mWz8bYc3HsJ6eUa1GvR5tQn0XoEi"
 CRASH_STEP = 80  # attempt 3 crashes here (a crash, within budget: the run waits in `restarting`)
 CONFIG_EXIT_STEP = 120  # attempt 4 exits with the trainer's config code here (the run needs attention)
 

@@ -129,7 +129,7 @@ def test_prod_mode_refuses_the_default_secret(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("TRAINOPS_MODE", "prod")
     with pytest.raises(ValueError, match="BOOTSTRAP_ADMIN_TOKEN"):
         Settings()
-    monkeypatch.setenv("TRAINOPS_BOOTSTRAP_ADMIN_TOKEN", "a-real-secret-from-vault")
+    monkeypatch.setenv("TRAINOPS_BOOTSTRAP_ADMIN_TOKEN", "q7Vd2LxN9rTfKp4mWz8bYc3HsJ6eUa1GvR5tQn0XoEi")
     assert Settings().mode == "prod"
 
 
