@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
+import re
 import sys
 from typing import Annotated, Any, NoReturn
 
@@ -82,6 +84,20 @@ class ApiClient:
         return r.json() if r.content else None
 
 
+# The API's largest page (service/api/deps.py Limit): fewest round trips when every item is wanted.
+MAX_PAGE_SIZE = 500
+
+
+def _all_pages(client: ApiClient, path: str, **params: Any) -> list[Any]:
+    """Every item of a paged list route (Page: items, total, limit, offset), fetched a page at a time."""
+    items: list[Any] = []
+    while True:
+        page = client.request("GET", path, params={**params, "limit": MAX_PAGE_SIZE, "offset": len(items)})
+        items.extend(page["items"])
+        if not page["items"] or len(items) >= page["total"]:
+            return items
+
+
 def _emit(data: Any, as_json: bool, table: DataTable | None = None) -> None:
     if as_json or table is None:
         console.print_json(json.dumps(data, default=str))
@@ -133,7 +149,7 @@ def up(
         orch = build_orchestrator(settings, factory)
         start_in_thread(orch)
     if settings.broker_url is None and quick_interval > 0:
-        start_embedded_beat(factory, interval_s=quick_interval, stop=stop)
+        start_embedded_beat(settings, factory, interval_s=quick_interval, stop=stop)
     console.print(
         f"trainops control plane on http://{bind_host}:{bind_port}  (docs: /docs, "
         f"database: {settings.resolved_database_url.split('@')[-1]}"
@@ -273,7 +289,7 @@ def runs_show(run_id: int, url: UrlOpt = None, token: TokenOpt = None, as_json: 
     """Show one run with its attempts."""
     client = ApiClient(url, token)
     run = client.request("GET", f"/runs/{run_id}")
-    attempts = client.request("GET", f"/runs/{run_id}/attempts")
+    attempts = _all_pages(client, f"/runs/{run_id}/attempts")
     if as_json:
         _emit({"run": run, "attempts": attempts}, True)
         return
@@ -524,11 +540,29 @@ def logbook(
     print_logbook(page["items"]) if not as_json else _emit(page, True)
 
 
+DURATION_UNITS_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(text: str) -> dt.timedelta:
+    """``90s``, ``15m``, ``12h``, ``30d``, ``2w`` (a bare number is seconds) as a positive timedelta."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", text.lower())
+    if match is None or float(match.group(1)) <= 0:
+        raise typer.BadParameter(f"{text!r} is not a positive duration like 90s, 15m, 12h, 30d or 2w")
+    return dt.timedelta(seconds=float(match.group(1)) * DURATION_UNITS_S[match.group(2) or "s"])
+
+
 @tokens_app.command("create")
 def tokens_create(
     name: Annotated[str, typer.Option(help="Who or what will use it.")],
     role: Annotated[str, typer.Option(help="viewer, operator, admin or trainer.")],
     run_id: Annotated[int | None, typer.Option("--run", help="Run a trainer token may feed.")] = None,
+    expires_in: Annotated[
+        str | None,
+        typer.Option(
+            "--expires-in",
+            help="Lifetime, e.g. 12h, 30d or 2w (from now, by this machine's clock); default: never expires.",
+        ),
+    ] = None,
     bootstrap: Annotated[
         bool,
         typer.Option(
@@ -543,9 +577,38 @@ def tokens_create(
     body: dict[str, Any] = {"name": name, "role": role}
     if run_id is not None:
         body["run_id"] = run_id
+    if expires_in is not None:
+        body["expires_at"] = (dt.datetime.now(dt.UTC) + parse_duration(expires_in)).isoformat()
     created = ApiClient(url, token, bootstrap=bootstrap).request("POST", "/tokens", json=body)
-    console.print(f"token {created['id']} ({created['role']}) for {esc(created['name'])}:")
+    expiry = f", expires {created['expires_at']}" if created.get("expires_at") else ""
+    console.print(f"token {created['id']} ({created['role']}{esc(expiry)}) for {esc(created['name'])}:")
     print(created["token"])
+
+
+@tokens_app.command("list")
+def tokens_list(url: UrlOpt = None, token: TokenOpt = None, as_json: JsonOpt = False) -> None:
+    """List tokens (never their secrets): role, run, attempt, created, expires, revoked."""
+    tokens = ApiClient(url, token).request("GET", "/tokens")
+    table = DataTable("id", "name", "role", "run", "attempt", "created", "expires", "revoked")
+    for t in tokens:
+        table.add_row(
+            str(t["id"]),
+            t["name"],
+            t["role"],
+            str(t["run_id"] or ""),
+            str(t.get("attempt_id") or ""),
+            t["created_at"],
+            t.get("expires_at") or "never",
+            t["revoked_at"] or "",
+        )
+    _emit(tokens, as_json, table)
+
+
+@tokens_app.command("revoke")
+def tokens_revoke(token_id: int, url: UrlOpt = None, token: TokenOpt = None) -> None:
+    """Revoke a token now: it stops authenticating at once (401)."""
+    revoked = ApiClient(url, token).request("POST", f"/tokens/{token_id}/revoke")
+    console.print(f"token {revoked['id']} ({esc(revoked['name'])}) revoked at {revoked['revoked_at']}")
 
 
 def main() -> None:

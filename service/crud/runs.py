@@ -300,6 +300,20 @@ def list_attempts(session: Session, *, run_id: int) -> list[Attempt]:
     return list(session.scalars(sa.select(Attempt).where(Attempt.run_id == run_id).order_by(Attempt.number)))
 
 
+def page_attempts(session: Session, *, run_id: int, limit: int, offset: int) -> tuple[list[Attempt], int]:
+    """One page of the run's attempts, oldest first, and how many it has in all (the API's list)."""
+    get_run(session, run_id=run_id)
+    total = session.scalar(sa.select(sa.func.count()).where(Attempt.run_id == run_id)) or 0
+    rows = session.scalars(
+        sa.select(Attempt)
+        .where(Attempt.run_id == run_id)
+        .order_by(Attempt.number)
+        .limit(limit)
+        .offset(offset)
+    )
+    return list(rows), total
+
+
 def get_attempt(session: Session, *, run_id: int, number: int) -> Attempt:
     attempt = session.scalar(sa.select(Attempt).where(Attempt.run_id == run_id, Attempt.number == number))
     if attempt is None:

@@ -294,8 +294,13 @@ def record_heartbeat(
     session.execute(stmt)
 
 
-def list_heartbeats(session: Session, *, run_id: int, attempt: int | None = None) -> list[Heartbeat]:
+def list_heartbeats(
+    session: Session, *, run_id: int, attempt: int | None = None, limit: int | None = None, offset: int = 0
+) -> tuple[list[Heartbeat], int]:
+    """A page of the run's heartbeats (the latest per attempt and rank), and how many there are in all."""
     query = sa.select(Heartbeat).where(Heartbeat.run_id == run_id)
     if attempt is not None:
         query = query.where(Heartbeat.attempt == attempt)
-    return list(session.scalars(query.order_by(Heartbeat.attempt, Heartbeat.rank)))
+    total = session.scalar(sa.select(sa.func.count()).select_from(query.subquery())) or 0
+    rows = session.scalars(query.order_by(Heartbeat.attempt, Heartbeat.rank).limit(limit).offset(offset))
+    return list(rows), total

@@ -7,6 +7,7 @@ from fastapi.testclient import TestClient
 
 from service.crud.runs import get_run, set_run_phase
 from service.db import transaction
+from service.models import Attempt, utcnow
 from service.statemachine import RunPhase
 from tests.conftest import checkpoint_path, make_run
 
@@ -138,7 +139,12 @@ def test_restart_overrides_are_validated(admin: TestClient) -> None:
 
 def test_attempts_are_listed_per_run(admin: TestClient) -> None:
     run = make_run(admin)
-    assert admin.get(f"/api/v1/runs/{run['id']}/attempts").json() == []
+    assert admin.get(f"/api/v1/runs/{run['id']}/attempts").json() == {
+        "items": [],
+        "total": 0,
+        "limit": 100,
+        "offset": 0,
+    }
     assert admin.get(f"/api/v1/runs/{run['id']}/attempts/1").status_code == 404
     assert admin.get("/api/v1/runs/999999/attempts").status_code == 404
 
@@ -203,3 +209,18 @@ def test_hyperparameters_are_the_recipe_only(admin: TestClient) -> None:
         json={"name": "ok-hp", "owner": "a", "config": {"target_steps": 5, "hyperparameters": {"lr": 6e-4}}},
     )
     assert r.status_code == 201, r.text
+
+
+def test_attempts_are_listed_a_page_at_a_time(admin: TestClient) -> None:
+    """A run restarted for months has thousands of attempts: the list is paged like every other list."""
+    run = make_run(admin)
+    with transaction(admin.app.state.session_factory) as session:  # type: ignore[attr-defined]
+        session.add_all(Attempt(run_id=run["id"], number=n, ended_at=utcnow()) for n in range(1, 8))
+    url = f"/api/v1/runs/{run['id']}/attempts"
+    page = admin.get(url, params={"limit": 3, "offset": 2}).json()
+    assert [a["number"] for a in page["items"]] == [3, 4, 5]
+    assert (page["total"], page["limit"], page["offset"]) == (7, 3, 2)
+    assert [a["number"] for a in admin.get(url, params={"offset": 6}).json()["items"]] == [7]
+    # the documented maximum page size (service/api/deps.py Limit) is enforced
+    assert admin.get(url, params={"limit": 501}).status_code == 422
+    assert admin.get(url, params={"limit": 0}).status_code == 422

@@ -88,7 +88,24 @@ def test_heartbeats_keep_the_latest_per_rank(admin: TestClient) -> None:
             )
             assert r.status_code == 204
     beats = admin.get(url).json()
-    assert [(b["rank"], b["step"], b["host"]) for b in beats] == [(0, 3, "h0"), (1, 3, "h1")]
+    assert [(b["rank"], b["step"], b["host"]) for b in beats["items"]] == [(0, 3, "h0"), (1, 3, "h1")]
+    assert beats["total"] == 2
+
+
+def test_heartbeats_are_listed_a_page_at_a_time(admin: TestClient) -> None:
+    """One heartbeat per rank: a 4,096-rank run's list is paged, not sent whole."""
+    run = make_run(admin)
+    url = f"/api/v1/runs/{run['id']}/heartbeats"
+    for attempt in (1, 2):
+        for rank in range(4):
+            body = {"attempt": attempt, "rank": rank, "host": f"h{rank}", "step": 1}
+            assert admin.post(url, json=body).status_code == 204
+    page = admin.get(url, params={"limit": 3, "offset": 3}).json()
+    assert [(b["attempt"], b["rank"]) for b in page["items"]] == [(1, 3), (2, 0), (2, 1)]
+    assert (page["total"], page["limit"], page["offset"]) == (8, 3, 3)
+    only_second = admin.get(url, params={"attempt": 2, "limit": 2}).json()
+    assert [b["rank"] for b in only_second["items"]] == [0, 1] and only_second["total"] == 4
+    assert admin.get(url, params={"limit": 501}).status_code == 422
 
 
 def test_a_batch_with_a_bad_point_is_refused_whole(admin: TestClient) -> None:

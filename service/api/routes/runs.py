@@ -84,9 +84,15 @@ def run_goodput(run_id: RunId, session: SessionDep, _: Viewer) -> GoodputPublic:
     return GoodputPublic.model_validate(compute_goodput(session, run_id=run_id).as_dict())
 
 
-@router.get("/{run_id}/attempts", response_model=list[AttemptPublic])
-def list_attempts(run_id: RunId, session: SessionDep, _: Viewer) -> list[AttemptPublic]:
-    return [AttemptPublic.model_validate(a) for a in runs_crud.list_attempts(session, run_id=run_id)]
+@router.get("/{run_id}/attempts", response_model=Page[AttemptPublic])
+def list_attempts(
+    run_id: RunId, session: SessionDep, _: Viewer, limit: Limit = 100, offset: Offset = 0
+) -> Page[AttemptPublic]:
+    """The run's attempts, oldest first, a page at a time (a run restarted for months has thousands)."""
+    rows, total = runs_crud.page_attempts(session, run_id=run_id, limit=limit, offset=offset)
+    return Page(
+        items=[AttemptPublic.model_validate(a) for a in rows], total=total, limit=limit, offset=offset
+    )
 
 
 @router.get("/{run_id}/attempts/{number}", response_model=AttemptPublic)

@@ -9,7 +9,7 @@ import pydantic
 from fastapi import APIRouter, Query, Request, Response, status
 from fastapi.routing import APIRoute
 
-from service.api.deps import MAX_ID, MAX_STEP, Ingestor, RunId, SessionDep, Viewer
+from service.api.deps import MAX_ID, MAX_STEP, Ingestor, Limit, Offset, RunId, SessionDep, Viewer
 from service.crud import runs as runs_crud
 from service.crud import telemetry
 from service.metrics import METRIC_POINTS_DUPLICATE, METRIC_POINTS_INGESTED
@@ -20,6 +20,7 @@ from service.schemas import (
     MetricBatch,
     MetricPublic,
     MetricSeries,
+    Page,
 )
 
 router = APIRouter(prefix="/runs/{run_id}", tags=["telemetry"])
@@ -108,15 +109,20 @@ def heartbeat(run_id: RunId, body: HeartbeatCreate, session: SessionDep, _: Inge
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
-@router.get("/heartbeats", response_model=list[HeartbeatPublic])
+@router.get("/heartbeats", response_model=Page[HeartbeatPublic])
 def list_heartbeats(
     run_id: RunId,
     session: SessionDep,
     _: Viewer,
     attempt: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
-) -> list[HeartbeatPublic]:
+    limit: Limit = 100,
+    offset: Offset = 0,
+) -> Page[HeartbeatPublic]:
+    """The latest heartbeat of each (attempt, rank), a page at a time (thousands on a big run)."""
     runs_crud.get_run(session, run_id=run_id)
-    return [
-        HeartbeatPublic.model_validate(h)
-        for h in telemetry.list_heartbeats(session, run_id=run_id, attempt=attempt)
-    ]
+    rows, total = telemetry.list_heartbeats(
+        session, run_id=run_id, attempt=attempt, limit=limit, offset=offset
+    )
+    return Page(
+        items=[HeartbeatPublic.model_validate(h) for h in rows], total=total, limit=limit, offset=offset
+    )
