@@ -346,7 +346,7 @@ def run_trainops(scenario: Scenario, workdir: Path) -> tuple[SupervisorResult, d
     watcher = BadHostWatcher(home, run_dir / "trainer.log")
     watcher.start()
     stop_beat = threading.Event()
-    start_embedded_beat(factory, interval_s=3.0, stop=stop_beat)
+    start_embedded_beat(settings, factory, interval_s=3.0, stop=stop_beat)
     orchestrator = Orchestrator(
         factory,
         cfg,

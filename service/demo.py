@@ -154,7 +154,7 @@ def run_demo(*, home: Path, port: int, exit_when_done: bool, timeout_s: float = 
         run_id = run.id
 
     stop = threading.Event()
-    start_embedded_beat(factory, interval_s=3.0, stop=stop)
+    start_embedded_beat(settings, factory, interval_s=3.0, stop=stop)
     cfg = load_orchestrator_config(settings, loop_interval_s=0.5)
     orchestrator = build_orchestrator(settings, factory, cfg)
     start_in_thread(orchestrator)

@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from health.results import Level
 from service.config import Settings
 from service.fleet.gateway import SweepHealthGateway
+from service.fleet.schedulers import build_scheduler_adapters
 from service.fleet.sweep import run_sweep
 from service.orchestrator.launchers.base import Launcher
 from service.orchestrator.launchers.local import LocalLauncher
@@ -36,8 +37,6 @@ def build_health_gateway(settings: Settings, session_factory: sessionmaker[Sessi
     """Cordons are mirrored to the schedulers of `settings.scheduler` (TRAINOPS_SCHEDULER: Slurm, Kubernetes),
     and at the start of each pass node states and every scheduler's are synced both ways (outside drains
     and outages become cordons; `service/fleet/sync.py`)."""
-    from service.fleet.schedulers import build_scheduler_adapters
-
     return SweepHealthGateway(session_factory, adapters=build_scheduler_adapters(settings))
 
 
@@ -65,15 +64,19 @@ def start_in_thread(orchestrator: Orchestrator) -> threading.Thread:
 
 
 def start_embedded_beat(
-    session_factory: sessionmaker[Session], *, interval_s: float, stop: threading.Event
+    settings: Settings, session_factory: sessionmaker[Session], *, interval_s: float, stop: threading.Event
 ) -> threading.Thread:
     """Celery beat's job when there is no Redis: quick checks on every registered host, on a timer, through
-    the same Celery app and tasks (its in-process worker)."""
+    the same Celery app and tasks (its in-process worker). Its cordons are mirrored to the schedulers of
+    TRAINOPS_SCHEDULER, as the control worker's beat does (`service/fleet/tasks.py`)."""
+    adapters = build_scheduler_adapters(settings)
 
     def loop() -> None:
         while not stop.wait(interval_s):
             try:
-                run_sweep(session_factory, hosts=None, level=Level.quick, author="health/beat")
+                run_sweep(
+                    session_factory, hosts=None, level=Level.quick, author="health/beat", adapters=adapters
+                )
             except Exception:  # a failed sweep is logged; the next one runs on time
                 log.exception("embedded quick sweep failed")
 

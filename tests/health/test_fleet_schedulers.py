@@ -594,3 +594,28 @@ def test_a_cordon_by_beats_sweep_is_mirrored_to_kubernetes(
     [patch] = api_server.patches()
     assert patch["path"] == "/api/v1/nodes/gpu-1" and patch["body"]["spec"]["unschedulable"] is True
     assert "double-bit" in api_server.nodes["gpu-1"]["metadata"]["annotations"]["trainops.io/cordon-reason"]
+
+
+def test_the_embedded_beat_mirrors_its_cordons_like_the_control_workers(
+    sqlite_url: str, api_server: FakeApiServer, token_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `trainops up` without Redis runs the beat in-process: its sweeps get the same scheduler adapters
+    import service.orchestrator.runtime as runtime
+
+    swept = threading.Event()
+    seen: dict[str, Any] = {}
+
+    def recording_sweep(factory: Any, **kwargs: Any) -> None:
+        seen.update(kwargs)
+        swept.set()
+
+    monkeypatch.setattr(runtime, "run_sweep", recording_sweep)
+    stop = threading.Event()
+    settings = _kubernetes_settings(api_server.url, token_file)
+    thread = runtime.start_embedded_beat(settings, _fleet(sqlite_url, "gpu-1"), interval_s=0.05, stop=stop)
+    try:
+        assert swept.wait(10)
+    finally:
+        stop.set()
+        thread.join(5)
+    assert seen["level"] == "quick" and [a.name for a in seen["adapters"]] == ["kubernetes"]
