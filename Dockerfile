@@ -2,9 +2,11 @@
 # (used as constraints: each image takes the locked version of what its extras need, and nothing more).
 #   docker build --target control -t trainops:latest .   API, orchestrator, fleet workers, migrations
 #   docker build --target gpu-host -t trainops:gpu .      per-host health agent and the trainer
+# Both default to TRAINOPS_MODE=prod: dev mode (built-in admin token, embedded SQLite) is for a laptop, and an
+# image is what gets deployed. The control image refuses to start without its secrets (docker/entrypoint.sh).
 FROM python:3.11-slim AS source
 
-ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 TRAINOPS_MODE=prod
 WORKDIR /app
 COPY requirements.lock pyproject.toml README.md ./
 COPY service ./service
@@ -17,9 +19,12 @@ RUN useradd --create-home --uid 1000 trainops
 # adapter's client. An orchestrator that starts attempts itself (the local launcher) runs on a GPU host.
 FROM source AS control
 RUN pip install -c requirements.lock '.[kubernetes]'
+COPY docker/entrypoint.sh /usr/local/bin/trainops-entrypoint
 USER trainops
 EXPOSE 8000
-CMD ["uvicorn", "--factory", "service.main:create_app", "--host", "0.0.0.0", "--port", "8000"]
+# The entrypoint checks the secrets (prod) or keeps the API on loopback (dev), and sets TRAINOPS_API_HOST.
+ENTRYPOINT ["/usr/local/bin/trainops-entrypoint"]
+CMD ["sh", "-c", "exec uvicorn --factory service.main:create_app --host \"$TRAINOPS_API_HOST\" --port 8000"]
 
 # A GPU host: the health agent (NVML bindings) and the trainer. torch is the lock's release from the
 # package index, i.e. its CUDA build (the lock pins the release; the Makefile takes its CPU build locally).
