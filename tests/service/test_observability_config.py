@@ -4,23 +4,32 @@ docker-compose.yml parsed by docker-compose with every file, image and variable 
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
+import hashlib
+import hmac
 import importlib.util
 import json
 import os
 import re
 import subprocess
+import uuid
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
+import psycopg
 import pytest
 import sqlalchemy as sa
 import yaml
+from psycopg import sql
 
 from service import migrate
 from service.crud import runs as runs_crud
 from service.crud import telemetry
 from service.db import make_engine, make_session_factory, transaction
 from service.metrics import exported_metric_names
+from tests.conftest import PG_ADMIN_DSN
 
 REPO = Path(__file__).resolve().parents[2]
 DASH = REPO / "dashboards"
@@ -188,12 +197,24 @@ def test_history_panels_sql_runs_on_postgres(postgres_url: str) -> None:
 
 COMPOSE_ENV = {
     "POSTGRES_PASSWORD": "pw",
-    "TRAINOPS_BOOTSTRAP_ADMIN_TOKEN": "admin-token",
+    "TRAINOPS_BOOTSTRAP_ADMIN_TOKEN": "q7Vd2LxN9rTfKp4mWz8bYc3HsJ6eUa1GvR5tQn0XoEi",
     "PAGERDUTY_ROUTING_KEY": "pd",
     "SLACK_WEBHOOK_URL": "https://hooks.slack.com/services/x",
     "ONCALL_WEBHOOK_URL": "http://hook",
     "GRAFANA_ADMIN_PASSWORD": "gpw",
+    "GRAFANA_DB_PASSWORD": "grafana-reader-pw",
+    "REDIS_PASSWORD": "redis-pw-Xq2",
 }
+READER_INIT_SCRIPT = DASH / "postgres" / "10-trainops-reader.sh"
+
+
+def _compose_config(tmp_path: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["docker-compose", "-f", str(REPO / "docker-compose.yml"), "config"],
+        capture_output=True,
+        text=True,
+        env={"PATH": os.environ["PATH"], "HOME": str(tmp_path), **env},
+    )
 
 
 def test_compose_file_parses_and_names_only_things_that_exist(tmp_path: Path) -> None:
@@ -239,3 +260,147 @@ def test_compose_file_parses_and_names_only_things_that_exist(tmp_path: Path) ->
         env={"PATH": os.environ["PATH"], "HOME": str(tmp_path)},
     )
     assert unset.returncode != 0 and "POSTGRES_PASSWORD" in unset.stderr
+
+
+def _published_host_ips(service: dict[str, Any]) -> list[str]:
+    """The host address of each port a resolved compose service publishes (no address = every interface)."""
+    addresses = []
+    for port in service.get("ports", []):
+        if isinstance(port, dict):  # docker-compose 1.x: {published, target} without an address
+            addresses.append(port.get("host_ip", "0.0.0.0"))
+        else:  # "[host_ip:]published:target[/proto]"
+            parts = str(port).split("/", 1)[0].split(":")
+            addresses.append(parts[0] if len(parts) == 3 else "0.0.0.0")
+    return addresses
+
+
+def test_compose_exposes_only_the_api_and_grafana_and_guards_redis_and_the_database(tmp_path: Path) -> None:
+    config = _compose_config(tmp_path, COMPOSE_ENV)
+    assert config.returncode == 0, config.stderr
+    services = yaml.safe_load(config.stdout)["services"]
+    published = {name: _published_host_ips(s) for name, s in services.items() if s.get("ports")}
+    public = {name for name, addresses in published.items() if any(a != "127.0.0.1" for a in addresses)}
+    # Prometheus and Alertmanager have no auth: loopback only. PostgreSQL and Redis: not published.
+    assert public == {"api", "grafana"}, published
+    assert published["prometheus"] == published["alertmanager"] == ["127.0.0.1"]
+    assert "postgres" not in published and "redis" not in published
+
+    # Redis asks for the password, its healthcheck sends it, and every broker URL carries it.
+    redis = services["redis"]
+    command = redis["command"]
+    assert command[command.index("--requirepass") + 1] == COMPOSE_ENV["REDIS_PASSWORD"]
+    assert redis["environment"]["REDISCLI_AUTH"] == COMPOSE_ENV["REDIS_PASSWORD"]
+    assert "PONG" in " ".join(redis["healthcheck"]["test"])
+    broker_urls = {
+        name: s["environment"]["TRAINOPS_BROKER_URL"]
+        for name, s in services.items()
+        if "TRAINOPS_BROKER_URL" in s.get("environment", {})
+    }
+    assert {"migrate", "api", "orchestrator", "health-worker", "health-beat", "health-host-worker"} <= set(
+        broker_urls
+    )
+    for name, url in broker_urls.items():
+        parsed = urlsplit(url)
+        assert (parsed.scheme, parsed.hostname, parsed.port) == ("redis", "redis", 6379), (name, url)
+        assert parsed.password == COMPOSE_ENV["REDIS_PASSWORD"], (name, "broker URL without the password")
+
+    # Grafana reads PostgreSQL as the read-only role, never as the owner, with a password of its own that
+    # the postgres service's init script gives that role.
+    datasources = yaml.safe_load((DASH / "grafana/provisioning/datasources/trainops.yml").read_text())
+    postgres_source = next(d for d in datasources["datasources"] if d["uid"] == "trainops-postgres")
+    assert postgres_source["user"] == "trainops_reader"
+    assert postgres_source["secureJsonData"]["password"] == "${GRAFANA_DB_PASSWORD}"
+    grafana_env = services["grafana"]["environment"]
+    assert (
+        grafana_env["GRAFANA_DB_PASSWORD"]
+        == COMPOSE_ENV["GRAFANA_DB_PASSWORD"]
+        != COMPOSE_ENV["POSTGRES_PASSWORD"]
+    )
+    assert "GRAFANA_DB_USER" not in grafana_env
+    postgres = services["postgres"]
+    assert postgres["environment"]["GRAFANA_DB_PASSWORD"] == COMPOSE_ENV["GRAFANA_DB_PASSWORD"]
+    assert (
+        f"{READER_INIT_SCRIPT}:/docker-entrypoint-initdb.d/{READER_INIT_SCRIPT.name}:ro"
+        in postgres["volumes"]
+    )
+
+    # Each of the new secrets is required: compose refuses to start without it, naming it.
+    for variable in ("REDIS_PASSWORD", "GRAFANA_DB_PASSWORD"):
+        without = {k: v for k, v in COMPOSE_ENV.items() if k != variable}
+        refused = _compose_config(tmp_path, without)
+        assert refused.returncode != 0 and variable in refused.stderr, (variable, refused.stderr)
+
+
+def test_images_default_to_prod_mode_behind_the_entrypoint() -> None:
+    dockerfile = (REPO / "Dockerfile").read_text()
+    stages = dict(re.findall(r"^FROM \S+ AS (\S+)\n(.*?)(?=^FROM |\Z)", dockerfile, re.M | re.S))
+    assert set(stages) == {"source", "control", "gpu-host"}
+    # Set in the stage both images build on, and changed by neither.
+    assert re.search(r"^ENV .*\bTRAINOPS_MODE=prod\b", stages["source"], re.M), "images must default to prod"
+    assert dockerfile.count("TRAINOPS_MODE=") == 2  # the ENV and the comment above it
+    control = stages["control"]
+    assert "COPY docker/entrypoint.sh /usr/local/bin/trainops-entrypoint" in control
+    assert 'ENTRYPOINT ["/usr/local/bin/trainops-entrypoint"]' in control
+    # The address comes from the entrypoint (loopback in dev), never a literal every-interface bind.
+    assert "0.0.0.0" not in control and "$TRAINOPS_API_HOST" in control
+    compose_api = " ".join(
+        yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]["api"]["command"]
+    )
+    assert "0.0.0.0" not in compose_api and "$$TRAINOPS_API_HOST" in compose_api
+
+
+def test_reader_init_script_is_valid_shell_and_refuses_without_a_password() -> None:
+    syntax = subprocess.run(["bash", "-n", str(READER_INIT_SCRIPT)], capture_output=True, text=True)
+    assert syntax.returncode == 0, syntax.stderr
+    refused = subprocess.run(
+        ["bash", str(READER_INIT_SCRIPT)], capture_output=True, text=True, env={"PATH": os.environ["PATH"]}
+    )
+    assert refused.returncode != 0 and "GRAFANA_DB_PASSWORD" in refused.stderr
+
+
+def _scram_verifier_matches(verifier: str, password: str) -> bool:
+    """Whether PostgreSQL's stored SCRAM-SHA-256 verifier is the one of `password` (RFC 5802 keys)."""
+    method, rest = verifier.split("$", 1)
+    assert method == "SCRAM-SHA-256", verifier
+    iterations_salt, keys = rest.split("$")
+    iterations, salt = iterations_salt.split(":")
+    stored_key, _server_key = keys.split(":")
+    salted = hashlib.pbkdf2_hmac("sha256", password.encode(), base64.b64decode(salt), int(iterations))
+    client_key = hmac.new(salted, b"Client Key", hashlib.sha256).digest()
+    return hmac.compare_digest(hashlib.sha256(client_key).digest(), base64.b64decode(stored_key))
+
+
+@pytest.mark.postgres
+def test_reader_init_script_gives_the_role_a_login_and_the_password() -> None:
+    dsn = urlsplit(PG_ADMIN_DSN)
+    # A role of its own (roles are cluster-wide): the real trainops_reader may be in use by other tests.
+    role = f"trainops_reader_test_{uuid.uuid4().hex[:8]}"
+    env = {
+        "PATH": os.environ["PATH"],
+        "PGHOST": dsn.hostname or "127.0.0.1",
+        "PGPORT": str(dsn.port or 5432),
+        "POSTGRES_USER": dsn.username or "postgres",
+        "POSTGRES_DB": dsn.path.lstrip("/"),
+        "TRAINOPS_READER_ROLE": role,
+    }
+    # Quotes, a semicolon, a backslash and a psql variable sigil: all must reach the role as written.
+    passwords = ["it's; DROP ROLE postgres; --\\ :'x' $1", "rotated-Zx81"]
+    try:
+        for password in passwords:  # the second run is a re-run on an existing role: it sets the new password
+            ran = subprocess.run(
+                ["bash", str(READER_INIT_SCRIPT)],
+                capture_output=True,
+                text=True,
+                env={**env, "GRAFANA_DB_PASSWORD": password},
+            )
+            assert ran.returncode == 0, ran.stdout + ran.stderr
+            with psycopg.connect(PG_ADMIN_DSN) as conn:
+                can_login, verifier = conn.execute(
+                    "SELECT rolcanlogin, rolpassword FROM pg_authid WHERE rolname = %s", (role,)
+                ).fetchone() or (None, None)
+            assert can_login is True
+            assert verifier and _scram_verifier_matches(verifier, password), password
+            assert not _scram_verifier_matches(verifier, passwords[0] if password != passwords[0] else "x")
+    finally:
+        with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
