@@ -14,6 +14,7 @@ from service.crud.logbook import write_log
 from service.errors import BadRequest, Conflict, NotFound, Unprocessable
 from service.models import Checkpoint, Run, utcnow
 from service.statemachine import CheckpointState, LogKind, Severity, check_checkpoint_transition
+from trainer.checkpoint import pin_checkpoint, unpin_checkpoint
 
 AUTO_PIN_AUTHOR = "system:orchestrator"  # `pinned_by` of the orchestrator's pin of the newest healthy one
 PENDING = "pending"  # restart_point.Verdict.pending: not judged yet (the crud layer does not import the rule)
@@ -395,8 +396,6 @@ def run_checkpoint_dir(session: Session, *, run_id: int, runs_dir: Path) -> Path
 def set_pin_marker(session: Session, *, checkpoint: Checkpoint, pinned: bool, runs_dir: Path) -> None:
     """Write or remove the checkpoint's PINNED marker. Only inside its run's checkpoint directory: the
     catalog's path came from a trainer and is not trusted to name any other place on disk."""
-    from trainer.checkpoint import pin_checkpoint, unpin_checkpoint
-
     root = run_checkpoint_dir(session, run_id=checkpoint.run_id, runs_dir=runs_dir)
     path = Path(checkpoint.path).resolve()
     if path.parent != root or not path.name.startswith("step_"):

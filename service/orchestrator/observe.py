@@ -33,6 +33,7 @@ from service.recovery.samples import (
 )
 from service.recovery.verdicts import refresh_checkpoint_verdicts
 from trainer import contract
+from trainer.checkpoint import catalog_record, list_checkpoints, read_checksum
 
 AUTHOR = "system:orchestrator"
 
@@ -189,8 +190,6 @@ def sync_checkpoints(session: Session, *, run_id: int, runs_dir: Path) -> None:
     as the trainer's registration, with the record read from the checkpoint itself (meta.json,
     manifest), so the two converge in either order; a path whose checksum the catalog already has
     costs nothing more than reading its manifest."""
-    from trainer.checkpoint import catalog_record, list_checkpoints, read_checksum
-
     run = get_run(session, run_id=run_id)
     known = checkpoint_checksums(session, run_id=run_id)
     for info in list_checkpoints(contract.checkpoints_dir(run_dir_of(runs_dir, run)), deep=False):

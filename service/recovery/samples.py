@@ -16,6 +16,7 @@ from service.recovery.config import DivergenceConfig
 from service.recovery.detect import MetricSample
 from service.recovery.restart_point import CheckpointCandidate
 from service.statemachine import CheckpointState
+from trainer.checkpoint import verify_checkpoint
 
 SAMPLE_WINDOW = 400  # newest metric rows of an attempt that divergence detection looks at
 
@@ -81,8 +82,6 @@ def lineage_samples(
 def checkpoint_candidates(session: Session, *, run_id: int) -> list[CheckpointCandidate]:
     """The run's catalogued checkpoints as restart candidates: usable when committed or verified in the
     catalog and intact on disk (marker, manifest, sizes). What the orchestrator and restart-preview see."""
-    from trainer.checkpoint import verify_checkpoint
-
     rows = session.scalars(
         sa.select(Checkpoint).where(
             Checkpoint.run_id == run_id,

@@ -48,6 +48,7 @@ from service.recovery.restart_point import (
     rule_for_run,
 )
 from service.statemachine import CheckpointState, LogKind, Severity
+from trainer.checkpoint import is_pinned, pin_checkpoint, unpin_checkpoint, verify_checkpoint
 
 MAX_JUDGED_PER_PASS = 16  # checkpoints judged per run and pass: one run's verdicts never hold the loop long
 JUDGED_STATES = (CheckpointState.committed, CheckpointState.verified)
@@ -324,8 +325,6 @@ def _move_automatic_pin(
     author: str,
     done: VerdictPass,
 ) -> None:
-    from trainer.checkpoint import is_pinned, pin_checkpoint, unpin_checkpoint, verify_checkpoint
-
     newest = next(
         (
             r
