@@ -22,9 +22,10 @@ RUN pip install -c requirements.lock '.[kubernetes]'
 COPY docker/entrypoint.sh /usr/local/bin/trainops-entrypoint
 USER trainops
 EXPOSE 8000
-# The entrypoint checks the secrets (prod) or keeps the API on loopback (dev), and sets TRAINOPS_API_HOST.
+# The entrypoint checks the secrets (prod) or keeps the API on loopback (dev), and sets TRAINOPS_API_HOST;
+# with the entrypoint replaced (docker run --entrypoint ...) the address falls back to loopback.
 ENTRYPOINT ["/usr/local/bin/trainops-entrypoint"]
-CMD ["sh", "-c", "exec uvicorn --factory service.main:create_app --host \"$TRAINOPS_API_HOST\" --port 8000"]
+CMD ["sh", "-c", "exec uvicorn --factory service.main:create_app --host \"${TRAINOPS_API_HOST:-127.0.0.1}\" --port 8000"]
 
 # A GPU host: the health agent (NVML bindings) and the trainer. torch is the lock's release from the
 # package index, i.e. its CUDA build (the lock pins the release; the Makefile takes its CPU build locally).

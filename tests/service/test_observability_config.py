@@ -341,8 +341,28 @@ def test_images_default_to_prod_mode_behind_the_entrypoint() -> None:
     control = stages["control"]
     assert "COPY docker/entrypoint.sh /usr/local/bin/trainops-entrypoint" in control
     assert 'ENTRYPOINT ["/usr/local/bin/trainops-entrypoint"]' in control
-    # The address comes from the entrypoint (loopback in dev), never a literal every-interface bind.
-    assert "0.0.0.0" not in control and "$TRAINOPS_API_HOST" in control
+    # The address comes from the entrypoint (loopback in dev), never a literal every-interface bind: run the
+    # image's CMD through its entrypoint with uvicorn replaced by echo, and without the entrypoint.
+    assert "0.0.0.0" not in control
+    (cmd_json,) = re.findall(r"^CMD (\[.*\])$", control, re.M)
+    shell, dash_c, script = json.loads(cmd_json)
+    assert (shell, dash_c) == ("sh", "-c") and script.startswith("exec uvicorn ")
+    echo_cmd = [shell, dash_c, script.replace("exec uvicorn ", "echo ", 1)]
+    entrypoint = str(REPO / "docker" / "entrypoint.sh")
+    base_env = {"PATH": os.environ["PATH"]}
+    prod_env = {
+        **base_env,
+        "TRAINOPS_BOOTSTRAP_ADMIN_TOKEN": COMPOSE_ENV["TRAINOPS_BOOTSTRAP_ADMIN_TOKEN"],
+        "TRAINOPS_DATABASE_URL": "postgresql+psycopg://trainops:pw@postgres:5432/trainops",
+    }
+    for argv, env, address in (
+        ([entrypoint, *echo_cmd], {**base_env, "TRAINOPS_MODE": "dev"}, "127.0.0.1"),
+        ([entrypoint, *echo_cmd], prod_env, "0.0.0.0"),
+        (echo_cmd, base_env, "127.0.0.1"),  # --entrypoint replaced: loopback
+    ):
+        ran = subprocess.run(argv, capture_output=True, text=True, env=env)
+        assert ran.returncode == 0, ran.stderr
+        assert f"--host {address} --port 8000" in ran.stdout, (argv, ran.stdout)
     compose_api = " ".join(
         yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]["api"]["command"]
     )
