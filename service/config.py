@@ -103,6 +103,18 @@ class Settings(LayeredSettings):
     max_page_size: int = Field(500, ge=1)
     max_ingest_points: int = Field(10_000, ge=1)
     db_pool_size: int = Field(10, ge=1)
+    metrics_cache_ttl_s: float = Field(
+        5.0,
+        ge=0,
+        le=300,
+        description="Seconds the /metrics scrape reuses its database reading (shared by concurrent scrapes; "
+        "0 reads the database on every scrape). docs/observability.md.",
+    )
+    metrics_token: SecretStr | None = Field(
+        None,
+        description="When set, /metrics answers 401 unless the scrape sends `Authorization: Bearer <it>` "
+        "(Prometheus: `authorization: {credentials_file: ...}`). Unset: /metrics is public.",
+    )
 
     @field_validator("scheduler", mode="before")
     @classmethod

@@ -17,11 +17,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.body_guard import BodyGuardMiddleware
 from service.api.errors import SafeJSONResponse, request_validation_error
+from service.api.responses import document_error_responses
 from service.api.routes import checkpoints, diagnostics, logbook, nodes, runs, system, telemetry, tokens
 from service.config import Settings, get_settings
 from service.db import engine_from_settings, make_session_factory
 from service.errors import ServiceError
 from service.metrics import HTTP_REQUEST_DURATION
+from service.metrics_collector import ScrapeCache
 from service.schemas import DEFAULT_BODY_LIMIT_BYTES, METRIC_BATCH_LIMIT_BYTES, NOTE_BODY_LIMIT_BYTES
 from service.statemachine import InvalidTransition
 
@@ -66,9 +68,12 @@ def create_app(
 
     api = APIRouter(prefix=API_PREFIX)
     for module in (runs, telemetry, checkpoints, nodes, diagnostics, logbook, tokens):
+        document_error_responses(module.router, body_guarded=True)
         api.include_router(module.router)
     app.include_router(api)
+    document_error_responses(system.router, body_guarded=False)
     app.include_router(system.router)
+    app.state.scrape_cache = ScrapeCache(settings.metrics_cache_ttl_s)
     _install_error_handlers(app)
     # Added first, so it runs inside the timing middleware: refused requests are timed too.
     app.add_middleware(

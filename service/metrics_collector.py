@@ -1,6 +1,6 @@
 """The scrape-time Prometheus collector: per-run, per-node and per-GPU gauges read from the control plane's
-database on every scrape (:class:`ControlPlaneCollector`, registered per scrape by the API's `/metrics`, see
-service/observability.py).
+database (:class:`ControlPlaneCollector`, registered per scrape by the API's `/metrics`, see
+service/observability.py), at most once per ``TRAINOPS_METRICS_CACHE_TTL_S`` (:class:`ScrapeCache`).
 
 The metric definitions (names, help, labels) live with every other metric in service/metrics.py; this module
 only reads the database and fills them in. Reading the database gives the same answer from every API process,
@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import sqlalchemy as sa
@@ -70,6 +71,38 @@ def _ts(value: dt.datetime | None) -> float | None:
     return value.timestamp() if value is not None else None
 
 
+class ScrapeCache:
+    """The collector's last reading, shared by every scrape of one API process for ``ttl_s`` seconds.
+
+    A reading (service/metrics_collector.py's queries, 0.1-0.17 s on a busy database) is made by one scrape
+    while any others wait for it, then served to every scrape that starts within ``ttl_s`` of when that
+    reading began. So a scrape never sees data older than ``ttl_s`` plus the time one reading takes, and
+    Prometheus servers scraping the same process (an HA pair, a federation) cost one reading per ``ttl_s``.
+    ``ttl_s`` 0 reads on every scrape. The families are only read after they are built, never changed, so
+    concurrent scrapes can share them.
+    """
+
+    def __init__(self, ttl_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.ttl_s = ttl_s
+        self.clock = clock
+        self.readings = 0  # how many times the database was read (tests, bench/metrics_scrape.py)
+        self._lock = threading.Lock()
+        self._families: list[Metric] | None = None
+        self._read_started = 0.0
+
+    def get(self, read: Callable[[], list[Metric]]) -> list[Metric]:
+        # Held while reading: concurrent scrapes wait for the one reading in flight, not start their own.
+        with self._lock:
+            now = self.clock()
+            if self._families is not None and now - self._read_started < self.ttl_s:
+                return self._families
+            families = read()
+            self.readings += 1
+            if self.ttl_s > 0:
+                self._families, self._read_started = families, now
+            return families
+
+
 class ControlPlaneCollector(Collector):
     """Reads per-run, per-node and per-GPU gauges from the database on every scrape.
 
@@ -77,15 +110,28 @@ class ControlPlaneCollector(Collector):
     scrape costs the same on day one and on day three hundred of a run.
     """
 
-    def __init__(self, session_factory: sessionmaker[Session], broker_url: str | None = None) -> None:
+    def __init__(
+        self,
+        session_factory: sessionmaker[Session],
+        broker_url: str | None = None,
+        cache: ScrapeCache | None = None,
+    ) -> None:
         self.session_factory = session_factory
         self.broker_url = broker_url
+        self.cache = cache
 
     def describe(self) -> Iterable[Metric]:
         # Registering must not touch the database; the names are known statically.
         return [spec.family() for spec in COLLECTED]
 
     def collect(self) -> Iterator[Metric]:
+        if self.cache is None:
+            yield from self.read()
+        else:
+            yield from self.cache.get(self.read)
+
+    def read(self) -> list[Metric]:
+        """Every family, read from the database and the broker now (``collect`` may serve a cached one)."""
         started = time.perf_counter()
         families = {spec.name: spec.family() for spec in COLLECTED}
         database_up = 1.0
@@ -102,7 +148,7 @@ class ControlPlaneCollector(Collector):
         self._collect_queues(families)
         families[DATABASE_UP.name].add_metric([], database_up)
         families[COLLECT_DURATION.name].add_metric([], time.perf_counter() - started)
-        yield from families.values()
+        return list(families.values())
 
     # -- runs -------------------------------------------------------------------------------------------
 
