@@ -285,5 +285,11 @@ class ApiToken(Base):
     token_hash: Mapped[str] = mapped_column(sa.String(64), unique=True)
     role: Mapped[Role] = mapped_column(str_enum(Role))
     run_id: Mapped[int | None] = mapped_column(sa.ForeignKey("runs.id", ondelete="CASCADE"))
+    # A trainer token is made for one attempt; when the attempt ends the orchestrator sets its expiry
+    # (ended_at + the spool-replay grace, docs/security.md "Tokens").
+    attempt_id: Mapped[int | None] = mapped_column(
+        sa.ForeignKey("attempts.id", ondelete="CASCADE"), index=True
+    )
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[dt.datetime | None]
+    expires_at: Mapped[dt.datetime | None]

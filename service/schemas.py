@@ -10,6 +10,7 @@ from typing import Annotated, Any, Generic, Literal, Required, TypeVar
 
 from pydantic import (
     AfterValidator,
+    AwareDatetime,
     BaseModel,
     ConfigDict,
     Field,
@@ -708,6 +709,9 @@ class TokenCreate(Strict):
     name: Name
     role: Role
     run_id: int | None = Field(None, ge=1, le=MAX_ID)
+    expires_at: AwareDatetime | None = Field(
+        None, description="When the token stops authenticating (401 `token expired`); null = never."
+    )
 
 
 class TokenPublic(ORM):
@@ -715,8 +719,10 @@ class TokenPublic(ORM):
     name: str
     role: Role
     run_id: int | None
+    attempt_id: int | None = Field(description="For a trainer token, the attempt it was made for.")
     created_at: dt.datetime
     revoked_at: dt.datetime | None
+    expires_at: dt.datetime | None
 
 
 class TokenCreated(TokenPublic):

@@ -26,7 +26,7 @@ from fastapi import status
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.errors import SafeJSONResponse
-from service.crud.tokens import Principal, authenticate
+from service.crud.tokens import Principal, TokenRefusal, authenticate
 from service.statemachine import Role
 
 log = logging.getLogger("trainops.api")
@@ -124,7 +124,7 @@ class BodyGuardMiddleware:
         if hmac.compare_digest(secret.encode(), bootstrap.encode()):
             return Principal(name="bootstrap-admin", role=Role.admin)
 
-        def lookup() -> Principal | None:
+        def lookup() -> Principal | TokenRefusal:
             with app_state.session_factory() as session:
                 return authenticate(session, secret=secret)
 
@@ -137,8 +137,8 @@ class BodyGuardMiddleware:
                 status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
                 headers={"Retry-After": "5"},
             )
-        if principal is None:
-            return _unauthorized("invalid or revoked token")
+        if isinstance(principal, TokenRefusal):
+            return _unauthorized(principal.reason)
         return principal
 
 

@@ -12,9 +12,9 @@ from sqlalchemy.orm import Session
 
 from service.api.body_guard import principal_from_scope
 from service.config import Settings
-from service.crud.tokens import Principal, authenticate
+from service.crud.tokens import Principal, TokenRefusal, authenticate
 from service.db import transaction
-from service.statemachine import Role
+from service.statemachine import TERMINAL_PHASES, Role
 
 # Database ids are 32-bit integers; larger numbers are refused as input, not passed to the database.
 MAX_ID = 2**31 - 1
@@ -68,8 +68,8 @@ def get_principal(
     if hmac.compare_digest(secret.encode(), settings.bootstrap_admin_token.get_secret_value().encode()):
         return Principal(name="bootstrap-admin", role=Role.admin)
     principal = authenticate(session, secret=secret)
-    if principal is None:
-        raise _unauthorized("invalid or revoked token")
+    if isinstance(principal, TokenRefusal):
+        raise _unauthorized(principal.reason)
     return principal
 
 
@@ -93,11 +93,25 @@ def require(role: Role) -> Callable[[Principal], Awaitable[Principal]]:
 
 
 async def require_ingest(principal: PrincipalDep, run_id: RunId) -> Principal:
-    """Trainer tokens may feed only their own run; operators and admins may feed any."""
+    """Trainer tokens may feed only their own run, and only while it is not finished; operators and admins
+    may feed any run, finished ones included (a backfill, e.g. a spool recovered by hand, is theirs to do).
+
+    Finished is ``TERMINAL_PHASES`` (completed, failed, stopped): the orchestrator sets those only once no
+    attempt is live (it ended the attempt and drained its spool first; stop_run sets ``stopped`` directly
+    only when no attempt exists), so a trainer token speaking for such a run speaks for no process that
+    should exist: 409 naming the phase. ``needs_attention`` is not finished: an attempt may still be running
+    when its run is escalated. A stopped or failed run started again is fed by its new attempt's token, and
+    the ended attempt's token expires on its own (crud/tokens.py). The phase is the one read when the token
+    was checked: a request authenticated just before the run finished was sent by a live attempt."""
     if principal.role == Role.trainer:
         if principal.run_id != run_id:
             raise HTTPException(
                 status.HTTP_403_FORBIDDEN, f"this trainer token is for run {principal.run_id}"
+            )
+        if principal.run_phase is not None and principal.run_phase in TERMINAL_PHASES:
+            raise HTTPException(
+                status.HTTP_409_CONFLICT,
+                f"run {run_id} is {principal.run_phase.value}: it takes no more trainer reports",
             )
         return principal
     return _check_role(principal, Role.operator)

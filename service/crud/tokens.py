@@ -1,7 +1,13 @@
-"""API tokens: only a SHA-256 hash is stored; the secret is shown once, at creation."""
+"""API tokens: only a SHA-256 hash is stored; the secret is shown once, at creation.
+
+A token is refused once revoked or past its ``expires_at`` (optional on every token). The orchestrator
+makes one trainer token per attempt and, when the attempt ends, sets its expiry to the end plus a grace
+(`OrchestratorConfig.trainer_token_grace_s`) for the reporter's last deliveries (docs/security.md, "Tokens").
+"""
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import secrets
 from dataclasses import dataclass
@@ -10,8 +16,8 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from service.errors import BadRequest, NotFound
-from service.models import ApiToken, Run, utcnow
-from service.statemachine import Role
+from service.models import ApiToken, Attempt, Run, utcnow
+from service.statemachine import Role, RunPhase
 
 TOKEN_PREFIX = "tops_"
 # api_tokens.name and logbook.author are VARCHAR(200); PostgreSQL refuses longer values.
@@ -37,20 +43,40 @@ def hash_token(secret: str) -> str:
 
 @dataclass(frozen=True)
 class Principal:
-    """Who is calling: a role, a name for the logbook, and for trainer tokens the one run they may feed."""
+    """Who is calling: a role, a name for the logbook, and for trainer tokens the one run they may feed
+    and that run's phase when the token was checked (ingest into a finished run is refused, deps.py)."""
 
     name: str
     role: Role
     run_id: int | None = None
+    run_phase: RunPhase | None = None
 
     @property
     def author(self) -> str:
         return fit_name(f"user:{self.name}" if self.role != Role.trainer else f"trainer:{self.name}")
 
 
+@dataclass(frozen=True)
+class TokenRefusal:
+    """Why a secret does not authenticate (the 401's detail)."""
+
+    reason: str
+
+
+UNKNOWN_TOKEN = TokenRefusal("invalid or revoked token")
+EXPIRED_TOKEN = TokenRefusal("token expired")
+
+
 def create_token(
-    session: Session, *, name: str, role: Role, run_id: int | None = None
+    session: Session,
+    *,
+    name: str,
+    role: Role,
+    run_id: int | None = None,
+    expires_at: dt.datetime | None = None,
 ) -> tuple[ApiToken, str]:
+    if expires_at is not None and expires_at <= utcnow():
+        raise BadRequest(f"expires_at {expires_at.isoformat()} is not in the future")
     if role == Role.trainer and run_id is None:
         raise BadRequest("a trainer token must be scoped to a run (run_id)")
     if role != Role.trainer and run_id is not None:
@@ -58,22 +84,27 @@ def create_token(
     if run_id is not None and session.get(Run, run_id) is None:
         raise NotFound(f"run {run_id} does not exist")
     secret = TOKEN_PREFIX + secrets.token_urlsafe(32)
-    token = ApiToken(name=fit_name(name), role=role, run_id=run_id, token_hash=hash_token(secret))
+    token = ApiToken(
+        name=fit_name(name), role=role, run_id=run_id, token_hash=hash_token(secret), expires_at=expires_at
+    )
     session.add(token)
     session.flush()
     return token, secret
 
 
-def authenticate(session: Session, *, secret: str) -> Principal | None:
-    # Columns, not the ORM entity: this runs on every request, metric batches included.
+def authenticate(session: Session, *, secret: str) -> Principal | TokenRefusal:
+    # Columns, not the ORM entity, and the run's phase in the same query: this runs on every request,
+    # metric batches included.
     row = session.execute(
-        sa.select(ApiToken.name, ApiToken.role, ApiToken.run_id).where(
-            ApiToken.token_hash == hash_token(secret), ApiToken.revoked_at.is_(None)
-        )
+        sa.select(ApiToken.name, ApiToken.role, ApiToken.run_id, ApiToken.expires_at, Run.phase)
+        .outerjoin(Run, Run.id == ApiToken.run_id)
+        .where(ApiToken.token_hash == hash_token(secret), ApiToken.revoked_at.is_(None))
     ).first()
     if row is None:
-        return None
-    return Principal(name=row.name, role=row.role, run_id=row.run_id)
+        return UNKNOWN_TOKEN
+    if row.expires_at is not None and row.expires_at <= utcnow():
+        return EXPIRED_TOKEN
+    return Principal(name=row.name, role=row.role, run_id=row.run_id, run_phase=row.phase)
 
 
 def list_tokens(session: Session) -> list[ApiToken]:
@@ -87,3 +118,17 @@ def revoke_token(session: Session, *, token_id: int) -> ApiToken:
     if token.revoked_at is None:
         token.revoked_at = utcnow()
     return token
+
+
+def expire_attempt_tokens(session: Session, *, attempt: Attempt, grace_s: float) -> list[ApiToken]:
+    """Expire the ended ``attempt``'s trainer token(s) at its end plus ``grace_s``; an earlier expiry or a
+    revocation stands. Idempotent (the expiry follows from ``ended_at``)."""
+    if attempt.ended_at is None:
+        raise ValueError(f"attempt {attempt.id} has not ended")
+    deadline = attempt.ended_at + dt.timedelta(seconds=grace_s)
+    tokens = list(session.scalars(sa.select(ApiToken).where(ApiToken.attempt_id == attempt.id)).all())
+    for token in tokens:
+        if token.expires_at is None or token.expires_at > deadline:
+            token.expires_at = deadline
+    session.flush()
+    return tokens

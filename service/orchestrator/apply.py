@@ -29,7 +29,7 @@ from service.crud.runs import (
     next_attempt_number,
     set_run_phase,
 )
-from service.crud.tokens import create_token
+from service.crud.tokens import create_token, expire_attempt_tokens
 from service.db import transaction
 from service.models import Attempt, Run
 from service.orchestrator.decide import (
@@ -57,6 +57,7 @@ from service.orchestrator.spool import drain_spool
 from service.recovery.config import OrchestratorConfig
 from service.recovery.detect import FailureClass
 from service.statemachine import CheckpointState, DesiredState, LogKind, Role, RunPhase, Severity
+from trainer.checkpoint import verify_checkpoint
 from trainer.contract import checkpoints_dir
 
 log = logging.getLogger("trainops.orchestrator")
@@ -136,6 +137,32 @@ class Applier:
             except Exception:  # paging is best effort; the logbook entry is the record
                 log.exception("paging on-call failed")
 
+    def _end(
+        self,
+        session: Session,
+        *,
+        attempt: Attempt,
+        exit_reason: str,
+        exit_code: int | None,
+        last_step: int | None,
+        steps_lost: int | None,
+        author: str,
+        evidence: dict[str, Any],
+    ) -> None:
+        """End ``attempt`` (crud ``end_attempt``) and expire its trainer token after the replay grace: a
+        token that outlived its attempt could feed the run (or, once it finished, its catalog) forever."""
+        end_attempt(
+            session,
+            attempt=attempt,
+            exit_reason=exit_reason,
+            exit_code=exit_code,
+            last_step=last_step,
+            steps_lost=steps_lost,
+            author=author,
+            evidence=evidence,
+        )
+        expire_attempt_tokens(session, attempt=attempt, grace_s=self.cfg.trainer_token_grace_s)
+
     # ---- one handler per action ---------------------------------------------------------------------
 
     def wait_for_hosts(self, observed: ObservedRun, action: WaitForHosts) -> None:
@@ -205,7 +232,7 @@ class Applier:
             }
             attempt.detected_at = _datetime(detected)
             attempt.last_progress_at = _datetime(action.last_progress_at)
-            end_attempt(
+            self._end(
                 session,
                 attempt=attempt,
                 exit_reason=str(action.outcome),
@@ -314,8 +341,6 @@ class Applier:
 
     def _restore_point_intact(self, observed: ObservedRun, action: Launch) -> bool:
         """Verify the chosen checkpoint in full (every file's checksum); a failing one is marked corrupt."""
-        from trainer.checkpoint import verify_checkpoint
-
         assert action.checkpoint is not None
         # Catalogued before the API confined paths, or found by some other route: never restore files from
         # outside this run's own checkpoint directory.
@@ -393,7 +418,7 @@ class Applier:
                 return None
             launcher = self._launcher_of_run(run)
             number = next_attempt_number(session, run_id=run.id)
-            _, token = create_token(
+            token_row, token = create_token(
                 session, name=f"{run.name}-attempt-{number}", role=Role.trainer, run_id=run.id
             )
             spec = self._launch_spec(
@@ -412,6 +437,7 @@ class Applier:
                 start_step=action.checkpoint.step if action.checkpoint else 0,
                 author=AUTHOR,
             )
+            token_row.attempt_id = attempt.id  # expired when the attempt ends (_end)
             self._carry_over(session, run=run, attempt=attempt, action=action, observed=observed)
             write_log(
                 session,
@@ -460,7 +486,7 @@ class Applier:
             with transaction(self.factory) as session:
                 attempt = active_attempt(session, run_id=observed.run_id)
                 if attempt is not None:
-                    end_attempt(
+                    self._end(
                         session,
                         attempt=attempt,
                         exit_reason="crash",
@@ -487,7 +513,7 @@ class Applier:
             if attempt is None or attempt.number != number:
                 return
             attempt.findings = {"failure": outcome.value, "detail": f"launch refused: {exc}"}
-            end_attempt(
+            self._end(
                 session,
                 attempt=attempt,
                 exit_reason=outcome.value,

@@ -184,6 +184,11 @@ class OrchestratorConfig(LayeredSettings):
     transient_failure_patience_s: float = 300.0
     """A streak of transient errors (database or network unreachable) escalates only once it has also lasted
     this long: a database restart is waited out, an outage that lasts is paged."""
+    trainer_token_grace_s: float = 300.0
+    """How long an ended attempt's trainer token still authenticates: its ranks' last deliveries (the
+    reporter's final flush, up to 10 s; a rank that outlives the kill, e.g. Slurm's KillWait of 30 s) are
+    accepted, then it expires (docs/security.md, "Tokens"). What the reporter could not deliver is in the
+    spool, which the orchestrator drains itself and a later attempt replays with its own token."""
     divergence: DivergenceConfig = Field(default_factory=DivergenceConfig)
     restart_point: RestartPointConfig = Field(default_factory=RestartPointConfig)
     remediation: RemediationConfig = Field(default_factory=RemediationConfig)
@@ -208,6 +213,8 @@ class OrchestratorConfig(LayeredSettings):
         ):
             if limit < self.hang_timeout_s:
                 raise ValueError(f"{name} must be >= hang_timeout_s")
+        if self.trainer_token_grace_s < 0:
+            raise ValueError("trainer_token_grace_s must be >= 0")
         if self.failing_pass_limit < 1:
             raise ValueError("failing_pass_limit must be >= 1")
         if self.failing_pass_backoff_max_s < self.loop_interval_s or self.transient_failure_patience_s < 0:

@@ -13,7 +13,9 @@ router = APIRouter(prefix="/tokens", tags=["tokens"])
 
 @router.post("", response_model=TokenCreated, status_code=status.HTTP_201_CREATED)
 def create_token(body: TokenCreate, session: SessionDep, _: Admin) -> TokenCreated:
-    token, secret = tokens_crud.create_token(session, name=body.name, role=body.role, run_id=body.run_id)
+    token, secret = tokens_crud.create_token(
+        session, name=body.name, role=body.role, run_id=body.run_id, expires_at=body.expires_at
+    )
     return TokenCreated.model_validate({**TokenPublic.model_validate(token).model_dump(), "token": secret})
 
 
