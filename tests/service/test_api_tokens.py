@@ -20,9 +20,11 @@ import sqlalchemy as sa
 import typer
 from fastapi.testclient import TestClient
 
+from service import migrate
 from service.cli import parse_duration
+from service.crud.runs import create_run
 from service.crud.tokens import expire_attempt_tokens
-from service.db import transaction
+from service.db import make_engine, make_session_factory, transaction
 from service.models import ApiToken, Attempt, Run, utcnow
 from service.statemachine import Role, RunPhase
 from tests.conftest import checkpoint_path, make_run, make_token
@@ -180,3 +182,47 @@ def test_cli_creates_an_expiring_token_lists_and_revokes_it(server: LiveServer) 
     assert "revoked" in server.cli("tokens", "revoke", str(listed["id"])).stdout
     r = httpx.get(f"{server.url}/api/v1/runs", headers=headers)
     assert r.status_code == 401
+
+
+def test_upgrading_links_live_attempts_tokens_and_expires_the_other_trainer_tokens(migrated_url: str) -> None:
+    """Tokens made before 0007 were never linked to an attempt: a run's newest trainer token belongs to its
+    live attempt, if any; every other trainer token is an ended attempt's and expires at the upgrade."""
+    engine = make_engine(migrated_url)
+    factory = make_session_factory(engine)
+    with transaction(factory) as session:
+        live_run = create_run(session, name="live", owner="a", config={}, start=False, author="t")
+        ended_run = create_run(session, name="ended", owner="a", config={}, start=False, author="t")
+        live_attempt = Attempt(run_id=live_run.id, number=2)
+        session.add_all(
+            [
+                Attempt(run_id=live_run.id, number=1, ended_at=utcnow()),
+                live_attempt,
+                Attempt(run_id=ended_run.id, number=1, ended_at=utcnow()),
+            ]
+        )
+        for name, run_id, role in (
+            ("live-1", live_run.id, Role.trainer),
+            ("live-2", live_run.id, Role.trainer),
+            ("ended-1", ended_run.id, Role.trainer),
+            ("people", None, Role.operator),
+        ):
+            session.add(ApiToken(name=name, token_hash=name.ljust(64, "x"), role=role, run_id=run_id))
+        session.flush()
+        live_attempt_id = live_attempt.id
+    engine.dispose()
+
+    migrate.downgrade(migrated_url, "0006")
+    before = utcnow()
+    migrate.upgrade(migrated_url)
+
+    engine = make_engine(migrated_url)
+    try:
+        with transaction(make_session_factory(engine)) as session:
+            rows = {t.name: (t.attempt_id, t.expires_at) for t in session.scalars(sa.select(ApiToken))}
+    finally:
+        engine.dispose()
+    assert rows["live-2"] == (live_attempt_id, None)
+    assert rows["people"] == (None, None)
+    for name in ("live-1", "ended-1"):
+        attempt_id, expires_at = rows[name]
+        assert attempt_id is None and expires_at is not None and before <= expires_at <= utcnow(), name
