@@ -57,6 +57,11 @@ class ValidationErrorBody(BaseModel):
     detail: list[ValidationProblem] | str
 
 
+# A route that looks up a run or host named in its query or body (not its path): 404 when it is not there.
+NAMED_IN_REQUEST_NOT_FOUND: dict[int | str, dict[str, Any]] = {
+    404: {"model": ErrorBody, "description": "A run or host the request names does not exist."}
+}
+
 DESCRIPTIONS = {
     400: "Bad request: an invalid Content-Length, or a request the service refuses.",
     401: "Missing, unknown, revoked or expired bearer token.",

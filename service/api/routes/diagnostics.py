@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response, status
 
 from service.api.deps import Limit, Offset, Operator, SessionDep, SettingsDep, Viewer
+from service.api.responses import NAMED_IN_REQUEST_NOT_FOUND
 from service.crud import diagnostics as diag_crud
 from service.fleet.diagnostics import SweepRequest, SweepResult, diagnose, health_app_for
 from service.schemas import DiagnosticPublic, Page
 from service.statemachine import DiagnosticStatus
+
+# A sweep not waited for (or not finished by its deadline) answers 202 with the same body: its task id.
+SWEEP_STARTED: dict[int | str, dict[str, Any]] = {
+    202: {"model": SweepResult, "description": "Started, not finished: poll with the task id."}
+}
+SWEEP_RESPONSES = {**SWEEP_STARTED, **NAMED_IN_REQUEST_NOT_FOUND}  # a host that is not registered
 
 router = APIRouter(prefix="/diagnostics", tags=["diagnostics"])
 
@@ -44,7 +51,7 @@ def list_diagnostics(
     return Page(items=items, total=total, limit=limit, offset=offset)
 
 
-@router.post("/sweep", response_model=SweepResult)
+@router.post("/sweep", response_model=SweepResult, responses=SWEEP_RESPONSES)
 def sweep(
     body: SweepRequest, request: Request, settings: SettingsDep, who: Operator, response: Response
 ) -> SweepResult:

@@ -8,6 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, status
 
 from service.api.deps import MAX_ID, Limit, Offset, Operator, SessionDep, Viewer
+from service.api.responses import NAMED_IN_REQUEST_NOT_FOUND
 from service.crud import logbook as log_crud
 from service.crud import nodes as nodes_crud
 from service.crud import runs as runs_crud
@@ -17,7 +18,7 @@ from service.statemachine import LogKind, Severity
 router = APIRouter(prefix="/logbook", tags=["logbook"])
 
 
-@router.get("", response_model=Page[LogEntryPublic])
+@router.get("", response_model=Page[LogEntryPublic], responses=NAMED_IN_REQUEST_NOT_FOUND)
 def list_logbook(
     session: SessionDep,
     _: Viewer,
@@ -49,7 +50,12 @@ def list_logbook(
     )
 
 
-@router.post("", response_model=LogEntryPublic, status_code=status.HTTP_201_CREATED)
+@router.post(
+    "",
+    response_model=LogEntryPublic,
+    status_code=status.HTTP_201_CREATED,
+    responses=NAMED_IN_REQUEST_NOT_FOUND,
+)
 def post_note(body: NoteCreate, session: SessionDep, who: Operator) -> LogEntryPublic:
     if body.run_id is not None:
         runs_crud.get_run(session, run_id=body.run_id)

@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Query, Request, Response, status
 
 from service.api.deps import Limit, Offset, Operator, SessionDep, SettingsDep, Viewer
+from service.api.routes.diagnostics import SWEEP_STARTED
 from service.crud import nodes as nodes_crud
 from service.fleet.diagnostics import HostDiagnosticsRequest, SweepResult, diagnose, health_app_for
 from service.schemas import NodeCreate, NodePublic, NodeStateChange, Page
@@ -16,7 +17,12 @@ router = APIRouter(prefix="/nodes", tags=["nodes"])
 Host = Annotated[str, Path(min_length=1, max_length=255)]
 
 
-@router.post("", response_model=NodePublic, status_code=status.HTTP_201_CREATED)
+@router.post(
+    "",
+    response_model=NodePublic,
+    status_code=status.HTTP_201_CREATED,
+    responses={200: {"model": NodePublic, "description": "The host was registered already: updated."}},
+)
 def register_node(body: NodeCreate, session: SessionDep, who: Operator, response: Response) -> NodePublic:
     node, created = nodes_crud.register_node(
         session,
@@ -59,7 +65,7 @@ def uncordon_node(host: Host, body: NodeStateChange, session: SessionDep, who: O
     return NodePublic.model_validate(node)
 
 
-@router.post("/{host}/diagnostics", response_model=SweepResult)
+@router.post("/{host}/diagnostics", response_model=SweepResult, responses=SWEEP_STARTED)
 def diagnose_node(
     host: Host,
     body: HostDiagnosticsRequest,
