@@ -85,6 +85,7 @@ RULE_EXPECTATIONS: dict[str, tuple[list[dict[str, str]], str, set[str]]] = {
     ),
     "DiagnosticsWorkerDown": ([], "time() - trainops_diagnostics_last_result_timestamp_seconds", set()),
     "ControlPlaneDown": ([], 'up{job="trainops-api"}', set()),
+    "OrchestratorPassesFailing": ([], "trainops_orchestrator_failed_passes_total", set()),
     "ControlPlaneDatabaseDown": ([], "trainops_control_plane_database_up", set()),
 }
 
@@ -96,6 +97,7 @@ deadline = time.time() + float(sys.argv[2])
 while time.time() < deadline:
     if kind == "orchestrator":
         metrics.ORCHESTRATOR_LOOP_DURATION.observe(random.uniform(0.01, 0.2))
+        metrics.ORCHESTRATOR_FAILED_PASSES.labels("observe", "true").inc(0)  # the series, at 0: quiet
     else:
         check = random.choice(["nvml.ecc", "nvml.xid", "nvml.thermal"])
         status = random.choice(["passed", "passed", "failed"])
