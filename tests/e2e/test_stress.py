@@ -30,7 +30,7 @@ REPORTERS = 8
 POINTS_PER_BATCH = 25
 RESTARTS_PER_S = 2.0
 KILLS = 2
-SECONDS_BETWEEN_KILLS = 8.0
+SECONDS_BETWEEN_KILLS = 5.0
 
 
 class Reporter(threading.Thread):
@@ -124,7 +124,11 @@ def test_acknowledged_metrics_and_restarts_survive_a_busy_crashing_api(prod: Pro
         )
     )
     prod.cli("runs", "create", "restarted", "--config", str(config), "--owner", "alice")
-    prod.cli("runs", "create", "reported", "--config", str(config), "--owner", "alice", "--no-start")
+    # The reporters' run: meant to run (a stopped or finished run takes no trainer reports), on more hosts
+    # than the fleet has, so the orchestrator waits for hosts and launches nothing for it.
+    waiting = prod.home / "waiting.json"
+    waiting.write_text(json.dumps({**json.loads(config.read_text()), "host_count": 4}))
+    prod.cli("runs", "create", "reported", "--config", str(waiting), "--owner", "alice")
     with transaction(prod.factory) as session:
         ids = dict(session.execute(sa.select(Run.name, Run.id)).all())
     reporter = prod.cli(
