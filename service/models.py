@@ -250,7 +250,12 @@ class Metric(Base):
 
 
 class Heartbeat(Base):
-    """Latest heartbeat per (run, attempt, rank): one row updated in place, not a history."""
+    """Latest heartbeat per (run, attempt, rank): one row updated in place, not a history.
+
+    The one source of the orchestrator's hang and straggler detectors (docs/reporting-contract.md,
+    "Heartbeats"): ``time`` is the rank's own clock when its training loop recorded the beat, ``received_at``
+    the control plane's when the beat arrived.
+    """
 
     __tablename__ = "heartbeats"
 
@@ -260,6 +265,13 @@ class Heartbeat(Base):
     host: Mapped[str | None] = mapped_column(sa.String(255))
     step: Mapped[int] = mapped_column(sa.BigInteger)
     time: Mapped[dt.datetime]
+    section: Mapped[str] = mapped_column(sa.String(32), server_default="step")
+    pid: Mapped[int | None]
+    step_time_s: Mapped[float | None]
+    last_step_s: Mapped[float | None]
+    # [[step, busy seconds], ...], oldest first, at most HEARTBEAT_BUSY_HISTORY entries.
+    busy_s: Mapped[list[Any] | None]
+    received_at: Mapped[dt.datetime | None]
 
 
 class LogEntry(Base):
