@@ -1,9 +1,9 @@
 """The reconcile loop: on a timer (or woken early), for each run: observe -> decide (pure) -> apply -> record.
 
-Level-triggered: every pass looks at the whole state afresh, in the control plane's database and in the
-attempts' files (exit status, heartbeats), so a restarted orchestrator picks up where the last one stopped:
-it adopts running attempts, learns how finished ones ended, and never launches a second attempt while one is
-recorded as active.
+Level-triggered: every pass looks at the whole state afresh, in the control plane's database (heartbeats
+among it) and in the attempts' files (exit status), so a restarted orchestrator picks up where the last one
+stopped: it adopts running attempts, learns how finished ones ended, and never launches a second attempt while
+one is recorded as active.
 
 Each run has its own error budget (as kopf's handlers do): a pass that raises is contained to its run (the
 other runs go on), logged with its evidence and counted (`trainops_orchestrator_failed_passes_total`), and

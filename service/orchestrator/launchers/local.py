@@ -85,8 +85,6 @@ class LocalLauncher:
         tag, world, port = info["tag"], int(info["world_size"]), int(info["rdzv_port"])
         attempt_dir = Path(info["attempt_dir"])
         attempt_dir.mkdir(parents=True, exist_ok=True)
-        for stale in contract.heartbeats_dir(spec.run_dir).glob(contract.HEARTBEAT_GLOB):
-            stale.unlink(missing_ok=True)  # the new attempt's ranks must not look alive from old files
         command = [
             self.python,
             "-m",

@@ -6,7 +6,7 @@ hosts the control plane holds out of service>`` (``placement: exclude``: Slurm p
 attempt's hosts are updated from the allocation). The generated script runs ``srun`` with one task per
 node, each task a ``trainer.launch`` (torchrun) whose node rank is the task's ``SLURM_NODEID`` and whose
 rendezvous master is the first node of the allocation. TRAINOPS_HOSTS is exported from the allocation in
-the same order, so every rank reports the Slurm node name it runs on (the heartbeat files and metrics name
+the same order, so every rank reports the Slurm node name it runs on (its heartbeats and metrics name
 Slurm nodes, never `hostname`).
 
 State comes from ``scontrol show job -o`` (22.05 has no ``--json`` there; its ExitCode is ``code:signal``)
@@ -202,8 +202,6 @@ class SlurmLauncher:
     def start(self, spec: LaunchSpec, info: Mapping[str, Any]) -> dict[str, Any]:
         attempt_dir = Path(info["attempt_dir"])
         attempt_dir.mkdir(parents=True, exist_ok=True)
-        for stale in (spec.run_dir / "heartbeats").glob("rank*.json"):
-            stale.unlink(missing_ok=True)  # the new attempt's ranks must not look alive from old files
         (attempt_dir / EXIT_FILE).unlink(missing_ok=True)
         for stale in attempt_dir.glob(f"{TASK_EXIT_PREFIX}*.json"):
             stale.unlink(missing_ok=True)
