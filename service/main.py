@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import fastapi.routing
 import sqlalchemy as sa
 from fastapi import APIRouter, FastAPI, Request, status
 from fastapi.exceptions import RequestValidationError
@@ -24,7 +25,12 @@ from service.db import engine_from_settings, make_session_factory
 from service.errors import ServiceError
 from service.metrics import HTTP_REQUEST_DURATION
 from service.metrics_collector import ScrapeCache
-from service.schemas import DEFAULT_BODY_LIMIT_BYTES, METRIC_BATCH_LIMIT_BYTES, NOTE_BODY_LIMIT_BYTES
+from service.schemas import (
+    DEFAULT_BODY_LIMIT_BYTES,
+    HEARTBEAT_BATCH_LIMIT_BYTES,
+    METRIC_BATCH_LIMIT_BYTES,
+    NOTE_BODY_LIMIT_BYTES,
+)
 from service.statemachine import InvalidTransition
 
 log = logging.getLogger("trainops.api")
@@ -82,6 +88,7 @@ def create_app(
         default_limit=DEFAULT_BODY_LIMIT_BYTES,
         route_limits=[
             ("POST", rf"^{API_PREFIX}/runs/[^/]+/metrics$", METRIC_BATCH_LIMIT_BYTES),
+            ("POST", rf"^{API_PREFIX}/runs/[^/]+/heartbeats$", HEARTBEAT_BATCH_LIMIT_BYTES),
             ("POST", rf"^{API_PREFIX}/logbook$", NOTE_BODY_LIMIT_BYTES),
         ],
     )
@@ -164,17 +171,27 @@ class RequestTimingMiddleware:
 def _route_template(app: FastAPI, path: str) -> str:
     """The template of the route a path matches, e.g. ``/api/v1/runs/{run_id}``, or ``unmatched``.
 
-    The templates come from the OpenAPI document, the one public, flat list of the app's routes (where
-    FastAPI records the matched route in the scope differs between its versions).
+    The templates are the routes' own ``path_format`` in routing order. Recent FastAPI releases hide an
+    included router's routes behind one entry of ``app.routes`` (and ``scope["route"]`` holds the route
+    without the prefix), so the flat list comes from ``fastapi.routing.iter_route_contexts`` where it exists;
+    older releases flatten ``app.routes`` themselves. Building the OpenAPI document instead cost ~0.5 s on
+    each app's first request.
     """
     patterns: list[tuple[re.Pattern[str], str]] | None = getattr(app.state, "route_patterns", None)
     if patterns is None:
         patterns = [
-            (re.compile("^" + re.sub(r"\\{[^/]+?\\}", "[^/]+", re.escape(path)) + "$"), path)
-            for path in app.openapi()["paths"]
+            (re.compile("^" + re.sub(r"\\{[^/]+?\\}", "[^/]+", re.escape(template)) + "$"), template)
+            for template in _route_path_formats(app)
         ]
         app.state.route_patterns = patterns
     for pattern, template in patterns:
         if pattern.match(path):
             return template
     return "unmatched"
+
+
+def _route_path_formats(app: FastAPI) -> list[str]:
+    iter_route_contexts = getattr(fastapi.routing, "iter_route_contexts", None)
+    routes = iter_route_contexts(app.routes) if iter_route_contexts is not None else app.routes
+    formats = [route.path_format for route in routes if isinstance(getattr(route, "path_format", None), str)]
+    return list(dict.fromkeys(formats))  # one entry per path, whatever its methods
