@@ -2,9 +2,9 @@
 
 Both arms are the same 2-rank torchrun training (FSDP2 over gloo on CPU), alternated round by round so machine
 noise hits both; the figure is the median over rounds of each round's on/off ratio. "on" = activation-norm
-hook, per-rank heartbeat files, per-rank metrics JSONL, and rank 0's reporter posting every step to a local
-HTTP sink; "off" = `--no-telemetry`. A run's tokens/s comes from the median step time of its steady steps
-(summary.json). Also prints MFU against this CPU's measured fp32 matmul rate (no peak spec exists for a
+hook, every rank's heartbeat sender, per-rank metrics JSONL, and rank 0's reporter posting every step to a
+local HTTP sink; "off" = `--no-telemetry`. A run's tokens/s comes from the median step time of its steady
+steps (summary.json). Also prints MFU against this CPU's measured fp32 matmul rate (no peak spec exists for a
 shared CPU).
 
     PYTHONPATH=. .venv/bin/python bench/trainer_overhead.py [--preset tiny] [--steps 60] [--rounds 5]
@@ -62,18 +62,17 @@ def cpu_matmul_tflops(threads: int) -> float:
 
 def telemetry_cost_s(tmp: Path, url: str, d_model: int, tokens: int) -> float:
     """In-process cost of one step's telemetry work (what `--no-telemetry` removes): the activation-norm hook
-    on an activation of the run's shape, the heartbeat file, the metrics line, and a reporter enqueue."""
+    on an activation of the run's shape, recording the heartbeat, the metrics line, and a reporter enqueue."""
     from torch import nn
 
-    from trainer.reporting import HttpReporter
-    from trainer.telemetry import ActivationNorm, HeartbeatFile, MetricsFile
+    from trainer.reporting import HeartbeatSender, HttpReporter
+    from trainer.telemetry import ActivationNorm, Heartbeat, MetricsFile
 
     block = nn.Identity()
     hook = ActivationNorm(block, torch.device("cpu"))
-    beat, lines = HeartbeatFile(tmp / "hb", rank=0, host="h"), MetricsFile(tmp / "m", rank=0)
-    rep = HttpReporter(
-        url=url, token="t", run_id=1, attempt=1, rank=0, host="h", spool_dir=tmp / "spool", log=lambda _: None
-    )
+    sender = HeartbeatSender(url=url, token="t", run_id=1, attempt=1, log=lambda _: None)
+    beat, lines = Heartbeat(sender, rank=0, host="h"), MetricsFile(tmp / "m", rank=0)
+    rep = HttpReporter(url=url, token="t", run_id=1, attempt=1, spool_dir=tmp / "spool", log=lambda _: None)
     h = torch.randn(1, tokens, d_model)
     point = {"step": 1, "loss": 5.0, "grad_norm": 1.0, "values": {"overflow": 0.0}}
     times = []
@@ -83,10 +82,10 @@ def telemetry_cost_s(tmp: Path, url: str, d_model: int, tokens: int) -> float:
         hook.take()
         lines.write({**point, "step": step})
         rep.metric({**point, "step": step})
-        rep.heartbeat(step)
         beat.beat(step)
         times.append(time.perf_counter() - t0)
     rep.close()
+    sender.close()
     lines.close()
     return statistics.median(times)
 

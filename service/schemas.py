@@ -31,7 +31,14 @@ from service.statemachine import (
     RunPhase,
     Severity,
 )
-from trainer.contract import METRIC_FLOAT_FIELDS, NAN_KEY, check_run_hyperparameters
+from trainer.contract import (
+    HEARTBEAT_BUSY_HISTORY,
+    MAX_BEATS_PER_BATCH,
+    METRIC_FLOAT_FIELDS,
+    NAN_KEY,
+    Section,
+    check_run_hyperparameters,
+)
 
 Name = Annotated[
     str, StringConstraints(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -514,11 +521,92 @@ class MetricSeries(ORM):
     points: list[MetricPublic]
 
 
-class HeartbeatCreate(Strict):
+# Heartbeats (docs/reporting-contract.md, "Heartbeats"): the orchestrator's one source for hangs and
+# stragglers, so every field it reads is bounded here.
+MAX_RANK = 1_000_000
+HEARTBEAT_MAX_SECONDS = 1_000_000.0  # a step time, a busy time: beyond 11 days is a broken clock, not a step
+HeartbeatSeconds = Annotated[float, Field(ge=0, le=HEARTBEAT_MAX_SECONDS, allow_inf_nan=False)]
+
+
+class RankBeat(TypedDict, total=False):
+    """One rank's beat. A TypedDict, not a model, for the same reason as `MetricPoint`: a batch carries up
+    to MAX_BEATS_PER_BATCH of them."""
+
+    __pydantic_config__ = ConfigDict(extra="forbid")  # type: ignore[misc]
+
+    rank: Required[Annotated[int, Field(ge=0, le=MAX_RANK)]]
+    step: Required[Annotated[int, Field(ge=0, le=MAX_STEP)]]
+    time: Annotated[
+        float | None,
+        Field(
+            description="Unix seconds (the rank's clock) when its training loop recorded the beat; the "
+            "metric time rules; server time when absent."
+        ),
+        AfterValidator(_unix_seconds_near_now),
+    ]
+    section: Annotated[Section, Field(description="Where the rank is; absent = step.")]
+    host: Hostname | None
+    pid: Annotated[int | None, Field(ge=1, le=MAX_ID)]
+    step_time_s: HeartbeatSeconds | None
+    last_step_s: HeartbeatSeconds | None
+    busy_s: Annotated[
+        list[tuple[Annotated[int, Field(ge=0, le=MAX_STEP)], HeartbeatSeconds]] | None,
+        Field(
+            max_length=HEARTBEAT_BUSY_HISTORY,
+            description="The last steps' [step, busy seconds], oldest first, "
+            f"at most {HEARTBEAT_BUSY_HISTORY}.",
+        ),
+    ]
+
+
+class HeartbeatBatch(Strict):
+    """Ranks' beats of one attempt in one request (a host's ranks, a relay, the fleet simulator). The single
+    form, one beat's fields beside `attempt`, is read as a batch of one."""
+
     attempt: int = Field(..., ge=1, le=MAX_ID)
-    rank: int = Field(..., ge=0, le=1_000_000)
-    host: Hostname | None = None
-    step: int = Field(..., ge=0, le=MAX_STEP)
+    beats: list[RankBeat] = Field(..., min_length=1, max_length=MAX_BEATS_PER_BATCH)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _single_form_as_batch(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "beats" not in data and "rank" in data:
+            beat = {k: v for k, v in data.items() if k != "attempt"}
+            return {"attempt": data.get("attempt"), "beats": [beat]}
+        return data
+
+    @model_validator(mode="after")
+    def _one_beat_per_rank(self) -> HeartbeatBatch:
+        # One row per rank: PostgreSQL's ON CONFLICT DO UPDATE may not touch a row twice in one statement.
+        seen: set[int] = set()
+        for beat in self.beats:
+            if beat["rank"] in seen:
+                raise ValueError(f"rank {beat['rank']} has more than one beat in this batch; send its newest")
+            seen.add(beat["rank"])
+        return self
+
+
+def _largest_heartbeat_batch_bytes() -> int:
+    """The compact JSON size of the largest batch the heartbeat schemas admit: MAX_BEATS_PER_BATCH beats,
+    each with every field at its widest."""
+    widest_float = -2.2250738585072014e-308
+    beat = {
+        "rank": MAX_RANK,
+        "step": MAX_STEP,
+        "time": widest_float,
+        "section": max((s.value for s in Section), key=len),
+        "host": "h" * 255,
+        "pid": MAX_ID,
+        "step_time_s": widest_float,
+        "last_step_s": widest_float,
+        "busy_s": [[MAX_STEP, widest_float]] * HEARTBEAT_BUSY_HISTORY,
+    }
+    beat_bytes = len(json.dumps(beat, separators=(",", ":")))
+    envelope = len(json.dumps({"attempt": MAX_ID, "beats": []}, separators=(",", ":")))
+    return envelope + MAX_BEATS_PER_BATCH * (beat_bytes + 1)
+
+
+# Rounded up to whole MiB; docs/reporting-contract.md states the figure (a test keeps them equal).
+HEARTBEAT_BATCH_LIMIT_BYTES = -(-_largest_heartbeat_batch_bytes() // MIB) * MIB
 
 
 class HeartbeatPublic(ORM):
@@ -527,6 +615,12 @@ class HeartbeatPublic(ORM):
     host: str | None
     step: int
     time: dt.datetime
+    section: str
+    pid: int | None
+    step_time_s: float | None
+    last_step_s: float | None
+    busy_s: list[Any] | None
+    received_at: dt.datetime | None
 
 
 # ---- checkpoints -----------------------------------------------------------------------------------

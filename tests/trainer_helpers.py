@@ -107,8 +107,11 @@ class _Receiver(BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         server: Any = self.server
         server.requests.append((self.path, self.headers["Authorization"], body))
-        code = 204 if self.path.endswith("heartbeats") else server.status
-        self.send_response(code)
+        if self.path.endswith("heartbeats"):  # what the control plane answers a heartbeat: 204, no body
+            self.send_response(204)
+            self.end_headers()
+            return
+        self.send_response(server.status)
         self.send_header("Content-Length", "2")
         self.end_headers()
         self.wfile.write(b"{}")

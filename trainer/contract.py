@@ -5,11 +5,11 @@ writes what it defines, the control plane (service/orchestrator/*, service/crud/
 It imports nothing from service/ and nothing heavier than the standard library.
 
 - Exit codes: `EXIT_OK`, `EXIT_CONFIG`, `EXIT_DIVERGED`.
-- Run-directory layout: `checkpoints_dir`, `heartbeats_dir`, `heartbeat_path`, `spool_dir`, `metrics_dir`,
-  `metrics_path`, `attempt_dir`, `cache_dir`, `faults_dir`, `trainer_log_path`, `summary_path`,
-  `overrides_path`.
-- Heartbeat files: `Section`, `HeartbeatRecord`, `heartbeat_record`, `write_heartbeat`, `parse_heartbeat`,
-  `read_heartbeat_files`.
+- Run-directory layout: `checkpoints_dir`, `spool_dir`, `metrics_dir`, `metrics_path`, `attempt_dir`,
+  `cache_dir`, `faults_dir`, `trainer_log_path`, `summary_path`, `overrides_path`.
+- Heartbeats (POST /runs/{id}/heartbeats, the orchestrator's one source for hangs and stragglers): `Section`,
+  `HeartbeatRecord`, `heartbeat_record`, `HEARTBEAT_BUSY_HISTORY`, `MAX_BEATS_PER_BATCH`,
+  `HEARTBEAT_SEND_INTERVAL_S`, `heartbeat_batch`.
 - Metric points: `MetricPoint`, `METRIC_WIDE_FIELDS`, `METRIC_FLOAT_FIELDS`, `json_safe_point`
   (what the reporter sends: strict JSON, a non-finite loss flagged in `values.nonfinite_loss`).
 - Non-finite encoding of stored points: `NAN_KEY`, `encode_nonfinite`, `decode_nan_names`,
@@ -38,7 +38,6 @@ EXIT_DIVERGED = 42  # non-finite loss on some rank (metrics flushed first)
 
 # -- run-directory layout: <run_dir>/... ------------------------------------------------------------------
 CHECKPOINTS_DIR = "checkpoints"
-HEARTBEATS_DIR = "heartbeats"
 SPOOL_DIR = "spool"
 METRICS_DIR = "metrics"
 ATTEMPTS_DIR = "attempts"
@@ -49,19 +48,10 @@ SUMMARY_FILE = "summary.json"
 OVERRIDES_FILE = "overrides.jsonl"
 SPOOL_PENDING_FILE = "pending.jsonl"
 SPOOL_REJECTED_FILE = "rejected.jsonl"
-HEARTBEAT_GLOB = "rank*.json"
 
 
 def checkpoints_dir(run_dir: Path) -> Path:
     return run_dir / CHECKPOINTS_DIR
-
-
-def heartbeats_dir(run_dir: Path) -> Path:
-    return run_dir / HEARTBEATS_DIR
-
-
-def heartbeat_path(run_dir: Path, rank: int) -> Path:
-    return heartbeats_dir(run_dir) / f"rank{rank}.json"
 
 
 def spool_dir(run_dir: Path) -> Path:
@@ -101,13 +91,16 @@ def overrides_path(run_dir: Path) -> Path:
     return run_dir / OVERRIDES_FILE
 
 
-def atomic_write_json(path: Path, obj: Mapping[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj))
-    os.replace(tmp, path)
+# -- heartbeats: POST /runs/{id}/heartbeats, stored latest per (run, attempt, rank) ------------------------
+# Each rank's training loop records its beat (never a thread: a hung loop leaves a stale `time`); a reporter
+# thread only transports the newest one. The control plane's table is what the orchestrator reads.
+HEARTBEAT_BUSY_HISTORY = 16  # [step, busy seconds] pairs a beat carries at most
+MAX_BEATS_PER_BATCH = 1024  # beats one request may carry (a host's ranks, or a relay's)
+# Every rank (re)sends its newest beat this often, unchanged when its loop recorded nothing new, so the
+# control plane's `received_at` shows the path is alive while the beat's `time` shows whether the loop is.
+HEARTBEAT_SEND_INTERVAL_S = 2.0
 
 
-# -- heartbeat files: <run_dir>/heartbeats/rank{R}.json ---------------------------------------------------
 class Section(enum.StrEnum):
     """Where a rank is; the orchestrator holds each to its own hang limit."""
 
@@ -119,11 +112,11 @@ class Section(enum.StrEnum):
 
 class HeartbeatRecord(TypedDict):
     step: int
-    time: float  # Unix seconds: the rank finished `step`, or entered `section`
-    section: str  # a Section value; a file without one reads as "step"
+    time: float  # Unix seconds (the rank's clock): the loop finished `step`, or entered `section`
+    section: str  # a Section value
     step_time_s: float | None  # trailing mean (5 steps) of the rank's busy time per step
     last_step_s: float | None  # wall time of the rank's last step
-    busy_s: list[list[float]]  # the last 16 steps' [step, busy seconds], oldest first
+    busy_s: list[list[float]]  # the last HEARTBEAT_BUSY_HISTORY steps' [step, busy seconds], oldest first
     host: str
     pid: int
     rank: int
@@ -141,67 +134,26 @@ def heartbeat_record(
     pid: int,
     rank: int,
 ) -> HeartbeatRecord:
+    """One beat as the API takes it: non-finite timings become null (JSON has no NaN; the API refuses it),
+    and only the newest HEARTBEAT_BUSY_HISTORY busy pairs are kept."""
     return {
         "step": step,
         "time": time,
         "section": str(section),
-        "step_time_s": step_time_s,
-        "last_step_s": last_step_s,
-        "busy_s": [[s, round(b, 6)] for s, b in busy],
+        "step_time_s": finite_or_none(step_time_s),
+        "last_step_s": finite_or_none(last_step_s),
+        "busy_s": [[s, round(b, 6)] for s, b in list(busy)[-HEARTBEAT_BUSY_HISTORY:] if math.isfinite(b)],
         "host": host,
         "pid": pid,
         "rank": rank,
     }
 
 
-def write_heartbeat(path: Path, record: HeartbeatRecord) -> None:
-    """Atomically (a reader never sees half a file)."""
-    atomic_write_json(path, record)
-
-
-def _finite_or_none(value: object) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        return None
-    return float(value)
-
-
-def parse_heartbeat(beat: Mapping[str, Any]) -> HeartbeatRecord:
-    """A heartbeat file's object, normalised: an unknown or missing section reads as `step`, malformed
-    `busy_s` pairs are dropped, non-finite timings are None. Raises KeyError, TypeError or ValueError when
-    `step`, `time` or `rank` is missing or not a number."""
-    section = str(beat.get("section") or Section.STEP.value)
-    if section not in {s.value for s in Section}:
-        section = Section.STEP.value
-    busy = [
-        [int(pair[0]), float(pair[1])]
-        for pair in beat.get("busy_s") or ()
-        if isinstance(pair, list | tuple) and len(pair) == 2 and isinstance(pair[1], int | float)
-    ]
-    return {
-        "step": int(beat["step"]),
-        "time": float(beat["time"]),
-        "section": section,
-        "step_time_s": _finite_or_none(beat.get("step_time_s")),
-        "last_step_s": _finite_or_none(beat.get("last_step_s")),
-        "busy_s": busy,
-        "host": str(beat.get("host", "?")),
-        "pid": beat["pid"] if isinstance(beat.get("pid"), int) else 0,
-        "rank": int(beat["rank"]),
-    }
-
-
-def read_heartbeat_files(run_dir: Path, *, since: float) -> list[dict[str, Any]]:
-    """The ranks' heartbeat files (as written) whose `time` is at or after `since` (older files belong to
-    earlier attempts); a file being replaced right now is skipped (the next read sees it)."""
-    beats = []
-    for path in sorted(heartbeats_dir(run_dir).glob(HEARTBEAT_GLOB)):
-        try:
-            beat = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        if float(beat.get("time", 0)) >= since:
-            beats.append(beat)
-    return beats
+def heartbeat_batch(attempt: int, beats: Sequence[HeartbeatRecord]) -> dict[str, Any]:
+    """The body of one heartbeat request for up to MAX_BEATS_PER_BATCH beats of distinct ranks."""
+    if len(beats) > MAX_BEATS_PER_BATCH:
+        raise ValueError(f"{len(beats)} beats: at most {MAX_BEATS_PER_BATCH} go in one request")
+    return {"attempt": attempt, "beats": list(beats)}
 
 
 # -- metric points: POST /runs/{id}/metrics, the spool, metrics/rank{R}.jsonl -----------------------------

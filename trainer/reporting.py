@@ -1,22 +1,27 @@
-"""Rank 0's reporting to the control plane (docs/reporting-contract.md), off the training thread.
+"""Reporting to the control plane (docs/reporting-contract.md), off the training thread.
 
-`make_reporter` returns a do-nothing `NullReporter` when `TRAINOPS_API_URL` is unset. Otherwise
-`HttpReporter`:
-the loop calls `metric()` / `heartbeat()` / `checkpoint()` (non-blocking: a bounded queue; when it is full the
+Every rank sends its heartbeat (`HeartbeatSender`, from `make_heartbeat_sender`); rank 0 alone sends metrics
+and checkpoints (`HttpReporter`, from `make_reporter`). Both are do-nothing (`NullHeartbeatSender`,
+`NullReporter`) when `TRAINOPS_API_URL` is unset.
+
+`HttpReporter`: the loop calls `metric()` / `checkpoint()` (non-blocking: a bounded queue; when it is full the
 record goes straight to the spool file). A background thread sends a batch every `interval_s`. Whatever cannot
 be delivered (control plane down, 5xx, timeout) is appended to `spool/pending.jsonl`; before any new batch the
 spool is replayed in order, so no metric is lost and nothing is reordered past a failure. The server is
-idempotent
-on (run, attempt, step) and (run, path), so a replay after a half-delivered batch is harmless. A spool left
-by a
-previous attempt is replayed by the next one. Heartbeats are only useful live, so they are never spooled.
-A 4xx answer (other than 408/429) means the server rejects the payload: it is moved to `spool/rejected.jsonl`
-instead of blocking the spool forever.
+idempotent on (run, attempt, step) and (run, path), so a replay after a half-delivered batch is harmless. A
+spool left by a previous attempt is replayed by the next one. A 4xx answer (other than 408/429) means the
+server rejects the payload: it is moved to `spool/rejected.jsonl` instead of blocking the spool forever.
+
+`HeartbeatSender`: the training loop records each beat itself (`trainer.telemetry.Heartbeat`) and offers it
+here, which only keeps it as the newest; a background thread sends the newest beat every `interval_s`
+(`HEARTBEAT_SEND_INTERVAL_S`), one request at a time, so the loop never waits on the network. When the loop
+recorded nothing new the same beat is sent again: a hung loop's beat keeps its old `time` while its arrival
+shows the control plane that the process and the path are alive. Beats are only useful live: one that
+cannot be delivered is dropped, never spooled (the next send supersedes it).
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import queue
 import threading
@@ -27,7 +32,15 @@ from typing import Any
 
 import httpx
 
-from trainer.contract import Spool, SpoolKind, checkpoint_spool_record, metrics_spool_record
+from trainer.contract import (
+    HEARTBEAT_SEND_INTERVAL_S,
+    HeartbeatRecord,
+    Spool,
+    SpoolKind,
+    checkpoint_spool_record,
+    heartbeat_batch,
+    metrics_spool_record,
+)
 
 MAX_POINTS_PER_REQUEST = 10_000
 
@@ -35,9 +48,6 @@ MAX_POINTS_PER_REQUEST = 10_000
 class NullReporter:
     def metric(self, point: dict[str, Any]) -> None:
         """Reporting disabled (no TRAINOPS_API_URL)."""
-
-    def heartbeat(self, step: int) -> None:
-        """Reporting disabled."""
 
     def checkpoint(self, body: dict[str, Any]) -> None:
         """Reporting disabled."""
@@ -58,15 +68,13 @@ class HttpReporter:
         token: str,
         run_id: int,
         attempt: int,
-        rank: int,
-        host: str,
         spool_dir: Path,
         interval_s: float = 1.0,
         queue_size: int = 10_000,
         log: Callable[[str], None] = print,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
-        self.run_id, self.attempt, self.rank, self.host = run_id, attempt, rank, host
+        self.run_id, self.attempt = run_id, attempt
         self.interval_s = interval_s
         self.log = log
         self.spool = Spool(spool_dir)
@@ -77,8 +85,6 @@ class HttpReporter:
             timeout=5.0,
             transport=transport,
         )
-        self._heartbeat: int | None = None
-        self._heartbeat_lock = threading.Lock()
         self._stop = threading.Event()
         self._down_since: float | None = None
         self._thread = threading.Thread(target=self._run, name="trainops-reporter", daemon=True)
@@ -90,10 +96,6 @@ class HttpReporter:
 
     def checkpoint(self, body: dict[str, Any]) -> None:
         self._enqueue(checkpoint_spool_record(self.attempt, body))
-
-    def heartbeat(self, step: int) -> None:
-        with self._heartbeat_lock:
-            self._heartbeat = step
 
     def _enqueue(self, record: dict[str, Any]) -> None:
         try:
@@ -124,7 +126,6 @@ class HttpReporter:
         else:  # still down: queue behind the spool, in order
             self.spool.append(batch)
             delivered = False
-        self._send_heartbeat()
         return delivered
 
     def _replay_spool(self) -> bool:
@@ -185,17 +186,6 @@ class HttpReporter:
             self._down_since = time.time()
             self.log(f"reporter: control plane unreachable ({why}); spooling to {self.spool.path}")
 
-    def _send_heartbeat(self) -> None:
-        with self._heartbeat_lock:
-            step, self._heartbeat = self._heartbeat, None
-        if step is None or self._down_since is not None:
-            return
-        with contextlib.suppress(httpx.HTTPError):  # a missed heartbeat is superseded by the next one
-            self.client.post(
-                f"/api/v1/runs/{self.run_id}/heartbeats",
-                json={"attempt": self.attempt, "rank": self.rank, "host": self.host, "step": step},
-            )
-
     def close(self, timeout_s: float = 10.0) -> None:
         """Final flush (bounded); anything undelivered stays in the spool for the next attempt."""
         self._stop.set()
@@ -224,6 +214,106 @@ def _groups(records: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
     return groups
 
 
+class NullHeartbeatSender:
+    def offer(self, record: HeartbeatRecord) -> None:
+        """Reporting disabled (no TRAINOPS_API_URL)."""
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Nothing to send."""
+
+
+class HeartbeatSender:
+    """Sends the newest beat the training loop offered (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        url: str,
+        token: str,
+        run_id: int,
+        attempt: int,
+        interval_s: float = HEARTBEAT_SEND_INTERVAL_S,
+        log: Callable[[str], None] = print,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.path = f"/api/v1/runs/{run_id}/heartbeats"
+        self.attempt = attempt
+        self.interval_s = interval_s
+        self.log = log
+        # A request never outlasts a few intervals: meanwhile newer beats replace the one being sent.
+        self.client = httpx.Client(
+            base_url=url.rstrip("/"),
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=max(1.0, min(5.0, 3 * interval_s)),
+            transport=transport,
+        )
+        self.sent = 0
+        self._newest: HeartbeatRecord | None = None  # written by the loop, read by the thread
+        self._lock = threading.Lock()
+        self._failing: str | None = None  # why the last send failed, logged once until one succeeds
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="trainops-heartbeat", daemon=True)
+        self._thread.start()
+
+    def offer(self, record: HeartbeatRecord) -> None:
+        """Called from the training loop: keeps the beat as the newest, nothing else."""
+        with self._lock:
+            self._newest = record
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.send_newest()
+        self.send_newest()
+
+    def send_newest(self) -> bool:
+        """Send the newest beat (again, if the loop recorded none since); False when it could not be
+        delivered (it is sent again, or superseded, next time)."""
+        with self._lock:
+            record = self._newest
+        if record is None:  # the loop has not recorded its first beat yet
+            return True
+        try:
+            response = self.client.post(self.path, json=heartbeat_batch(self.attempt, [record]))
+        except httpx.HTTPError as e:
+            self._failed(f"{type(e).__name__}: {e}")
+            return False
+        if response.status_code >= 400:
+            self._failed(f"HTTP {response.status_code} {response.text[:200]}")
+            return False
+        if self._failing is not None:
+            self.log("heartbeat: delivered again")
+            self._failing = None
+        self.sent += 1
+        return True
+
+    def _failed(self, why: str) -> None:
+        if self._failing is None:
+            self.log(f"heartbeat: not delivered ({why}); sending the newest beat every {self.interval_s}s")
+        self._failing = why
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Send the last beat (bounded) and stop. A send still hanging past `timeout_s` keeps its client
+        (closing it under the thread would fail there); the daemon thread ends with the process."""
+        self._stop.set()
+        self._thread.join(timeout_s)
+        if not self._thread.is_alive():
+            self.client.close()
+
+
+def make_heartbeat_sender(*, log: Callable[[str], None]) -> HeartbeatSender | NullHeartbeatSender:
+    """HeartbeatSender on every rank when TRAINOPS_API_URL is set, else NullHeartbeatSender."""
+    url = os.environ.get("TRAINOPS_API_URL")
+    if not url:
+        return NullHeartbeatSender()
+    return HeartbeatSender(
+        url=url,
+        token=os.environ.get("TRAINOPS_TOKEN", ""),
+        run_id=int(os.environ.get("TRAINOPS_RUN_ID", "0")),
+        attempt=int(os.environ.get("TRAINOPS_ATTEMPT", "1")),
+        log=log,
+    )
+
+
 def host_for_rank(rank: int, world: int) -> str:
     """Contract: with N hosts and W ranks, rank r runs on hosts[r * N // W]."""
     hosts = [h for h in os.environ.get("TRAINOPS_HOSTS", "").split(",") if h.strip()]
@@ -233,7 +323,7 @@ def host_for_rank(rank: int, world: int) -> str:
 
 
 def make_reporter(
-    *, rank: int, world: int, spool_dir: Path, interval_s: float, log: Callable[[str], None]
+    *, rank: int, spool_dir: Path, interval_s: float, log: Callable[[str], None]
 ) -> HttpReporter | NullReporter:
     """HttpReporter on rank 0 when TRAINOPS_API_URL is set, else NullReporter."""
     url = os.environ.get("TRAINOPS_API_URL")
@@ -244,8 +334,6 @@ def make_reporter(
         token=os.environ.get("TRAINOPS_TOKEN", ""),
         run_id=int(os.environ.get("TRAINOPS_RUN_ID", "0")),
         attempt=int(os.environ.get("TRAINOPS_ATTEMPT", "1")),
-        rank=rank,
-        host=host_for_rank(rank, world),
         spool_dir=spool_dir,
         interval_s=interval_s,
         log=log,

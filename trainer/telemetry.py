@@ -1,4 +1,4 @@
-"""Per-step signals the OPT team used to decide restarts, and the local files that record them.
+"""Per-step signals the OPT team used to decide restarts, the heartbeat, and the local files that record them.
 
 - `ActivationNorm`: forward hook on the final block; accumulates the squared L2 norm of its output on the
 device
@@ -6,9 +6,10 @@ device
   root-mean-square
   per-token L2 norm, which does not change with batch size or world size.
 - `StepStats`: the one all_reduce per step of [loss, act sum of squares, act tokens, grad sum of squares].
-- `HeartbeatFile`: `heartbeats/rank{R}.json`, rewritten atomically by the training loop itself after every
-  step and on entering a section (start-up, step, checkpoint save, validation: each has its own hang limit),
-  so a hung loop leaves a stale beat for the orchestrator to see.
+- `Heartbeat`: records the rank's beat from the training loop itself after every step and on entering a
+  section (start-up, step, checkpoint save, validation: each has its own hang limit), stamped with the time
+  the loop recorded it, and hands it to a transport (`trainer.reporting.HeartbeatSender`) that sends the
+  newest one to the control plane; a hung loop leaves a stale beat for the orchestrator to see.
 - `MetricsFile`: `metrics/rank{R}.jsonl`, one JSON line per step (rank 0's is the full record).
 Disabled telemetry swaps in the `Null*` objects; the loop does not branch.
 """
@@ -22,13 +23,13 @@ import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from trainer.contract import Section, heartbeat_record, write_heartbeat
+from trainer.contract import HeartbeatRecord, Section, heartbeat_record
 
 # Dense fp16/bf16 peak TFLOP/s per device, for MFU. OPT reached 147 TFLOP/s per A100 (47% of 312).
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "A10G": 125.0, "L4": 121.0, "V100": 125.0}
@@ -88,10 +89,16 @@ def reduce_step_stats(
     return loss_sum / world, act_norm, math.sqrt(grad_sq) if grad_sq >= 0 else float("nan")
 
 
-class HeartbeatFile:
-    def __init__(self, directory: Path, *, rank: int, host: str) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
-        self.path = directory / f"rank{rank}.json"
+class BeatTransport(Protocol):
+    def offer(self, record: HeartbeatRecord) -> None:
+        """Take the newest beat; must return at once (the training loop calls it)."""
+
+
+class Heartbeat:
+    """The rank's heartbeat, recorded by the training loop (docs/reporting-contract.md, "Heartbeats")."""
+
+    def __init__(self, transport: BeatTransport, *, rank: int, host: str) -> None:
+        self.transport = transport
         self.host, self.pid, self.rank = host, os.getpid(), rank
 
     def beat(
@@ -103,9 +110,9 @@ class HeartbeatFile:
         last_step_s: float | None = None,
         busy: Sequence[tuple[int, float]] = (),
     ) -> None:
-        """`time` is now: the rank finished `step` (section `step`) or entered `section`."""
-        write_heartbeat(
-            self.path,
+        """`time` is now: the rank finished `step` (section `step`) or entered `section`. Recorded here, in
+        the loop, so a hung loop leaves a stale beat; only sending it happens on another thread."""
+        self.transport.offer(
             heartbeat_record(
                 step=step,
                 time=time.time(),

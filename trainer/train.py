@@ -46,7 +46,6 @@ from trainer.contract import (
     cache_dir,
     checkpoints_dir,
     faults_dir,
-    heartbeats_dir,
     json_safe_point,
     metrics_dir,
     overrides_path,
@@ -58,11 +57,17 @@ from trainer.data import TokenStream, prepare_tokens
 from trainer.faults import FaultInjector, faults_from_env
 from trainer.model import PRESETS, OPTModel, build_model, flops_per_token, init_weights, preset_model_config
 from trainer.precision import DynamicLossScaler, mixed_precision_policy
-from trainer.reporting import NullReporter, host_for_rank, make_reporter
+from trainer.reporting import (
+    NullHeartbeatSender,
+    NullReporter,
+    host_for_rank,
+    make_heartbeat_sender,
+    make_reporter,
+)
 from trainer.schedule import LRSchedule
 from trainer.telemetry import (
     ActivationNorm,
-    HeartbeatFile,
+    Heartbeat,
     MetricsFile,
     NullActivationNorm,
     NullHeartbeat,
@@ -274,15 +279,13 @@ def train(cfg: TrainConfig) -> int:
     )
     clip = cfg.clip or 1.0
     reporter = (
-        make_reporter(
-            rank=rank, world=world, spool_dir=spool_dir(run_dir), interval_s=cfg.report_interval_s, log=log
-        )
+        make_reporter(rank=rank, spool_dir=spool_dir(run_dir), interval_s=cfg.report_interval_s, log=log)
         if cfg.telemetry
         else NullReporter()
     )
-    heartbeat = (
-        HeartbeatFile(heartbeats_dir(run_dir), rank=rank, host=host) if cfg.telemetry else NullHeartbeat()
-    )
+    # Every rank's beat goes to the control plane (the orchestrator's one source for hangs and stragglers).
+    beat_sender = make_heartbeat_sender(log=log) if cfg.telemetry else NullHeartbeatSender()
+    heartbeat = Heartbeat(beat_sender, rank=rank, host=host) if cfg.telemetry else NullHeartbeat()
     metrics = MetricsFile(metrics_dir(run_dir), rank=rank) if cfg.telemetry else NullMetricsFile()
     act_norm_hook = ActivationNorm(model.final_block, device) if cfg.telemetry else NullActivationNorm(device)
     probe = (
@@ -442,7 +445,6 @@ def train(cfg: TrainConfig) -> int:
         }
         metrics.write({**point, "attempt": attempt, "rank": rank})
         reporter.metric(json_safe_point(point))
-        reporter.heartbeat(step)
         timing = {"step_time_s": probe.mean_busy_s(), "last_step_s": step_time, "busy": probe.recent()}
         heartbeat.beat(step, **timing)
 
@@ -454,6 +456,7 @@ def train(cfg: TrainConfig) -> int:
             checkpointer.close()
             metrics.close()
             reporter.close()
+            beat_sender.close()
             dist.destroy_process_group()
             return EXIT_DIVERGED
 
@@ -490,6 +493,7 @@ def train(cfg: TrainConfig) -> int:
     checkpointer.close()
     metrics.close()
     reporter.close()
+    beat_sender.close()
     if rank == 0:
         steady = step_times[2:] or step_times
         median = statistics.median(steady) if steady else float("nan")

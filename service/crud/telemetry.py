@@ -1,9 +1,12 @@
 """Per-step metrics and heartbeats from trainer ranks.
 
-Ingestion is the hot path of the control plane (a 992-GPU run reports every step for months), so it
+Metric ingestion is the hot path of the control plane (a 992-GPU run reports every step for months), so it
 is one set-based statement per batch: ``INSERT ... SELECT FROM json_to_recordset(batch) ON CONFLICT
 DO NOTHING`` on PostgreSQL, ``INSERT OR IGNORE`` executemany on SQLite. The primary key (run, attempt,
 step) makes a re-sent batch add nothing.
+
+Heartbeats keep the latest beat per (run, attempt, rank), a batch upserted per statement
+(`record_heartbeats`); the orchestrator reads an attempt's beats in one query (`attempt_heartbeats`).
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +28,7 @@ from service.models import Heartbeat, Metric, Run, utcnow
 from trainer.contract import (
     METRIC_FLOAT_FIELDS,
     METRIC_WIDE_FIELDS,
+    Section,
     decode_nan_names,
     encode_nonfinite,
 )
@@ -267,31 +271,121 @@ def latest_metric(session: Session, *, run_id: int) -> Metric | None:
     )
 
 
-def record_heartbeat(
+# The columns a beat sets, besides the key (run, attempt, rank).
+HEARTBEAT_FIELDS = (
+    "host",
+    "pid",
+    "step",
+    "time",
+    "section",
+    "step_time_s",
+    "last_step_s",
+    "busy_s",
+    "received_at",
+)
+
+
+def record_heartbeats(
     session: Session,
     *,
     run_id: int,
     attempt: int,
-    rank: int,
-    host: str | None,
-    step: int,
-    at: dt.datetime | None = None,
+    beats: Sequence[Mapping[str, Any]],
+    received_at: dt.datetime | None = None,
 ) -> None:
-    values = {
-        "run_id": run_id,
-        "attempt": attempt,
-        "rank": rank,
-        "host": host,
-        "step": step,
-        "time": at or utcnow(),
-    }
+    """Upsert the latest beat per (run, attempt, rank): one ``INSERT .. ON CONFLICT DO UPDATE`` for the whole
+    batch, on PostgreSQL and SQLite alike. A beat older (by its own `time`) than the stored one is a late
+    arrival and changes nothing. `beats` are validated `schemas.RankBeat`s, one per rank; a beat without
+    `time` is stamped with the server's clock."""
+    if not beats:
+        return
+    now = received_at or utcnow()
+    rows = [
+        {
+            "run_id": run_id,
+            "attempt": attempt,
+            "rank": beat["rank"],
+            "host": beat.get("host"),
+            "pid": beat.get("pid"),
+            "step": beat["step"],
+            "time": dt.datetime.fromtimestamp(beat["time"], dt.UTC) if beat.get("time") is not None else now,
+            "section": str(beat.get("section") or Section.STEP),
+            "step_time_s": beat.get("step_time_s"),
+            "last_step_s": beat.get("last_step_s"),
+            "busy_s": [[int(s), float(b)] for s, b in beat["busy_s"]] if beat.get("busy_s") else None,
+            "received_at": now,
+        }
+        # in rank order: two batches that share ranks lock their rows in the same order (no deadlock)
+        for beat in sorted(beats, key=lambda beat: beat["rank"])
+    ]
     insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
-    stmt = insert(Heartbeat).values(**values)
+    stmt = insert(Heartbeat).values(rows)
     stmt = stmt.on_conflict_do_update(
         index_elements=["run_id", "attempt", "rank"],
-        set_={"host": stmt.excluded.host, "step": stmt.excluded.step, "time": stmt.excluded.time},
+        set_={name: stmt.excluded[name] for name in HEARTBEAT_FIELDS},
+        where=Heartbeat.__table__.c.time <= stmt.excluded.time,
     )
     session.execute(stmt)
+
+
+@dataclass(frozen=True)
+class StoredBeat:
+    """A rank's newest stored beat as the orchestrator's detectors read it."""
+
+    rank: int
+    host: str | None
+    step: int
+    time: float  # Unix seconds, the rank's clock
+    section: str
+    step_time_s: float | None
+    last_step_s: float | None
+    busy_s: tuple[tuple[int, float], ...]
+    received_at: float | None  # Unix seconds, the control plane's clock
+
+
+def attempt_heartbeats(session: Session, *, run_id: int, attempt: int) -> list[StoredBeat]:
+    """Every rank's newest beat of one attempt, in one query on the primary key (plain rows, no ORM
+    objects: a 1,024-host run has 8,192 of them every pass)."""
+    table = Heartbeat.__table__
+    query = (
+        sa.select(
+            table.c.rank,
+            table.c.host,
+            table.c.step,
+            table.c.time,
+            table.c.section,
+            table.c.step_time_s,
+            table.c.last_step_s,
+            table.c.busy_s,
+            table.c.received_at,
+        )
+        .where(table.c.run_id == run_id, table.c.attempt == attempt)
+        .order_by(table.c.rank)
+    )
+    return [
+        StoredBeat(
+            rank=rank,
+            host=host,
+            step=step,
+            time=time.timestamp(),
+            section=section,
+            step_time_s=step_time_s,
+            last_step_s=last_step_s,
+            busy_s=tuple((int(s), float(b)) for s, b in busy_s or ()),
+            received_at=received_at.timestamp() if received_at is not None else None,
+        )
+        for (
+            rank,
+            host,
+            step,
+            time,
+            section,
+            step_time_s,
+            last_step_s,
+            busy_s,
+            received_at,
+        ) in session.execute(query)
+    ]
 
 
 def list_heartbeats(

@@ -341,6 +341,8 @@ def _decide_active(run: ObservedRun, cfg: OrchestratorConfig) -> list[Action]:
         now=run.now,
         attempt_started_at=attempt.started_at,
         limits=run_hang_limits(run, attempt, cfg),
+        # ranks re-send every HEARTBEAT_SEND_INTERVAL_S: three missed rounds from all of them is an outage
+        quiet_after_s=3 * cfg.heartbeat_interval_s,
     )
     if hang is not None and diverged is not None:
         # ranks stuck after their loss went non-finite: the divergence is the cause, no host is to blame

@@ -1,5 +1,6 @@
 """Observe: one run's desired and observed state as `decide()` reads it (`ObservedRun`), built from crud and
-recovery reads, the attempt's processes (its launcher) and the ranks' heartbeat files.
+recovery reads, the attempt's processes (its launcher) and the ranks' newest heartbeats (the control plane's
+`heartbeats` table, one query per run: docs/reporting-contract.md, "Heartbeats").
 
 Two steps come before it on every pass and keep what it reads current: the checkpoints committed on disk
 are catalogued (`sync_checkpoints`) and their verdicts refreshed (`refresh_verdicts`). Observing changes
@@ -12,13 +13,13 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 from sqlalchemy.orm import Session
 
 from service.crud.checkpoints import CatalogSource, checkpoint_checksums, upsert_checkpoint
 from service.crud.nodes import all_nodes
 from service.crud.runs import busy_hosts, get_run, list_attempts, record_attempt_allocation
+from service.crud.telemetry import StoredBeat, attempt_heartbeats
 from service.models import Attempt, Run
 from service.orchestrator.decide import EndedAttempt, ObservedAttempt, ObservedRun
 from service.orchestrator.launchers.base import Launcher, ProcessStatus, launcher_for
@@ -79,7 +80,6 @@ def observe_run(
             session,
             run=run,
             attempt=current,
-            run_dir=run_dir_of(runs_dir, run),
             cfg=cfg,
             launchers=launchers,
             now=now,
@@ -122,13 +122,12 @@ def observe_attempt(
     *,
     run: Run,
     attempt: Attempt,
-    run_dir: Path,
     cfg: OrchestratorConfig,
     launchers: Mapping[str, Launcher],
     now: float,
 ) -> ObservedAttempt:
-    """The attempt in progress: its processes as its launcher sees them, the ranks' heartbeats since it
-    started, its newest metrics and the lineage it resumed from (decoded by crud)."""
+    """The attempt in progress: its processes as its launcher sees them, its ranks' newest heartbeats, its
+    newest metrics and the lineage it resumed from (decoded by crud)."""
     info = attempt.launcher or {}
     started = timestamp(attempt.started_at) or now
     if "tag" not in info:
@@ -139,7 +138,7 @@ def observe_attempt(
             record_attempt_allocation(
                 session, attempt=attempt, allocated=status.allocated_hosts, author=AUTHOR
             )
-    beats = tuple(rank_beat(b) for b in read_rank_beats(run_dir, since=started))
+    beats = tuple(rank_beat(b) for b in attempt_heartbeats(session, run_id=run.id, attempt=attempt.number))
     samples = attempt_samples(session, run_id=run.id, attempt=attempt.number)
     last_step = max([b.step for b in beats] + [s.step for s in samples], default=None)
     lineage = lineage_samples(
@@ -163,24 +162,19 @@ def observe_attempt(
     )
 
 
-def read_rank_beats(run_dir: Path, *, since: float) -> list[dict[str, Any]]:
-    """The ranks' local heartbeat files written after `since` (older files belong to earlier attempts)."""
-    return contract.read_heartbeat_files(run_dir, since=since)
-
-
-def rank_beat(beat: Mapping[str, Any]) -> RankBeat:
-    """A rank's heartbeat file (trainer.contract.parse_heartbeat) as decide() sees it; files written before
-    sections existed read as `step`."""
-    record = contract.parse_heartbeat(beat)
+def rank_beat(beat: StoredBeat) -> RankBeat:
+    """A rank's stored heartbeat as decide() sees it. Its age is the orchestrator's clock minus the beat's
+    `time` (the rank's clock): the contract assumes the two agree to well within the smallest hang limit."""
     return RankBeat(
-        rank=record["rank"],
-        host=record["host"],
-        step=record["step"],
-        time=record["time"],
-        step_time_s=record["step_time_s"],
-        section=Section(record["section"]),
-        last_step_s=record["last_step_s"],
-        busy=tuple((int(step), float(busy_s)) for step, busy_s in record["busy_s"]),
+        rank=beat.rank,
+        host=beat.host or "?",
+        step=beat.step,
+        time=beat.time,
+        step_time_s=beat.step_time_s,
+        section=Section(beat.section),
+        last_step_s=beat.last_step_s,
+        busy=beat.busy_s,
+        received_at=beat.received_at,
     )
 
 

@@ -160,7 +160,8 @@ class OrchestratorConfig(LayeredSettings):
     loop_interval_s: float = 1.0
     """Period of the reconcile loop (events may wake it earlier; they never decide)."""
     heartbeat_interval_s: float = 2.0
-    """How often trainer ranks are expected to beat (they beat every step; this bounds the check)."""
+    """How often trainer ranks (re)send their newest beat (`trainer.contract.HEARTBEAT_SEND_INTERVAL_S`):
+    no beat of an attempt received for 3 x this holds the hang verdict (the control plane is unreachable)."""
     hang_timeout_s: float = 12.0
     """Floor of the step limit: no step progress for this long is a hang even when the run's own step
     times would allow less (the limit is max(this, `hang.step_time_multiple` x p99 of recent step times))."""

@@ -79,6 +79,10 @@ class Section(enum.StrEnum):
     validation = "validation"  # inside a validation pass
 
 
+HANG_EVIDENCE_BEATS = 64  # beats a hang's logbook evidence lists, the stalest first
+HANG_DETAIL_RANKS = 16  # stale ranks a hang's one-line detail names
+
+
 @dataclass(frozen=True)
 class RankBeat:
     rank: int
@@ -89,6 +93,9 @@ class RankBeat:
     section: Section = Section.step
     last_step_s: float | None = None  # wall time of its last step
     busy: tuple[tuple[int, float], ...] = ()  # (step, own busy time) of its recent steps, oldest first
+    # When the control plane last received this beat (its clock): ranks re-send their newest beat every
+    # HEARTBEAT_SEND_INTERVAL_S, so this stays fresh while the rank's process and its path are alive.
+    received_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -185,9 +192,15 @@ def detect_hang(
     now: float,
     attempt_started_at: float,
     limits: HangLimits,
+    quiet_after_s: float | None = None,
 ) -> HangFinding | None:
     """A rank without a beat for longer than its section's limit (or no first step within the start-up
-    limit). The limits and how they were computed go into the evidence."""
+    limit). The limits and how they were computed go into the evidence.
+
+    With `quiet_after_s`, stale ranks are not judged while no beat of the attempt has been received for
+    that long: the ranks re-send their newest beat every few seconds, so silence from all of them means the
+    control plane or their way to it is down, not that their loops stopped (docs/reporting-contract.md,
+    "Heartbeats"). The verdict comes once beats arrive again."""
     if not beats:
         waited = now - attempt_started_at
         if waited > limits.startup_s:
@@ -209,11 +222,17 @@ def detect_hang(
         worst = max(stale, key=lambda b: now - b.time)
         stale_for = now - worst.time
         sections = sorted({b.section.value for b in stale})
+        named = [b.rank for b in sorted(stale, key=lambda b: b.rank)[:HANG_DETAIL_RANKS]]
+        more = f" and {len(stale) - len(named)} more" if len(stale) > len(named) else ""
         where = (
-            f"ranks {[b.rank for b in stale]} in {', '.join(sections)}; "
+            f"ranks {named}{more} in {', '.join(sections)}; "
             f"{worst.section.value} limit {limits.for_section(worst.section):.3g} s"
         )
     else:
+        return None
+    heard = [b.received_at for b in beats if b.received_at is not None]
+    last_heard_s = now - max(heard) if heard else None
+    if quiet_after_s is not None and last_heard_s is not None and last_heard_s > quiet_after_s:
         return None
     lowest = min(b.step for b in beats)
     behind = sorted({b.host for b in beats if b.step == lowest}) if len({b.step for b in beats}) > 1 else []
@@ -224,6 +243,7 @@ def detect_hang(
         stale_for_s=stale_for,
         detail=f"no progress for {stale_for:.1f} s ({where}; last step {max(b.step for b in beats)})",
         evidence={
+            # the stalest first, bounded: a 1,024-host run's every beat would make one logbook entry ~1 MB
             "beats": [
                 {
                     "rank": b.rank,
@@ -233,11 +253,14 @@ def detect_hang(
                     "age_s": round(now - b.time, 1),
                     "limit_s": round(limits.for_section(b.section), 3),
                 }
-                for b in beats
+                for b in sorted(beats, key=lambda b: (b.time, b.rank))[:HANG_EVIDENCE_BEATS]
             ],
+            "ranks_beating": len(beats),
+            "ranks_stale": len(stale),
             "hang_timeout_s": round(limits.step_s, 3),
             "limits": limits.evidence(),
             "missing_ranks": max(missing, 0),
+            "last_heard_s": round(last_heard_s, 1) if last_heard_s is not None else None,
         },
     )
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
 from health.celery_app import HealthCelery, make_app
@@ -26,12 +27,14 @@ from service.fleet.scheduler import SlurmAdapter
 from service.fleet.slurm import parse_scontrol_record
 from service.fleet.sweep import run_sweep
 from service.migrate import upgrade
+from service.models import Heartbeat
 from service.orchestrator.launchers.local import tagged_pids
 from service.orchestrator.launchers.slurm import SlurmLauncher
 from service.orchestrator.loop import Orchestrator
 from service.recovery.config import OrchestratorConfig, RemediationConfig
 from service.schemas import RunConfig
 from service.statemachine import NodeState, RunPhase
+from tests.livesrv import LiveServer
 from tests.slurm_cluster import DOWN_PARTITION, NODES, PARTITION, SlurmCluster
 
 
@@ -83,6 +86,11 @@ class Stack:
                 }
                 for a in list_attempts(session, run_id=run_id)
             ]
+
+    def beat_hosts(self, run_id: int) -> set[str | None]:
+        """The hosts the run's ranks named in their heartbeats (the control plane's table)."""
+        with transaction(self.factory) as session:
+            return set(session.scalars(sa.select(Heartbeat.host).where(Heartbeat.run_id == run_id)))
 
     def first_step_seen(self, run_id: int, number: int = 1) -> bool:
         attempts = self.attempts(run_id)
@@ -153,6 +161,8 @@ def stack(cluster: SlurmCluster, tmp_path: Path) -> Iterator[Stack]:
             min_disk_write_mb_s=1.0,
         )
     )
+    # The control plane the ranks report to (their heartbeats are what the orchestrator watches).
+    server = LiveServer(tmp_path, database_url=url).start()
     slurm = SlurmAdapter(env={"SLURM_CONF": str(cluster.conf)})
     gateway = SweepHealthGateway(factory, adapters=[slurm], app=health_app)
     cfg = OrchestratorConfig(
@@ -160,6 +170,7 @@ def stack(cluster: SlurmCluster, tmp_path: Path) -> Iterator[Stack]:
         hang_timeout_s=90.0,  # two CPU cores shared by four ranks' worth of work: steps can stall
         startup_grace_s=150.0,
         runs_dir=str(tmp_path / "runs"),
+        api_url=server.url,
         remediation=RemediationConfig(backoff_base_s=0.2, backoff_max_s=1.0, deep_check_deadline_s=60.0),
     )
     orchestrator = Orchestrator(
@@ -167,6 +178,7 @@ def stack(cluster: SlurmCluster, tmp_path: Path) -> Iterator[Stack]:
         cfg,
         launchers={"slurm": SlurmLauncher(env={"SLURM_CONF": str(cluster.conf)})},
         health=gateway,
+        trainer_env={"TRAINOPS_API_URL": server.url},
     )
     thread = threading.Thread(target=orchestrator.run_forever, daemon=True)
     thread.start()
@@ -176,6 +188,7 @@ def stack(cluster: SlurmCluster, tmp_path: Path) -> Iterator[Stack]:
         orchestrator.stop()
         thread.join(30)
         cluster.run(["scancel", "--full", "--quiet", f"--partition={PARTITION}"], check=False)
+        server.stop()
 
 
 def sbatch_of(attempt: dict[str, Any]) -> list[str]:
@@ -193,9 +206,7 @@ def test_two_node_attempt_reaches_its_target(stack: Stack) -> None:
     assert f"--comment=trainops run={run_id} attempt=1 tag={attempt['launcher']['tag']}" in argv
     assert "--job-name=trainops-slurm-ok-a1" in argv and "--time=00:10:00" in argv
     # Ranks reported the Slurm node names they ran on (TRAINOPS_HOSTS came from the allocation).
-    run_dir = Path(stack.orchestrator.runs_dir) / "slurm-ok"
-    beats = {json.loads(p.read_text())["host"] for p in (run_dir / "heartbeats").glob("rank*.json")}
-    assert beats == {"n1", "n2"}
+    assert stack.beat_hosts(run_id) == {"n1", "n2"}
     assert stack.cluster.node_states() == dict.fromkeys(NODES, "idle")
 
 
@@ -318,9 +329,7 @@ def test_exclude_placement_lets_slurm_place_and_the_attempt_follows_the_allocati
     assert any("the scheduler placed it on n3, n4" in m for m in stack.logbook(run_id=run_id))
     # The ranks report the allocated nodes (TRAINOPS_HOSTS from SLURM_JOB_NODELIST).
     wait_for(lambda: stack.first_step_seen(run_id), 120, "attempt 1's first step")
-    run_dir = Path(stack.orchestrator.runs_dir) / "slurm-exclude"
-    beats = {json.loads(p.read_text())["host"] for p in (run_dir / "heartbeats").glob("rank*.json")}
-    assert beats == {"n3", "n4"}
+    wait_for(lambda: stack.beat_hosts(run_id) == {"n3", "n4"}, 30, "beats from the allocated nodes")
     stack.cluster.run(["scancel", "--full", "--quiet", "--nodelist=n1", "--name=wrap"], check=False)
     stack.stop(run_id)
 

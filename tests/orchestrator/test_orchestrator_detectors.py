@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-import json
+import time
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import pytest
+from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
+from service.config import Settings
+from service.crud.telemetry import attempt_heartbeats
+from service.db import make_engine, make_session_factory, transaction
 from service.orchestrator.decide import (
     EndAttempt,
     ObservedAttempt,
@@ -30,6 +33,7 @@ from service.recovery.detect import (
 )
 from service.schemas import HangOverrides, RunConfig
 from service.statemachine import DesiredState, NodeState, RunPhase
+from tests.conftest import make_run
 
 NOW = 10_000.0
 CFG = OrchestratorConfig()  # floor 12 s, 5 x p99, start-up 180 s, save 600 s, validation 600 s
@@ -296,28 +300,70 @@ def test_decide_acts_on_a_confirmed_straggler_only_and_logs_the_observations() -
     assert all(o["ratio"] == 4.0 for o in end.evidence["observations"])
 
 
-# ---- the heartbeat file as the orchestrator reads it ---------------------------------------------------
+# ---- the heartbeats table as the orchestrator reads it --------------------------------------------------
 
 
-def test_heartbeat_files_old_and_new_read_as_beats(tmp_path: Path) -> None:
-    new = {
-        "step": 9,
-        "time": NOW,
-        "section": "checkpoint_save",
-        "step_time_s": 0.4,
-        "last_step_s": 0.41,
-        "busy_s": [[8, 0.39], [9, 0.42]],
-        "host": "h2",
-        "pid": 1,
-        "rank": 1,
-    }
-    parsed = rank_beat(json.loads(json.dumps(new)))
-    assert parsed.section is Section.checkpoint_save and parsed.busy == ((8, 0.39), (9, 0.42))
-    assert parsed.last_step_s == 0.41
-    old = rank_beat({"step": 3, "time": NOW, "step_time_s": None, "host": "h1", "pid": 1, "rank": 0})
-    assert old.section is Section.step and old.busy == () and old.last_step_s is None
-    odd = rank_beat({**new, "section": "compiling", "last_step_s": float("nan")})
-    assert odd.section is Section.step and odd.last_step_s is None
+def test_no_beat_arriving_from_any_rank_holds_the_verdict_until_beats_arrive_again() -> None:
+    """Ranks re-send their newest beat every 2 s: stale ranks whose beats keep arriving are hung; stale
+    ranks from which nothing arrives at all are behind a control-plane outage, not judged."""
+    common: dict[str, Any] = {"world_size": 2, "now": NOW, "attempt_started_at": NOW - 1000}
+    common["limits"] = limits(TOY_STEPS)
+
+    def stale(heard_ago: float) -> list[RankBeat]:
+        return [replace(beat(r, 30.0), received_at=NOW - heard_ago) for r in range(2)]
+
+    found = detect_hang(stale(1.0), quiet_after_s=6.0, **common)
+    assert found is not None and found.evidence["last_heard_s"] == 1.0
+    assert detect_hang(stale(20.0), quiet_after_s=6.0, **common) is None
+    assert detect_hang(stale(20.0), **common) is not None  # without the rule, as before
+    # through decide(): the orchestrator's heartbeat_interval_s (2 s) sets the rule at 6 s
+    assert decide(observed(tuple(stale(20.0))), CFG) == []
+    [end] = decide(observed(tuple(stale(5.0))), CFG)
+    assert isinstance(end, EndAttempt) and end.outcome == "hang"
+
+
+def test_a_fleet_sized_hang_keeps_its_logbook_entry_small() -> None:
+    """8,192 ranks stuck in a collective: the evidence lists the 64 stalest beats and counts the rest."""
+    beats = [beat(r, 30.0 + (r == 4097)) for r in range(8192)]
+    found = detect_hang(
+        beats, world_size=8192, now=NOW, attempt_started_at=NOW - 1000, limits=limits(TOY_STEPS)
+    )
+    assert found is not None and len(found.stale_ranks) == 8192
+    assert len(found.evidence["beats"]) == 64 and found.evidence["beats"][0]["rank"] == 4097
+    assert (found.evidence["ranks_beating"], found.evidence["ranks_stale"]) == (8192, 8192)
+    assert "and 8176 more" in found.detail and len(found.detail) < 300
+
+
+def test_beats_posted_to_the_api_reach_the_hang_and_straggler_detectors(
+    admin: TestClient, settings: Settings
+) -> None:
+    run = make_run(admin)
+    url = f"/api/v1/runs/{run['id']}/heartbeats"
+    now = time.time()
+
+    def post(*beats: dict[str, Any]) -> list[RankBeat]:
+        assert admin.post(url, json={"attempt": 1, "beats": list(beats)}).status_code == 204
+        engine = make_engine(settings.resolved_database_url)
+        try:
+            with transaction(make_session_factory(engine)) as session:
+                return [rank_beat(b) for b in attempt_heartbeats(session, run_id=run["id"], attempt=1)]
+        finally:
+            engine.dispose()
+
+    def wire(rank: int, at: float, busy: list[float]) -> dict[str, Any]:
+        history = [[s, b] for s, b in zip(range(41 - len(busy) + 1, 42), busy, strict=True)]
+        return {"rank": rank, "host": f"h{rank + 1}", "step": 41, "time": at, "busy_s": history}
+
+    # rank 1's loop stopped 30 s ago while its beat keeps arriving: a hang, blamed on nobody in particular
+    beats = post(wire(0, now - 1, FAST), wire(1, now - 30, FAST))
+    assert [(b.rank, b.host, b.section) for b in beats] == [(0, "h1", Section.step), (1, "h2", Section.step)]
+    [end] = decide(observed(tuple(beats), now=now), CFG)
+    assert isinstance(end, EndAttempt) and end.outcome == "hang"
+    assert [b["rank"] for b in end.evidence["beats"] if b["age_s"] > 12] == [1]
+    # both fresh, rank 1 slow in each of the last five steps: a straggler on h2
+    beats = post(wire(0, now, FAST), wire(1, now, [0.5] * 3 + [2.0] * 5))
+    [end] = decide(observed(tuple(beats), now=now), CFG)
+    assert isinstance(end, EndAttempt) and end.outcome == "hardware" and end.cordon_hosts == ("h2",)
 
 
 # ---- probation: a deep check before an uncordoned host takes work --------------------------------------

@@ -22,6 +22,7 @@ from service.db import make_engine, make_session_factory, transaction
 from service.main import create_app
 from service.schemas import (
     DEFAULT_BODY_LIMIT_BYTES,
+    HEARTBEAT_BATCH_LIMIT_BYTES,
     METRIC_BATCH_LIMIT_BYTES,
     NOTE_BODY_LIMIT_BYTES,
     MetricBatch,
@@ -121,6 +122,7 @@ def test_a_body_over_the_cap_is_413_declared_or_streamed(sqlite_app: tuple[Any, 
         ("/api/v1/runs", DEFAULT_BODY_LIMIT_BYTES),
         ("/api/v1/logbook", NOTE_BODY_LIMIT_BYTES),
         (f"/api/v1/runs/{run_id}/metrics", METRIC_BATCH_LIMIT_BYTES),
+        (f"/api/v1/runs/{run_id}/heartbeats", HEARTBEAT_BATCH_LIMIT_BYTES),
     ):
         body = _StreamedBody(chunks=1000, chunk_size=64 * 1024)
         status, reply = _asgi_post(app, path, body, auth)

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import math
 import re
+import time
 import typing
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,8 +20,8 @@ import trainer.launch as launch
 import trainer.train as train
 from service.crud.telemetry import decode_stored_field, decode_stored_values
 from service.orchestrator.launchers.base import build_trainer_args
-from service.orchestrator.observe import rank_beat, read_rank_beats
 from service.recovery.samples import stored_metric_sample
+from service.schemas import HeartbeatBatch
 from trainer import contract
 from trainer.config import TrainConfig
 
@@ -35,17 +36,15 @@ def test_exit_codes_are_one_definition_on_both_sides() -> None:
 
 def test_run_directory_layout(tmp_path: Path) -> None:
     assert contract.checkpoints_dir(tmp_path) == tmp_path / "checkpoints"
-    assert contract.heartbeat_path(tmp_path, 3) == tmp_path / "heartbeats" / "rank3.json"
     assert contract.spool_dir(tmp_path) == tmp_path / "spool"
     assert contract.metrics_path(tmp_path, 1) == tmp_path / "metrics" / "rank1.jsonl"
     assert contract.attempt_dir(tmp_path, 7) == tmp_path / "attempts" / "0007"
-    assert contract.heartbeat_path(tmp_path, 12).match(contract.HEARTBEAT_GLOB)
 
 
-def test_heartbeat_round_trip(tmp_path: Path) -> None:
+def test_the_beat_the_trainer_sends_is_the_beat_the_api_admits() -> None:
     record = contract.heartbeat_record(
         step=41,
-        time=1764140000.5,
+        time=time.time(),
         section=contract.Section.CHECKPOINT_SAVE,
         step_time_s=0.31,
         last_step_s=0.34,
@@ -54,25 +53,32 @@ def test_heartbeat_round_trip(tmp_path: Path) -> None:
         pid=4242,
         rank=0,
     )
-    contract.heartbeats_dir(tmp_path).mkdir()
-    contract.write_heartbeat(contract.heartbeat_path(tmp_path, 0), record)
-    [raw] = read_rank_beats(tmp_path, since=1764140000.0)
-    assert raw == json.loads(json.dumps(record))
-    assert raw["section"] == "checkpoint_save" and raw["busy_s"] == [[40, 0.3], [41, 0.33]]
-    assert contract.parse_heartbeat(raw) == raw
-    assert read_rank_beats(tmp_path, since=1764140001.0) == []  # an earlier attempt's file
-    beat = rank_beat(raw)
-    assert beat.section == detect.Section.checkpoint_save and beat.busy == ((40, 0.3), (41, 0.33))
+    body = json.loads(json.dumps(contract.heartbeat_batch(3, [record])))
+    admitted = HeartbeatBatch.model_validate(body)
+    assert admitted.attempt == 3
+    [beat] = admitted.beats
+    assert {**beat, "busy_s": [list(p) for p in beat["busy_s"]]} == record
+    assert record["busy_s"] == [[40, 0.3], [41, 0.33]]
 
 
-def test_heartbeat_parse_normalises_old_and_odd_files() -> None:
-    parsed = contract.parse_heartbeat(
-        {"step": 3, "time": 5, "rank": 1, "section": "warp", "step_time_s": math.inf, "busy_s": [[1], "x"]}
+def test_odd_timings_become_what_the_api_admits() -> None:
+    """Non-finite timings are null (the API refuses NaN), a long busy history keeps its newest pairs."""
+    record = contract.heartbeat_record(
+        step=30,
+        time=time.time(),
+        section=contract.Section.STEP,
+        step_time_s=math.nan,
+        last_step_s=math.inf,
+        busy=[(s, math.inf if s == 29 else 0.5) for s in range(1, 31)],
+        host="h1",
+        pid=1,
+        rank=2,
     )
-    assert parsed["section"] == "step" and parsed["step_time_s"] is None and parsed["busy_s"] == []
-    assert contract.parse_heartbeat({"step": 3, "time": 5, "rank": 1})["section"] == "step"
-    with pytest.raises(KeyError):
-        contract.parse_heartbeat({"time": 5, "rank": 1})
+    assert record["step_time_s"] is None and record["last_step_s"] is None
+    assert [s for s, _ in record["busy_s"]] == [*range(15, 29), 30]  # the newest 16, the infinite one dropped
+    HeartbeatBatch.model_validate(json.loads(json.dumps(contract.heartbeat_batch(1, [record]))))
+    with pytest.raises(ValueError, match="at most 1024"):
+        contract.heartbeat_batch(1, [record] * (contract.MAX_BEATS_PER_BATCH + 1))
 
 
 def test_sections_agree_with_the_detector() -> None:

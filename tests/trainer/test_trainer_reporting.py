@@ -1,15 +1,28 @@
-"""Rank 0's reporter: nothing lost and nothing stalled while the control plane is down; replay in order."""
+"""Rank 0's reporter: nothing lost and nothing stalled while the control plane is down; replay in order.
+Every rank's heartbeat sender: the newest beat the loop recorded, re-sent, never blocking the loop."""
 
 from __future__ import annotations
 
 import json
+import os
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from service.schemas import HeartbeatBatch
 from tests.trainer_helpers import free_port, start_receiver
-from trainer.reporting import HttpReporter, NullReporter, make_reporter
+from trainer.contract import Section
+from trainer.reporting import (
+    HeartbeatSender,
+    HttpReporter,
+    NullHeartbeatSender,
+    NullReporter,
+    make_heartbeat_sender,
+    make_reporter,
+)
+from trainer.telemetry import Heartbeat
 
 
 def wait_for(condition: Callable[[], bool], timeout: float = 20.0) -> None:
@@ -25,8 +38,6 @@ def reporter(port: int, spool: Path, attempt: int = 1) -> HttpReporter:
         token="t",
         run_id=3,
         attempt=attempt,
-        rank=0,
-        host="h1",
         spool_dir=spool,
         interval_s=0.05,
         log=lambda _: None,
@@ -103,29 +114,80 @@ def test_a_rejected_payload_is_set_aside_instead_of_blocking_the_spool(tmp_path:
         server.shutdown()
 
 
-def test_heartbeats_carry_rank_host_and_step(tmp_path: Path) -> None:
+def beats_received(server: Any) -> list[dict[str, Any]]:
+    """Every beat that arrived, in order; each request is a valid batch as the control plane reads it."""
+    bodies = [body for path, _, body in server.requests if path == "/api/v1/runs/3/heartbeats"]
+    return [beat for body in bodies for beat in HeartbeatBatch.model_validate(body).beats]
+
+
+def test_the_sender_transports_the_newest_beat_the_loop_recorded(tmp_path: Path) -> None:
     server = start_receiver()
     try:
-        rep = reporter(server.server_port, tmp_path)
-        rep.heartbeat(41)
-        wait_for(lambda: any(p.endswith("/heartbeats") for p, _, _ in server.requests))
-        rep.close()
-        path, auth, body = next(r for r in server.requests if r[0].endswith("/heartbeats"))
-        assert (path, auth, body) == (
-            "/api/v1/runs/3/heartbeats",
-            "Bearer t",
-            {"attempt": 1, "rank": 0, "host": "h1", "step": 41},
+        sender = HeartbeatSender(
+            url=f"http://127.0.0.1:{server.server_port}",
+            token="t",
+            run_id=3,
+            attempt=2,
+            interval_s=0.05,
+            log=lambda _: None,
         )
+        loop_beat = Heartbeat(sender, rank=1, host="h1")
+        for step in range(1, 201):  # a loop much faster than the sender: only the newest beat goes out
+            loop_beat.beat(step, step_time_s=0.01, last_step_s=0.01, busy=[(step, 0.01)])
+        loop_beat.beat(200, section=Section.CHECKPOINT_SAVE)
+        wait_for(lambda: any(b["section"] == "checkpoint_save" for b in beats_received(server)))
+        sender.close()
+        beats = beats_received(server)
+        assert len(beats) < 200 and beats[-1]["step"] == 200 and beats[-1]["section"] == "checkpoint_save"
+        assert {(b["rank"], b["host"], b["pid"]) for b in beats} == {(1, "h1", os.getpid())}
+        assert {auth for _, auth, _ in server.requests} == {"Bearer t"}
+        assert {body["attempt"] for _, _, body in server.requests} == {2}
     finally:
         server.shutdown()
 
 
+def test_a_stuck_loop_leaves_its_beat_stale_while_the_sender_keeps_re_sending_it(tmp_path: Path) -> None:
+    server = start_receiver()
+    try:
+        sender = HeartbeatSender(
+            url=f"http://127.0.0.1:{server.server_port}", token="t", run_id=3, attempt=1, interval_s=0.05
+        )
+        Heartbeat(sender, rank=0, host="h1").beat(7)  # then the loop records nothing more
+        wait_for(lambda: len(beats_received(server)) >= 4)
+        sender.close()
+        beats = beats_received(server)
+        assert {(b["step"], b["time"]) for b in beats} == {(7, beats[0]["time"])}  # the same beat, re-sent
+    finally:
+        server.shutdown()
+
+
+def test_recording_a_beat_never_waits_for_an_unresponsive_control_plane(tmp_path: Path) -> None:
+    # A listening socket that never answers: every send hangs until its timeout.
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        logged: list[str] = []
+        sender = HeartbeatSender(
+            url=f"http://127.0.0.1:{silent.getsockname()[1]}",
+            token="t",
+            run_id=3,
+            attempt=1,
+            interval_s=0.05,
+            log=logged.append,
+        )
+        loop_beat = Heartbeat(sender, rank=0, host="h1")
+        loop_beat.beat(1)
+        time.sleep(0.2)  # a send is in flight now
+        started = time.perf_counter()
+        for step in range(2, 1002):
+            loop_beat.beat(step)
+        assert time.perf_counter() - started < 0.5  # 1,000 beats recorded while one send hangs
+        wait_for(lambda: bool(logged), timeout=10)
+        sender.close(timeout_s=0.1)
+    assert sender.sent == 0 and len(logged) == 1 and "not delivered" in logged[0]
+
+
 def test_without_an_api_url_reporting_is_a_no_op(tmp_path: Path, monkeypatch: Any) -> None:
     monkeypatch.delenv("TRAINOPS_API_URL", raising=False)
-    assert isinstance(
-        make_reporter(rank=0, world=2, spool_dir=tmp_path, interval_s=1.0, log=print), NullReporter
-    )
+    assert isinstance(make_reporter(rank=0, spool_dir=tmp_path, interval_s=1.0, log=print), NullReporter)
+    assert isinstance(make_heartbeat_sender(log=print), NullHeartbeatSender)
     monkeypatch.setenv("TRAINOPS_API_URL", "http://127.0.0.1:9")
-    assert isinstance(
-        make_reporter(rank=1, world=2, spool_dir=tmp_path, interval_s=1.0, log=print), NullReporter
-    )
+    assert isinstance(make_reporter(rank=1, spool_dir=tmp_path, interval_s=1.0, log=print), NullReporter)

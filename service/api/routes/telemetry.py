@@ -14,7 +14,7 @@ from service.crud import runs as runs_crud
 from service.crud import telemetry
 from service.metrics import METRIC_POINTS_DUPLICATE, METRIC_POINTS_INGESTED
 from service.schemas import (
-    HeartbeatCreate,
+    HeartbeatBatch,
     HeartbeatPublic,
     IngestReply,
     MetricBatch,
@@ -101,11 +101,11 @@ def query_metrics(
 
 
 @router.post("/heartbeats", status_code=status.HTTP_204_NO_CONTENT, response_class=Response)
-def heartbeat(run_id: RunId, body: HeartbeatCreate, session: SessionDep, _: Ingestor) -> Response:
-    runs_crud.get_run(session, run_id=run_id)
-    telemetry.record_heartbeat(
-        session, run_id=run_id, attempt=body.attempt, rank=body.rank, host=body.host, step=body.step
-    )
+def heartbeat(run_id: RunId, body: HeartbeatBatch, session: SessionDep, _: Ingestor) -> Response:
+    """One rank's beat or up to 1,024 ranks' beats of one attempt (docs/reporting-contract.md,
+    "Heartbeats"); the latest per rank is kept."""
+    telemetry.lock_run_for_ingest(session, run_id=run_id)
+    telemetry.record_heartbeats(session, run_id=run_id, attempt=body.attempt, beats=body.beats)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 

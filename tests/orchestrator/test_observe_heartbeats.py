@@ -1,0 +1,54 @@
+"""Issue 13, point 2: a pass reads a run's heartbeats with one query, however many ranks the run has, and
+reads no file (bench/heartbeat_observe.py measures the time; this counts the statements)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+
+from bench.heartbeat_observe import RunningAttempts, fill
+from service import migrate
+from service.db import make_engine, make_session_factory, transaction
+from service.orchestrator.decide import decide
+from service.orchestrator.observe import observe_run
+from service.recovery.config import OrchestratorConfig
+
+
+def test_one_heartbeat_query_per_run_per_pass_at_any_size(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'trainops.db'}"
+    migrate.upgrade(url)
+    engine = make_engine(url)
+    factory = make_session_factory(engine)
+    runs = fill(factory, [8, 160])
+    cfg = OrchestratorConfig(runs_dir=str(tmp_path / "runs"))
+    statements: list[str] = []
+
+    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        statements.append(statement)
+
+    sa.event.listen(engine, "before_cursor_execute", record)
+    try:
+        counted = {}
+        for ranks, run_id in runs.items():
+            statements.clear()
+            with transaction(factory) as session:
+                observed = observe_run(
+                    session,
+                    run_id=run_id,
+                    runs_dir=tmp_path / "runs",
+                    cfg=cfg,
+                    launchers={"bench": RunningAttempts()},
+                    waiting_for_hosts_since=None,
+                    now=time.time(),
+                )
+            assert observed.attempt is not None and len(observed.attempt.beats) == ranks
+            assert decide(observed, cfg) == []  # healthy ranks a second old: nothing to do
+            counted[ranks] = (sum("FROM heartbeats" in s for s in statements), len(statements))
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", record)
+        engine.dispose()
+    assert counted[8][0] == counted[160][0] == 1
+    assert counted[8][1] == counted[160][1]  # the whole pass: as many statements for 160 ranks as for 8
