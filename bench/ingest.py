@@ -144,10 +144,12 @@ class Result:
 
 
 class Server:
-    def __init__(self, database_url: str, workers: int) -> None:
+    def __init__(self, database_url: str, workers: int, env: dict[str, str] | None = None) -> None:
+        """`env`: more of the API's environment (bench/fleet_sim.py: the runs directory, the Prometheus
+        multiprocess directory)."""
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "TRAINOPS_DATABASE_URL": database_url, "TRAINOPS_MODE": "dev"}
+        env = {**os.environ, **(env or {}), "TRAINOPS_DATABASE_URL": database_url, "TRAINOPS_MODE": "dev"}
         env.pop("TRAINOPS_BOOTSTRAP_ADMIN_TOKEN", None)
         cmd = [
             sys.executable, "-m", "uvicorn", "service.main:create_app", "--factory",

@@ -110,6 +110,12 @@ class Settings(LayeredSettings):
         description="Seconds the /metrics scrape reuses its database reading (shared by concurrent scrapes; "
         "0 reads the database on every scrape). docs/observability.md.",
     )
+    extra_launchers: Annotated[tuple[str, ...], NoDecode] = Field(
+        (),
+        description="Launchers the orchestrator offers besides local and slurm, comma-separated "
+        "`module:Class` import paths; each class is built without arguments and serves the runs whose "
+        "config names its `kind` (bench/fleet_sim.py's `bench.fleet_sim:SimLauncher`, kind `sim`).",
+    )
     metrics_token: SecretStr | None = Field(
         None,
         description="When set, /metrics answers 401 unless the scrape sends `Authorization: Bearer <it>` "
@@ -128,6 +134,19 @@ class Settings(LayeredSettings):
                     f"TRAINOPS_SCHEDULER={value!r}: expected a comma-separated list of {expected}"
                 )
             return names
+        return value
+
+    @field_validator("extra_launchers", mode="before")
+    @classmethod
+    def _split_launchers(cls, value: object) -> object:
+        if isinstance(value, str):
+            paths = tuple(p.strip() for p in value.split(",") if p.strip())
+            malformed = [p for p in paths if p.count(":") != 1 or not all(p.split(":"))]
+            if malformed:
+                raise ValueError(
+                    f"TRAINOPS_EXTRA_LAUNCHERS: {', '.join(malformed)} is not a `module:Class` import path"
+                )
+            return paths
         return value
 
     @model_validator(mode="after")

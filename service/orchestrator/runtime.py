@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import threading
 
@@ -21,7 +22,8 @@ log = logging.getLogger("trainops.orchestrator")
 
 
 def available_launchers(settings: Settings) -> dict[str, Launcher]:
-    """Launchers by the name a run's config uses (`launcher: local | slurm`)."""
+    """Launchers by the name a run's config uses (`launcher: local | slurm`, or the `kind` of an extra
+    launcher from TRAINOPS_EXTRA_LAUNCHERS)."""
     launchers: dict[str, Launcher] = {"local": LocalLauncher()}
     if settings.slurm_enabled:
         from service.fleet.slurm import SlurmDefaults
@@ -30,7 +32,22 @@ def available_launchers(settings: Settings) -> dict[str, Launcher]:
         launchers["slurm"] = SlurmLauncher(
             defaults=SlurmDefaults(partition=settings.slurm_partition, account=settings.slurm_account)
         )
+    for path in settings.extra_launchers:
+        launcher = load_launcher(path)
+        launchers[launcher.kind] = launcher
     return launchers
+
+
+def load_launcher(path: str) -> Launcher:
+    """A launcher named by its `module:Class` import path (TRAINOPS_EXTRA_LAUNCHERS), built without
+    arguments. An import path that does not name a launcher fails the orchestrator's start, loudly."""
+    module_name, _, class_name = path.partition(":")
+    launcher = getattr(importlib.import_module(module_name), class_name)()
+    if not all(callable(getattr(launcher, m, None)) for m in ("prepare", "start", "status", "kill")):
+        raise TypeError(f"{path} is not a launcher (prepare, start, status and kill)")
+    if not isinstance(getattr(launcher, "kind", None), str):
+        raise TypeError(f"{path} has no `kind` (the name a run's config uses)")
+    return launcher
 
 
 def build_health_gateway(settings: Settings, session_factory: sessionmaker[Session]) -> SweepHealthGateway:
