@@ -6,7 +6,7 @@ import datetime as dt
 import json
 import re
 import sys
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import httpx
 import typer
@@ -21,6 +21,11 @@ from service.console import (
     print_logbook,
     print_restart_preview,
 )
+
+if TYPE_CHECKING:  # the CLI imports the orchestrator lazily (its clients need no orchestrator code)
+    from sqlalchemy.orm import Session, sessionmaker
+
+    from service.orchestrator.loop import Orchestrator
 
 app = typer.Typer(
     help="trainops: operations for long, large training runs.",
@@ -136,7 +141,7 @@ def up(
     from service import migrate
     from service.db import engine_from_settings, make_session_factory
     from service.main import create_app
-    from service.orchestrator.runtime import build_orchestrator, start_embedded_beat, start_in_thread
+    from service.orchestrator.runtime import start_embedded_beat, start_in_thread
 
     settings = _settings()
     if migrate_first:
@@ -146,7 +151,7 @@ def up(
     stop = threading.Event()
     orch = None
     if orchestrate:
-        orch = build_orchestrator(settings, factory)
+        orch = _build_or_refuse(settings, factory)
         start_in_thread(orch)
     if settings.broker_url is None and quick_interval > 0:
         start_embedded_beat(settings, factory, interval_s=quick_interval, stop=stop)
@@ -169,19 +174,37 @@ def up(
 def orchestrator(
     once: Annotated[bool, typer.Option(help="Run one reconcile pass and exit.")] = False,
 ) -> None:
-    """Run the orchestrator's reconcile loop against the configured database."""
+    """Run the orchestrator's reconcile loop against the configured database. On PostgreSQL several may
+    run: one leads, the others stand by and take over when it dies (docs/orchestrator.md, Failover)."""
     from service.db import engine_from_settings, make_session_factory
-    from service.orchestrator.runtime import build_orchestrator
 
     settings = _settings()
     factory = make_session_factory(engine_from_settings(settings))
-    orch = build_orchestrator(settings, factory)
+    orch = _build_or_refuse(settings, factory)
     if once:
+        if not orch.leads():
+            console.print(f"another orchestrator leads ({orch.leader_description()}); this one did nothing")
+            return
         done = orch.reconcile_once()
+        orch.step_down()
         console.print(f"reconciled {len(done)} run(s)")
         return
-    console.print(f"orchestrator reconciling every {orch.cfg.loop_interval_s:g} s (Ctrl-C to stop)")
+    console.print(
+        f"orchestrator reconciling every {orch.cfg.loop_interval_s:g} s while it leads; standing by "
+        f"otherwise (Ctrl-C to stop)"
+    )
     orch.run_forever()
+
+
+def _build_or_refuse(settings: Settings, factory: sessionmaker[Session]) -> Orchestrator:
+    """The orchestrator, or exit 1 with the reason it may not run (a second one on a SQLite database)."""
+    from service.orchestrator.leadership import LeadershipRefused
+    from service.orchestrator.runtime import build_orchestrator
+
+    try:
+        return build_orchestrator(settings, factory)
+    except LeadershipRefused as refused:
+        fail(f"orchestrator not started: {refused}")
 
 
 @app.command()

@@ -2,8 +2,9 @@
 
 Two kinds live here:
 
-* request-path instruments (histograms and counters) that processes update as they work; with several
-  processes they are aggregated by prometheus_client's multiprocess mode (see service/observability.py);
+* request-path instruments (histograms and counters, and the orchestrator's leader gauge) that processes
+  update as they work; with several processes they are aggregated by prometheus_client's multiprocess mode
+  (see service/observability.py);
 * the definitions (name, help, labels) of the per-run, per-node and per-GPU gauges read from the control
   plane's database at scrape time; the collector that reads them, ``ControlPlaneCollector``, lives in
   service/metrics_collector.py, so this module holds instruments and definitions only and imports nothing
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from health.metrics import CHECK_DURATION, CHECKS_TOTAL, TASK_DURATION
@@ -53,18 +54,31 @@ ORCHESTRATOR_RUNS_ESCALATED = Counter(
     "trainops_orchestrator_escalated_runs_total",
     "Runs put in needs_attention (and paged) because their reconcile passes kept failing.",
 )
+ORCHESTRATOR_LEADER = Gauge(
+    "trainops_orchestrator_leader",
+    "1 while this orchestrator process leads (reconciles), 0 while it stands by (docs/orchestrator.md, "
+    "Failover). Summed over an orchestrator host's live processes in multiprocess mode.",
+    multiprocess_mode="livesum",
+)
+ORCHESTRATOR_LEADERSHIP_CHANGES = Counter(
+    "trainops_orchestrator_leadership_changes_total",
+    "Times this orchestrator took the lead (change=acquired) or lost it (change=lost).",
+    ["change"],
+)
 # The host agent's instruments (updated in its Celery workers) are defined in health/metrics.py.
 HEALTH_CHECK_DURATION = CHECK_DURATION
 HEALTH_CHECKS = CHECKS_TOTAL
 HEALTH_TASK_DURATION = TASK_DURATION
 
-INSTRUMENTS: tuple[Counter | Histogram, ...] = (
+INSTRUMENTS: tuple[Counter | Gauge | Histogram, ...] = (
     HTTP_REQUEST_DURATION,
     METRIC_POINTS_INGESTED,
     METRIC_POINTS_DUPLICATE,
     ORCHESTRATOR_LOOP_DURATION,
     ORCHESTRATOR_FAILED_PASSES,
     ORCHESTRATOR_RUNS_ESCALATED,
+    ORCHESTRATOR_LEADER,
+    ORCHESTRATOR_LEADERSHIP_CHANGES,
     HEALTH_CHECK_DURATION,
     HEALTH_CHECKS,
     HEALTH_TASK_DURATION,
@@ -207,6 +221,12 @@ DIAGNOSTICS_LAST_RESULT_TIME = _g(
     "Unix time the newest diagnostics result was stored.",
 )
 CELERY_QUEUE_LENGTH = _g("trainops_celery_queue_length", "Tasks waiting in a health.* Celery queue.", "queue")
+ORCHESTRATORS = _g(
+    "trainops_orchestrators",
+    "Orchestrators running against the database, by role: the leader (0 or 1) and standbys "
+    "(docs/orchestrator.md, Failover); on SQLite the leader is the one orchestrator holding its file lock.",
+    "role",
+)
 DATABASE_UP = _g("trainops_control_plane_database_up", "1 when the scrape-time database read succeeded.")
 COLLECT_DURATION = _g("trainops_collector_duration_seconds", "Time the scrape-time database read took.")
 
@@ -234,6 +254,7 @@ COLLECTED: tuple[MetricSpec, ...] = (
     GPU_XID_ERRORS,
     DIAGNOSTICS_LAST_RESULT_TIME,
     CELERY_QUEUE_LENGTH,
+    ORCHESTRATORS,
     DATABASE_UP,
     COLLECT_DURATION,
 )

@@ -22,6 +22,7 @@ from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 from sqlalchemy.orm import Session, sessionmaker
 
+from service.crud.orchestrators import orchestrator_sessions
 from service.crud.telemetry import decode_stored_field, readable_time
 from service.metrics import (
     CELERY_QUEUE_LENGTH,
@@ -40,6 +41,7 @@ from service.metrics import (
     NODE_GPUS,
     NODE_HEARTBEAT_TIME,
     NODE_STATE,
+    ORCHESTRATORS,
     RUN_BUDGETED_RESTARTS,
     RUN_CHECKPOINT_STEP,
     RUN_CHECKPOINT_TIME,
@@ -140,6 +142,7 @@ class ControlPlaneCollector(Collector):
                 now = dt.datetime.now(dt.UTC)
                 self._collect_runs(session, families, now)
                 self._collect_nodes(session, families, now)
+                self._collect_orchestrators(session, families)
         except sa.exc.SQLAlchemyError as exc:
             # A scrape must still answer (with database_up 0) so the outage itself is visible and alertable.
             log.warning("metrics: database read failed: %s", exc)
@@ -354,6 +357,14 @@ class ControlPlaneCollector(Collector):
                         families[spec.name].add_metric([host, gpu], float(measured[key]))
 
     # -- Celery ------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _collect_orchestrators(session: Session, families: dict[str, Any]) -> None:
+        counts = orchestrator_sessions(session)
+        if counts is not None:
+            leaders, standbys = counts
+            families[ORCHESTRATORS.name].add_metric(["leader"], leaders)
+            families[ORCHESTRATORS.name].add_metric(["standby"], standbys)
 
     def _collect_queues(self, families: dict[str, Any]) -> None:
         if not self.broker_url or not self.broker_url.startswith(("redis://", "rediss://")):

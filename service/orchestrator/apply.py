@@ -12,6 +12,7 @@ import datetime as dt
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ from service.crud.runs import (
 )
 from service.crud.tokens import create_token, expire_attempt_tokens
 from service.db import transaction
-from service.models import Attempt, Run
+from service.models import Attempt, Checkpoint, Run
 from service.orchestrator.decide import (
     BAD_NODE_STATES,
     Action,
@@ -44,6 +45,7 @@ from service.orchestrator.decide import (
     WaitForHosts,
     failure_of,
 )
+from service.orchestrator.fault_points import fault_point
 from service.orchestrator.health_gateway import HealthGateway
 from service.orchestrator.launchers.base import (
     Launcher,
@@ -51,7 +53,9 @@ from service.orchestrator.launchers.base import (
     LaunchSpec,
     build_trainer_args,
     launcher_for,
+    start_recorded,
 )
+from service.orchestrator.leadership import LeadershipLost
 from service.orchestrator.observe import AUTHOR
 from service.orchestrator.spool import drain_spool
 from service.recovery.config import OrchestratorConfig
@@ -63,6 +67,9 @@ from trainer.contract import checkpoints_dir
 log = logging.getLogger("trainops.orchestrator")
 
 Pager = Callable[[int, str, dict[str, Any]], None]
+Fence = Callable[[str], AbstractContextManager[None]]
+"""A side effect outside the database runs inside `fence(what)` (leadership.fenced): only while this
+orchestrator leads."""
 
 
 def _datetime(value: float | None) -> dt.datetime | None:
@@ -105,8 +112,10 @@ class Applier:
         health: HealthGateway,
         pager: Pager | None,
         trainer_env: Mapping[str, str],
+        fence: Fence | None = None,
     ) -> None:
         self.factory = session_factory
+        self.fence: Fence = fence or (lambda _what: nullcontext())
         self.cfg = cfg
         self.runs_dir = runs_dir
         self.launchers = launchers
@@ -211,7 +220,8 @@ class Applier:
             attempt = active_attempt(session, run_id=observed.run_id)
             info = dict(attempt.launcher or {}) if attempt else {}
         if action.kill and "tag" in info:
-            launcher_for(self.launchers, info).kill(info)
+            with self.fence(f"kill attempt {observed.attempt.number} of run {observed.name}"):
+                launcher_for(self.launchers, info).kill(info)
         drain_spool(
             self.factory, run_id=observed.run_id, run_dir=self.runs_dir / observed.name, author=AUTHOR
         )
@@ -266,17 +276,21 @@ class Applier:
                     evidence={"attempt": attempt.number, **dict(action.evidence)},
                 )
         if action.cordon_hosts:
-            self.health.cordon(
-                action.cordon_hosts,
-                reason=f"{action.outcome}: {action.reason}",
-                evidence=dict(action.evidence),
-                run_id=observed.run_id,
-                offence=action.offence,
-            )
+            with self.fence(f"cordon {', '.join(action.cordon_hosts)}"):
+                self.health.cordon(
+                    action.cordon_hosts,
+                    reason=f"{action.outcome}: {action.reason}",
+                    evidence=dict(action.evidence),
+                    run_id=observed.run_id,
+                    offence=action.offence,
+                )
         if action.blame_hosts:
-            self.health.blame(
-                action.blame_hosts, reason=f"{action.outcome} of run {observed.name}", run_id=observed.run_id
-            )
+            with self.fence(f"blame {', '.join(action.blame_hosts)}"):
+                self.health.blame(
+                    action.blame_hosts,
+                    reason=f"{action.outcome} of run {observed.name}",
+                    run_id=observed.run_id,
+                )
 
     def escalate(self, observed: ObservedRun, action: Escalate) -> None:
         with transaction(self.factory) as session:
@@ -324,6 +338,8 @@ class Applier:
     # ---- the steps of a launch ----------------------------------------------------------------------
 
     def _hosts_pass_deep_check(self, observed: ObservedRun, action: Launch) -> bool:
+        with self.fence(f"deep-check {', '.join(action.hosts)}"):
+            pass  # checked only: the diagnostics may take minutes, a new leader must not wait for them
         fit = self.health.deep_check(action.hosts, deadline_s=self.cfg.remediation.deep_check_deadline_s)
         unfit = sorted(h for h in action.hosts if not fit.get(h, False))
         with transaction(self.factory) as session:
@@ -373,10 +389,11 @@ class Applier:
     def _launch_spec(
         self,
         observed: ObservedRun,
-        action: Launch,
         *,
         run: Run,
         number: int,
+        hosts: tuple[str, ...],
+        resume_from: str | None,
         overrides: dict[str, Any],
         token: str,
     ) -> LaunchSpec:
@@ -386,14 +403,14 @@ class Applier:
             run_id=run.id,
             run_name=run.name,
             attempt=number,
-            hosts=action.hosts,
+            hosts=hosts,
             procs_per_host=int(config.get("procs_per_host", 1)),
             run_dir=run_dir,
             trainer_args=tuple(
                 build_trainer_args(
                     config=config,
                     run_dir=run_dir,
-                    resume_from=action.checkpoint.path if action.checkpoint else None,
+                    resume_from=resume_from,
                     overrides=overrides,
                     faults=parse_faults(config.get("faults") or [], number),
                 )
@@ -422,7 +439,13 @@ class Applier:
                 session, name=f"{run.name}-attempt-{number}", role=Role.trainer, run_id=run.id
             )
             spec = self._launch_spec(
-                observed, action, run=run, number=number, overrides=overrides, token=token
+                observed,
+                run=run,
+                number=number,
+                hosts=action.hosts,
+                resume_from=action.checkpoint.path if action.checkpoint else None,
+                overrides=overrides,
+                token=token,
             )
             info = launcher.prepare(spec)
             if run.phase != RunPhase.starting:
@@ -452,6 +475,7 @@ class Applier:
                     "checkpoint": action.checkpoint.path if action.checkpoint else None,
                 },
             )
+        fault_point("attempt-recorded", attempt=number)
         return launcher, spec, info
 
     def _carry_over(
@@ -478,7 +502,10 @@ class Applier:
         """Start the recorded attempt. A scheduler's refusal ends it (`_launch_refused`); any other error
         ends it as a crash and fails the pass (the loop counts it)."""
         try:
-            started = launcher.start(spec, info)
+            with self.fence(f"start attempt {spec.attempt} of run {spec.run_name}"):
+                started = launcher.start(spec, info)
+        except LeadershipLost:
+            raise  # not started: the leader that took over starts it (finish_interrupted_launch)
         except LaunchRefused as exc:
             self._launch_refused(observed, spec.attempt, launcher.kind, exc)
             return
@@ -497,10 +524,83 @@ class Applier:
                         evidence={"launch_error": repr(exc)},
                     )
             raise
+        fault_point("attempt-started", attempt=spec.attempt)
         with transaction(self.factory) as session:
             attempt = active_attempt(session, run_id=observed.run_id)
             if attempt is not None and attempt.number == spec.attempt:
                 attempt.launcher = {**info, **started}
+
+    def finish_interrupted_launch(self, observed: ObservedRun) -> bool:
+        """An attempt recorded but whose start was never recorded: the orchestrator that launched it died (or
+        was deposed) between the two. If its launcher finds the attempt's processes, they are adopted (their
+        start is recorded); if not, it starts the attempt now, under the recorded number, hosts, restore
+        point and overrides. Either way the attempt runs once. True when something was done."""
+        if observed.attempt is None:
+            return False
+        with transaction(self.factory) as session:
+            attempt = active_attempt(session, run_id=observed.run_id)
+            if attempt is None or attempt.number != observed.attempt.number:
+                return False
+            info = dict(attempt.launcher or {})
+            if "tag" not in info or start_recorded(info):
+                return False
+            launcher = launcher_for(self.launchers, info)
+        find_started = getattr(launcher, "find_started", None)
+        if find_started is None:  # this launcher cannot tell: its status decides, as for any attempt
+            return False
+        found = find_started(info)
+        if found is not None:
+            with transaction(self.factory) as session:
+                attempt = active_attempt(session, run_id=observed.run_id)
+                if attempt is None or attempt.number != observed.attempt.number:
+                    return False
+                attempt.launcher = {**info, **found}
+                write_log(
+                    session,
+                    kind=LogKind.action,
+                    author=AUTHOR,
+                    run_id=observed.run_id,
+                    message=f"attempt {attempt.number}: adopted; it had been started by an orchestrator that "
+                    "stopped before recording it",
+                    evidence={"found": found},
+                )
+            return True
+        with transaction(self.factory) as session:
+            run = get_run(session, run_id=observed.run_id, for_update=True)
+            attempt = active_attempt(session, run_id=run.id)
+            if attempt is None or attempt.number != observed.attempt.number:
+                return False
+            restore = (
+                session.get(Checkpoint, attempt.restored_from_checkpoint_id)
+                if attempt.restored_from_checkpoint_id is not None
+                else None
+            )
+            # The recording orchestrator's token died with it (only its hash is stored): a new one, ending
+            # with the attempt like the first.
+            token_row, token = create_token(
+                session, name=f"{run.name}-attempt-{attempt.number}", role=Role.trainer, run_id=run.id
+            )
+            token_row.attempt_id = attempt.id
+            spec = self._launch_spec(
+                observed,
+                run=run,
+                number=attempt.number,
+                hosts=tuple(attempt.hosts),
+                resume_from=restore.path if restore is not None else None,
+                overrides=dict(attempt.overrides or {}),
+                token=token,
+            )
+            write_log(
+                session,
+                kind=LogKind.action,
+                author=AUTHOR,
+                run_id=run.id,
+                message=f"attempt {attempt.number}: starting it; the orchestrator that recorded it stopped "
+                "before starting it",
+                evidence={"hosts": list(attempt.hosts), "checkpoint": restore.path if restore else None},
+            )
+        self._start_attempt(observed, launcher, spec, info)
+        return True
 
     def _launch_refused(self, observed: ObservedRun, number: int, kind: str, exc: LaunchRefused) -> None:
         """The scheduler refused the attempt. A permanent refusal (the run asks for something the cluster

@@ -11,6 +11,10 @@ the run's next pass waits out an exponential back-off. Transient errors (the dat
 `failing_passes.is_transient`) are waited out; any other error, or a transient one that lasts, spends the
 budget (`failing_pass_limit` passes in a row), after which the run goes to needs_attention with the evidence
 in its logbook and on-call is paged (`_escalate_failing_run`).
+
+Several orchestrators may share one PostgreSQL database: given a `Leadership`, only the leader reconciles,
+the others poll for the lead once per loop interval, and every write and side effect of a pass is fenced
+(`leadership.py`); a pass whose leader was deposed stops at its next step (`LeadershipLost`).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import threading
 import time
 import traceback
 from collections.abc import Mapping
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +36,8 @@ from service.crud.runs import get_run, runs_to_reconcile, set_run_phase
 from service.db import transaction
 from service.metrics import (
     ORCHESTRATOR_FAILED_PASSES,
+    ORCHESTRATOR_LEADER,
+    ORCHESTRATOR_LEADERSHIP_CHANGES,
     ORCHESTRATOR_LOOP_DURATION,
     ORCHESTRATOR_RUNS_ESCALATED,
 )
@@ -39,6 +46,13 @@ from service.orchestrator.decide import Action, ObservedRun, decide
 from service.orchestrator.failing_passes import FailingPasses, RunPassFailures, describe
 from service.orchestrator.health_gateway import HealthGateway
 from service.orchestrator.launchers.base import Launcher
+from service.orchestrator.leadership import (
+    Leadership,
+    LeadershipChange,
+    LeadershipLost,
+    fenced,
+    fenced_sessions,
+)
 from service.orchestrator.observe import AUTHOR, observe_run, refresh_verdicts, sync_checkpoints
 from service.recovery.config import OrchestratorConfig
 from service.statemachine import RUN_TRANSITIONS, LogKind, RunPhase, Severity
@@ -65,8 +79,13 @@ class Orchestrator:
         health: HealthGateway,
         pager: Pager | None = None,
         trainer_env: dict[str, str] | None = None,
+        leadership: Leadership | None = None,
     ) -> None:
-        self.factory = session_factory
+        self.leadership = leadership
+        """None: this orchestrator acts alone, unfenced (embedded tests); else it acts only while it leads."""
+        self.factory = session_factory if leadership is None else fenced_sessions(session_factory, leadership)
+        if leadership is not None and leadership.is_leader:  # SQLite: taken when the orchestrator was built
+            ORCHESTRATOR_LEADER.set(1)
         self.cfg = cfg
         self.launchers = dict(launchers)
         self.health = health
@@ -79,6 +98,7 @@ class Orchestrator:
             health=health,
             pager=pager,
             trainer_env=trainer_env or {},
+            fence=lambda what: fenced(leadership, session_factory.kw["bind"], what),
         )
         self.failing_passes = FailingPasses(
             limit=cfg.failing_pass_limit,
@@ -102,15 +122,78 @@ class Orchestrator:
     # ---- the timer ----------------------------------------------------------------------------------
 
     def run_forever(self) -> None:
-        while not self._stop.is_set():
-            started = time.monotonic()
-            try:
-                self.reconcile_once()
-            except Exception:  # e.g. the runs could not be listed: the next pass observes afresh
-                log.exception("reconcile pass failed")
-            ORCHESTRATOR_LOOP_DURATION.observe(time.monotonic() - started)
-            self._wake.wait(self.cfg.loop_interval_s)
-            self._wake.clear()
+        try:
+            while not self._stop.is_set():
+                started = time.monotonic()
+                if self.leads():
+                    try:
+                        self.reconcile_once()
+                    except LeadershipLost as lost:  # deposed mid-pass: the step was not taken
+                        log.warning("reconcile pass stopped: %s", lost)
+                        self.leads()
+                    except Exception:  # e.g. the runs could not be listed: the next pass observes afresh
+                        log.exception("reconcile pass failed")
+                    ORCHESTRATOR_LOOP_DURATION.observe(time.monotonic() - started)
+                self._wake.wait(self.cfg.loop_interval_s)
+                self._wake.clear()
+        finally:
+            self.step_down()
+
+    def leads(self) -> bool:
+        """Whether this orchestrator may reconcile now: it leads (taking the lead if it is free)."""
+        if self.leadership is None:
+            return True
+        change = self.leadership.poll()
+        if change is not None:
+            self._leadership_changed(change)
+        return self.leadership.is_leader
+
+    def step_down(self) -> None:
+        """Give up the lead (at shutdown): a standby takes over at its next poll, not after a lease."""
+        if self.leadership is not None and self.leadership.is_leader:
+            self.leadership.release()
+            ORCHESTRATOR_LEADER.set(0)
+            log.info("orchestrator stepped down; a standby takes over at its next poll")
+
+    def leader_description(self) -> str:
+        """Who leads, as the leader lock's session names it (PostgreSQL), for a standby's messages."""
+        current_holder = getattr(self.leadership, "current_holder", None)
+        try:
+            holder = current_holder() if current_holder is not None else None
+        except Exception:  # the database is unreachable: say so rather than fail the message
+            return "unknown: the database did not answer"
+        return str(holder) if holder is not None else "none now"
+
+    def _leadership_changed(self, change: LeadershipChange) -> None:
+        """Log a change of leader (the new leader's logbook entry names itself and its predecessor), set the
+        gauge, and forget what this process remembered of runs while another orchestrator led."""
+        ORCHESTRATOR_LEADERSHIP_CHANGES.labels(change="acquired" if change.acquired else "lost").inc()
+        ORCHESTRATOR_LEADER.set(1 if change.acquired else 0)
+        self.failing_passes.forget_except(set())
+        self.applier.waiting_since.clear()
+        if not change.acquired:
+            log.warning("orchestrator %s lost the lead (%s); standing by", change.holder, change.reason)
+            return
+        previous = str(change.previous) if change.previous else "unknown"
+        log.info("orchestrator %s leads now (previous leader: %s)", change.holder, previous)
+        try:
+            with transaction(self.factory) as session:
+                write_log(
+                    session,
+                    kind=LogKind.action,
+                    author=AUTHOR,
+                    message=f"orchestrator {change.holder} took the lead (previous leader: {previous}): "
+                    f"{change.reason}",
+                    evidence={
+                        "holder": asdict(change.holder),
+                        "previous": asdict(change.previous) if change.previous else None,
+                        **change.evidence,
+                    },
+                )
+        except LeadershipLost as lost:  # deposed again at once: the next poll says so
+            log.warning("could not record taking the lead: %s", lost)
+        except Exception:  # the database is down: leading goes on, the entry is lost (the log has it)
+            log.exception("could not record taking the lead in the logbook")
 
     def wake(self) -> None:
         """Events may wake the loop early; they never decide anything."""
@@ -160,10 +243,14 @@ class Orchestrator:
         stage = "observe"
         try:
             observed = self.observe(run_id)
+            if self.applier.finish_interrupted_launch(observed):
+                observed = self.observe(run_id)  # the attempt's processes as they are now
             stage = "decide"
             actions = decide(observed, self.cfg)
             stage = "apply"
             self.applier.apply(observed, actions)
+        except LeadershipLost:
+            raise  # not the run's failure: this orchestrator must stop acting
         except Exception as error:
             self._pass_failed(run_id, error, stage=stage)
             return None
@@ -251,7 +338,10 @@ class Orchestrator:
         if sync is None:
             return
         try:
-            sync()
+            with self.applier.fence("sync node states with the scheduler"):
+                sync()
+        except LeadershipLost:
+            raise
         except Exception as error:  # an unreachable scheduler must not stop the loop; the next pass retries
             self._side_step_failed("scheduler-sync", "syncing node states with the scheduler failed", error)
         else:
@@ -263,6 +353,8 @@ class Orchestrator:
         try:
             with transaction(self.factory) as session:
                 refresh_verdicts(session, run_id=run_id, runs_dir=self.runs_dir, cfg=self.cfg)
+        except LeadershipLost:
+            raise
         except Exception as error:
             self._side_step_failed(f"verdicts:{run_id}", f"checkpoint verdicts of run {run_id} failed", error)
         else:

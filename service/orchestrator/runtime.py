@@ -15,6 +15,7 @@ from service.fleet.schedulers import build_scheduler_adapters
 from service.fleet.sweep import run_sweep
 from service.orchestrator.launchers.base import Launcher
 from service.orchestrator.launchers.local import LocalLauncher
+from service.orchestrator.leadership import SqliteLeadership, leadership_for
 from service.orchestrator.loop import Orchestrator
 from service.recovery.config import OrchestratorConfig, load_orchestrator_config
 
@@ -60,10 +61,16 @@ def build_health_gateway(settings: Settings, session_factory: sessionmaker[Sessi
 def build_orchestrator(
     settings: Settings, session_factory: sessionmaker[Session], cfg: OrchestratorConfig | None = None
 ) -> Orchestrator:
+    """The orchestrator of `trainops orchestrator` / `up` / the demo. It acts only while it leads: on
+    PostgreSQL it may stand by for another; on SQLite it takes the database at once or raises
+    `LeadershipRefused` (a second orchestrator on one SQLite file refuses to start)."""
     from service.paging import make_pager
 
     cfg = cfg or load_orchestrator_config(settings)
     env = {"TRAINOPS_API_URL": cfg.api_url} if cfg.api_url else {}
+    leadership = leadership_for(session_factory.kw["bind"], lease_s=cfg.leader_lease_s)
+    if isinstance(leadership, SqliteLeadership):
+        leadership.acquire()
     return Orchestrator(
         session_factory,
         cfg,
@@ -71,6 +78,7 @@ def build_orchestrator(
         health=build_health_gateway(settings, session_factory),
         pager=make_pager(settings),
         trainer_env=env,
+        leadership=leadership,
     )
 
 

@@ -190,6 +190,10 @@ class OrchestratorConfig(LayeredSettings):
     reporter's final flush, up to 10 s; a rank that outlives the kill, e.g. Slurm's KillWait of 30 s) are
     accepted, then it expires (docs/security.md, "Tokens"). What the reporter could not deliver is in the
     spool, which the orchestrator drains itself and a later attempt replays with its own token."""
+    leader_lease_s: float = 10.0
+    """PostgreSQL, several orchestrators: how long the database may take to notice a leader whose host or
+    network vanished (its lock session's TCP keepalives and user timeout); a killed leader's lock is freed
+    at once. A standby takes over within 2 x `loop_interval_s` + this (docs/orchestrator.md, "Failover")."""
     divergence: DivergenceConfig = Field(default_factory=DivergenceConfig)
     restart_point: RestartPointConfig = Field(default_factory=RestartPointConfig)
     remediation: RemediationConfig = Field(default_factory=RemediationConfig)
@@ -218,6 +222,9 @@ class OrchestratorConfig(LayeredSettings):
             raise ValueError("trainer_token_grace_s must be >= 0")
         if self.failing_pass_limit < 1:
             raise ValueError("failing_pass_limit must be >= 1")
+        # TCP keepalive counts in whole seconds; a lease shorter than a pass would depose healthy leaders.
+        if self.leader_lease_s < 2 or self.leader_lease_s <= self.loop_interval_s:
+            raise ValueError("leader_lease_s must be >= 2 and > loop_interval_s")
         if self.failing_pass_backoff_max_s < self.loop_interval_s or self.transient_failure_patience_s < 0:
             raise ValueError(
                 "need failing_pass_backoff_max_s >= loop_interval_s and transient_failure_patience_s >= 0"

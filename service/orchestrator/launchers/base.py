@@ -78,6 +78,19 @@ class Launcher(Protocol):
         """Stop the attempt and every process of it; idempotent."""
         ...
 
+    # Launchers may also offer `find_started(info) -> dict | None`: for an attempt whose start was never
+    # recorded (its orchestrator died in between), what `start` would have returned if it did start the
+    # attempt, else None; the next leader then adopts it, or starts it (apply.finish_interrupted_launch).
+
+
+START_RECORD_KEY = "started"
+"""Key every launcher's `start` returns (the time it started the attempt): its presence in an attempt's
+stored launcher info means the start was recorded."""
+
+
+def start_recorded(info: Mapping[str, Any]) -> bool:
+    return START_RECORD_KEY in info
+
 
 def launcher_for(launchers: Mapping[str, Launcher], info: Mapping[str, Any]) -> Launcher:
     """The launcher that started an attempt (its kind is stored with the attempt's launcher info)."""

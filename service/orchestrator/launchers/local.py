@@ -3,6 +3,10 @@
 Each attempt runs under a supervisor process (`service/orchestrator/runner.py`) in a session of its own, so
 it outlives an orchestrator restart; its processes carry the attempt's tag in their environment, which is
 how `status` and `kill` find them all.
+
+A start is claimed first (`launch.json` in the attempt directory, created exclusively and tagged with the
+attempt), so an attempt is started at most once however often `start` is called, and an orchestrator that
+takes over from one that died mid-launch can tell whether it had started the attempt (`find_started`).
 """
 
 from __future__ import annotations
@@ -19,7 +23,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from service.orchestrator.launchers.base import ATTEMPT_TAG_ENV, LaunchSpec, ProcessStatus
+from service.orchestrator.launchers.base import (
+    ATTEMPT_TAG_ENV,
+    START_RECORD_KEY,
+    LaunchSpec,
+    ProcessStatus,
+)
 from service.orchestrator.runner import EXIT_FILE
 from trainer import contract
 
@@ -37,6 +46,36 @@ def _pid_alive(pid: int) -> bool:
             return f.read().split(") ", 1)[1][0] != "Z"
     except (OSError, IndexError):
         return False
+
+
+LAUNCH_CLAIM_FILE = "launch.json"
+
+
+def _read_claim(attempt_dir: Path, tag: str) -> dict[str, Any] | None:
+    """The attempt's launch claim, if this attempt (its tag) made one; a claim of another tag is stale."""
+    try:
+        claim = json.loads((attempt_dir / LAUNCH_CLAIM_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return claim if isinstance(claim, dict) and claim.get("tag") == tag else None
+
+
+def _claim_launch(attempt_dir: Path, tag: str) -> dict[str, Any] | None:
+    """Claim the attempt's start: None when this call claimed it, else the existing claim (started)."""
+    path = attempt_dir / LAUNCH_CLAIM_FILE
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            claim = _read_claim(attempt_dir, tag)
+            if claim is not None:
+                return claim
+            path.unlink(missing_ok=True)  # a stale claim (another run's attempt of the same name and number)
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump({"tag": tag, START_RECORD_KEY: time.time()}, f)
+        return None
+    raise RuntimeError(f"could not claim the launch of {attempt_dir}")
 
 
 def tagged_pids(tag: str) -> list[int]:
@@ -111,6 +150,9 @@ class LocalLauncher:
             "TRAINOPS_HOSTS": ",".join(spec.hosts),
             "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
         }
+        already = _claim_launch(attempt_dir, tag)
+        if already is not None:  # started before (by an orchestrator that died before recording it)
+            return {k: v for k, v in already.items() if k != "tag"}
         (attempt_dir / "command.json").write_text(json.dumps({"command": command, "hosts": list(spec.hosts)}))
         proc = subprocess.Popen(
             [self.python, "-m", "service.orchestrator.runner", str(attempt_dir), "--", *command],
@@ -120,15 +162,26 @@ class LocalLauncher:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        return {
+        started = {
             "kind": self.kind,
             "tag": tag,
             "attempt_dir": str(attempt_dir),
             "runner_pid": proc.pid,
             "world_size": world,
             "rdzv_port": port,
-            "started": time.time(),
+            START_RECORD_KEY: time.time(),
         }
+        claim = attempt_dir / LAUNCH_CLAIM_FILE
+        tmp = claim.with_name(f".{claim.name}.tmp")
+        tmp.write_text(json.dumps(started))
+        os.replace(tmp, claim)
+        return started
+
+    def find_started(self, info: Mapping[str, Any]) -> dict[str, Any] | None:
+        """What `start` returned, if it started (claimed) this attempt; a claim without the supervisor's pid
+        (the orchestrator died in between) is found by the exit file or the attempt's tagged processes."""
+        claim = _read_claim(Path(info["attempt_dir"]), str(info["tag"]))
+        return None if claim is None else {k: v for k, v in claim.items() if k != "tag"}
 
     def status(self, info: Mapping[str, Any]) -> ProcessStatus:
         attempt_dir = Path(info["attempt_dir"])

@@ -264,6 +264,16 @@ class SlurmLauncher:
             status = replace(status, allocated_hosts=self.hostnames(job.nodes))
         return status
 
+    def find_started(self, info: Mapping[str, Any]) -> dict[str, Any] | None:
+        """The attempt's job, when an orchestrator submitted it and died before recording its id: found by
+        the comment tag in squeue, or (purged already) by the exit status the batch script wrote."""
+        job = self._job_by_tag(str(info["tag"]))
+        if job is not None:
+            return {"job_id": job.job_id, "started": time.time()}
+        if read_job_exit_status(Path(info["attempt_dir"])) is not None:
+            return {"started": time.time()}
+        return None
+
     def hostnames(self, nodelist: str) -> tuple[str, ...]:
         """`n[1-3]` -> ("n1", "n2", "n3"): the order in which Slurm numbers an allocation's nodes."""
         if nodelist in ("", "(null)"):

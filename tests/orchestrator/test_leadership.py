@@ -1,0 +1,240 @@
+"""Issue 13, point 3: one leader among orchestrators on one database, fenced; SQLite allows one orchestrator.
+
+PostgreSQL tests use a database of their own and a scratch table (no schema needed: the leader lock and the
+fence live in pg_locks). Each `PostgresLeadership` is given its own identity, as separate processes have.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from pydantic import ValidationError
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session, sessionmaker
+from typer.testing import CliRunner
+
+from service.cli import app
+from service.crud.orchestrators import LEADER_SESSION_SQL, orchestrator_sessions
+from service.db import make_engine, make_session_factory, transaction
+from service.orchestrator.leadership import (
+    Holder,
+    LeadershipLost,
+    LeadershipRefused,
+    PostgresLeadership,
+    SqliteLeadership,
+    fenced,
+    fenced_sessions,
+)
+from service.recovery.config import OrchestratorConfig
+
+WRITES = sa.Table("fenced_writes", sa.MetaData(), sa.Column("what", sa.String(40)))
+
+
+@pytest.fixture
+def pg(postgres_url: str) -> Iterator[tuple[Engine, sessionmaker[Session]]]:
+    engine = make_engine(postgres_url, pool_size=4)
+    WRITES.metadata.create_all(engine)
+    try:
+        yield engine, make_session_factory(engine)
+    finally:
+        engine.dispose()
+
+
+def leader_session_pid(engine: Engine) -> int:
+    """The backend pid of the session holding this database's leader lock."""
+    with engine.connect() as conn:
+        return int(conn.execute(sa.text(LEADER_SESSION_SQL)).one().pid)
+
+
+def written(factory: sessionmaker[Session]) -> list[str]:
+    with transaction(factory) as session:
+        return list(session.scalars(sa.select(WRITES.c.what)))
+
+
+@pytest.mark.postgres
+def test_one_leads_the_other_stands_by_and_only_the_leaders_writes_commit(
+    pg: tuple[Engine, sessionmaker[Session]],
+) -> None:
+    engine, factory = pg
+    first = PostgresLeadership(engine, lease_s=2, holder=Holder("host-a", 101))
+    second = PostgresLeadership(engine, lease_s=2, holder=Holder("host-b", 202))
+    try:
+        taken = first.poll()
+        assert taken is not None and taken.acquired and first.is_leader
+        assert second.poll() is None and not second.is_leader
+        assert second.current_holder() == Holder("host-a", 101)
+        with transaction(factory) as session:
+            assert orchestrator_sessions(session) == (1, 1)
+
+        with transaction(fenced_sessions(factory, first)) as session:
+            session.execute(sa.insert(WRITES).values(what="leader, core insert"))
+        with (
+            pytest.raises(LeadershipLost, match="not the leader"),
+            transaction(fenced_sessions(factory, second)) as session,
+        ):
+            session.execute(sa.text("INSERT INTO fenced_writes VALUES ('standby, text insert')"))
+        with transaction(fenced_sessions(factory, second)) as session:  # reading needs no lead
+            assert session.execute(sa.text("SELECT count(*) FROM fenced_writes")).scalar_one() == 1
+        assert written(factory) == ["leader, core insert"]
+
+        # The leader's lock session dies (its connection dropped): PostgreSQL frees the lock, the leader's
+        # next write fails its fence although this process still believes it leads ...
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": leader_session_pid(engine)})
+        assert first.is_leader
+        with (
+            pytest.raises(LeadershipLost, match="no longer this orchestrator's"),
+            transaction(fenced_sessions(factory, first)) as session,
+        ):
+            session.execute(sa.insert(WRITES).values(what="deposed leader"))
+        # ... the standby takes over, naming its predecessor; the old leader's poll says it lost.
+        taken = second.poll()
+        assert taken is not None and taken.acquired and taken.previous == Holder("host-a", 101)
+        lost = first.poll()
+        assert lost is not None and not lost.acquired and "lock session failed" in lost.reason
+        assert first.poll() is None and not first.is_leader  # now a standby
+        with transaction(fenced_sessions(factory, second)) as session:
+            session.execute(sa.insert(WRITES).values(what="new leader"))
+        assert written(factory) == ["leader, core insert", "new leader"]
+    finally:
+        first.release()
+        second.release()
+
+
+@pytest.mark.postgres
+def test_a_new_leader_waits_for_the_deposed_leaders_side_effect_in_flight(
+    pg: tuple[Engine, sessionmaker[Session]],
+) -> None:
+    engine, _ = pg
+    first = PostgresLeadership(engine, lease_s=2, holder=Holder("host-a", 101))
+    second = PostgresLeadership(engine, lease_s=2, holder=Holder("host-b", 202))
+    inside, release = threading.Event(), threading.Event()
+    events: list[str] = []
+
+    def launch() -> None:
+        with fenced(first, engine, "start attempt 1"):
+            inside.set()
+            release.wait(10)
+            events.append("side effect done")
+
+    try:
+        assert first.poll() is not None
+        worker = threading.Thread(target=launch)
+        worker.start()
+        assert inside.wait(10)
+        with engine.connect() as conn:  # the leader's lock session dies mid-launch
+            conn.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": leader_session_pid(engine)})
+        taker = threading.Thread(target=lambda: events.append(f"took over: {second.poll() is not None}"))
+        taker.start()
+        time.sleep(0.5)
+        assert events == []  # it holds the lock but waits for the fenced launch to end
+        release.set()
+        worker.join(10)
+        taker.join(10)
+        assert events == ["side effect done", "took over: True"]
+        assert second.is_leader
+        # the deposed leader's next side effect is refused
+        with pytest.raises(LeadershipLost), fenced(first, engine, "kill attempt 1"):
+            events.append("must not run")
+        assert "must not run" not in events
+    finally:
+        release.set()
+        first.release()
+        second.release()
+
+
+@pytest.mark.postgres
+def test_a_leader_that_steps_down_frees_the_lock_at_once(pg: tuple[Engine, sessionmaker[Session]]) -> None:
+    engine, _ = pg
+    first = PostgresLeadership(engine, lease_s=2, holder=Holder("host-a", 101))
+    second = PostgresLeadership(engine, lease_s=2, holder=Holder("host-b", 202))
+    try:
+        assert first.poll() is not None
+        assert second.poll() is None
+        first.release()
+        taken = second.poll()
+        assert taken is not None and taken.previous == Holder("host-a", 101)
+    finally:
+        first.release()
+        second.release()
+
+
+def test_sqlite_allows_one_orchestrator_and_a_second_refuses_naming_the_first(tmp_path: Path) -> None:
+    database = tmp_path / "trainops.db"
+    engine = make_engine(f"sqlite:///{database}")
+    factory = make_session_factory(engine)
+    with transaction(factory) as session:
+        assert orchestrator_sessions(session) == (0, 0)  # nobody leads: OrchestratorLeaderMissing's signal
+    first = SqliteLeadership(database, holder=Holder("host-a", 101))
+    second = SqliteLeadership(database, holder=Holder("host-b", 202))
+    first.acquire()
+    try:
+        with transaction(factory) as session:
+            assert orchestrator_sessions(session) == (1, 0)
+        with pytest.raises(LeadershipRefused, match=r"another orchestrator \(host-a pid 101, since .*SQLite"):
+            second.acquire()
+        assert not second.is_leader
+        with pytest.raises(LeadershipLost):
+            second.fence(None, "write")  # type: ignore[arg-type]  # SQLite's fence reads no connection
+    finally:
+        first.release()
+    with transaction(factory) as session:
+        assert orchestrator_sessions(session) == (0, 0)
+    second.acquire()  # the first one stopped: the database is free
+    assert second.is_leader
+    second.release()
+    engine.dispose()
+
+
+def test_trainops_orchestrator_on_a_sqlite_database_in_use_exits_with_the_reason(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    database = home / "trainops.db"
+    holder = SqliteLeadership(database.resolve(), holder=Holder("host-a", 101))
+    holder.acquire()
+    try:
+        result = CliRunner().invoke(
+            app,
+            ["orchestrator", "--once"],
+            env={"TRAINOPS_HOME": str(home), "TRAINOPS_DATABASE_URL": f"sqlite:///{database}"},
+        )
+    finally:
+        holder.release()
+    assert result.exit_code == 1, result.output
+    assert "orchestrator not started" in result.output and "host-a pid 101" in result.output
+
+
+def test_the_lease_must_exceed_a_loop_interval() -> None:
+    with pytest.raises(ValidationError, match="leader_lease_s must be >= 2 and > loop_interval_s"):
+        OrchestratorConfig(loop_interval_s=3.0, leader_lease_s=3.0)
+    with pytest.raises(ValidationError, match="leader_lease_s"):
+        OrchestratorConfig(leader_lease_s=1.0, loop_interval_s=0.5)
+    assert OrchestratorConfig(loop_interval_s=0.5, leader_lease_s=2.0).leader_lease_s == 2.0
+
+
+def test_the_lock_sessions_name_says_who_holds_it() -> None:
+    holder = Holder("gpu-ctl-1.example", 4242)
+    assert Holder.from_application_name(holder.application_name) == holder
+    assert Holder.from_application_name("psql") is None
+
+
+@pytest.mark.postgres
+def test_a_leader_whose_lock_session_died_steps_down_then_leads_again_on_a_new_session(
+    pg: tuple[Engine, sessionmaker[Session]],
+) -> None:
+    engine, _ = pg
+    leader = PostgresLeadership(engine, lease_s=2, holder=Holder("host-b", 202))
+    try:
+        assert leader.poll() is not None
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": leader_session_pid(engine)})
+        lost = leader.poll()
+        assert lost is not None and not lost.acquired and "lock session failed" in lost.reason
+        taken = leader.poll()  # a fresh lock session; nobody else wanted the lock
+        assert taken is not None and taken.acquired
+    finally:
+        leader.release()
