@@ -48,6 +48,7 @@ from service.crud.nodes import register_node  # noqa: E402
 from service.crud.runs import create_attempt, create_run  # noqa: E402
 from service.crud.telemetry import attempt_heartbeats, record_heartbeats  # noqa: E402
 from service.db import make_engine, make_session_factory, transaction  # noqa: E402
+from service.models import utcnow  # noqa: E402
 from service.orchestrator.decide import decide  # noqa: E402
 from service.orchestrator.launchers.base import Launcher, LaunchSpec, ProcessStatus  # noqa: E402
 from service.orchestrator.observe import observe_run, rank_beat  # noqa: E402
@@ -92,9 +93,9 @@ def beat(rank: int, now: float) -> dict[str, Any]:
     }
 
 
-def fill(factory: sessionmaker[Session], sizes: list[int]) -> dict[int, int]:
-    """One running run per size with an attempt on its hosts and every rank's beat stored; run id by size."""
-    now = time.time()
+def fill(factory: sessionmaker[Session], sizes: list[int], now: float) -> dict[int, int]:
+    """One running run per size with an attempt on its hosts and every rank's beat, recorded a second
+    before `now`, stored; run id by size. Observing at `now` sees every rank healthy."""
     with transaction(factory) as session:
         for host in range(max(sizes) // RANKS_PER_HOST or 1):
             register_node(session, hostname=f"gpu-{host:04d}", author=AUTHOR)
@@ -111,7 +112,7 @@ def fill(factory: sessionmaker[Session], sizes: list[int]) -> dict[int, int]:
                 start=True,
                 author=AUTHOR,
             )
-            create_attempt(
+            attempt = create_attempt(
                 session,
                 run=run,
                 hosts=hosts,
@@ -121,6 +122,7 @@ def fill(factory: sessionmaker[Session], sizes: list[int]) -> dict[int, int]:
                 start_step=0,
                 author=AUTHOR,
             )
+            attempt.first_step_at = utcnow()  # training: its first step is long done
             runs[ranks] = run.id
         started = time.perf_counter()
         for first in range(0, ranks, RANKS_PER_HOST):  # one request per host, as a host relay would send
@@ -176,8 +178,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         migrate.upgrade(url)
         engine = make_engine(url)
         factory = make_session_factory(engine)
-        runs = fill(factory, sizes)
         now = time.time()
+        runs = fill(factory, sizes, now)
         for ranks in sizes:
             write_beat_files(work / "files" / str(ranks), ranks, now)
 
@@ -195,7 +197,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     cfg=cfg,
                     launchers=launchers,
                     waiting_for_hosts_since=None,
-                    now=time.time(),
+                    now=now,  # the pass as it would run a second after the beats were recorded
                 )
             assert observed.attempt is not None and len(observed.attempt.beats) == ranks
             assert decide(observed, cfg) == []  # healthy ranks: no action

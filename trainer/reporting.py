@@ -22,8 +22,10 @@ cannot be delivered is dropped, never spooled (the next send supersedes it).
 
 from __future__ import annotations
 
+import json
 import os
 import queue
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -34,6 +36,7 @@ import httpx
 
 from trainer.contract import (
     HEARTBEAT_SEND_INTERVAL_S,
+    MAX_BEATS_PER_BATCH,
     HeartbeatRecord,
     Spool,
     SpoolKind,
@@ -54,6 +57,28 @@ class NullReporter:
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Nothing to flush."""
+
+
+def control_plane_client(
+    url: str, token: str, *, timeout_s: float, transport: httpx.BaseTransport | None
+) -> httpx.Client:
+    return httpx.Client(
+        base_url=url.rstrip("/"),
+        # no token, no header: "Bearer " alone is not a valid header value, and the 401 says what is wrong
+        headers={"Authorization": f"Bearer {token}"} if token else {},
+        timeout=timeout_s,
+        transport=transport,
+    )
+
+
+def _attempt_from_env() -> dict[str, Any]:
+    """Where and as whom this process reports: the launcher's environment (docs/reporting-contract.md)."""
+    return {
+        "url": os.environ["TRAINOPS_API_URL"],
+        "token": os.environ.get("TRAINOPS_TOKEN", ""),
+        "run_id": int(os.environ.get("TRAINOPS_RUN_ID", "0")),
+        "attempt": int(os.environ.get("TRAINOPS_ATTEMPT", "1")),
+    }
 
 
 class _Retry(Exception):
@@ -79,12 +104,7 @@ class HttpReporter:
         self.log = log
         self.spool = Spool(spool_dir)
         self.queue: queue.Queue[dict[str, Any]] = queue.Queue(maxsize=queue_size)
-        self.client = httpx.Client(
-            base_url=url.rstrip("/"),
-            headers={"Authorization": f"Bearer {token}"},
-            timeout=5.0,
-            transport=transport,
-        )
+        self.client = control_plane_client(url, token, timeout_s=5.0, transport=transport)
         self._stop = threading.Event()
         self._down_since: float | None = None
         self._thread = threading.Thread(target=self._run, name="trainops-reporter", daemon=True)
@@ -223,7 +243,13 @@ class NullHeartbeatSender:
 
 
 class HeartbeatSender:
-    """Sends the newest beat the training loop offered (see the module docstring)."""
+    """Sends the newest beat the training loop offered (see the module docstring).
+
+    With `relay` (a name shared by the ranks of one torchrun agent, i.e. one host) the host's ranks send one
+    request together: local rank 0 binds a Unix datagram socket under that name and, every interval, posts
+    its own newest beat with the newest beat each of its peers handed it; the peers hand theirs over the
+    socket (never blocking: a datagram that cannot go is posted directly instead, as before the relay is
+    up). A host of 8 ranks makes one request per interval, not 8."""
 
     def __init__(
         self,
@@ -235,22 +261,35 @@ class HeartbeatSender:
         interval_s: float = HEARTBEAT_SEND_INTERVAL_S,
         log: Callable[[str], None] = print,
         transport: httpx.BaseTransport | None = None,
+        relay: str | None = None,
+        local_rank: int = 0,
     ) -> None:
         self.path = f"/api/v1/runs/{run_id}/heartbeats"
         self.attempt = attempt
         self.interval_s = interval_s
         self.log = log
         # A request never outlasts a few intervals: meanwhile newer beats replace the one being sent.
-        self.client = httpx.Client(
-            base_url=url.rstrip("/"),
-            headers={"Authorization": f"Bearer {token}"},
-            timeout=max(1.0, min(5.0, 3 * interval_s)),
-            transport=transport,
-        )
-        self.sent = 0
+        timeout_s = max(1.0, min(5.0, 3 * interval_s))
+        self.client = control_plane_client(url, token, timeout_s=timeout_s, transport=transport)
+        self.sent = 0  # requests delivered
         self._newest: HeartbeatRecord | None = None  # written by the loop, read by the thread
+        self._peers: dict[int, HeartbeatRecord] = {}  # the relay's: each peer's newest beat
         self._lock = threading.Lock()
         self._failing: str | None = None  # why the last send failed, logged once until one succeeds
+        self._relay_address = f"\0trainops-beats-{relay}" if relay else None
+        self._socket: socket.socket | None = None
+        self.relaying = False  # this process posts its host's beats
+        if self._relay_address is not None:
+            self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            self._socket.setblocking(False)
+            if local_rank == 0:
+                try:
+                    self._socket.bind(self._relay_address)
+                    self.relaying = True
+                except OSError as e:  # the name is taken: every rank of this host posts its own
+                    self.log(f"heartbeat: no relay for this host ({e}); every rank posts its own beats")
+                    self._socket.close()
+                    self._socket = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="trainops-heartbeat", daemon=True)
         self._thread.start()
@@ -266,14 +305,54 @@ class HeartbeatSender:
         self.send_newest()
 
     def send_newest(self) -> bool:
-        """Send the newest beat (again, if the loop recorded none since); False when it could not be
-        delivered (it is sent again, or superseded, next time)."""
+        """Send the newest beat (again, if the loop recorded none since), with the peers' when relaying;
+        False when it could not be delivered (it is sent again, or superseded, next time)."""
         with self._lock:
             record = self._newest
+        if self.relaying:
+            self._take_peer_beats()
+            newest = dict(self._peers)
+            if record is not None:
+                newest[record["rank"]] = record
+            beats = [newest[rank] for rank in sorted(newest)]
+            chunks = [beats[i : i + MAX_BEATS_PER_BATCH] for i in range(0, len(beats), MAX_BEATS_PER_BATCH)]
+            return all([self._post(chunk) for chunk in chunks])  # every chunk is sent, whatever the others
         if record is None:  # the loop has not recorded its first beat yet
             return True
+        if self._socket is not None and self._hand_to_relay(record):
+            return True
+        return self._post([record])
+
+    def _hand_to_relay(self, record: HeartbeatRecord) -> bool:
+        assert self._socket is not None and self._relay_address is not None
         try:
-            response = self.client.post(self.path, json=heartbeat_batch(self.attempt, [record]))
+            self._socket.sendto(json.dumps(record).encode(), self._relay_address)
+        except OSError:  # no relay (yet), or its queue is full: post this one directly
+            return False
+        return True
+
+    def _take_peer_beats(self) -> None:
+        """Every datagram waiting: the newest beat per peer rank (a malformed one is dropped)."""
+        assert self._socket is not None
+        while True:
+            try:
+                datagram = self._socket.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                return
+            try:
+                beat = json.loads(datagram)
+                rank = beat["rank"]
+                newer = rank not in self._peers or beat["time"] >= self._peers[rank]["time"]
+            except (ValueError, TypeError, KeyError):
+                continue
+            if newer:
+                self._peers[rank] = beat
+
+    def _post(self, beats: list[HeartbeatRecord]) -> bool:
+        if not beats:
+            return True
+        try:
+            response = self.client.post(self.path, json=heartbeat_batch(self.attempt, beats))
         except httpx.HTTPError as e:
             self._failed(f"{type(e).__name__}: {e}")
             return False
@@ -298,20 +377,20 @@ class HeartbeatSender:
         self._thread.join(timeout_s)
         if not self._thread.is_alive():
             self.client.close()
+            if self._socket is not None:
+                self._socket.close()
 
 
 def make_heartbeat_sender(*, log: Callable[[str], None]) -> HeartbeatSender | NullHeartbeatSender:
-    """HeartbeatSender on every rank when TRAINOPS_API_URL is set, else NullHeartbeatSender."""
-    url = os.environ.get("TRAINOPS_API_URL")
-    if not url:
+    """HeartbeatSender on every rank when TRAINOPS_API_URL is set, else NullHeartbeatSender. The ranks of one
+    torchrun agent (one host: the workers share the agent as their parent process) relay through their
+    local rank 0."""
+    if not os.environ.get("TRAINOPS_API_URL"):
         return NullHeartbeatSender()
-    return HeartbeatSender(
-        url=url,
-        token=os.environ.get("TRAINOPS_TOKEN", ""),
-        run_id=int(os.environ.get("TRAINOPS_RUN_ID", "0")),
-        attempt=int(os.environ.get("TRAINOPS_ATTEMPT", "1")),
-        log=log,
-    )
+    where = _attempt_from_env()
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    relay = f"{os.getppid()}-{where['run_id']}-{where['attempt']}" if local_world > 1 else None
+    return HeartbeatSender(**where, log=log, relay=relay, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def host_for_rank(rank: int, world: int) -> str:
@@ -330,10 +409,7 @@ def make_reporter(
     if rank != 0 or not url:
         return NullReporter()
     return HttpReporter(
-        url=url,
-        token=os.environ.get("TRAINOPS_TOKEN", ""),
-        run_id=int(os.environ.get("TRAINOPS_RUN_ID", "0")),
-        attempt=int(os.environ.get("TRAINOPS_ATTEMPT", "1")),
+        **_attempt_from_env(),
         spool_dir=spool_dir,
         interval_s=interval_s,
         log=log,

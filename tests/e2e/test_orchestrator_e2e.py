@@ -198,8 +198,9 @@ def test_the_control_plane_goes_down_mid_run_and_no_metric_is_lost(stack: Stack)
         lambda s: (s.scalar(sa.select(sa.func.max(Metric.step)).where(Metric.run_id == run_id)) or 0) >= 6
     )
     # The API goes down and stays down until the attempt is over: the trainer keeps training and spools its
-    # reports; the orchestrator (which reads heartbeat files and the database) stores the spool when the
-    # attempt ends (the trainer's own replay into a live server: tests/trainer/test_trainer_reporting.py).
+    # reports; no rank's heartbeat arrives, so the orchestrator (which reads the database) holds its hang
+    # verdict instead of killing a healthy attempt, and stores the spool when the attempt ends (the
+    # trainer's own replay into a live server: tests/trainer/test_trainer_reporting.py).
     stack.server.stop()
     stack.wait_for(phase(run_id, "completed", "needs_attention", "failed"))
     stack.server.start()

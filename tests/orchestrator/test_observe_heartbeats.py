@@ -22,7 +22,8 @@ def test_one_heartbeat_query_per_run_per_pass_at_any_size(tmp_path: Path) -> Non
     migrate.upgrade(url)
     engine = make_engine(url)
     factory = make_session_factory(engine)
-    runs = fill(factory, [8, 160])
+    now = time.time()
+    runs = fill(factory, [8, 160], now)
     cfg = OrchestratorConfig(runs_dir=str(tmp_path / "runs"))
     statements: list[str] = []
 
@@ -42,7 +43,7 @@ def test_one_heartbeat_query_per_run_per_pass_at_any_size(tmp_path: Path) -> Non
                     cfg=cfg,
                     launchers={"bench": RunningAttempts()},
                     waiting_for_hosts_since=None,
-                    now=time.time(),
+                    now=now,
                 )
             assert observed.attempt is not None and len(observed.attempt.beats) == ranks
             assert decide(observed, cfg) == []  # healthy ranks a second old: nothing to do

@@ -334,6 +334,7 @@ def test_a_fleet_sized_hang_keeps_its_logbook_entry_small() -> None:
     assert "and 8176 more" in found.detail and len(found.detail) < 300
 
 
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # both: tests/service/test_api_heartbeats.py
 def test_beats_posted_to_the_api_reach_the_hang_and_straggler_detectors(
     admin: TestClient, settings: Settings
 ) -> None:

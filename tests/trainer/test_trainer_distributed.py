@@ -99,6 +99,9 @@ def test_two_ranks_learn_real_text_in_fp16_and_report_everything(tmp_path: Path,
         (1, "h2", 16, "step"),
     ]
     assert [s for s, _ in newest[1]["busy_s"]] == list(range(1, 17)) and newest[1]["last_step_s"] > 0
+    # the host's two ranks in one request: local rank 0 relays rank 1's beats
+    beat_bodies = [body for path, _, body in posted if path == "/api/v1/runs/7/heartbeats"]
+    assert any([b["rank"] for b in body["beats"]] == [0, 1] for body in beat_bodies)
     assert (
         not (run_dir / "spool" / "pending.jsonl").exists()
         or not (run_dir / "spool" / "pending.jsonl").read_text()
@@ -213,7 +216,11 @@ def test_a_hung_rank_leaves_a_stale_heartbeat_step_that_keeps_arriving(tmp_path:
     """The loop records the beat, a thread only sends it: a hung loop's beat keeps its old time and step
     while it keeps arriving (the control plane tells a hung rank from an unreachable one)."""
     run_dir = tmp_path / "run"
-    env = {"TRAINOPS_API_URL": f"http://127.0.0.1:{receiver.server_port}", "TRAINOPS_RUN_ID": "7"}
+    env = {
+        "TRAINOPS_API_URL": f"http://127.0.0.1:{receiver.server_port}",
+        "TRAINOPS_TOKEN": "tok-1",
+        "TRAINOPS_RUN_ID": "7",
+    }
     proc = start_trainer(
         run_dir, *FP32, "--max-steps", "50", "--fault", "hang:step=3,rank=1", "--pg-timeout-s", "120", env=env
     )

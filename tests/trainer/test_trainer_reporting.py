@@ -7,6 +7,7 @@ import json
 import os
 import socket
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -114,23 +115,26 @@ def test_a_rejected_payload_is_set_aside_instead_of_blocking_the_spool(tmp_path:
         server.shutdown()
 
 
+def beat_sender(
+    port: int, *, attempt: int = 1, log: Callable[[str], None] = print, **relay: Any
+) -> HeartbeatSender:
+    url = f"http://127.0.0.1:{port}"
+    return HeartbeatSender(url=url, token="t", run_id=3, attempt=attempt, interval_s=0.05, log=log, **relay)
+
+
+def bodies(server: Any) -> list[dict[str, Any]]:
+    return [body for path, _, body in list(server.requests) if path == "/api/v1/runs/3/heartbeats"]
+
+
 def beats_received(server: Any) -> list[dict[str, Any]]:
     """Every beat that arrived, in order; each request is a valid batch as the control plane reads it."""
-    bodies = [body for path, _, body in server.requests if path == "/api/v1/runs/3/heartbeats"]
-    return [beat for body in bodies for beat in HeartbeatBatch.model_validate(body).beats]
+    return [beat for body in bodies(server) for beat in HeartbeatBatch.model_validate(body).beats]
 
 
 def test_the_sender_transports_the_newest_beat_the_loop_recorded(tmp_path: Path) -> None:
     server = start_receiver()
     try:
-        sender = HeartbeatSender(
-            url=f"http://127.0.0.1:{server.server_port}",
-            token="t",
-            run_id=3,
-            attempt=2,
-            interval_s=0.05,
-            log=lambda _: None,
-        )
+        sender = beat_sender(server.server_port, attempt=2)
         loop_beat = Heartbeat(sender, rank=1, host="h1")
         for step in range(1, 201):  # a loop much faster than the sender: only the newest beat goes out
             loop_beat.beat(step, step_time_s=0.01, last_step_s=0.01, busy=[(step, 0.01)])
@@ -149,9 +153,7 @@ def test_the_sender_transports_the_newest_beat_the_loop_recorded(tmp_path: Path)
 def test_a_stuck_loop_leaves_its_beat_stale_while_the_sender_keeps_re_sending_it(tmp_path: Path) -> None:
     server = start_receiver()
     try:
-        sender = HeartbeatSender(
-            url=f"http://127.0.0.1:{server.server_port}", token="t", run_id=3, attempt=1, interval_s=0.05
-        )
+        sender = beat_sender(server.server_port)
         Heartbeat(sender, rank=0, host="h1").beat(7)  # then the loop records nothing more
         wait_for(lambda: len(beats_received(server)) >= 4)
         sender.close()
@@ -161,18 +163,40 @@ def test_a_stuck_loop_leaves_its_beat_stale_while_the_sender_keeps_re_sending_it
         server.shutdown()
 
 
+def test_a_hosts_ranks_send_their_beats_in_one_request_through_local_rank_0(tmp_path: Path) -> None:
+    server = start_receiver()
+    relay = f"test-{uuid.uuid4().hex}"
+    try:
+        # a peer that starts before its relay posts its own beats; once the relay is up, it hands them over
+        early = beat_sender(server.server_port, relay=relay, local_rank=3)
+        Heartbeat(early, rank=3, host="h1").beat(5)
+        wait_for(lambda: any(b["rank"] == 3 for b in beats_received(server)))
+        senders = {0: beat_sender(server.server_port, relay=relay, local_rank=0), 3: early}
+        senders |= {r: beat_sender(server.server_port, relay=relay, local_rank=r) for r in (1, 2)}
+        assert senders[0].relaying and not any(senders[r].relaying for r in (1, 2, 3))
+        loops = {r: Heartbeat(sender, rank=r, host="h1") for r, sender in senders.items()}
+        for step in (6, 7):
+            for loop in loops.values():
+                loop.beat(step)
+        wait_for(lambda: any(len(HeartbeatBatch.model_validate(b).beats) == 4 for b in bodies(server)))
+        for rank in (1, 2, 3, 0):  # the peers first: once the relay is gone, a peer posts its own beat
+            senders[rank].close()
+        batches = [HeartbeatBatch.model_validate(b).beats for b in bodies(server)]
+        whole = [batch for batch in batches if len(batch) == 4]
+        assert [b["rank"] for b in whole[-1]] == [0, 1, 2, 3] and {b["step"] for b in whole[-1]} == {7}
+        # after the relay was up, the peers made no request of their own
+        first_whole = batches.index(whole[0])
+        assert all(len(batch) == 4 or batch[0]["rank"] == 0 for batch in batches[first_whole:])
+        assert senders[1].sent == senders[2].sent == 0 and senders[3].sent >= 1  # `early`, before the relay
+    finally:
+        server.shutdown()
+
+
 def test_recording_a_beat_never_waits_for_an_unresponsive_control_plane(tmp_path: Path) -> None:
     # A listening socket that never answers: every send hangs until its timeout.
     with socket.create_server(("127.0.0.1", 0)) as silent:
         logged: list[str] = []
-        sender = HeartbeatSender(
-            url=f"http://127.0.0.1:{silent.getsockname()[1]}",
-            token="t",
-            run_id=3,
-            attempt=1,
-            interval_s=0.05,
-            log=logged.append,
-        )
+        sender = beat_sender(silent.getsockname()[1], log=logged.append)
         loop_beat = Heartbeat(sender, rank=0, host="h1")
         loop_beat.beat(1)
         time.sleep(0.2)  # a send is in flight now
