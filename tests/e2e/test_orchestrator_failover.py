@@ -163,7 +163,7 @@ def test_standbys_take_over_a_killed_leader_adopt_its_attempt_and_finish_its_hal
         ).id
     for index in range(3):
         fleet.start_orchestrator(index)
-    fleet.server.start()  # before any trainer reports (a trainer takes seconds to start)
+    fleet.server.start(timeout=120)  # before any trainer reports (a trainer takes seconds to start)
     fleet.wait_for("one leader and two standbys", lambda s: orchestrator_sessions(s) == (1, 2), 60)
     scrape = httpx.get(f"{fleet.server.url}/metrics", timeout=10).text
     assert 'trainops_orchestrators{role="leader"} 1.0' in scrape
