@@ -244,6 +244,7 @@ class Options:
     seed: int
     workdir: Path
     ranks_per_host: int = GPUS_PER_HOST
+    beats_per_request: int = 0
     keep_db: bool = False
     quiet: bool = False
 
@@ -258,6 +259,7 @@ def sim_params(opts: Options, workdir: Path, seed: int) -> SimParams:
         time_scale=opts.time_scale,
         step_s=opts.step_s,
         startup_s=opts.startup_s,
+        beats_per_request=opts.beats_per_request,
         seed=seed,
     )
 
@@ -1180,6 +1182,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             seed=args.seed,
             workdir=workdir,
             ranks_per_host=args.ranks_per_host,
+            beats_per_request=args.beats_per_request,
             keep_db=args.keep_db,
             quiet=args.quiet,
         )
@@ -1287,6 +1290,7 @@ def summarize(results: Sequence[dict[str, Any]], opts: Options, args: argparse.N
         "step_s": opts.step_s,
         "checkpoint_min": opts.checkpoint_min,
         "api_workers": opts.api_workers,
+        "beats_per_request": opts.beats_per_request or "one host's",
         "phases": list(results),
         "false_actions": false_actions,
         "false_actions_total": len(false_actions),
@@ -1300,7 +1304,8 @@ def summarize(results: Sequence[dict[str, Any]], opts: Options, args: argparse.N
 def render(report: Mapping[str, Any]) -> str:
     lines = [
         f"fleet simulator: time scale {report['time_scale']:g} (step {report['step_s']:g} s fleet), "
-        f"checkpoints every {report['checkpoint_min']:g} min, API workers {report['api_workers']}",
+        f"checkpoints every {report['checkpoint_min']:g} min, API workers {report['api_workers']}, "
+        f"beats per heartbeat request: {report['beats_per_request']}",
         "",
         f"{'phase':<8} {'runs':>4} {'ranks':>6} {'wall s':>7} {'passes':>6} {'pass mean':>9} {'p50':>7}"
         f" {'p99':>7}"
@@ -1387,6 +1392,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--ranks-per-host", type=int, default=GPUS_PER_HOST)
     parser.add_argument(
+        "--beats-per-request",
+        type=int,
+        default=0,
+        help="0: each host sends its ranks' beats (the default); N: a relay packs hosts up to N beats",
+    )
+    parser.add_argument(
         "--runs", type=int, nargs="*", default=[1, 10, 100], help="concurrent smaller runs, per phase"
     )
     parser.add_argument("--run-hosts", type=int, default=4, help="hosts per smaller run")
@@ -1416,6 +1427,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
+    # a SIGTERM unwinds like Ctrl-C: every phase's finally stops its processes and drops its database
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: sys.exit(128 + signal.SIGTERM))
     report = run_bench(args)
     print(render(report), flush=True)
     if args.json:

@@ -47,7 +47,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import httpx
 
@@ -101,6 +101,9 @@ class SimParams:
     loss_noise: float = 0.004
     report_interval_s: float = 1.0  # wall seconds: the contract's transport interval is not simulated time
     max_in_flight: int = 32
+    beats_per_request: int = (
+        0  # 0: one request per host (its ranks' beats); N: a relay batching hosts up to N
+    )
     seed: int = 0
 
     def wall(self, fleet_seconds: float) -> float:
@@ -213,6 +216,21 @@ class Reporter:
             self.stats[kind].record(time.perf_counter() - started, response.status_code, items)
             return response.status_code
 
+    def _batches(self, hosts: list[str]) -> list[tuple[str, list[dict[str, Any]]]]:
+        """One request per host, or (a relay, `beats_per_request`) whole hosts packed up to that many beats
+        (at most contract.MAX_BEATS_PER_BATCH)."""
+        limit = min(self.params.beats_per_request, contract.MAX_BEATS_PER_BATCH)
+        if limit <= 0:
+            return [(h, list(self.newest[h].values())) for h in hosts]
+        batches: list[tuple[str, list[dict[str, Any]]]] = []
+        for host in hosts:
+            beats = list(self.newest[host].values())
+            if batches and len(batches[-1][1]) + len(beats) <= limit:
+                batches[-1][1].extend(beats)
+            else:
+                batches.append((host, beats))
+        return batches
+
     async def _send_beats(self, host: str, beats: list[dict[str, Any]]) -> None:
         await self._post(
             "heartbeats",
@@ -229,7 +247,7 @@ class Reporter:
         hosts, self.dirty = self.dirty | due, set()
         for host in hosts:
             self.last_sent[host] = now
-        sends = [self._send_beats(h, list(self.newest[h].values())) for h in sorted(hosts)]
+        sends = [self._send_beats(h, beats) for h, beats in self._batches(sorted(hosts))]
         points, self.points = self.points, []
         if points:
             status = await self._post(
@@ -480,9 +498,11 @@ class Attempt:
             return EXIT_RANK_DIED
         self.record_beats(contract.Section.STARTUP)
         while self.step < self.args.max_steps:
-            step_time = p.wall(p.step_s) * math.exp(self.rng.gauss(0, p.step_jitter))
-            if await self.sleep_or_fault(step_time):
+            planned = p.wall(p.step_s) * math.exp(self.rng.gauss(0, p.step_jitter))
+            started = time.monotonic()
+            if await self.sleep_or_fault(planned):
                 return await self.fault_outcome()
+            step_time = time.monotonic() - started  # as a trainer measures it: a loaded host's lag included
             self.step += 1
             self.tokens += p.tokens_per_step
             self.last_step_s = step_time
@@ -548,7 +568,7 @@ def parse_trainer_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-async def amain(attempt_dir: Path, trainer_argv: list[str]) -> int:
+async def amain(attempt_dir: Path, trainer_argv: list[str]) -> NoReturn:
     params = SimParams(**json.loads(os.environ[PARAMS_ENV]))
     attempt = Attempt(parse_trainer_args(trainer_argv), params, attempt_dir)
     stop = asyncio.Event()
@@ -572,7 +592,16 @@ async def amain(attempt_dir: Path, trainer_argv: list[str]) -> int:
     await asyncio.gather(*background, return_exceptions=True)
     await attempt.reporter.close(attempt.run_dir)
     attempt.write_stats()
-    return code
+    exit_now(attempt_dir, code)
+
+
+def exit_now(attempt_dir: Path, code: int) -> NoReturn:
+    """Record the exit status and end the process at once: a checkpoint still being written in its thread
+    is abandoned (a dying trainer does not finish its save; the directory stays torn and uncommitted)."""
+    atomic_write_text(attempt_dir / EXIT_FILE, json.dumps({"exit_code": code, "ended": time.time()}))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def main(argv: list[str]) -> int:
@@ -581,9 +610,8 @@ def main(argv: list[str]) -> int:
         return contract.EXIT_CONFIG
     attempt_dir = Path(argv[0])
     attempt_dir.mkdir(parents=True, exist_ok=True)
-    code = asyncio.run(amain(attempt_dir, argv[2:]))
-    atomic_write_text(attempt_dir / EXIT_FILE, json.dumps({"exit_code": code, "ended": time.time()}))
-    return code
+    asyncio.run(amain(attempt_dir, argv[2:]))
+    raise AssertionError("amain ends the process")
 
 
 if __name__ == "__main__":
