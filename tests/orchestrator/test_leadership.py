@@ -45,6 +45,21 @@ def pg(postgres_url: str) -> Iterator[tuple[Engine, sessionmaker[Session]]]:
         engine.dispose()
 
 
+@pytest.fixture
+def rivals(
+    pg: tuple[Engine, sessionmaker[Session]],
+) -> Iterator[tuple[PostgresLeadership, PostgresLeadership]]:
+    """Two orchestrators' leaderships on one database, as two processes on two hosts would hold them."""
+    engine, _ = pg
+    first = PostgresLeadership(engine, lease_s=2, holder=Holder("host-a", 101))
+    second = PostgresLeadership(engine, lease_s=2, holder=Holder("host-b", 202))
+    try:
+        yield first, second
+    finally:
+        first.release()
+        second.release()
+
+
 def leader_session_pid(engine: Engine) -> int:
     """The backend pid of the session holding this database's leader lock."""
     with engine.connect() as conn:
@@ -58,61 +73,55 @@ def written(factory: sessionmaker[Session]) -> list[str]:
 
 @pytest.mark.postgres
 def test_one_leads_the_other_stands_by_and_only_the_leaders_writes_commit(
-    pg: tuple[Engine, sessionmaker[Session]],
+    pg: tuple[Engine, sessionmaker[Session]], rivals: tuple[PostgresLeadership, PostgresLeadership]
 ) -> None:
     engine, factory = pg
-    first = PostgresLeadership(engine, lease_s=2, holder=Holder("host-a", 101))
-    second = PostgresLeadership(engine, lease_s=2, holder=Holder("host-b", 202))
-    try:
-        taken = first.poll()
-        assert taken is not None and taken.acquired and first.is_leader
-        assert second.poll() is None and not second.is_leader
-        assert second.current_holder() == Holder("host-a", 101)
-        with transaction(factory) as session:
-            assert orchestrator_sessions(session) == (1, 1)
+    first, second = rivals
+    taken = first.poll()
+    assert taken is not None and taken.acquired and first.is_leader
+    assert second.poll() is None and not second.is_leader
+    assert second.current_holder() == Holder("host-a", 101)
+    with transaction(factory) as session:
+        assert orchestrator_sessions(session) == (1, 1)
 
-        with transaction(fenced_sessions(factory, first)) as session:
-            session.execute(sa.insert(WRITES).values(what="leader, core insert"))
-        with (
-            pytest.raises(LeadershipLost, match="not the leader"),
-            transaction(fenced_sessions(factory, second)) as session,
-        ):
-            session.execute(sa.text("INSERT INTO fenced_writes VALUES ('standby, text insert')"))
-        with transaction(fenced_sessions(factory, second)) as session:  # reading needs no lead
-            assert session.execute(sa.text("SELECT count(*) FROM fenced_writes")).scalar_one() == 1
-        assert written(factory) == ["leader, core insert"]
+    with transaction(fenced_sessions(factory, first)) as session:
+        session.execute(sa.insert(WRITES).values(what="leader, core insert"))
+    with (
+        pytest.raises(LeadershipLost, match="not the leader"),
+        transaction(fenced_sessions(factory, second)) as session,
+    ):
+        session.execute(sa.text("INSERT INTO fenced_writes VALUES ('standby, text insert')"))
+    with transaction(fenced_sessions(factory, second)) as session:  # reading needs no lead
+        assert session.execute(sa.text("SELECT count(*) FROM fenced_writes")).scalar_one() == 1
+    assert written(factory) == ["leader, core insert"]
 
-        # The leader's lock session dies (its connection dropped): PostgreSQL frees the lock, the leader's
-        # next write fails its fence although this process still believes it leads ...
-        with engine.connect() as conn:
-            conn.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": leader_session_pid(engine)})
-        assert first.is_leader
-        with (
-            pytest.raises(LeadershipLost, match="no longer this orchestrator's"),
-            transaction(fenced_sessions(factory, first)) as session,
-        ):
-            session.execute(sa.insert(WRITES).values(what="deposed leader"))
-        # ... the standby takes over, naming its predecessor; the old leader's poll says it lost.
-        taken = second.poll()
-        assert taken is not None and taken.acquired and taken.previous == Holder("host-a", 101)
-        lost = first.poll()
-        assert lost is not None and not lost.acquired and "lock session failed" in lost.reason
-        assert first.poll() is None and not first.is_leader  # now a standby
-        with transaction(fenced_sessions(factory, second)) as session:
-            session.execute(sa.insert(WRITES).values(what="new leader"))
-        assert written(factory) == ["leader, core insert", "new leader"]
-    finally:
-        first.release()
-        second.release()
+    # The leader's lock session dies (its connection dropped): PostgreSQL frees the lock, the leader's
+    # next write fails its fence although this process still believes it leads ...
+    with engine.connect() as conn:
+        conn.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": leader_session_pid(engine)})
+    assert first.is_leader
+    with (
+        pytest.raises(LeadershipLost, match="no longer this orchestrator's"),
+        transaction(fenced_sessions(factory, first)) as session,
+    ):
+        session.execute(sa.insert(WRITES).values(what="deposed leader"))
+    # ... the standby takes over, naming its predecessor; the old leader's poll says it lost.
+    taken = second.poll()
+    assert taken is not None and taken.acquired and taken.previous == Holder("host-a", 101)
+    lost = first.poll()
+    assert lost is not None and not lost.acquired and "lock session failed" in lost.reason
+    assert first.poll() is None and not first.is_leader  # now a standby
+    with transaction(fenced_sessions(factory, second)) as session:
+        session.execute(sa.insert(WRITES).values(what="new leader"))
+    assert written(factory) == ["leader, core insert", "new leader"]
 
 
 @pytest.mark.postgres
 def test_a_new_leader_waits_for_the_deposed_leaders_side_effect_in_flight(
-    pg: tuple[Engine, sessionmaker[Session]],
+    pg: tuple[Engine, sessionmaker[Session]], rivals: tuple[PostgresLeadership, PostgresLeadership]
 ) -> None:
     engine, _ = pg
-    first = PostgresLeadership(engine, lease_s=2, holder=Holder("host-a", 101))
-    second = PostgresLeadership(engine, lease_s=2, holder=Holder("host-b", 202))
+    first, second = rivals
     inside, release = threading.Event(), threading.Event()
     events: list[str] = []
 
@@ -144,24 +153,18 @@ def test_a_new_leader_waits_for_the_deposed_leaders_side_effect_in_flight(
         assert "must not run" not in events
     finally:
         release.set()
-        first.release()
-        second.release()
 
 
 @pytest.mark.postgres
-def test_a_leader_that_steps_down_frees_the_lock_at_once(pg: tuple[Engine, sessionmaker[Session]]) -> None:
-    engine, _ = pg
-    first = PostgresLeadership(engine, lease_s=2, holder=Holder("host-a", 101))
-    second = PostgresLeadership(engine, lease_s=2, holder=Holder("host-b", 202))
-    try:
-        assert first.poll() is not None
-        assert second.poll() is None
-        first.release()
-        taken = second.poll()
-        assert taken is not None and taken.previous == Holder("host-a", 101)
-    finally:
-        first.release()
-        second.release()
+def test_a_leader_that_steps_down_frees_the_lock_at_once(
+    rivals: tuple[PostgresLeadership, PostgresLeadership],
+) -> None:
+    first, second = rivals
+    assert first.poll() is not None
+    assert second.poll() is None
+    first.release()
+    taken = second.poll()
+    assert taken is not None and taken.previous == Holder("host-a", 101)
 
 
 def test_sqlite_allows_one_orchestrator_and_a_second_refuses_naming_the_first(tmp_path: Path) -> None:
