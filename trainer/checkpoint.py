@@ -9,14 +9,26 @@ Layout of `<run_dir>/checkpoints/`:
         rng_rank{R}.pt       per-rank RNG states (dropout streams)
         meta.json            step, tokens, loss scale, LR, clip, loss/act-norm windows, data position,
         scheduler
-        manifest.json        size and sha256 of every file above
+        manifest.json        size and sha256 of every file above, and the rank that hashed it (format 2)
         COMMITTED            marker, written last
         PINNED               optional: retention never deletes this one (written by the orchestrator)
 
-Commit protocol: all files are written (and fsynced) into `.tmp_step_N`, rank 0 writes the manifest, renames
-the directory to `step_N`, fsyncs the parent, then writes `COMMITTED`. A directory without the marker, with a
-missing/extra/changed file, or with a bad manifest is reported invalid by `verify_checkpoint` and never
-chosen.
+Commit protocol: all files are written (and fsynced) into `.tmp_step_N`; each rank hashes the files it wrote
+itself (`rank_files`, `hash_files`: its DCP shards `__<rank>_*.distcp` and its RNG file), in parallel with
+the other ranks; rank 0 gathers the digests, hashes what no rank reported (`.metadata`, meta.json), writes
+the manifest, renames the directory to `step_N`, fsyncs the parent, then writes `COMMITTED`. A directory
+without the marker, with a missing/extra/resized file, or with a bad or incomplete manifest is reported
+invalid by `verify_checkpoint(deep=False)` (metadata only, no file content read); `deep=True` also re-hashes
+every file. Neither is ever chosen when invalid.
+
+Manifest format 2 (format 1, written before ranks hashed their own shards, is still read):
+
+    {"format": 2, "world_size": W,
+     "files": {"<relative path>": {"size": <bytes>, "sha256": "<64 hex>", "rank": <who hashed it>}, ...},
+     "ranks": {"<rank>": {"files": <n>, "bytes": <bytes>, "hash_s": <seconds>}, ...},
+     "checksum": "sha256:<sha256 of {path: {size, sha256}} as sorted JSON>"}
+
+Every rank in 0..W-1 reports at least its RNG file, so a manifest missing a rank's report is incomplete.
 
 Everything above `Checkpointer` works without torch.distributed (the orchestrator calls it).
 """
@@ -57,12 +69,23 @@ def _step_of(path: Path) -> int | None:
         return None
 
 
-def _sha256(path: Path) -> str:
+HASH_CHUNK_BYTES = 1 << 22
+
+
+def sha256_file(path: Path, *, on_chunk: Callable[[int], None] | None = None) -> str:
+    """The file's SHA-256 (hex). `on_chunk(n)` runs after each chunk of n bytes: the orchestrator's
+    background verification throttles there and stops at its deadline (by raising)."""
     h = hashlib.sha256()
     with path.open("rb") as f:
-        while chunk := f.read(1 << 22):
+        while chunk := f.read(HASH_CHUNK_BYTES):
             h.update(chunk)
+            if on_chunk is not None:
+                on_chunk(len(chunk))
     return h.hexdigest()
+
+
+def _sha256(path: Path) -> str:
+    return sha256_file(path)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -88,22 +111,118 @@ def _payload_files(path: Path) -> list[Path]:
     )
 
 
-def write_manifest(path: Path) -> str:
-    """Hash every payload file into manifest.json; returns the checkpoint checksum ("sha256:...")."""
-    files = {
-        p.relative_to(path).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
-        for p in _payload_files(path)
+@dataclass(frozen=True)
+class FileDigest:
+    """One file's size and SHA-256, as the rank that wrote it measured them."""
+
+    size: int
+    sha256: str
+
+
+def rank_files(path: Path, rank: int) -> list[Path]:
+    """The files `rank` wrote into a checkpoint directory: its torch.distributed.checkpoint shards (the
+    FileSystemWriter names each rank's files `__<rank>_<n>.distcp`) and its RNG state."""
+    return sorted([*path.glob(f"__{rank}_*.distcp"), *path.glob(f"rng_rank{rank}.pt")])
+
+
+def hash_files(root: Path, files: list[Path]) -> dict[str, FileDigest]:
+    """Size and SHA-256 of `files` (relative to `root`): what a rank reports for its own files at save."""
+    return {
+        f.relative_to(root).as_posix(): FileDigest(size=f.stat().st_size, sha256=sha256_file(f))
+        for f in files
     }
-    digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
-    atomic_write_text(
-        path / MANIFEST,
-        json.dumps({"format": 1, "files": files, "checksum": f"sha256:{digest}"}, indent=1, sort_keys=True),
-    )
-    return f"sha256:{digest}"
+
+
+def _table_checksum(files: dict[str, dict[str, Any]]) -> str:
+    """The checkpoint's checksum: sha256 of its file table's sizes and digests (who hashed a file is not
+    part of its identity: formats 1 and 2 give the same bytes the same checksum)."""
+    table = {rel: {"size": e["size"], "sha256": e["sha256"]} for rel, e in files.items()}
+    return "sha256:" + hashlib.sha256(json.dumps(table, sort_keys=True).encode()).hexdigest()
+
+
+def write_manifest(
+    path: Path,
+    reported: dict[int, dict[str, FileDigest]] | None = None,
+    *,
+    world_size: int = 1,
+    hash_seconds: dict[int, float] | None = None,
+) -> str:
+    """Write manifest.json (format 2) from the ranks' reported digests, hashing here only the payload
+    files no rank reported (rank 0's `.metadata` and meta.json; everything when `reported` is None).
+    Returns the checkpoint checksum ("sha256:..."). Raises ValueError when a reported file is gone or has
+    another size now (the report is not of these bytes) or a rank of 0..world_size-1 reported nothing."""
+    reported = reported or {}
+    seconds = dict(hash_seconds or {})
+    files: dict[str, dict[str, Any]] = {}
+    for rank, digests in sorted(reported.items()):
+        for rel, digest in digests.items():
+            files[rel] = {"size": digest.size, "sha256": digest.sha256, "rank": rank}
+    present = {p.relative_to(path).as_posix(): p for p in _payload_files(path)}
+    if gone := sorted(set(files) - set(present)):
+        raise ValueError(f"reported files missing from {path}: {', '.join(gone)}")
+    if resized := sorted(rel for rel, e in files.items() if present[rel].stat().st_size != e["size"]):
+        raise ValueError(f"reported files whose size changed since they were hashed: {', '.join(resized)}")
+    started = time.perf_counter()
+    leftovers = hash_files(path, [p for rel, p in sorted(present.items()) if rel not in files])
+    for rel, digest in leftovers.items():
+        files[rel] = {"size": digest.size, "sha256": digest.sha256, "rank": 0}
+    seconds[0] = seconds.get(0, 0.0) + (time.perf_counter() - started)
+    ranks: dict[str, dict[str, Any]] = {}
+    for entry in files.values():
+        summary = ranks.setdefault(str(entry["rank"]), {"files": 0, "bytes": 0, "hash_s": 0.0})
+        summary["files"] += 1
+        summary["bytes"] += entry["size"]
+    for rank, summary in ranks.items():
+        summary["hash_s"] = round(seconds.get(int(rank), 0.0), 6)
+    if silent := sorted(set(range(world_size)) - {int(r) for r in ranks}):
+        raise ValueError(f"ranks that reported no files: {', '.join(map(str, silent))}")
+    checksum = _table_checksum(files)
+    manifest = {"format": 2, "world_size": world_size, "files": files, "ranks": ranks, "checksum": checksum}
+    atomic_write_text(path / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
+    return checksum
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """The checkpoint's manifest.json (raises OSError / ValueError when unreadable)."""
+    manifest = json.loads((Path(path) / MANIFEST).read_text())
+    if not isinstance(manifest, dict):
+        raise ValueError("manifest.json is not an object")
+    return manifest
+
+
+_HEX = frozenset("0123456789abcdef")
+
+
+def _digest_problem(manifest: dict[str, Any], files: dict[str, Any]) -> str | None:
+    """What is wrong with the per-file digests a manifest records, or None: every file has a size and a
+    SHA-256 and, in format 2, the rank that hashed it, and every rank of the world reported."""
+    fmt = manifest.get("format", 1)
+    if fmt not in (1, 2):
+        return f"unsupported manifest format {fmt!r}"
+    world = manifest.get("world_size", 1) if fmt == 2 else None
+    if world is not None and (not isinstance(world, int) or world < 1):
+        return f"bad world_size {world!r}"
+    reporters: set[int] = set()
+    for rel, entry in files.items():
+        digest = entry.get("sha256") if isinstance(entry, dict) else None
+        if not isinstance(digest, str) or len(digest) != 64 or not set(digest) <= _HEX:
+            return f"no sha256 digest for {rel}"
+        if not isinstance(entry.get("size"), int) or entry["size"] < 0:
+            return f"no size for {rel}"
+        if world is not None:
+            rank = entry.get("rank")
+            if not isinstance(rank, int) or not 0 <= rank < world:
+                return f"{rel}: hashed by rank {rank!r}, not a rank of the world of {world}"
+            reporters.add(rank)
+    if world is not None and (silent := sorted(set(range(world)) - reporters)):
+        return f"no digests reported by rank(s) {', '.join(map(str, silent))} of {world}"
+    return None
 
 
 def verify_checkpoint(path: str | Path, *, deep: bool = True) -> tuple[bool, str]:
-    """(ok, reason). deep=False checks marker, manifest and sizes only (no hashing)."""
+    """(ok, reason). deep=False is the metadata check (no file content read): marker, manifest, every
+    file present with its recorded size, the per-file digests (and, format 2, every rank's report)
+    present. deep=True also re-hashes every file against its digest."""
     path = Path(path)
     try:
         if not path.is_dir():
@@ -113,18 +232,22 @@ def verify_checkpoint(path: str | Path, *, deep: bool = True) -> tuple[bool, str
     except OSError as e:  # a path the OS cannot use (a name over 255 bytes, no permission): not a checkpoint
         return False, f"unusable path: {e.strerror or e}"
     try:
-        manifest = json.loads((path / MANIFEST).read_text())
+        manifest = read_manifest(path)
         files: dict[str, dict[str, Any]] = manifest["files"]
+        if not isinstance(files, dict):
+            raise TypeError("files is not an object")
     except (OSError, ValueError, KeyError, TypeError) as e:
         return False, f"unreadable manifest: {e}"
     if META not in files:
         return False, "manifest does not list meta.json"
-    present = {p.relative_to(path).as_posix() for p in _payload_files(path)}
-    if missing := sorted(set(files) - present):
-        return False, f"missing files: {', '.join(missing)}"
-    if extra := sorted(present - set(files)):
-        return False, f"files not in manifest: {', '.join(extra)}"
+    if problem := _digest_problem(manifest, files):
+        return False, f"incomplete manifest: {problem}"
     try:
+        present = {p.relative_to(path).as_posix() for p in _payload_files(path)}
+        if missing := sorted(set(files) - present):
+            return False, f"missing files: {', '.join(missing)}"
+        if extra := sorted(present - set(files)):
+            return False, f"files not in manifest: {', '.join(extra)}"
         for rel, entry in files.items():
             f = path / rel
             if f.stat().st_size != entry["size"]:
@@ -133,6 +256,25 @@ def verify_checkpoint(path: str | Path, *, deep: bool = True) -> tuple[bool, str
                 return False, f"checksum mismatch: {rel}"
     except OSError as e:  # deleted by retention (or the disk) while we read it
         return False, f"unreadable: {e.strerror or e}"
+    return True, "ok"
+
+
+def verify_share(path: str | Path, *, rank: int, world_size: int) -> tuple[bool, str]:
+    """The metadata check, then a re-hash of this rank's share of the files only: those its rank number
+    hashed at save (spread over the ranks by number when the world size changed; format 1 by position).
+    Run on every rank at once (`Checkpointer.verify`), the ranks re-hash the checkpoint together, each
+    1/world_size of it, where every rank hashing every file would read world_size times the checkpoint."""
+    path = Path(path)
+    ok, why = verify_checkpoint(path, deep=False)
+    if not ok:
+        return ok, why
+    try:
+        files: dict[str, dict[str, Any]] = read_manifest(path)["files"]
+        for i, (rel, entry) in enumerate(sorted(files.items())):
+            if int(entry.get("rank", i)) % world_size == rank and _sha256(path / rel) != entry["sha256"]:
+                return False, f"checksum mismatch: {rel}"
+    except (OSError, ValueError) as e:  # deleted while we read it
+        return False, f"unreadable: {getattr(e, 'strerror', None) or e}"
     return True, "ok"
 
 
@@ -270,9 +412,18 @@ def apply_retention(checkpoint_dir: str | Path, keep: int) -> list[Path]:
     return doomed
 
 
-def commit(tmp: Path, final: Path, *, before_marker: Callable[[], None] = lambda: None) -> str:
-    """Manifest, rename, marker. Returns the checksum. `before_marker` is the fault-injection point."""
-    checksum = write_manifest(tmp)
+def commit(
+    tmp: Path,
+    final: Path,
+    *,
+    before_marker: Callable[[], None] = lambda: None,
+    reported: dict[int, dict[str, FileDigest]] | None = None,
+    world_size: int = 1,
+    hash_seconds: dict[int, float] | None = None,
+) -> str:
+    """Manifest (from the ranks' `reported` digests, `write_manifest`), rename, marker. Returns the
+    checksum. `before_marker` is the fault-injection point."""
+    checksum = write_manifest(tmp, reported, world_size=world_size, hash_seconds=hash_seconds)
     if final.exists():  # a torn save of the same step from an earlier attempt
         shutil.rmtree(final)
     os.rename(tmp, final)
@@ -368,8 +519,11 @@ class Checkpointer:
         self.pending: Future[Any] | None = None
         self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-commit")
         # Thread-mode async_save deadlocks on the default group (its collectives would interleave with
-        # training's); a dedicated gloo group keeps them apart.
-        self._pg = dist.new_group(backend="gloo") if mode == "async" else None
+        # training's); a dedicated gloo group keeps them apart. The gather of the ranks' shard digests at
+        # commit runs on it too, in either mode (gloo gathers Python objects on CPU whatever the training
+        # backend).
+        self._pg = dist.new_group(backend="gloo")
+        self.world_size = dist.get_world_size()
         self._stager = _reused_cpu_stager()
         if rank == 0:
             self.dir.mkdir(parents=True, exist_ok=True)
@@ -402,13 +556,44 @@ class Checkpointer:
             self.pending = self._committer.submit(self._finish, step, tmp, meta, upload)
         return time.perf_counter() - t0
 
+    def _gather_digests(self, tmp: Path) -> tuple[dict[int, dict[str, FileDigest]], dict[int, float]]:
+        """Every rank hashes the files it wrote (in parallel with the others; rank 0 no longer reads the
+        whole checkpoint), and rank 0 gathers the digests and each rank's hashing time. A rank that cannot
+        hash its files reports the error, which fails the save on rank 0 (no manifest, no marker)."""
+        import torch.distributed as dist
+
+        started = time.perf_counter()
+        try:
+            report: Any = hash_files(tmp, rank_files(tmp, self.rank))
+        except OSError as exc:
+            report = f"rank {self.rank} could not hash its files: {exc}"
+        elapsed = time.perf_counter() - started
+        gathered: list[Any] | None = [None] * self.world_size if self.rank == 0 else None
+        dist.gather_object((report, elapsed), gathered, dst=0, group=self._pg)
+        if gathered is None:
+            return {}, {}
+        if errors := [r for r, _ in gathered if isinstance(r, str)]:
+            raise RuntimeError("; ".join(errors))
+        return (
+            {rank: r for rank, (r, _) in enumerate(gathered)},
+            {rank: s for rank, (_, s) in enumerate(gathered)},
+        )
+
     def _finish(self, step: int, tmp: Path, meta: dict[str, Any], upload: Future[Any] | None) -> None:
         if upload is not None:
-            upload.result()  # on rank 0 this returns after every rank's shards are written
+            upload.result()  # returns after every rank's shards are written (DCP's finish step)
+        reported, seconds = self._gather_digests(tmp)
         if self.rank != 0:
             return
         final = self.dir / checkpoint_name(step)
-        checksum = commit(tmp, final, before_marker=lambda: self.before_marker(step))
+        checksum = commit(
+            tmp,
+            final,
+            before_marker=lambda: self.before_marker(step),
+            reported=reported,
+            world_size=self.world_size,
+            hash_seconds=seconds,
+        )
         info = CheckpointInfo(path=final, step=step, ok=True, reason="ok", meta=meta)
         self.log(f"checkpoint committed: {final} ({checksum})")
         self.on_commit(info, checksum)
@@ -420,6 +605,28 @@ class Checkpointer:
         if self.pending is not None:
             pending, self.pending = self.pending, None
             pending.result()
+
+    def verify(self, path: Path) -> tuple[bool, str]:
+        """Whether the checkpoint is loadable, decided by all ranks together: each re-hashes its share
+        (`verify_share`) and every rank learns every finding, so all agree."""
+        import torch.distributed as dist
+
+        mine = verify_share(path, rank=self.rank, world_size=self.world_size)
+        found: list[Any] = [None] * self.world_size
+        dist.all_gather_object(found, mine, group=self._pg)
+        failures = [f"rank {r}: {why}" for r, (ok, why) in enumerate(found) if not ok]
+        return not failures, "; ".join(failures) or "ok"
+
+    def latest_loadable(self) -> CheckpointInfo | None:
+        """The newest committed checkpoint that all ranks verify together (`verify`); None if none."""
+        for info in reversed(list_checkpoints(self.dir, deep=False)):
+            if not info.ok:
+                continue
+            ok, why = self.verify(info.path)
+            if ok:
+                return info
+            self.log(f"checkpoint {info.path.name} not loadable: {why}")
+        return None
 
     def load(self, path: Path, model: Any, optimizer: Any) -> tuple[dict[str, Any], dict[str, Any] | None]:
         """Load model+optimizer shards in place; returns (meta, this rank's RNG state or None)."""

@@ -4,7 +4,7 @@ Both sides build against this module: the trainer (trainer/train.py, launch.py, 
 writes what it defines, the control plane (service/orchestrator/*, service/crud/telemetry.py) reads it.
 It imports nothing from service/ and nothing heavier than the standard library.
 
-- Exit codes: `EXIT_OK`, `EXIT_CONFIG`, `EXIT_DIVERGED`.
+- Exit codes: `EXIT_OK`, `EXIT_CONFIG`, `EXIT_CHECKPOINT_CORRUPT`, `EXIT_DIVERGED`.
 - Run-directory layout: `checkpoints_dir`, `spool_dir`, `metrics_dir`, `metrics_path`, `attempt_dir`,
   `cache_dir`, `faults_dir`, `trainer_log_path`, `summary_path`, `overrides_path`.
 - Heartbeats (POST /runs/{id}/heartbeats, the orchestrator's one source for hangs and stragglers): `Section`,
@@ -33,6 +33,9 @@ from typing import Any, TypedDict
 # -- exit codes of trainer.train and trainer.launch -------------------------------------------------------
 EXIT_OK = 0  # reached its target
 EXIT_CONFIG = 2  # bad configuration / arguments: permanent, restarting cannot help
+# the checkpoint --resume-from names failed the ranks' re-hash at load (its bytes do not match its manifest):
+# the orchestrator marks it corrupt and restarts from another
+EXIT_CHECKPOINT_CORRUPT = 3
 EXIT_DIVERGED = 42  # non-finite loss on some rank (metrics flushed first)
 # anything else is a crash; 128 + N (or -N from Popen) is death by signal N
 

@@ -35,11 +35,10 @@ from trainer.checkpoint import (
     Checkpointer,
     CheckpointInfo,
     catalog_record,
-    latest_valid_checkpoint,
-    verify_checkpoint,
 )
 from trainer.config import ConfigError, TrainConfig, parse_args
 from trainer.contract import (
+    EXIT_CHECKPOINT_CORRUPT,
     EXIT_CONFIG,
     EXIT_DIVERGED,
     EXIT_OK,
@@ -312,15 +311,13 @@ def train(cfg: TrainConfig) -> int:
     act_window: collections.deque[float] = collections.deque(maxlen=WINDOW)
     overrides: dict[str, float] = {}
     if cfg.resume_from:
-        ckpt = (
-            latest_valid_checkpoint(checkpoints_dir(run_dir))
-            if cfg.resume_from == "latest"
-            else Path(cfg.resume_from)
-        )
+        # The ranks verify the checkpoint together, each re-hashing its 1/world share: every rank reading
+        # all of a 2.5 TB checkpoint would read it world-size times over before the first step.
+        ckpt = checkpointer.latest_loadable() if cfg.resume_from == "latest" else Path(cfg.resume_from)
         if isinstance(ckpt, Path):
-            ok, reason = verify_checkpoint(ckpt)
+            ok, reason = checkpointer.verify(ckpt)
             if not ok:
-                raise ConfigError(f"checkpoint {ckpt} is not loadable: {reason}")
+                raise CheckpointUnloadable(f"checkpoint {ckpt} is not loadable: {reason}")
         ckpt_path = ckpt.path if isinstance(ckpt, CheckpointInfo) else ckpt
         if ckpt_path is None:
             log("resume_from=latest: no committed checkpoint yet, starting fresh")
@@ -513,6 +510,11 @@ def train(cfg: TrainConfig) -> int:
     return EXIT_OK
 
 
+class CheckpointUnloadable(Exception):
+    """The checkpoint named by --resume-from failed the ranks' verification: exit EXIT_CHECKPOINT_CORRUPT,
+    so the orchestrator marks it corrupt and restarts from another (a bad configuration would be final)."""
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_args(sys.argv[1:] if argv is None else argv)
@@ -522,6 +524,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"trainer: error: {e}", file=sys.stderr)
         return EXIT_CONFIG
+    except CheckpointUnloadable as e:
+        print(f"trainer: error: {e}", file=sys.stderr)
+        return EXIT_CHECKPOINT_CORRUPT
 
 
 if __name__ == "__main__":

@@ -62,7 +62,7 @@ from service.recovery.config import OrchestratorConfig
 from service.recovery.detect import FailureClass
 from service.statemachine import CheckpointState, DesiredState, LogKind, Role, RunPhase, Severity
 from trainer.checkpoint import verify_checkpoint
-from trainer.contract import checkpoints_dir
+from trainer.contract import EXIT_CHECKPOINT_CORRUPT, checkpoints_dir
 
 log = logging.getLogger("trainops.orchestrator")
 
@@ -252,6 +252,8 @@ class Applier:
                 author=AUTHOR,
                 evidence={"reason": action.reason, **dict(action.evidence)},
             )
+            if code == EXIT_CHECKPOINT_CORRUPT:
+                self._restore_point_failed_at_load(session, attempt=attempt)
             run = get_run(session, run_id=observed.run_id, for_update=True)
             if action.outcome == "stopped":
                 set_run_phase(
@@ -292,6 +294,33 @@ class Applier:
                     run_id=observed.run_id,
                 )
 
+    def _restore_point_failed_at_load(self, session: Session, *, attempt: Attempt) -> None:
+        """The attempt's ranks re-hashed its restore point at load, each its share, and found bytes that do
+        not match the manifest (trainer exit 3): the metadata check before the launch cannot see that, so
+        the checkpoint is marked corrupt here and the restart picks another."""
+        ckpt = (
+            session.get(Checkpoint, attempt.restored_from_checkpoint_id)
+            if attempt.restored_from_checkpoint_id is not None
+            else None
+        )
+        if ckpt is None or ckpt.state not in (CheckpointState.committed, CheckpointState.verified):
+            return  # already marked, or deleted meanwhile
+        mark_checkpoint(
+            session,
+            checkpoint_id=ckpt.id,
+            author=AUTHOR,
+            state=CheckpointState.corrupt,
+            healthy=False,
+            reason=f"attempt {attempt.number}'s ranks re-hashed it at load and its bytes do not match its "
+            "manifest (trainer exit 3; each rank's finding is in the attempt's log); never restored again",
+            evidence={
+                "check": "ranks' re-hash at load",
+                "attempt": attempt.number,
+                "exit_code": EXIT_CHECKPOINT_CORRUPT,
+                "path": ckpt.path,
+            },
+        )
+
     def escalate(self, observed: ObservedRun, action: Escalate) -> None:
         with transaction(self.factory) as session:
             run = get_run(session, run_id=observed.run_id, for_update=True)
@@ -323,7 +352,7 @@ class Applier:
         self.page(observed.run_id, action.reason, dict(action.evidence))
 
     def launch(self, observed: ObservedRun, action: Launch) -> None:
-        """Deep-check probation hosts, verify the restore point in full, record the attempt (with its
+        """Deep-check probation hosts, check the restore point's metadata, record the attempt (with its
         launcher's identifying info, before anything starts), then start it."""
         if action.deep_check and not self._hosts_pass_deep_check(observed, action):
             return  # the next pass sees their new states and picks other hosts
@@ -356,14 +385,18 @@ class Applier:
         return not unfit
 
     def _restore_point_intact(self, observed: ObservedRun, action: Launch) -> bool:
-        """Verify the chosen checkpoint in full (every file's checksum); a failing one is marked corrupt."""
+        """The chosen checkpoint's metadata check: marker, manifest, every file present with its recorded
+        size, every rank's digests present. No file content is read here: re-hashing a 2.5 TB checkpoint
+        in the loop would stall every other run's detection for tens of minutes; the full re-hash runs off
+        the loop (`checkpoint_verify.py`) and marks a checkpoint whose bytes do not match `corrupt`, which
+        is never a candidate. A checkpoint failing the metadata check is marked corrupt."""
         assert action.checkpoint is not None
         # Catalogued before the API confined paths, or found by some other route: never restore files from
         # outside this run's own checkpoint directory.
         outside = checkpoint_path_problem(
             action.checkpoint.path, checkpoint_dir=checkpoints_dir(self.runs_dir / observed.name)
         )
-        ok, why = (False, outside) if outside else verify_checkpoint(action.checkpoint.path, deep=True)
+        ok, why = (False, outside) if outside else verify_checkpoint(action.checkpoint.path, deep=False)
         if not ok:
             with transaction(self.factory) as session:
                 mark_checkpoint(
@@ -372,7 +405,8 @@ class Applier:
                     author=AUTHOR,
                     state=CheckpointState.corrupt,
                     healthy=False,
-                    reason=f"failed verification before restore: {why}",
+                    reason=f"failed its metadata check before restore: {why}",
+                    evidence={"check": "metadata", "path": action.checkpoint.path, "failed": why},
                 )
         return ok
 

@@ -42,6 +42,7 @@ from service.metrics import (
     ORCHESTRATOR_RUNS_ESCALATED,
 )
 from service.orchestrator.apply import Applier, Pager
+from service.orchestrator.checkpoint_verify import CheckpointVerifier
 from service.orchestrator.decide import Action, ObservedRun, decide
 from service.orchestrator.failing_passes import FailingPasses, RunPassFailures, describe
 from service.orchestrator.health_gateway import HealthGateway
@@ -106,6 +107,10 @@ class Orchestrator:
             backoff_base_s=cfg.loop_interval_s,
             backoff_max_s=cfg.failing_pass_backoff_max_s,
         )
+        self.checkpoint_verifier = CheckpointVerifier(
+            self.factory, cfg.checkpoint_verify, runs_dir=self.runs_dir, author=AUTHOR
+        )
+        """The full re-hash of committed checkpoints, on worker threads of its own (never in a pass)."""
         self._failing_side_steps: set[str] = set()
         """Side steps (the scheduler sync, a run's verdicts) failing now: their traceback is logged once."""
         self._wake = threading.Event()
@@ -201,6 +206,7 @@ class Orchestrator:
 
     def stop(self) -> None:
         self._stop.set()
+        self.checkpoint_verifier.shutdown()
         self._wake.set()
 
     # ---- one pass over every run --------------------------------------------------------------------
@@ -212,6 +218,7 @@ class Orchestrator:
         with transaction(self.factory) as session:
             run_ids = runs_to_reconcile(session)
         self.failing_passes.forget_except(set(run_ids))
+        self._verify_checkpoints(run_ids)
         done: dict[int, list[Action]] = {}
         for run_id in run_ids:
             if not self.failing_passes.due(run_id, time.time()):
@@ -346,6 +353,16 @@ class Orchestrator:
             self._side_step_failed("scheduler-sync", "syncing node states with the scheduler failed", error)
         else:
             self._failing_side_steps.discard("scheduler-sync")
+
+    def _verify_checkpoints(self, run_ids: list[int]) -> None:
+        """Record the background checkpoint verifications that finished and start the next ones: catalog
+        reads and writes only, never a byte of a checkpoint (`checkpoint_verify.py`)."""
+        try:
+            self.checkpoint_verifier.step(run_ids)
+        except Exception as error:  # the catalog is unreachable: results are kept and recorded next pass
+            self._side_step_failed("checkpoint-verify", "background checkpoint verification failed", error)
+        else:
+            self._failing_side_steps.discard("checkpoint-verify")
 
     def _refresh_verdicts(self, run_id: int) -> None:
         """Judge the run's undecided checkpoints and move the automatic pin. A failure here is logged and

@@ -144,6 +144,42 @@ class HangConfig(_Section):
         return self
 
 
+class CheckpointVerifyConfig(_Section):
+    """The full re-hash of committed checkpoints (`service/orchestrator/checkpoint_verify.py`): a pool of
+    worker threads owned by the orchestrator, off the reconcile loop. Before a restore only the metadata
+    check runs (marker, manifest, sizes, the ranks' digests present); this pool re-reads the bytes."""
+
+    workers: int = 2
+    """Worker threads hashing checkpoints at once (each one checkpoint at a time, newest first)."""
+    hash_throughput_mb_s: float = 400.0
+    """What one worker reads and hashes per second (MB/s) on the runs' filesystem, until the pool has
+    measured itself (`bench/checkpoint_verify.py` measures it; docs/benchmarks.md has this machine's)."""
+    deadline_factor: float = 3.0
+    """A checkpoint's deadline is `deadline_floor_s` plus this multiple of its expected hashing time: its
+    size over the smaller of the configured and the measured throughput (and of `read_limit_mb_s`)."""
+    deadline_floor_s: float = 30.0
+    """Seconds every deadline allows on top (opening files, a busy filesystem's first reads)."""
+    read_limit_mb_s: float | None = None
+    """Cap on each worker's read rate (MB/s), so background verification leaves the shared filesystem's
+    bandwidth to the trainers' saves and loads; None = as fast as it reads."""
+    measure_min_mb: float = 256.0
+    """Verifications of at least this many MB update the measured throughput (smaller ones time mostly
+    opening files)."""
+
+    @model_validator(mode="after")
+    def _check_invariants(self) -> Self:
+        if self.workers < 1:
+            raise ValueError("checkpoint_verify.workers must be >= 1")
+        if self.hash_throughput_mb_s <= 0 or (self.read_limit_mb_s is not None and self.read_limit_mb_s <= 0):
+            raise ValueError("checkpoint_verify.hash_throughput_mb_s and read_limit_mb_s must be > 0")
+        # A deadline below the expected hashing time would call every healthy verification late.
+        if self.deadline_factor < 1 or self.deadline_floor_s < 0:
+            raise ValueError("need checkpoint_verify.deadline_factor >= 1 and deadline_floor_s >= 0")
+        if self.measure_min_mb < 0:
+            raise ValueError("checkpoint_verify.measure_min_mb must be >= 0")
+        return self
+
+
 class OrchestratorConfig(LayeredSettings):
     """The orchestrator's settings, highest precedence first: keyword arguments (`load_orchestrator_config`'s
     overrides) > ``TRAINOPS_ORCHESTRATOR_<FIELD>`` and ``TRAINOPS_ORCHESTRATOR_<SECTION>__<FIELD>`` >
@@ -197,6 +233,7 @@ class OrchestratorConfig(LayeredSettings):
     divergence: DivergenceConfig = Field(default_factory=DivergenceConfig)
     restart_point: RestartPointConfig = Field(default_factory=RestartPointConfig)
     remediation: RemediationConfig = Field(default_factory=RemediationConfig)
+    checkpoint_verify: CheckpointVerifyConfig = Field(default_factory=CheckpointVerifyConfig)
 
     @model_validator(mode="after")
     def _check_invariants(self) -> Self:

@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from service.recovery.config import DivergenceConfig
-from trainer.contract import EXIT_CONFIG, EXIT_DIVERGED, EXIT_OK
+from trainer.contract import EXIT_CHECKPOINT_CORRUPT, EXIT_CONFIG, EXIT_DIVERGED, EXIT_OK
 
-__all__ = ["EXIT_CONFIG", "EXIT_DIVERGED", "EXIT_OK"]  # re-exported: the exit codes are the contract's
+# re-exported: the exit codes are the contract's
+__all__ = ["EXIT_CHECKPOINT_CORRUPT", "EXIT_CONFIG", "EXIT_DIVERGED", "EXIT_OK"]
 
 
 class FailureClass(enum.StrEnum):
@@ -50,8 +51,10 @@ class ExitFinding:
 def classify_exit(code: int) -> ExitFinding:
     """Tell success, divergence, a bad configuration, a signal and an error apart by exit status.
 
-    Codes follow trainer.launch: 0, 2 (config), 42 (diverged), 128+N (signal N, as a shell reports it) or
-    negative -N (Python's Popen for a direct child killed by N).
+    Codes follow trainer.launch: 0, 2 (config), 3 (the restore point failed the ranks' verification at
+    load: a crash whose restart skips that checkpoint, `Applier.end_attempt` marks it corrupt), 42
+    (diverged), 128+N (signal N, as a shell reports it) or negative -N (Python's Popen for a direct child
+    killed by N).
     """
     if code == EXIT_OK:
         return ExitFinding("completed", code, "exited 0")
@@ -61,6 +64,13 @@ def classify_exit(code: int) -> ExitFinding:
         )
     if code == EXIT_CONFIG:
         return ExitFinding(FailureClass.config, code, "the trainer refused its configuration (exit 2)")
+    if code == EXIT_CHECKPOINT_CORRUPT:
+        return ExitFinding(
+            FailureClass.crash,
+            code,
+            "the ranks' re-hash of the restore point at load found bytes that do not match its manifest "
+            "(exit 3)",
+        )
     if code < 0 or code > 128:
         signum = -code if code < 0 else code - 128
         return ExitFinding(FailureClass.signal, code, f"killed by signal {signum}")

@@ -14,6 +14,7 @@ from pydantic import ValidationError
 
 from service.config import Settings
 from service.recovery.config import (
+    CheckpointVerifyConfig,
     DivergenceConfig,
     HangConfig,
     OrchestratorConfig,
@@ -174,8 +175,16 @@ def test_sections_are_constructed_by_keyword_and_copied_with_model_copy() -> Non
 
 
 def test_every_setting_keeps_its_documentation() -> None:
-    sections = {"hang", "divergence", "restart_point", "remediation"}
-    for model in (OrchestratorConfig, DivergenceConfig, RestartPointConfig, RemediationConfig, HangConfig):
+    sections = {"hang", "divergence", "restart_point", "remediation", "checkpoint_verify"}
+    models = (
+        OrchestratorConfig,
+        DivergenceConfig,
+        RestartPointConfig,
+        RemediationConfig,
+        HangConfig,
+        CheckpointVerifyConfig,
+    )
+    for model in models:
         undocumented = [
             name for name, info in model.model_fields.items() if not info.description and name not in sections
         ]

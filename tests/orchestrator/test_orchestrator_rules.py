@@ -52,6 +52,7 @@ def _recorded(name: str) -> list[MetricSample]:
         (0, "completed"),
         (42, "divergence"),
         (2, "config"),
+        (3, "crash"),  # the restore point failed the ranks' re-hash at load: restart from another
         (137, "signal"),
         (-9, "signal"),
         (143, "signal"),

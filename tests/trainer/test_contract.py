@@ -32,6 +32,8 @@ def test_exit_codes_are_one_definition_on_both_sides() -> None:
         assert module.EXIT_CONFIG is contract.EXIT_CONFIG
         assert module.EXIT_DIVERGED is contract.EXIT_DIVERGED
     assert train.EXIT_OK is detect.EXIT_OK is contract.EXIT_OK
+    assert train.EXIT_CHECKPOINT_CORRUPT is detect.EXIT_CHECKPOINT_CORRUPT is contract.EXIT_CHECKPOINT_CORRUPT
+    assert contract.EXIT_CHECKPOINT_CORRUPT == 3
 
 
 def test_run_directory_layout(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -159,3 +160,173 @@ def test_a_crafted_rng_file_is_refused_without_running_its_code(tmp_path: Path) 
     with pytest.raises(ValueError, match="not a plain RNG state"):
         checkpoint_module.read_rng_state(path, 0)
     assert not proof.exists()
+
+
+# ---- per-rank digests (manifest format 2) ------------------------------------------------------------------
+
+
+def two_rank_save(root: Path, step: int) -> tuple[Path, dict[int, dict[str, checkpoint_module.FileDigest]]]:
+    """What two ranks leave in `.tmp_step_N` (DCP's per-rank shard names, their RNG files, rank 0's index
+    and meta.json), and the digests each rank reports of its own files."""
+    tmp = root / f".tmp_{checkpoint_name(step)}"
+    tmp.mkdir(parents=True)
+    for rank in (0, 1):
+        (tmp / f"__{rank}_0.distcp").write_bytes(bytes([rank + 1]) * (5000 + rank))
+        (tmp / f"rng_rank{rank}.pt").write_bytes(b"rng%d" % rank)
+    (tmp / ".metadata").write_bytes(b"index")
+    (tmp / "meta.json").write_text(json.dumps({"step": step, "tokens": 1}))
+    return tmp, {r: checkpoint_module.hash_files(tmp, checkpoint_module.rank_files(tmp, r)) for r in (0, 1)}
+
+
+def test_ranks_hash_their_own_shards_and_rank_0_only_what_no_rank_reported(tmp_path: Path) -> None:
+    tmp, reported = two_rank_save(tmp_path, 10)
+    assert sorted(reported[1]) == ["__1_0.distcp", "rng_rank1.pt"]
+    path = tmp_path / checkpoint_name(10)
+    checksum = commit(tmp, path, reported=reported, world_size=2, hash_seconds={0: 0.5, 1: 0.25})
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert (manifest["format"], manifest["world_size"], manifest["checksum"]) == (2, 2, checksum)
+    assert {rel: e["rank"] for rel, e in manifest["files"].items()} == {
+        "__0_0.distcp": 0,
+        "__1_0.distcp": 1,
+        "rng_rank0.pt": 0,
+        "rng_rank1.pt": 1,
+        ".metadata": 0,  # written by DCP's coordinator: hashed by rank 0 at commit
+        "meta.json": 0,
+    }
+    assert manifest["ranks"]["1"] == {"files": 2, "bytes": 5001 + len(b"rng1"), "hash_s": 0.25}
+    assert verify_checkpoint(path, deep=False) == (True, "ok") and verify_checkpoint(path) == (True, "ok")
+    # the checksum names the bytes, not who hashed them: a single-process manifest of the same files agrees
+    assert checkpoint_module.write_manifest(path) == checksum
+
+
+def test_a_rank_report_that_no_longer_describes_the_file_fails_the_commit(tmp_path: Path) -> None:
+    tmp, reported = two_rank_save(tmp_path, 10)
+    (tmp / "__1_0.distcp").write_bytes(b"shorter")
+    with pytest.raises(ValueError, match=r"size changed since they were hashed: __1_0\.distcp"):
+        commit(tmp, tmp_path / checkpoint_name(10), reported=reported, world_size=2)
+    with pytest.raises(ValueError, match="ranks that reported no files: 1, 2"):
+        commit(tmp, tmp_path / checkpoint_name(10), reported={0: reported[0]}, world_size=3)
+    assert not (tmp_path / checkpoint_name(10)).exists()  # nothing renamed, no marker
+
+
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        (
+            lambda m: m["files"]["__1_0.distcp"].pop("sha256"),
+            "incomplete manifest: no sha256 digest for __1_0.distcp",
+        ),
+        (lambda m: m["files"]["__1_0.distcp"].update(sha256="xyz"), "incomplete manifest: no sha256 digest"),
+        (
+            lambda m: [e.update(rank=0) for e in m["files"].values()],
+            "incomplete manifest: no digests reported by rank(s) 1 of 2",
+        ),
+        (
+            lambda m: m["files"]["rng_rank1.pt"].update(rank=5),
+            "incomplete manifest: rng_rank1.pt: hashed by rank 5",
+        ),
+        (lambda m: m.update(format=9), "incomplete manifest: unsupported manifest format 9"),
+        (lambda m: m["files"]["__1_0.distcp"].update(size=1), "size mismatch: __1_0.distcp"),
+    ],
+)
+def test_the_metadata_check_needs_every_digest_and_every_rank_without_reading_a_byte(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, damage: object, reason: str
+) -> None:
+    tmp, reported = two_rank_save(tmp_path, 10)
+    path = tmp_path / checkpoint_name(10)
+    commit(tmp, path, reported=reported, world_size=2)
+    manifest = json.loads((path / "manifest.json").read_text())
+    damage(manifest)  # type: ignore[operator]
+    (path / "manifest.json").write_text(json.dumps(manifest))
+
+    def no_reading(f: Path) -> str:
+        raise AssertionError(f"the metadata check read {f}")
+
+    monkeypatch.setattr(checkpoint_module, "_sha256", no_reading)
+    ok, why = verify_checkpoint(path, deep=False)
+    assert not ok and why.startswith(reason), why
+
+
+def test_a_format_1_manifest_is_still_read(tmp_path: Path) -> None:
+    """Checkpoints committed before the ranks hashed their own shards: no ranks, no world size."""
+    path = make_checkpoint(tmp_path, 10)
+    manifest = json.loads((path / "manifest.json").read_text())
+    old = {rel: {"size": e["size"], "sha256": e["sha256"]} for rel, e in manifest["files"].items()}
+    (path / "manifest.json").write_text(
+        json.dumps({"format": 1, "files": old, "checksum": manifest["checksum"]})
+    )
+    assert verify_checkpoint(path, deep=False) == (True, "ok") and verify_checkpoint(path) == (True, "ok")
+    assert checkpoint_module.verify_share(path, rank=1, world_size=2) == (True, "ok")
+
+
+def test_ranks_at_load_each_re_hash_their_share_and_together_all_of_it(tmp_path: Path) -> None:
+    tmp, reported = two_rank_save(tmp_path, 10)
+    path = tmp_path / checkpoint_name(10)
+    commit(tmp, path, reported=reported, world_size=2)
+    data = bytearray((path / "__1_0.distcp").read_bytes())
+    data[100] ^= 0xFF
+    (path / "__1_0.distcp").write_bytes(bytes(data))
+    # rank 0's share (its own files, .metadata, meta.json) is intact; rank 1's share holds the flipped byte
+    assert checkpoint_module.verify_share(path, rank=0, world_size=2) == (True, "ok")
+    assert checkpoint_module.verify_share(path, rank=1, world_size=2) == (
+        False,
+        "checksum mismatch: __1_0.distcp",
+    )
+    # resumed on one rank (the world shrank), that rank's share is everything
+    assert checkpoint_module.verify_share(path, rank=0, world_size=1)[0] is False
+
+
+@pytest.fixture
+def one_rank_group() -> Iterator[None]:
+    """A process group of one (gloo, in this process): enough for `Checkpointer`'s collectives."""
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_at_resume_the_ranks_verify_together_and_latest_skips_a_checkpoint_that_rotted(
+    tmp_path: Path, one_rank_group: None
+) -> None:
+    make_checkpoint(tmp_path, 10)
+    rotten = make_checkpoint(tmp_path, 20)
+    shard = rotten / "__0_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[10] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    logged: list[str] = []
+    checkpointer = checkpoint_module.Checkpointer(
+        tmp_path,
+        rank=0,
+        mode="sync",
+        keep=3,
+        on_commit=lambda info, checksum: None,
+        before_marker=lambda step: None,
+        log=logged.append,
+    )
+    try:
+        assert checkpointer.verify(rotten) == (False, "rank 0: checksum mismatch: __0_0.distcp")
+        latest = checkpointer.latest_loadable()
+        assert latest is not None and latest.step == 10
+        assert logged == ["checkpoint step_00000020 not loadable: rank 0: checksum mismatch: __0_0.distcp"]
+    finally:
+        checkpointer.close()
+
+
+def test_a_restore_point_the_ranks_refuse_exits_with_its_own_code(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Exit 3, not 2: the orchestrator marks the checkpoint corrupt and restarts from another one, where a
+    bad configuration (2) would end the run."""
+    import trainer.train as train_module
+    from trainer.contract import EXIT_CHECKPOINT_CORRUPT
+
+    def refused(cfg: object) -> int:
+        raise train_module.CheckpointUnloadable("checkpoint x is not loadable: rank 1: checksum mismatch")
+
+    monkeypatch.setattr(train_module, "train", refused)
+    assert train_module.main(["--run-dir", str(tmp_path)]) == EXIT_CHECKPOINT_CORRUPT == 3

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import signal
@@ -74,6 +75,20 @@ def test_two_ranks_learn_real_text_in_fp16_and_report_everything(tmp_path: Path,
     # both checkpoints are committed, self-describing
     infos = list_checkpoints(run_dir / "checkpoints")
     assert [(i.step, i.ok) for i in infos] == [(8, True), (16, True)]
+    # each rank hashed the files it wrote (its DCP shards, its RNG state) itself; rank 0 only the rest
+    manifest = json.loads((infos[-1].path / "manifest.json").read_text())
+    hashed_by = {rel: entry["rank"] for rel, entry in manifest["files"].items()}
+    assert manifest["world_size"] == 2 and set(manifest["ranks"]) == {"0", "1"}
+    assert {rel: r for rel, r in hashed_by.items() if not rel.endswith(".distcp")} == {
+        "rng_rank0.pt": 0,
+        "rng_rank1.pt": 1,
+        ".metadata": 0,
+        "meta.json": 0,
+    }
+    shards = {rel: r for rel, r in hashed_by.items() if rel.endswith(".distcp")}
+    assert {r for r in shards.values()} == {0, 1} and all(
+        rel.startswith(f"__{r}_") for rel, r in shards.items()
+    )
     meta = read_meta(infos[-1].path)
     assert (
         meta["tokens"] == 16 * 512 and meta["loss"] == points[-1]["loss"] and len(meta["loss_window"]) == 16
@@ -119,6 +134,9 @@ def test_resume_after_a_crash_is_bitwise_identical_to_an_uninterrupted_run(tmp_p
     resumed = run_trainer(interrupted, *common, "--resume-from", "latest", env={"TRAINOPS_ATTEMPT": "2"})
     assert resumed.returncode == 0, explain(resumed)
     assert "resumed from" in resumed.stdout and "step_00000010 at step 10" in resumed.stdout
+    # a synchronous save's manifest holds each rank's own digests too
+    manifest = json.loads((interrupted / "checkpoints" / "step_00000020" / "manifest.json").read_text())
+    assert manifest["files"]["__1_0.distcp"]["rank"] == 1 and manifest["world_size"] == 2
 
     a, b = metrics(straight), metrics(interrupted)
     assert [p["loss"] for p in a] == [
