@@ -20,6 +20,37 @@ PG_ADMIN_DSN = os.environ.get("TRAINOPS_TEST_PG_DSN", "postgresql://postgres@127
 ADMIN_HEADERS = {"Authorization": f"Bearer {DEFAULT_BOOTSTRAP_TOKEN}"}
 
 
+REDIS_SERVER = os.environ.get("TRAINOPS_TEST_REDIS", "redis://127.0.0.1:6379")
+# Databases 1-15 are lent to tests one at a time; database 0 holds the loans (`trainops-tests:db:N`).
+REDIS_TEST_DBS = range(1, 16)
+REDIS_LOAN_S = 1800  # a loan outlives any one test; a crashed test's loan expires on its own
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    """A Redis database of this test's own (a Celery broker's queues are named after hosts, so two tests on
+    one database would take each other's tasks), emptied when the test ends. Like a free port: loaned by
+    an atomic SET NX in database 0, so parallel test workers and side-by-side suites never share one."""
+    import redis
+
+    loans = redis.Redis.from_url(f"{REDIS_SERVER}/0")
+    owner = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    for db in REDIS_TEST_DBS:
+        key = f"trainops-tests:db:{db}"
+        if loans.set(key, owner, nx=True, ex=REDIS_LOAN_S):
+            break
+    else:
+        pytest.fail(f"every Redis test database {REDIS_TEST_DBS} is on loan (keys trainops-tests:db:*)")
+    url = f"{REDIS_SERVER}/{db}"
+    redis.Redis.from_url(url).flushdb()
+    try:
+        yield url
+    finally:
+        redis.Redis.from_url(url).flushdb()
+        if loans.get(key) == owner.encode():
+            loans.delete(key)
+
+
 def _pg_url(dbname: str) -> str:
     base = PG_ADMIN_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
     return f"{base}/{dbname}"

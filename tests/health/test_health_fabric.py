@@ -7,7 +7,6 @@ load shaper, through ``run_sweep`` so the cordon policy and the logbook see the 
 
 from __future__ import annotations
 
-import random
 import re
 import subprocess
 import sys
@@ -25,7 +24,7 @@ from service.db import transaction
 from service.fleet.fabric import GroupMeasurement, bisect, next_round
 from service.fleet.sweep import run_sweep
 from service.statemachine import DiagnosticStatus, NodeState
-from tests.health.test_health_sweep import REDIS, Fleet, Workers, node_log, register, sessions, states
+from tests.health.test_health_sweep import Fleet, Workers, node_log, register, sessions, states
 
 HEALTHY_GBPS = 1.0
 FLOOR_GBPS = 0.5
@@ -109,11 +108,6 @@ def test_calibrate_prints_the_baseline_lines() -> None:
 
 
 # --- end to end: the embedded worker and real workers on Redis ---------------------------------------
-@pytest.fixture
-def redis_url() -> str:
-    return f"{REDIS}/{random.randint(1, 12)}"  # 13 is the observability test's
-
-
 BASELINE_GBPS = "0.03"
 """Below loopback gloo at 0.5 MB on a loaded 2-core machine (0.15-0.35 GB/s measured) by 5x; a host
 delayed 100 ms per round trip runs at about 0.005 GB/s."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -29,8 +28,6 @@ from service.fleet.policy import CordonRules
 from service.fleet.sweep import blame_nodes, run_sweep
 from service.migrate import upgrade
 from service.statemachine import DiagnosticStatus, NodeState
-
-REDIS = "redis://127.0.0.1:6379"
 
 
 def sessions(url: str) -> sessionmaker[Session]:
@@ -182,11 +179,6 @@ def test_a_lemon_is_retired_after_repeated_blame_and_stays_retired(sqlite_url: s
 
 
 # --- real worker processes on Redis -------------------------------------------------------------------
-@pytest.fixture
-def redis_url() -> str:
-    return f"{REDIS}/{random.randint(1, 12)}"  # 13 is the observability test's
-
-
 class Workers:
     def __init__(self, fleet: Fleet, broker: str, tmp_path: Path, **env: str) -> None:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}

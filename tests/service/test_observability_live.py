@@ -23,7 +23,6 @@ from typing import Any
 
 import httpx
 import pytest
-import redis
 import sqlalchemy as sa
 import yaml
 from celery import Celery
@@ -42,7 +41,6 @@ pytestmark = pytest.mark.redis
 REPO = Path(__file__).resolve().parents[2]
 PROM_DIR = REPO / "dashboards" / "prometheus"
 GRAFANA_DIR = REPO / "dashboards" / "grafana"
-BROKER_URL = "redis://127.0.0.1:6379/13"
 HEALTHY, STALLED, ATTENTION = "opt-healthy", "opt-stalled", "opt-attention"
 
 # Per alert: the label sets it must return in this scenario, and its signal (the expression without its
@@ -187,11 +185,8 @@ def _wait_http(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: floa
 
 
 @pytest.fixture
-def broker() -> Iterator[str]:
-    client = redis.Redis.from_url(BROKER_URL)
-    client.flushdb()
-    yield BROKER_URL
-    client.flushdb()
+def broker(redis_url: str) -> str:
+    return redis_url
 
 
 def _create_run(api: httpx.Client, name: str, **config: Any) -> tuple[int, str]:
