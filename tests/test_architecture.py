@@ -8,6 +8,7 @@
   ``service/demo.py``) and ``bench/`` import ``service.orchestrator``, not even inside a function (tests may
   too). The API, crud, fleet and read models in particular never do; what they share with it (the recovery
   rules, restart-preview, verdicts, the Slurm checks and node sync) lives below it.
+* No module of ours imports ``transformers``, the test dependency the trainer's model is checked against.
 """
 
 from __future__ import annotations
@@ -133,6 +134,20 @@ def test_the_host_agent_and_the_trainer_import_nothing_of_the_control_plane() ->
     ]
     report = "\n".join(sorted(set(offending)))
     assert not offending, f"health/ and trainer/ must not import service/:\n{report}"
+
+
+def test_no_module_of_ours_imports_transformers() -> None:
+    """`transformers` is a test dependency (dev extra): the OPT layout converter, trainer/hf_opt.py, works on
+    state dicts and config dicts, so no trainer or host installs it."""
+    modules = own_modules()
+    assert "trainer.hf_opt" in modules
+    offending = [
+        f"{path.relative_to(ROOT)}:{line}: imports {imported}"
+        for name, path in modules.items()
+        for imported, line in imported_names(name, path, top_level_only=False)
+        if imported.split(".")[0] == "transformers"
+    ]
+    assert not offending, "\n".join(sorted(set(offending)))
 
 
 def test_no_import_cycle_among_our_modules() -> None:

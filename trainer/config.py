@@ -56,7 +56,8 @@ class TrainConfig:
     min_lr_ratio: float = 0.1
     """Final LR as a fraction of peak (OPT: 10%)."""
     weight_decay: float = 0.1
-    """AdamW weight decay (decoupled); not applied to biases, LayerNorm gains or embeddings' positions."""
+    """AdamW weight decay (decoupled) on every matrix, both embedding tables (tokens, positions) included;
+    not on biases or LayerNorm gains."""
     beta1: float = 0.9
     """AdamW beta1."""
     beta2: float = 0.95

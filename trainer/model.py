@@ -5,6 +5,11 @@ embeddings tied, dropout 0.1 everywhere except on the embeddings. Initialisation
 normal(0, 0.006) for every weight, the two output projections of each block (attention out_proj and fc2)
 scaled by 1/sqrt(2L), every bias 0, LayerNorm gains 1.
 
+Learned positions are laid out as OPT's (metaseq's `LearnedPositionalEmbedding` with padding index 1, Hugging
+Face's `OPTLearnedPositionalEmbedding` with `offset = 2`): the table has max_seq_len + 2 rows and position p
+reads row p + 2, so published OPT weights (2050 rows for 2048 tokens) load as they are (`trainer.hf_opt`).
+Row 1 is the padding row, zero and never read (trainops does not pad); row 0 is never read either.
+
 `init_weights` draws every parameter's *full* tensor from one seeded generator in a fixed order and copies the
 local shard, so a sharded model (FSDP2 DTensors) starts bitwise identical to an unsharded one, at any world
 size, holding at most one full parameter in memory at a time.
@@ -21,6 +26,8 @@ from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 OPT_VOCAB_SIZE = 50272  # GPT-2's 50257 BPE tokens + OPT's specials, padded to a multiple of 8
+POSITION_OFFSET = 2  # position p of a sequence reads row p + 2 of the position table (OPT's layout)
+POSITION_PAD_ROW = 1  # OPT's padding index: its row of the position table is zero
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -143,7 +150,9 @@ class OPTModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.embed_positions = nn.Embedding(cfg.max_seq_len, cfg.d_model)
+        self.embed_positions = nn.Embedding(
+            cfg.max_seq_len + POSITION_OFFSET, cfg.d_model, padding_idx=POSITION_PAD_ROW
+        )
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.final_layer_norm = nn.LayerNorm(cfg.d_model)
 
@@ -154,7 +163,11 @@ class OPTModel(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """Return logits of shape (batch, seq, vocab). No dropout on the embeddings (OPT)."""
-        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        if tokens.shape[1] > self.cfg.max_seq_len:
+            raise ValueError(
+                f"sequence of {tokens.shape[1]} tokens exceeds max_seq_len {self.cfg.max_seq_len}"
+            )
+        positions = torch.arange(POSITION_OFFSET, POSITION_OFFSET + tokens.shape[1], device=tokens.device)
         x = self.embed_tokens(tokens) + self.embed_positions(positions)
         for layer in self.layers:
             x = layer(x)
@@ -172,6 +185,12 @@ def _initial_value(name: str, shape: torch.Size, cfg: ModelConfig, gen: torch.Ge
     if "ln_" in name or "layer_norm" in name:
         return torch.ones(shape)
     std = cfg.init_std
+    if name == "embed_positions.weight":
+        # Only the rows positions read are drawn (as many values as a table without the offset had, so the
+        # generator's stream and every later parameter are unchanged); the pad row and row 0 stay zero.
+        table = torch.zeros(shape)
+        table[POSITION_OFFSET:].normal_(0.0, std, generator=gen)
+        return table
     if name.endswith(("out_proj.weight", "fc2.weight")):
         std /= math.sqrt(2 * cfg.n_layers)  # residual-branch outputs, Megatron/OPT scaling
     return torch.empty(shape).normal_(0.0, std, generator=gen)

@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from trainer.model import (
+    POSITION_OFFSET,
+    POSITION_PAD_ROW,
     PRESETS,
     ModelConfig,
     build_model,
@@ -88,8 +90,34 @@ def test_output_embedding_is_tied_and_embeddings_have_no_dropout() -> None:
     model.layers[0].register_forward_pre_hook(lambda m, args: seen.append(args[0]))
     model.train()
     model(tokens)
-    expected = model.embed_tokens(tokens) + model.embed_positions(torch.arange(16))
+    expected = model.embed_tokens(tokens) + model.embed_positions(torch.arange(16) + POSITION_OFFSET)
     assert torch.equal(seen[0], expected)
+
+
+def test_positions_have_opts_offset_of_2_and_a_zero_pad_row() -> None:
+    # OPT's layout (metaseq, Hugging Face): 2050 rows for 2048 tokens, position p reads row p + 2.
+    assert build_model(PRESETS["125M"].model).embed_positions.weight.shape == (2050, 768)
+    cfg = preset_model_config("tiny", dropout=0.0)
+    model = build_model(cfg, device="cpu").eval()
+    init_weights(model, seed=4)
+    table = model.embed_positions.weight
+    assert table.shape == (cfg.max_seq_len + 2, cfg.d_model)
+    assert POSITION_PAD_ROW == 1 and not table[:POSITION_OFFSET].any() and table[POSITION_OFFSET:].all()
+    # The drawn rows are the values a table without the offset got: the init stream is unchanged.
+    gen = torch.Generator().manual_seed(4)
+    torch.empty(cfg.vocab_size, cfg.d_model).normal_(0.0, cfg.init_std, generator=gen)  # embed_tokens first
+    expected = torch.empty(cfg.max_seq_len, cfg.d_model).normal_(0.0, cfg.init_std, generator=gen)
+    assert torch.equal(table[POSITION_OFFSET:], expected)
+    # Moving the last row a full-length sequence reads changes the last position's logits only.
+    tokens = torch.randint(0, cfg.vocab_size, (1, cfg.max_seq_len))
+    with torch.no_grad():
+        before = model(tokens)
+        table[cfg.max_seq_len + 1] *= -1.0  # not a constant shift, which the LayerNorms would remove
+        after = model(tokens)
+    assert torch.allclose(after[0, :-1], before[0, :-1], atol=1e-6)
+    assert not torch.allclose(after[0, -1], before[0, -1], atol=1e-3)
+    with pytest.raises(ValueError, match="exceeds max_seq_len 128"):
+        model(torch.zeros(1, cfg.max_seq_len + 1, dtype=torch.long))
 
 
 def test_causal_attention_does_not_look_ahead() -> None:
