@@ -28,6 +28,7 @@ from service.recovery.detect import RankBeat, Section
 from service.recovery.samples import (
     act_norm_lineage,
     attempt_samples,
+    attempt_saved_step,
     checkpoint_candidates,
     lineage_samples,
     recent_step_times,
@@ -140,7 +141,13 @@ def observe_attempt(
             )
     beats = tuple(rank_beat(b) for b in attempt_heartbeats(session, run_id=run.id, attempt=attempt.number))
     samples = attempt_samples(session, run_id=run.id, attempt=attempt.number)
-    last_step = max([b.step for b in beats] + [s.step for s in samples], default=None)
+    progress = [b.step for b in beats] + [s.step for s in samples]
+    if status.state == "exited":
+        # Beats and metrics stop arriving while the control plane is unreachable (the trainer spools its
+        # metrics): the checkpoints the attempt committed, catalogued from disk, tell how far it got.
+        saved = attempt_saved_step(session, run_id=run.id, attempt=attempt.number)
+        progress += [saved] if saved is not None else []
+    last_step = max(progress, default=None)
     lineage = lineage_samples(
         session,
         run_id=run.id,

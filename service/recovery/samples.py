@@ -79,6 +79,18 @@ def lineage_samples(
     return tuple(stored_metric_sample(r) for _, r in sorted(newest.items()))
 
 
+def attempt_saved_step(session: Session, *, run_id: int, attempt: int) -> int | None:
+    """The step of the newest checkpoint `attempt` committed (catalogued from its meta.json or registered by
+    the trainer), or None."""
+    return session.scalar(
+        sa.select(sa.func.max(Checkpoint.step)).where(
+            Checkpoint.run_id == run_id,
+            Checkpoint.attempt == attempt,
+            Checkpoint.state.in_([CheckpointState.committed, CheckpointState.verified]),
+        )
+    )
+
+
 def checkpoint_candidates(session: Session, *, run_id: int) -> list[CheckpointCandidate]:
     """The run's catalogued checkpoints as restart candidates: usable when committed or verified in the
     catalog and intact on disk (marker, manifest, sizes). What the orchestrator and restart-preview see."""
