@@ -597,7 +597,7 @@ class Phase:
         """Per run: its active attempt's number and start step, its newest stored step, its LR scale."""
         import sqlalchemy as sa
 
-        from service.models import Attempt, Metric, Run
+        from service.models import Attempt, Checkpoint, Metric, Run
 
         out: dict[str, dict[str, Any]] = {}
         with self.stack.factory() as session:
@@ -614,6 +614,11 @@ class Phase:
                     .group_by(Metric.run_id)
                 ).all()
             )
+            checkpoints = dict(
+                session.execute(
+                    sa.select(Checkpoint.run_id, sa.func.count()).group_by(Checkpoint.run_id)
+                ).all()
+            )
             for run_id, name, lr_scale in runs:
                 attempt = active.get(run_id)
                 step = newest.get(run_id)
@@ -624,6 +629,7 @@ class Phase:
                     "step": step,
                     "progress": (step - attempt.start_step) if attempt and step is not None else 0,
                     "lr_scale": lr_scale,
+                    "checkpoints": checkpoints.get(run_id, 0),
                 }
         return out
 
@@ -631,8 +637,8 @@ class Phase:
         run = state.get(self.run_names[0], {})
         if run.get("attempt") is None or run.get("step") is None:
             return False
-        if not self.faults:  # the first fault once a checkpoint exists to roll back to
-            return run["step"] >= checkpoint_steps(self.opts) + 2
+        if not self.faults:  # the first fault once a checkpoint is catalogued to roll back to
+            return run["checkpoints"] > 0 and run["step"] >= checkpoint_steps(self.opts) + 2
         return run["attempt"] > self.faults[-1].attempt and run["progress"] >= self.spec.progress_steps
 
     def recovered_from_last(self, state: dict[str, dict[str, Any]]) -> bool:
@@ -1275,7 +1281,7 @@ def summarize(results: Sequence[dict[str, Any]], opts: Options, args: argparse.N
             costs,
             gpus=gpus,
             startup_s=startup,
-            checkpoint_s=opts.checkpoint_min * 60,
+            checkpoint_s=args.week_checkpoint_min * 60,
             save_stall_s=SimParams.save_stall_s,
             val_every_s=0.0,  # validation is the recipe's choice, not a cost of failures (docs/goodput.md)
             val_s=0.0,
@@ -1289,6 +1295,7 @@ def summarize(results: Sequence[dict[str, Any]], opts: Options, args: argparse.N
         "time_scale": opts.time_scale,
         "step_s": opts.step_s,
         "checkpoint_min": opts.checkpoint_min,
+        "week_checkpoint_min": args.week_checkpoint_min,
         "api_workers": opts.api_workers,
         "beats_per_request": opts.beats_per_request or "one host's",
         "phases": list(results),
@@ -1414,6 +1421,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--checkpoint-min", type=float, default=10.0, help="fleet minutes between checkpoints"
+    )
+    parser.add_argument(
+        "--week-checkpoint-min",
+        type=float,
+        default=10.0,
+        help="fleet minutes between checkpoints in the week",
     )
     parser.add_argument("--api-workers", type=int, default=3)
     parser.add_argument("--loop-interval-s", type=float, default=1.0, help="the orchestrator's loop interval")

@@ -60,7 +60,6 @@ from trainer.checkpoint import (
     checkpoint_name,
     commit,
     hash_files,
-    rank_files,
     read_meta,
 )
 
@@ -458,7 +457,12 @@ class Attempt:
             (tmp / f"rng_rank{rank}.pt").write_bytes(b"rng")
         (tmp / ".metadata").write_bytes(b"dcp-metadata")
         (tmp / META).write_text(json.dumps(meta, indent=1, sort_keys=True))
-        reported = {rank: hash_files(tmp, rank_files(tmp, rank)) for rank in range(self.world)}
+        # each rank hashes the files it wrote (trainer.checkpoint.rank_files names them: shard and RNG file);
+        # named directly here, since one process playing every rank would list the directory once per rank
+        reported = {
+            rank: hash_files(tmp, [tmp / f"__{rank}_0.distcp", tmp / f"rng_rank{rank}.pt"])
+            for rank in range(self.world)
+        }
         final = root / checkpoint_name(step)
         checksum = commit(tmp, final, reported=reported, world_size=self.world)
         self.reporter.checkpoints.append(catalog_record(final, step, read_meta(final), checksum))
