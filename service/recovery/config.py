@@ -151,9 +151,10 @@ class CheckpointVerifyConfig(_Section):
 
     workers: int = 2
     """Worker threads hashing checkpoints at once (each one checkpoint at a time, newest first)."""
-    hash_throughput_mb_s: float = 400.0
-    """What one worker reads and hashes per second (MB/s) on the runs' filesystem, until the pool has
-    measured itself (`bench/checkpoint_verify.py` measures it; docs/benchmarks.md has this machine's)."""
+    hash_throughput_mb_s: float = 200.0
+    """The most one worker is assumed to read and hash per second (MB/s) on the runs' filesystem; a slower
+    rate the pool measures lowers it (`bench/checkpoint_verify.py` measures it: 223-254 MB/s from this
+    machine's disk, docs/benchmarks.md)."""
     deadline_factor: float = 3.0
     """A checkpoint's deadline is `deadline_floor_s` plus this multiple of its expected hashing time: its
     size over the smaller of the configured and the measured throughput (and of `read_limit_mb_s`)."""
