@@ -3,7 +3,9 @@
 PostgreSQL (`PostgresLeadership`): the leader holds a session advisory lock (`pg_try_advisory_lock`) on a
 connection of its own. PostgreSQL releases the lock when that session ends: at once when the process dies
 (its kernel closes the socket), within `leader_lease_s` when its host or network vanishes (the session's
-TCP keepalives and user timeout are set from the lease). Standbys try the lock once per loop interval.
+TCP keepalives and user timeout are set from the lease) or its process stops (`idle_session_timeout`: the
+leader renews its session from a thread, a stopped process cannot). Standbys try the lock once per loop
+interval.
 
 Fencing: holding the lock is not enough, a leader can lose it between deciding and acting. So every write
 transaction of the orchestrator (`fenced_sessions`) and every side effect outside the database (`fenced`:
@@ -28,6 +30,7 @@ import logging
 import math
 import os
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -190,6 +193,8 @@ class PostgresLeadership:
         """The lock session's backend pid and start, while this process leads."""
         self._seen_holder: Holder | None = None
         """The leader this standby saw last: the previous holder once it takes over."""
+        self._renewing = threading.Event()
+        """Set while the renewal thread keeps the leader's lock session busy (`_renew`)."""
 
     @property
     def is_leader(self) -> bool:
@@ -221,6 +226,10 @@ class PostgresLeadership:
             conn.execute(f"SET tcp_keepalives_interval = {k['interval']}")
             conn.execute(f"SET tcp_keepalives_count = {k['count']}")
             conn.execute(f"SET tcp_user_timeout = {int(self.lease_s * 1000)}")
+            # A leader whose process stops (SIGSTOP, a VM paused, a swap storm) still answers keepalives
+            # from its kernel: the session must also end when it stays silent for the lease. The leader
+            # renews it from a thread of its own (`_renew`), so a long pass does not end it.
+            conn.execute(f"SET idle_session_timeout = {int(self.lease_s * 1000)}")
             self._conn = conn
         return self._conn
 
@@ -271,6 +280,10 @@ class PostgresLeadership:
         ).fetchone()
         assert row is not None
         self._session = (int(row[0]), row[1])
+        self._renewing.set()
+        threading.Thread(
+            target=self._renew, args=(conn,), name="trainops-leader-renewal", daemon=True
+        ).start()
         previous = self._seen_holder if self._seen_holder != self.holder else None
         return LeadershipChange(
             acquired=True,
@@ -285,8 +298,20 @@ class PostgresLeadership:
             },
         )
 
+    def _renew(self, conn: psycopg.Connection[Any]) -> None:
+        """Keep the leader's lock session from going idle for the lease while this process runs; stops
+        when the session is dropped (the loop's next poll tells whether the lock is still held)."""
+        period = self.lease_s / 4
+        while self._renewing.is_set() and self._conn is conn:
+            time.sleep(period)
+            try:
+                conn.execute("SELECT 1")
+            except psycopg.Error:
+                return
+
     def _lost(self, reason: str) -> LeadershipChange:
         self._session = None
+        self._renewing.clear()
         # A session that lost the lock is not reused: it may still hold it, unknown to us, or be half-dead.
         self._drop_connection()
         return LeadershipChange(acquired=False, holder=self.holder, reason=reason)
@@ -301,6 +326,7 @@ class PostgresLeadership:
             raise LeadershipLost(f"the leader lock is no longer this orchestrator's: {what} not done")
 
     def release(self) -> None:
+        self._renewing.clear()
         if self._conn is not None and self._session is not None:
             with contextlib.suppress(psycopg.Error):
                 self._conn.execute("SELECT pg_advisory_unlock(%s, %s)", (LOCK_NAMESPACE, LEADER_LOCK))

@@ -6,6 +6,10 @@ fence live in pg_locks). Each `PostgresLeadership` is given its own identity, as
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -241,3 +245,46 @@ def test_a_leader_whose_lock_session_died_steps_down_then_leads_again_on_a_new_s
         assert taken is not None and taken.acquired
     finally:
         leader.release()
+
+
+PAUSED_LEADER = """
+import sys, time
+from service.db import make_engine
+from service.orchestrator.leadership import Holder, PostgresLeadership
+leadership = PostgresLeadership(make_engine(sys.argv[1]), lease_s=2, holder=Holder("host-a", 101))
+assert leadership.poll() is not None
+print("leading", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.postgres
+def test_a_leader_whose_process_stops_loses_the_lock_within_the_lease(
+    pg: tuple[Engine, sessionmaker[Session]], postgres_url: str
+) -> None:
+    """SIGSTOP: the process lives and its kernel still answers TCP keepalives, so only the lease ends it."""
+    engine, _ = pg
+    leader = subprocess.Popen(
+        [sys.executable, "-c", PAUSED_LEADER, postgres_url],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    standby = PostgresLeadership(engine, lease_s=2, holder=Holder("host-b", 202))
+    try:
+        assert leader.stdout is not None and leader.stdout.readline().strip() == "leading"
+        time.sleep(3)  # more than the lease: a running leader's renewals keep its session
+        assert standby.poll() is None and standby.current_holder() == Holder("host-a", 101)
+        os.kill(leader.pid, signal.SIGSTOP)
+        stopped = time.monotonic()
+        taken = None
+        while taken is None and time.monotonic() - stopped < 15:
+            time.sleep(0.1)
+            taken = standby.poll()
+        waited = time.monotonic() - stopped
+        assert taken is not None and taken.previous == Holder("host-a", 101)
+        assert waited <= 2 + 1.5, waited  # the lease, plus the server's timer and this loop's 0.1 s
+    finally:
+        leader.kill()
+        leader.wait()
+        standby.release()
