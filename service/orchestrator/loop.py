@@ -359,6 +359,8 @@ class Orchestrator:
         reads and writes only, never a byte of a checkpoint (`checkpoint_verify.py`)."""
         try:
             self.checkpoint_verifier.step(run_ids)
+        except LeadershipLost:
+            raise  # deposed: not a failing side step; the pass stops here
         except Exception as error:  # the catalog is unreachable: results are kept and recorded next pass
             self._side_step_failed("checkpoint-verify", "background checkpoint verification failed", error)
         else:
