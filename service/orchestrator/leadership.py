@@ -229,7 +229,10 @@ class PostgresLeadership:
             # A leader whose process stops (SIGSTOP, a VM paused, a swap storm) still answers keepalives
             # from its kernel: the session must also end when it stays silent for the lease. The leader
             # renews it from a thread of its own (`_renew`), so a long pass does not end it.
-            conn.execute(f"SET idle_session_timeout = {int(self.lease_s * 1000)}")
+            try:
+                conn.execute(f"SET idle_session_timeout = {int(self.lease_s * 1000)}")
+            except psycopg.errors.UndefinedObject:  # PostgreSQL < 14: keepalives only (docs: Failover)
+                log.warning("PostgreSQL has no idle_session_timeout: a stopped leader keeps the lock")
             self._conn = conn
         return self._conn
 
