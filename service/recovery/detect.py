@@ -5,6 +5,7 @@ Each returns a finding with the evidence that goes to the logbook, or None.
 
 from __future__ import annotations
 
+import bisect
 import enum
 import math
 import statistics
@@ -298,6 +299,19 @@ class StragglerFinding:
     observations: tuple[StragglerObservation, ...] = ()
 
 
+def median_without(ordered: Sequence[float], value: float) -> float:
+    """`statistics.median` of `ordered` (sorted, 2 values or more) without one occurrence of `value`."""
+    skip = bisect.bisect_left(ordered, value)
+    count = len(ordered) - 1
+
+    def nth(k: int) -> float:
+        return ordered[k] if k < skip else ordered[k + 1]
+
+    if count % 2:
+        return nth(count // 2)
+    return (nth(count // 2 - 1) + nth(count // 2)) / 2
+
+
 def detect_straggler(
     beats: Sequence[RankBeat], *, ratio: float, confirm_steps: int
 ) -> StragglerFinding | None:
@@ -312,11 +326,14 @@ def detect_straggler(
     recent = common[-confirm_steps:]
     if len(recent) < confirm_steps or recent[-1] - recent[0] != confirm_steps - 1:
         return None  # not enough consecutive steps seen by every rank yet
+    # Each step's times sorted once: the others' median of each rank is then a lookup, so a pass over a
+    # 1,024-host run costs ranks x log(ranks), not ranks^2 (every rank's median over the 8,191 others).
+    ordered = {step: sorted(per_rank[r][step] for r in per_rank) for step in recent}
     for beat in timed:
         observations: list[StragglerObservation] = []
         for step in recent:
             mine = per_rank[beat.rank][step]
-            others = statistics.median(per_rank[r][step] for r in per_rank if r != beat.rank)
+            others = median_without(ordered[step], mine)
             if others <= 0 or mine <= ratio * others:
                 break
             observations.append(StragglerObservation(step, mine, others))
