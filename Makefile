@@ -49,8 +49,12 @@ demo: setup
 machine:
 	bash .ci/prepare-machine
 
+# Two passes: everything but the `serial` tests on two pytest-xdist workers (a test module stays on one
+# worker: module fixtures such as a Slurm cluster start once), then the `serial` ones alone, since they load
+# the machine or measure it. `pytest -k ...` or a path runs any subset in one process as usual.
 test: setup machine
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile -m "not serial"
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m serial
 
 lint: setup
 	$(BIN)/ruff check .

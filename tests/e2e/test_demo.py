@@ -17,7 +17,7 @@ from service.models import Attempt, Checkpoint, LogEntry, Metric, Node, Run
 from service.readmodels.goodput import compute_goodput
 from tests.livesrv import free_port
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.serial]  # it loads every core on purpose
 
 
 def test_the_demo_run_reaches_its_target_by_itself_on_a_busy_machine(tmp_path: Path) -> None:

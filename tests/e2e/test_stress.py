@@ -24,7 +24,7 @@ from service.db import transaction
 from service.models import LogEntry, Metric, Run
 from tests.e2e.test_operator_levers_e2e import ProdStack, pages, prod  # noqa: F401 - the fixtures
 
-pytestmark = [pytest.mark.slow, pytest.mark.postgres]
+pytestmark = [pytest.mark.slow, pytest.mark.serial, pytest.mark.postgres]
 
 REPORTERS = 8
 POINTS_PER_BATCH = 25

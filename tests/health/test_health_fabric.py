@@ -142,6 +142,7 @@ def test_embedded_deep_sweep_cordons_the_host_with_a_broken_link(sqlite_url: str
 
 @pytest.mark.redis
 @pytest.mark.slow
+@pytest.mark.serial  # its bandwidth baselines were measured on an otherwise idle machine
 def test_real_workers_deep_sweep_makes_only_the_slow_link_host_suspect(
     sqlite_url: str, tmp_path: Path, redis_url: str
 ) -> None:
@@ -183,6 +184,7 @@ def test_real_workers_deep_sweep_makes_only_the_slow_link_host_suspect(
 
 @pytest.mark.redis
 @pytest.mark.slow
+@pytest.mark.serial  # its bandwidth baselines were measured on an otherwise idle machine
 def test_a_dead_worker_costs_a_deep_sweep_its_deadline_not_the_check_limit(
     sqlite_url: str, tmp_path: Path, redis_url: str
 ) -> None:
