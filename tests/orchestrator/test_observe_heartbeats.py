@@ -10,16 +10,38 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.orm import Session, sessionmaker
 
 from bench.heartbeat_observe import RunningAttempts, fill
 from service import migrate
 from service.db import make_engine, make_session_factory, transaction
 from service.models import Checkpoint
-from service.orchestrator.decide import EndAttempt, decide
+from service.orchestrator.decide import EndAttempt, ObservedRun, decide
 from service.orchestrator.launchers.base import ProcessStatus
 from service.orchestrator.observe import observe_run
 from service.recovery.config import OrchestratorConfig
 from service.statemachine import CheckpointState
+
+
+def observe(
+    factory: sessionmaker[Session],
+    run_id: int,
+    tmp_path: Path,
+    cfg: OrchestratorConfig,
+    launcher: RunningAttempts,
+    now: float,
+) -> ObservedRun:
+    """One pass's observation of the run, its attempt's processes as `launcher` reports them."""
+    with transaction(factory) as session:
+        return observe_run(
+            session,
+            run_id=run_id,
+            runs_dir=tmp_path / "runs",
+            cfg=cfg,
+            launchers={"bench": launcher},
+            waiting_for_hosts_since=None,
+            now=now,
+        )
 
 
 def test_one_heartbeat_query_per_run_per_pass_at_any_size(tmp_path: Path) -> None:
@@ -40,16 +62,7 @@ def test_one_heartbeat_query_per_run_per_pass_at_any_size(tmp_path: Path) -> Non
         counted = {}
         for ranks, run_id in runs.items():
             statements.clear()
-            with transaction(factory) as session:
-                observed = observe_run(
-                    session,
-                    run_id=run_id,
-                    runs_dir=tmp_path / "runs",
-                    cfg=cfg,
-                    launchers={"bench": RunningAttempts()},
-                    waiting_for_hosts_since=None,
-                    now=now,
-                )
+            observed = observe(factory, run_id, tmp_path, cfg, RunningAttempts(), now)
             assert observed.attempt is not None and len(observed.attempt.beats) == ranks
             assert decide(observed, cfg) == []  # healthy ranks a second old: nothing to do
             counted[ranks] = (sum("FROM heartbeats" in s for s in statements), len(statements))
@@ -77,17 +90,7 @@ def test_an_attempt_that_exits_while_no_beat_arrives_is_judged_by_its_checkpoint
     cfg = OrchestratorConfig(runs_dir=str(tmp_path / "runs"))
 
     def end() -> EndAttempt:
-        with transaction(factory) as session:
-            observed = observe_run(
-                session,
-                run_id=run_id,
-                runs_dir=tmp_path / "runs",
-                cfg=cfg,
-                launchers={"bench": ExitedZero()},
-                waiting_for_hosts_since=None,
-                now=now,
-            )
-        actions = decide(observed, cfg)
+        actions = decide(observe(factory, run_id, tmp_path, cfg, ExitedZero(), now), cfg)
         assert isinstance(actions[0], EndAttempt)
         return actions[0]
 
