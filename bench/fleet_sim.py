@@ -1084,15 +1084,21 @@ class ClassCost:
 
 
 def class_costs(failures: Sequence[dict[str, Any]]) -> dict[str, ClassCost]:
+    """Medians per class over the live failures that were detected; a class whose runs did not relaunch
+    within the phase (e.g. needs attention) takes the median decision of the others."""
+    detected = [f for f in failures if "fleet_detect_s" in f]
+    decided = [sum(f["decisions_s"]) for f in detected if f.get("decisions_s")]
+    fallback = statistics.median(decided) if decided else 0.0
     out = {}
     for kind in FAILURE_WORDS:
-        seen = [f for f in failures if f["kind"] == kind and f.get("recovered")]
+        seen = [f for f in detected if f["kind"] == kind]
         if not seen:
             continue
+        own = [sum(f["decisions_s"]) for f in seen if f.get("decisions_s")]
         out[kind] = ClassCost(
             detect_s=statistics.median(f["fleet_detect_s"] for f in seen),
-            decision_s=statistics.median(sum(f["decisions_s"]) for f in seen),
-            launches=statistics.median(1 + f["wasted_relaunches"] for f in seen),
+            decision_s=statistics.median(own) if own else fallback,
+            launches=statistics.median(1 + (f.get("wasted_relaunches") or 0) for f in seen),
             measured=len(seen),
         )
     return out
