@@ -1,4 +1,4 @@
-"""TRAINOPS_EXTRA_LAUNCHERS: launchers loaded by import path next to local and slurm (the fleet simulator's)."""
+"""TRAINOPS_EXTRA_LAUNCHERS: launchers loaded by import path beside local and slurm (the simulator's)."""
 
 from __future__ import annotations
 
