@@ -30,8 +30,8 @@ def upgrade() -> None:
     with op.batch_alter_table("heartbeats", schema=None) as batch_op:
         batch_op.add_column(sa.Column("section", sa.String(length=32), nullable=False, server_default="step"))
         batch_op.add_column(sa.Column("pid", sa.Integer(), nullable=True))
-        batch_op.add_column(sa.Column("step_time_s", sa.Float(), nullable=True))
-        batch_op.add_column(sa.Column("last_step_s", sa.Float(), nullable=True))
+        batch_op.add_column(sa.Column("step_time_s", sa.Double(), nullable=True))
+        batch_op.add_column(sa.Column("last_step_s", sa.Double(), nullable=True))
         batch_op.add_column(sa.Column("busy_s", sa.JSON(), nullable=True))
         batch_op.add_column(
             sa.Column("received_at", service.models.UTCDateTime(timezone=True), nullable=True)
