@@ -30,6 +30,7 @@ from service.recovery.restart_point import CheckpointCandidate, pick_restart_che
 from service.statemachine import DesiredState, NodeState, RunPhase
 
 BAD_NODE_STATES = frozenset({NodeState.suspect, NodeState.cordoned, NodeState.draining, NodeState.retired})
+HANG_BLAME_SAMPLE = 8  # hosts named in a withheld blame's evidence (a logbook entry stays small)
 
 
 # ---- what decide() sees ----------------------------------------------------------------------------
@@ -348,14 +349,15 @@ def _decide_active(run: ObservedRun, cfg: OrchestratorConfig) -> list[Action]:
         # ranks stuck after their loss went non-finite: the divergence is the cause, no host is to blame
         return [*actions, _end_for_divergence(diverged, attempt, also=hang.detail)]
     if hang is not None:
+        blame, withheld = hang_blame(hang.behind_hosts, run)
         return [
             *actions,
             EndAttempt(
                 FailureClass.hang,
                 hang.detail,
                 kill=True,
-                evidence=hang.evidence,
-                blame_hosts=hang.behind_hosts,
+                evidence={**hang.evidence, **withheld},
+                blame_hosts=blame,
                 last_progress_at=_last_progress(attempt),
             ),
         ]
@@ -694,6 +696,28 @@ def _launch_or_wait(
             consume_pending_restart=consume,
         )
     ]
+
+
+def hang_blame(behind_hosts: tuple[str, ...], run: ObservedRun) -> tuple[tuple[str, ...], dict[str, Any]]:
+    """The hosts a hang's lag points at, if the pool can do without them; otherwise none, and why.
+
+    Blamed hosts are held out (suspect) until a deep check clears them. One host behind is always blamed
+    (at worst the run waits for one deep check). A lag spread over more hosts than the pool has spares (fit
+    hosts beyond the run's `host_count`) does not localize a fault: a fabric-wide stall leaves many ranks a
+    step behind, and at a thousand hosts the last beats of hundreds arrive seconds apart (the fleet
+    simulator's hang put 256 healthy hosts out of service, and the run could not start again). Then the
+    attempt restarts on the hosts it had, and the evidence says what was withheld."""
+    spares = max(len(schedulable_hosts(run)) - run.host_count, 0)
+    if len(behind_hosts) <= max(spares, 1):
+        return behind_hosts, {}
+    return (), {
+        "blame_withheld": {
+            "behind_hosts": len(behind_hosts),
+            "spare_hosts": spares,
+            "first_behind": list(behind_hosts[:HANG_BLAME_SAMPLE]),
+            "why": "more hosts behind than the pool can replace: the lag does not localize the fault",
+        }
+    }
 
 
 def schedulable_hosts(run: ObservedRun) -> list[str]:

@@ -460,3 +460,29 @@ def test_no_decision_asks_for_a_transition_the_state_machine_refuses(
         act_norms={s: 10.0 for s in range(1, 30)},
     )
     phases_through(observed, decide(observed, CFG))  # raises InvalidTransition on a refused step
+
+
+def _hang_on(hosts: tuple[str, ...], behind: set[str], pool: int) -> EndAttempt:
+    """A hang of an attempt on `hosts` (one rank each) in a pool of `pool` healthy hosts, the ranks on the
+    `behind` hosts a step behind the others."""
+    beats = tuple(RankBeat(r, h, 29 if h in behind else 30, NOW - 20) for r, h in enumerate(hosts))
+    hung = replace(attempt(beats=beats), hosts=hosts, world_size=len(hosts))
+    states = {f"h{i}": NodeState.healthy for i in range(1, pool + 1)}
+    return only(decide(run(attempt=hung, node_states=states, host_count=len(hosts)), CFG), EndAttempt)
+
+
+def test_a_hang_blames_the_lagging_hosts_only_as_far_as_the_pool_can_replace_them() -> None:
+    hosts = tuple(f"h{i}" for i in range(1, 17))  # 16 hosts in use, 2 spares
+    one_behind = _hang_on(hosts, {"h7"}, pool=18)
+    assert one_behind.outcome == "hang" and one_behind.blame_hosts == ("h7",)
+    assert "blame_withheld" not in one_behind.evidence
+    # a stall that leaves 6 hosts a step behind (a fabric, or late beats) does not point at those hosts:
+    # blaming them would leave the run 4 hosts short; it restarts where it was, and says why
+    wide = _hang_on(hosts, {f"h{i}" for i in range(3, 9)}, pool=18)
+    assert wide.outcome == "hang" and wide.kill and wide.blame_hosts == ()
+    withheld = wide.evidence["blame_withheld"]
+    assert withheld["behind_hosts"] == 6 and withheld["spare_hosts"] == 2
+    assert withheld["first_behind"] == ["h3", "h4", "h5", "h6", "h7", "h8"]
+    # one host behind is blamed even with no spare (the run waits for one deep check); two are not
+    assert _hang_on(hosts, {"h7"}, pool=16).blame_hosts == ("h7",)
+    assert _hang_on(hosts, {"h7", "h9"}, pool=16).blame_hosts == ()
