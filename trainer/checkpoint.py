@@ -302,16 +302,21 @@ class CheckpointInfo:
         return self.meta.get("loss_scale")
 
 
-def list_checkpoints(checkpoint_dir: str | Path, *, deep: bool = True) -> list[CheckpointInfo]:
-    """Every `step_*` directory, oldest first, each verified (invalid ones included, with the reason)."""
+def checkpoint_dirs(checkpoint_dir: str | Path) -> list[tuple[int, Path]]:
+    """Every `step_*` directory as (step, path), oldest first, nothing verified or read."""
     root = Path(checkpoint_dir)
     if not root.is_dir():
         return []
+    found = [
+        (step, path) for path in root.iterdir() if (step := _step_of(path)) is not None and path.is_dir()
+    ]
+    return sorted(found, key=lambda found_dir: found_dir[0])
+
+
+def list_checkpoints(checkpoint_dir: str | Path, *, deep: bool = True) -> list[CheckpointInfo]:
+    """Every `step_*` directory, oldest first, each verified (invalid ones included, with the reason)."""
     infos = []
-    for path in root.iterdir():
-        step = _step_of(path)
-        if step is None or not path.is_dir():
-            continue
+    for step, path in checkpoint_dirs(checkpoint_dir):
         ok, reason = verify_checkpoint(path, deep=deep)
         meta: dict[str, Any] = {}
         if ok:
@@ -324,7 +329,7 @@ def list_checkpoints(checkpoint_dir: str | Path, *, deep: bool = True) -> list[C
                 path=path, step=step, ok=ok, reason=reason, pinned=(path / PINNED).exists(), meta=meta
             )
         )
-    return sorted(infos, key=lambda i: i.step)
+    return infos
 
 
 def latest_valid_checkpoint(checkpoint_dir: str | Path) -> CheckpointInfo | None:

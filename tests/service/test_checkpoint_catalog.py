@@ -522,3 +522,32 @@ def test_api_pin_stays_inside_the_runs_checkpoint_directory(
     r = admin.post(f"/api/v1/checkpoints/{legacy.id}/mark", json={"reason": "x", "pinned": True})
     assert r.status_code == 409 and "not in its run's checkpoint directory" in r.json()["detail"]
     assert not (elsewhere / PINNED).exists() and not (ckpt_dir / PINNED).exists()
+
+
+def test_a_pass_reads_no_catalogued_checkpoint_again_until_its_manifest_changes(
+    factory: sessionmaker[Session], runs_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every pass looks at every retained checkpoint: one already in the catalog costs a stat, not a
+    metadata check of its files or a parse of its manifest (at a thousand hosts, ~16,000 entries)."""
+    from service.orchestrator import observe
+
+    run_id = new_run(factory)
+    ckpt_dir = runs_dir / "r" / "checkpoints"
+    for step in (100, 200):
+        save_checkpoint(ckpt_dir, step, attempt=1)
+    sync_from_disk(factory, runs_dir, run_id)
+    assert row(factory, run_id, 100).attempt == 1 and row(factory, run_id, 200).attempt == 1
+
+    calls: list[str] = []
+    real_verify, real_checksum = observe.verify_checkpoint, observe.read_checksum
+    monkeypatch.setattr(
+        observe, "verify_checkpoint", lambda p, **kw: calls.append("verify") or real_verify(p, **kw)
+    )
+    monkeypatch.setattr(observe, "read_checksum", lambda p: calls.append("checksum") or real_checksum(p))
+    sync_from_disk(factory, runs_dir, run_id)
+    assert calls == []
+    # step 100 saved again after a rollback: a new manifest, read and catalogued on the next pass
+    save_checkpoint(ckpt_dir, 100, attempt=3)
+    sync_from_disk(factory, runs_dir, run_id)
+    assert calls == ["checksum", "verify"]
+    assert row(factory, run_id, 100).attempt == 3 and row(factory, run_id, 200).attempt == 1
