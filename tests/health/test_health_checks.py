@@ -118,6 +118,7 @@ def small_deep(config: HealthConfig, **changes: Any) -> HealthConfig:
     )
 
 
+@pytest.mark.serial  # compares two measurements of this machine: another test running beside it skews one
 def test_a_slow_gemm_is_degraded_against_the_calibrated_cpu_baseline(tmp_path: Path) -> None:
     baseline = active.cpu_gemm_gflops(256)
     config = small_deep(
@@ -152,6 +153,7 @@ def test_allreduce_and_disk_checks_measure_on_cpu(tmp_path: Path) -> None:
     assert not list((tmp_path / "ckpt").iterdir())  # the test file is removed
 
 
+@pytest.mark.serial  # compares two measurements of this machine: another test running beside it skews one
 def test_a_slow_link_is_flagged_against_the_baseline(tmp_path: Path) -> None:
     config = small_deep(fleet(tmp_path, {"slowlink": {"active": {"link_delay_ms": 200}}}))
     seconds = active.gloo_allreduce_seconds(1024 * 1024, 2)
