@@ -120,9 +120,21 @@ class FileDigest:
 
 
 def rank_files(path: Path, rank: int) -> list[Path]:
-    """The files `rank` wrote into a checkpoint directory: its torch.distributed.checkpoint shards (the
-    FileSystemWriter names each rank's files `__<rank>_<n>.distcp`) and its RNG state."""
-    return sorted([*path.glob(f"__{rank}_*.distcp"), *path.glob(f"rng_rank{rank}.pt")])
+    """The files `rank` wrote into a checkpoint directory: its torch.distributed.checkpoint shards and its
+    RNG state.
+
+    DCP's FileSystemWriter numbers each rank's files from 0 without gaps (`__<rank>_<n>.distcp`, one per
+    write bucket or item), so they are found by name, one stat each, until the first number missing. A glob
+    would list the whole directory on every rank: at 8,192 ranks that is 8,192 listings of 16,000+ entries
+    per save on a shared filesystem (the fleet simulator's finding)."""
+    files: list[Path] = []
+    n = 0
+    while (shard := path / f"__{rank}_{n}.distcp").exists():
+        files.append(shard)
+        n += 1
+    if (rng := path / f"rng_rank{rank}.pt").exists():
+        files.append(rng)
+    return sorted(files)
 
 
 def hash_files(root: Path, files: list[Path]) -> dict[str, FileDigest]:

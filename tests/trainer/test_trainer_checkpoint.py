@@ -178,6 +178,33 @@ def two_rank_save(root: Path, step: int) -> tuple[Path, dict[int, dict[str, chec
     return tmp, {r: checkpoint_module.hash_files(tmp, checkpoint_module.rank_files(tmp, r)) for r in (0, 1)}
 
 
+def test_a_rank_finds_its_files_by_name_without_listing_the_shared_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # rank 3 wrote three shards (DCP numbers them from 0); ranks 30 and 13 share its prefixes' digits
+    for name in (
+        "__3_0.distcp",
+        "__3_1.distcp",
+        "__3_2.distcp",
+        "rng_rank3.pt",
+        "__30_0.distcp",
+        "__13_0.distcp",
+        "rng_rank30.pt",
+        ".metadata",
+    ):
+        (tmp_path / name).write_bytes(b"x")
+
+    def no_listing(*args: object, **kwargs: object) -> None:
+        raise AssertionError("rank_files listed the checkpoint directory")
+
+    # 8,192 ranks each listing 16,000+ entries per save was the fleet simulator's finding
+    monkeypatch.setattr(Path, "glob", no_listing)
+    monkeypatch.setattr(Path, "iterdir", no_listing)
+    found = checkpoint_module.rank_files(tmp_path, 3)
+    assert [f.name for f in found] == ["__3_0.distcp", "__3_1.distcp", "__3_2.distcp", "rng_rank3.pt"]
+    assert checkpoint_module.rank_files(tmp_path, 7) == []
+
+
 def test_ranks_hash_their_own_shards_and_rank_0_only_what_no_rank_reported(tmp_path: Path) -> None:
     tmp, reported = two_rank_save(tmp_path, 10)
     assert sorted(reported[1]) == ["__1_0.distcp", "rng_rank1.pt"]
