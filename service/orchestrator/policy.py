@@ -33,6 +33,26 @@ def backoff_s(consecutive_failures: int, cfg: RemediationConfig) -> float:
     return min(cfg.backoff_max_s, cfg.backoff_base_s * 2 ** (consecutive_failures - 1))
 
 
+def no_progress_streak(failures: Sequence[FailureRecord]) -> list[FailureRecord]:
+    """The newest failures that all ended with the same newest checkpoint (nothing saved in between),
+    oldest first.
+
+    Only the repeats of one cause within it make a crash loop: a deterministic bug, a poisoned batch or a
+    bad configuration fails the same way every time. Independent failures that happen to fall within one
+    checkpoint interval (a crash, then a GPU fault on another host, then a network hang: the fleet
+    simulator drew exactly that at 1,024 hosts) each had their own remedy, so `plan_remediation` counts
+    only the failures of the newest one's class; the restart budget still bounds all of them together."""
+    if not failures:
+        return []
+    newest = failures[-1].newest_checkpoint_step
+    streak: list[FailureRecord] = []
+    for record in reversed(failures):
+        if record.newest_checkpoint_step != newest:
+            break
+        streak.append(record)
+    return streak[::-1]
+
+
 def plan_remediation(
     failure: FailureClass,
     history: Sequence[FailureRecord],
@@ -59,13 +79,15 @@ def plan_remediation(
             f"{cfg.restart_window_s:.0f} s (budget {budget})"
         )
 
-    # No progress: the last N failed attempts all ended with the same newest checkpoint.
-    tail = failures[-(cfg.no_progress_restarts + 1) :]
-    if len(tail) == cfg.no_progress_restarts + 1 and len({r.newest_checkpoint_step for r in tail}) == 1:
-        return Remediation(
-            escalate=f"no progress: {len(tail)} consecutive failed attempts without a newer "
-            f"checkpoint than step {tail[-1].newest_checkpoint_step}"
-        )
+    if stuck := no_progress_streak(failures):
+        same = [r for r in stuck if r.failure == failure]
+        if len(same) > cfg.no_progress_restarts:
+            others = sorted({str(r.failure) for r in stuck if r.failure != failure})
+            return Remediation(
+                escalate=f"no progress: {len(same)} {failure} failures without a newer checkpoint than "
+                f"step {stuck[-1].newest_checkpoint_step}"
+                + (f" (other failures meanwhile: {', '.join(others)})" if others else "")
+            )
 
     # Back-off grows only over failures that made no progress: an attempt that saved a newer checkpoint
     # than the failure before it was a productive one, so the next relaunch is not delayed further.

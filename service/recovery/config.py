@@ -94,7 +94,9 @@ class RemediationConfig(_Section):
     restart_window_s: float = 3600.0
     """Window of the restart budget."""
     no_progress_restarts: int = 3
-    """Consecutive restarts that do not advance the newest checkpoint before the run needs attention."""
+    """Failures of one class, without a newer checkpoint saved since the first of them, that are restarted
+    before the next one makes the run need attention (a crash loop; failures of other classes in between
+    do not count, see `policy.no_progress_streak`)."""
     backoff_base_s: float = 1.0
     """First delay between a failure and the relaunch; doubles with each consecutive failure."""
     backoff_max_s: float = 60.0

@@ -318,6 +318,33 @@ def test_budget_and_no_progress_escalate() -> None:
     assert plan_remediation(FailureClass.config, [], lr_scale=1, clip=None, now=0, cfg=cfg).escalate
 
 
+def test_independent_failures_within_one_checkpoint_interval_are_not_a_crash_loop() -> None:
+    # the fleet simulator's big run: a crash, a GPU fault on another host and a network hang, 6-7 steps
+    # apart, each restarted from the checkpoint at step 40; then a fourth, unrelated, failure
+    cfg = RemediationConfig(max_restarts=10, no_progress_restarts=3)
+    mixed = [
+        FailureRecord(1.0, FailureClass.crash, 40),
+        FailureRecord(2.0, FailureClass.hardware, 40),
+        FailureRecord(3.0, FailureClass.hang, 40),
+        FailureRecord(4.0, FailureClass.signal, 40),
+    ]
+    plan = plan_remediation(FailureClass.signal, mixed, lr_scale=1, clip=None, now=5, cfg=cfg)
+    assert plan.escalate is None
+    # the same cause again and again is a loop, whatever else failed in between
+    looping = [*mixed, *(FailureRecord(5.0 + t, FailureClass.crash, 40) for t in range(3))]
+    escalate = plan_remediation(FailureClass.crash, looping, lr_scale=1, clip=None, now=9, cfg=cfg).escalate
+    assert escalate == (
+        "no progress: 4 crash failures without a newer checkpoint than step 40 "
+        "(other failures meanwhile: hang, hardware, signal)"
+    )
+    # a newer checkpoint ends the streak: older crashes no longer count
+    progressed = [*looping[:-1], FailureRecord(9.0, FailureClass.crash, 50)]
+    assert (
+        plan_remediation(FailureClass.crash, progressed, lr_scale=1, clip=None, now=9, cfg=cfg).escalate
+        is None
+    )
+
+
 def test_config_invariants_are_checked_at_construction() -> None:
     with pytest.raises(ValueError, match="heartbeat_interval_s"):
         OrchestratorConfig(heartbeat_interval_s=20, hang_timeout_s=10)
