@@ -26,10 +26,16 @@ from service.statemachine import (
 
 def get_run(session: Session, *, run_id: int, for_update: bool = False) -> Run:
     """The run; with `for_update`, locked until the transaction ends, so a read-modify-write of it (a
-    restart request, its consumption) cannot interleave with another one."""
+    restart request, its consumption) cannot interleave with another one.
+
+    The lock is PostgreSQL's ``FOR NO KEY UPDATE`` (no run's id ever changes and runs are never deleted):
+    it excludes every other read-modify-write of the run but not the ``FOR KEY SHARE`` that each metric or
+    heartbeat batch holds while it is written (`telemetry.lock_run_for_ingest`). With ``FOR UPDATE`` the
+    orchestrator's every change of a run queued behind the batches in flight, and at 1,024 hosts there are
+    always some."""
     query = sa.select(Run).where(Run.id == run_id)
     if for_update:
-        query = query.with_for_update().execution_options(populate_existing=True)
+        query = query.with_for_update(key_share=True).execution_options(populate_existing=True)
         if session.get_bind().dialect.name == "sqlite":
             # SQLite ignores FOR UPDATE, and pysqlite begins a transaction only at the first write: a
             # no-op write takes the database's write lock first, so what is read next is current and

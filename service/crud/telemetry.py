@@ -293,14 +293,34 @@ def record_heartbeats(
     beats: Sequence[Mapping[str, Any]],
     received_at: dt.datetime | None = None,
 ) -> None:
-    """Upsert the latest beat per (run, attempt, rank): one ``INSERT .. ON CONFLICT DO UPDATE`` for the whole
-    batch, on PostgreSQL and SQLite alike. A beat older (by its own `time`) than the stored one is a late
-    arrival and changes nothing. `beats` are validated `schemas.RankBeat`s, one per rank; a beat without
-    `time` is stamped with the server's clock."""
+    """Refuse a batch for a run that does not exist, then upsert the latest beat per (run, attempt, rank):
+    one ``INSERT .. ON CONFLICT DO UPDATE`` for the whole batch, on PostgreSQL and SQLite alike. A beat
+    older (by its own `time`) than the stored one is a late arrival and changes nothing. `beats` are
+    validated `schemas.RankBeat`s, one per rank; a beat without `time` is stamped with the server's clock.
+
+    The rows are built before the run is locked (`lock_run_for_ingest`): converting 1,024 beats is
+    Python work on a busy API worker, and the lock is held only for the one statement and the commit."""
     if not beats:
+        lock_run_for_ingest(session, run_id=run_id)
         return
-    now = received_at or utcnow()
-    rows = [
+    rows = heartbeat_rows(run_id=run_id, attempt=attempt, beats=beats, received_at=received_at or utcnow())
+    insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+    stmt = insert(Heartbeat).values(rows)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=["run_id", "attempt", "rank"],
+        set_={name: stmt.excluded[name] for name in HEARTBEAT_FIELDS},
+        where=Heartbeat.__table__.c.time <= stmt.excluded.time,
+    )
+    lock_run_for_ingest(session, run_id=run_id)
+    session.execute(stmt)
+
+
+def heartbeat_rows(
+    *, run_id: int, attempt: int, beats: Sequence[Mapping[str, Any]], received_at: dt.datetime
+) -> list[dict[str, Any]]:
+    """The heartbeats table's rows of a batch, in rank order."""
+    now = received_at
+    return [
         {
             "run_id": run_id,
             "attempt": attempt,
@@ -318,14 +338,6 @@ def record_heartbeats(
         # in rank order: two batches that share ranks lock their rows in the same order (no deadlock)
         for beat in sorted(beats, key=lambda beat: beat["rank"])
     ]
-    insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
-    stmt = insert(Heartbeat).values(rows)
-    stmt = stmt.on_conflict_do_update(
-        index_elements=["run_id", "attempt", "rank"],
-        set_={name: stmt.excluded[name] for name in HEARTBEAT_FIELDS},
-        where=Heartbeat.__table__.c.time <= stmt.excluded.time,
-    )
-    session.execute(stmt)
 
 
 @dataclass(frozen=True)

@@ -9,10 +9,13 @@ from pathlib import Path
 
 import httpx
 import pytest
+import sqlalchemy as sa
+from sqlalchemy.exc import OperationalError
 
 from service import migrate
 from service.crud.logbook import list_logbook
 from service.crud.runs import consume_restart_request, create_run, get_run, request_restart, stop_run
+from service.crud.telemetry import attempt_heartbeats, record_heartbeats
 from service.db import make_engine, make_session_factory, transaction
 from tests.conftest import ADMIN_HEADERS
 from tests.livesrv import LiveServer
@@ -96,3 +99,35 @@ def test_the_orchestrator_consumes_only_the_request_it_acted_on(migrated_url: st
         assert consume_restart_request(session, run=run, request=second, author="system:orchestrator")
     with transaction(factory) as session:
         assert get_run(session, run_id=run_id).pending_restart is None
+
+
+@pytest.mark.postgres
+def test_a_heartbeat_batch_being_written_does_not_hold_up_the_orchestrator_changing_the_run(
+    postgres_url: str,
+) -> None:
+    # At 1,024 hosts some metric or heartbeat batch is always being written, each holding its run's row
+    # FOR KEY SHARE until it commits; the orchestrator's read-modify-write of the run (a phase change, a
+    # restart request consumed) must not queue behind them.
+    migrate.upgrade(postgres_url)
+    factory = make_session_factory(make_engine(postgres_url))
+    with transaction(factory) as session:
+        run_id = create_run(session, name="opt-busy", owner="a", config={}, start=True, author="user:a").id
+    ingest = factory()
+    try:
+        record_heartbeats(ingest, run_id=run_id, attempt=1, beats=[{"rank": 0, "step": 5}])  # lock held
+        with transaction(factory) as session:
+            session.execute(sa.text("SET LOCAL lock_timeout = '2s'"))
+            run = get_run(session, run_id=run_id, for_update=True)
+            run.lr_scale = 0.5
+        ingest.commit()
+    finally:
+        ingest.close()
+    with transaction(factory) as session:
+        assert get_run(session, run_id=run_id).lr_scale == 0.5
+        assert [b.step for b in attempt_heartbeats(session, run_id=run_id, attempt=1)] == [5]
+        # two read-modify-writes of the run still exclude each other
+        get_run(session, run_id=run_id, for_update=True)
+        with transaction(factory) as other:
+            other.execute(sa.text("SET LOCAL lock_timeout = '200ms'"))
+            with pytest.raises(OperationalError, match="lock timeout"):
+                get_run(other, run_id=run_id, for_update=True)

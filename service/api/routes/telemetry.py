@@ -104,7 +104,6 @@ def query_metrics(
 def heartbeat(run_id: RunId, body: HeartbeatBatch, session: SessionDep, _: Ingestor) -> Response:
     """One rank's beat or up to 1,024 ranks' beats of one attempt (docs/reporting-contract.md,
     "Heartbeats"); the latest per rank is kept."""
-    telemetry.lock_run_for_ingest(session, run_id=run_id)
     telemetry.record_heartbeats(session, run_id=run_id, attempt=body.attempt, beats=body.beats)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
