@@ -12,8 +12,9 @@ What every rank does follows the reporting contract exactly; only the arithmetic
   seconds with log-normal jitter, each rank's busy time is that step minus its wait in the collective (with a
   little per-rank jitter);
 - every rank records its beat (step, time, section, step_time_s, last_step_s, busy_s) in the training loop;
-  one reporter task per host sends its ranks' newest beats in one batch request, at most one request per
-  `report_interval_s` and one in flight; a hung loop records nothing, so its last beat goes stale;
+  one reporter task per host sends its ranks' newest beats in one batch request once per the heartbeat
+  interval the orchestrator gave the attempt (`TRAINOPS_HEARTBEAT_INTERVAL_S`, as the trainer's relay);
+  a hung loop records nothing, so its last beat goes stale;
 - rank 0 posts the metric points (the loss and activation-norm curves of a recorded real run, stretched over
   the run's target steps, with a recorded divergence's shape when one is injected) in batches every
   `report_interval_s`, and registers each checkpoint with `trainer.checkpoint.catalog_record`;
@@ -199,6 +200,7 @@ class Reporter:
         }
         self.metric_posts: list[tuple[int, float, float]] = []  # (newest step delivered, its time, posted)
         self.limit = asyncio.Semaphore(params.max_in_flight)
+        self.heartbeat_interval_s = contract.heartbeat_interval_from_env(os.environ)
 
     def beat(self, host: str, beat: dict[str, Any]) -> None:
         self.newest.setdefault(host, {})[beat["rank"]] = beat
@@ -239,11 +241,16 @@ class Reporter:
         )
 
     async def flush(self) -> None:
-        # a host sends when its ranks recorded something new, and re-sends its newest beats unchanged every
-        # HEARTBEAT_SEND_INTERVAL_S (the contract: `received_at` shows the path alive, `time` the loop)
+        # as the trainer's relay: a host sends its ranks' newest beats once per interval, the one the
+        # orchestrator gave the attempt (contract.HEARTBEAT_INTERVAL_ENV), new or not (the contract:
+        # `received_at` shows the path alive, `time` the loop); its first beats go at once
         now = time.monotonic()
-        due = {h for h, sent in self.last_sent.items() if now - sent >= contract.HEARTBEAT_SEND_INTERVAL_S}
-        hosts, self.dirty = self.dirty | due, set()
+        due = {
+            h
+            for h in self.dirty | set(self.last_sent)
+            if h not in self.last_sent or now - self.last_sent[h] >= self.heartbeat_interval_s
+        }
+        hosts, self.dirty = due, self.dirty - due
         for host in hosts:
             self.last_sent[host] = now
         sends = [self._send_beats(h, beats) for h, beats in self._batches(sorted(hosts))]

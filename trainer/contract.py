@@ -102,6 +102,25 @@ MAX_BEATS_PER_BATCH = 1024  # beats one request may carry (a host's ranks, or a 
 # Every rank (re)sends its newest beat this often, unchanged when its loop recorded nothing new, so the
 # control plane's `received_at` shows the path is alive while the beat's `time` shows whether the loop is.
 HEARTBEAT_SEND_INTERVAL_S = 2.0
+# The orchestrator sets each attempt's interval in this environment variable: longer than the default on a
+# fleet too big for the control plane's heartbeat request budget (docs/reporting-contract.md, "Heartbeats").
+HEARTBEAT_INTERVAL_ENV = "TRAINOPS_HEARTBEAT_INTERVAL_S"
+
+
+def heartbeat_interval_from_env(environ: Mapping[str, str]) -> float:
+    """The send interval the orchestrator gave this attempt; HEARTBEAT_SEND_INTERVAL_S when unset. A value
+    that is not a positive number is refused (ValueError): sending too often would flood the control plane
+    and too rarely would read as a hang."""
+    raw = environ.get(HEARTBEAT_INTERVAL_ENV)
+    if raw is None or not raw.strip():
+        return HEARTBEAT_SEND_INTERVAL_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{HEARTBEAT_INTERVAL_ENV}={raw!r} is not a positive number of seconds")
+    return value
 
 
 class Section(enum.StrEnum):

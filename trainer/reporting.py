@@ -42,6 +42,7 @@ from trainer.contract import (
     SpoolKind,
     checkpoint_spool_record,
     heartbeat_batch,
+    heartbeat_interval_from_env,
     metrics_spool_record,
 )
 
@@ -390,7 +391,13 @@ def make_heartbeat_sender(*, log: Callable[[str], None]) -> HeartbeatSender | Nu
     where = _attempt_from_env()
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     relay = f"{os.getppid()}-{where['run_id']}-{where['attempt']}" if local_world > 1 else None
-    return HeartbeatSender(**where, log=log, relay=relay, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+    return HeartbeatSender(
+        **where,
+        interval_s=heartbeat_interval_from_env(os.environ),
+        log=log,
+        relay=relay,
+        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+    )
 
 
 def host_for_rank(rank: int, world: int) -> str:

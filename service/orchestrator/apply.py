@@ -48,6 +48,7 @@ from service.orchestrator.decide import (
 from service.orchestrator.fault_points import fault_point
 from service.orchestrator.health_gateway import HealthGateway
 from service.orchestrator.launchers.base import (
+    HEARTBEAT_INTERVAL_KEY,
     Launcher,
     LaunchRefused,
     LaunchSpec,
@@ -56,11 +57,12 @@ from service.orchestrator.launchers.base import (
     start_recorded,
 )
 from service.orchestrator.leadership import LeadershipLost
-from service.orchestrator.observe import AUTHOR
+from service.orchestrator.observe import AUTHOR, recorded_heartbeat_interval
 from service.orchestrator.spool import drain_spool
 from service.recovery.config import OrchestratorConfig
 from service.recovery.detect import FailureClass
 from service.statemachine import CheckpointState, DesiredState, LogKind, Role, RunPhase, Severity
+from trainer import contract
 from trainer.checkpoint import verify_checkpoint
 from trainer.contract import EXIT_CHECKPOINT_CORRUPT, checkpoints_dir
 
@@ -430,6 +432,7 @@ class Applier:
         resume_from: str | None,
         overrides: dict[str, Any],
         token: str,
+        heartbeat_interval_s: float,
     ) -> LaunchSpec:
         config = run.config or {}
         run_dir = self.runs_dir / run.name
@@ -449,7 +452,11 @@ class Applier:
                     faults=parse_faults(config.get("faults") or [], number),
                 )
             ),
-            env={**self.trainer_env, "TRAINOPS_TOKEN": token},
+            env={
+                **self.trainer_env,
+                "TRAINOPS_TOKEN": token,
+                contract.HEARTBEAT_INTERVAL_ENV: f"{heartbeat_interval_s:g}",
+            },
             launcher_options=dict(config.get(str(config.get("launcher", "local"))) or {}),
             unfit_hosts=tuple(
                 sorted(h for h, state in observed.node_states.items() if state in BAD_NODE_STATES)
@@ -472,6 +479,9 @@ class Applier:
             token_row, token = create_token(
                 session, name=f"{run.name}-attempt-{number}", role=Role.trainer, run_id=run.id
             )
+            # every host of the pool counts, so that attempts launched at different times together stay
+            # within the control plane's heartbeat budget
+            interval = self.cfg.heartbeat_interval_for(len(observed.node_states))
             spec = self._launch_spec(
                 observed,
                 run=run,
@@ -480,8 +490,9 @@ class Applier:
                 resume_from=action.checkpoint.path if action.checkpoint else None,
                 overrides=overrides,
                 token=token,
+                heartbeat_interval_s=interval,
             )
-            info = launcher.prepare(spec)
+            info = {**launcher.prepare(spec), HEARTBEAT_INTERVAL_KEY: interval}
             if run.phase != RunPhase.starting:
                 set_run_phase(session, run=run, target=RunPhase.starting, reason=action.reason, author=AUTHOR)
             attempt = create_attempt(
@@ -623,6 +634,7 @@ class Applier:
                 resume_from=restore.path if restore is not None else None,
                 overrides=dict(attempt.overrides or {}),
                 token=token,
+                heartbeat_interval_s=recorded_heartbeat_interval(info) or self.cfg.heartbeat_interval_s,
             )
             write_log(
                 session,

@@ -50,6 +50,7 @@ class ObservedAttempt:
     lineage: tuple[MetricSample, ...] = ()
     last_step: int | None = None  # newest step reported by any source
     first_step_seen: bool = False
+    heartbeat_interval_s: float | None = None  # its hosts' send interval (None: the orchestrator's minimum)
 
 
 @dataclass(frozen=True)
@@ -342,8 +343,8 @@ def _decide_active(run: ObservedRun, cfg: OrchestratorConfig) -> list[Action]:
         now=run.now,
         attempt_started_at=attempt.started_at,
         limits=run_hang_limits(run, attempt, cfg),
-        # ranks re-send every HEARTBEAT_SEND_INTERVAL_S: three missed rounds from all of them is an outage
-        quiet_after_s=3 * cfg.heartbeat_interval_s,
+        # hosts re-send every interval: three missed rounds from all of them is an outage
+        quiet_after_s=3 * heartbeat_interval(attempt, cfg),
     )
     if hang is not None and diverged is not None:
         # ranks stuck after their loss went non-finite: the divergence is the cause, no host is to blame
@@ -417,7 +418,14 @@ def run_hang_limits(run: ObservedRun, attempt: ObservedAttempt, cfg: Orchestrato
         startup_s=float(own.get("startup_s", cfg.startup_grace_s)),
         checkpoint_save_s=float(own.get("checkpoint_save_s", cfg.hang.checkpoint_save_s)),
         validation_s=float(own.get("validation_s", cfg.hang.validation_s)),
+        delivery_lag_s=heartbeat_interval(attempt, cfg),
     )
+
+
+def heartbeat_interval(attempt: ObservedAttempt, cfg: OrchestratorConfig) -> float:
+    """The interval the attempt's hosts were told to send beats at (recorded at its launch)."""
+    recorded = attempt.heartbeat_interval_s
+    return recorded if recorded is not None else cfg.heartbeat_interval_s
 
 
 def _divergence(attempt: ObservedAttempt, cfg: OrchestratorConfig) -> DivergenceFinding | None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy.orm import Session
 
@@ -22,7 +23,7 @@ from service.crud.runs import busy_hosts, get_run, list_attempts, record_attempt
 from service.crud.telemetry import StoredBeat, attempt_heartbeats
 from service.models import Attempt, Run
 from service.orchestrator.decide import EndedAttempt, ObservedAttempt, ObservedRun
-from service.orchestrator.launchers.base import Launcher, ProcessStatus, launcher_for
+from service.orchestrator.launchers.base import HEARTBEAT_INTERVAL_KEY, Launcher, ProcessStatus, launcher_for
 from service.recovery.config import OrchestratorConfig
 from service.recovery.detect import RankBeat, Section
 from service.recovery.samples import (
@@ -173,7 +174,14 @@ def observe_attempt(
         lineage=lineage,
         last_step=last_step,
         first_step_seen=attempt.first_step_at is not None,
+        heartbeat_interval_s=recorded_heartbeat_interval(info),
     )
+
+
+def recorded_heartbeat_interval(info: Mapping[str, Any]) -> float | None:
+    """The beat interval recorded with the attempt's launch (None: launched before intervals scaled)."""
+    value = info.get(HEARTBEAT_INTERVAL_KEY)
+    return float(value) if isinstance(value, int | float) and value > 0 else None
 
 
 def rank_beat(beat: StoredBeat) -> RankBeat:

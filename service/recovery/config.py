@@ -199,8 +199,16 @@ class OrchestratorConfig(LayeredSettings):
     loop_interval_s: float = 1.0
     """Period of the reconcile loop (events may wake it earlier; they never decide)."""
     heartbeat_interval_s: float = 2.0
-    """How often trainer ranks (re)send their newest beat (`trainer.contract.HEARTBEAT_SEND_INTERVAL_S`):
-    no beat of an attempt received for 3 x this holds the hang verdict (the control plane is unreachable)."""
+    """The shortest interval at which a host (re)sends its ranks' newest beats
+    (`trainer.contract.HEARTBEAT_SEND_INTERVAL_S`). Each attempt gets `heartbeat_interval_for` the fleet:
+    this, or longer on a fleet too big for `heartbeat_max_requests_per_s`. No beat of an attempt received
+    for 3 x its interval holds the hang verdict (the control plane is unreachable)."""
+    heartbeat_max_requests_per_s: float = 50.0
+    """The control plane's heartbeat request budget: every host of the pool sending one request per
+    interval may not exceed it, so on a big fleet the interval grows (Nomad's `max_heartbeats_per_second`,
+    whose default this is; at 1,024 hosts one request per host every 2 s was ~512 requests/s, which the
+    fleet simulator's API could not ingest: docs/benchmarks.md). A beat then reaches the control plane up
+    to one interval late, which every hang limit adds (`decide.run_hang_limits`)."""
     hang_timeout_s: float = 12.0
     """Floor of the step limit: no step progress for this long is a hang even when the run's own step
     times would allow less (the limit is max(this, `hang.step_time_multiple` x p99 of recent step times))."""
@@ -238,11 +246,19 @@ class OrchestratorConfig(LayeredSettings):
     remediation: RemediationConfig = Field(default_factory=RemediationConfig)
     checkpoint_verify: CheckpointVerifyConfig = Field(default_factory=CheckpointVerifyConfig)
 
+    def heartbeat_interval_for(self, fleet_hosts: int) -> float:
+        """How often each host of an attempt sends its ranks' beats when the pool has `fleet_hosts` hosts:
+        max(heartbeat_interval_s, fleet_hosts / heartbeat_max_requests_per_s). Every host of the pool is
+        counted, busy or not, so attempts launched at different times together stay within the budget."""
+        return max(self.heartbeat_interval_s, fleet_hosts / self.heartbeat_max_requests_per_s)
+
     @model_validator(mode="after")
     def _check_invariants(self) -> Self:
         # NVRx invariant: declare a hang only after several missed heartbeats, or slow steps look hung.
         if self.heartbeat_interval_s >= self.hang_timeout_s:
             raise ValueError("heartbeat_interval_s must be < hang_timeout_s")
+        if self.heartbeat_max_requests_per_s <= 0:
+            raise ValueError("heartbeat_max_requests_per_s must be > 0")
         if self.loop_interval_s <= 0 or self.loop_interval_s > self.hang_timeout_s:
             raise ValueError("loop_interval_s must be in (0, hang_timeout_s]")
         if self.straggler_ratio <= 1:

@@ -149,10 +149,13 @@ def hang_limits(
     startup_s: float,
     checkpoint_save_s: float,
     validation_s: float,
+    delivery_lag_s: float = 0.0,
 ) -> HangLimits:
     """The run's hang limits from its own step times: step = max(floor, multiple x q-quantile of the
     recent step times); start-up, checkpoint save and validation have their own limits, never below the
-    step limit (a rank whose steps take 70 s is not hung 60 s into a save)."""
+    step limit (a rank whose steps take 70 s is not hung 60 s into a save). Every limit then grows by
+    `delivery_lag_s`, how late a beat may reach the control plane (its host's send interval): a beat is
+    judged by the time its loop recorded it, and on a big fleet hosts send every 20 s."""
     times = [t for t in step_times if math.isfinite(t) and t > 0]
     if times:
         typical = quantile(times, q)
@@ -172,6 +175,12 @@ def hang_limits(
     startup, startup_basis = section("start-up", startup_s)
     save, save_basis = section("checkpoint-save", checkpoint_save_s)
     validation, validation_basis = section("validation", validation_s)
+    if delivery_lag_s > 0:
+        lag = f" + {delivery_lag_s:.3g} s heartbeat interval"
+        step, step_basis = step + delivery_lag_s, step_basis + lag
+        startup, startup_basis = startup + delivery_lag_s, startup_basis + lag
+        save, save_basis = save + delivery_lag_s, save_basis + lag
+        validation, validation_basis = validation + delivery_lag_s, validation_basis + lag
     return HangLimits(
         step_s=step,
         startup_s=startup,

@@ -189,8 +189,26 @@ def test_decide_calibrates_on_the_runs_stored_step_times_and_logs_how() -> None:
     assert isinstance(end, EndAttempt) and end.outcome == "hang"
     assert "floor 12 s" in end.evidence["limits"]["step"]["computed"]
     [end] = decide(observed((beat(0, 80.0), beat(1, 80.0)), step_times=tuple(OPT_175B_STEPS)), CFG)
-    assert end.outcome == "hang" and end.evidence["hang_timeout_s"] == pytest.approx(70.45)
+    # 5 x p99 of the step times, + 2 s: a beat reaches the control plane up to one send interval late
+    assert end.outcome == "hang" and end.evidence["hang_timeout_s"] == pytest.approx(72.45)
     assert "5 x p99 14.1 s of the 200 newest step times" in end.evidence["limits"]["step"]["computed"]
+    assert end.evidence["limits"]["step"]["computed"].endswith("+ 2 s heartbeat interval")
+
+
+def test_on_a_big_fleet_hosts_beat_less_often_and_every_hang_limit_allows_for_it() -> None:
+    # 1,024 hosts at the default budget of 50 heartbeat requests/s: each host sends every 20.48 s
+    interval = CFG.heartbeat_interval_for(1024)
+    assert interval == pytest.approx(20.48) and CFG.heartbeat_interval_for(8) == CFG.heartbeat_interval_s
+    late = (beat(0, 80.0), beat(1, 80.0))  # 80 s old: past 72.45 s at a 2 s interval
+    run = observed(late, step_times=tuple(OPT_175B_STEPS))
+    assert run.attempt is not None
+    big = replace(run, attempt=replace(run.attempt, heartbeat_interval_s=interval))
+    assert decide(big, CFG) == []
+    assert run_hang_limits(big, big.attempt, CFG).step_s == pytest.approx(70.45 + 20.48)
+    [end] = decide(replace(big, now=NOW + 15.0), CFG)
+    assert (
+        end.outcome == "hang" and "+ 20.5 s heartbeat interval" in end.evidence["limits"]["step"]["computed"]
+    )
 
 
 def test_a_ranks_own_last_step_time_calibrates_before_any_metric_is_stored() -> None:
@@ -202,12 +220,12 @@ def test_a_runs_overrides_win_over_the_orchestrators_settings() -> None:
     saving = (beat(0, 200.0, Section.checkpoint_save), beat(1, 200.0, Section.checkpoint_save))
     assert decide(observed(saving), CFG) == []
     [end] = decide(observed(saving, hang_overrides={"checkpoint_save_s": 150.0}), CFG)
-    assert end.outcome == "hang" and end.evidence["limits"]["checkpoint_save"]["limit_s"] == 150.0
+    assert end.outcome == "hang" and end.evidence["limits"]["checkpoint_save"]["limit_s"] == 150.0 + 2.0
     stepping = (beat(0, 20.0), beat(1, 20.0))
     assert decide(observed(stepping, hang_overrides={"step_floor_s": 30.0}), CFG) == []
     run = observed(stepping, hang_overrides={"step_time_multiple": 2.0}, step_times=tuple(OPT_175B_STEPS))
     assert run.attempt is not None
-    assert run_hang_limits(run, run.attempt, CFG).step_s == pytest.approx(2 * 14.09)
+    assert run_hang_limits(run, run.attempt, CFG).step_s == pytest.approx(2 * 14.09 + 2.0)
 
 
 def test_run_config_carries_validated_hang_overrides() -> None:

@@ -12,9 +12,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from service.schemas import HeartbeatBatch
 from tests.trainer_helpers import free_port, start_receiver
-from trainer.contract import Section
+from trainer.contract import HEARTBEAT_INTERVAL_ENV, Section
 from trainer.reporting import (
     HeartbeatSender,
     HttpReporter,
@@ -215,3 +217,19 @@ def test_without_an_api_url_reporting_is_a_no_op(tmp_path: Path, monkeypatch: An
     assert isinstance(make_heartbeat_sender(log=print), NullHeartbeatSender)
     monkeypatch.setenv("TRAINOPS_API_URL", "http://127.0.0.1:9")
     assert isinstance(make_reporter(rank=1, spool_dir=tmp_path, interval_s=1.0, log=print), NullReporter)
+
+
+def test_ranks_beat_at_the_interval_the_orchestrator_gave_their_attempt(monkeypatch: Any) -> None:
+    monkeypatch.setenv("TRAINOPS_API_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("TRAINOPS_RUN_ID", "1")
+    monkeypatch.setenv("TRAINOPS_ATTEMPT", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    monkeypatch.setenv(HEARTBEAT_INTERVAL_ENV, "20.48")  # a 1,024-host pool at 50 requests/s
+    sender = make_heartbeat_sender(log=print)
+    try:
+        assert isinstance(sender, HeartbeatSender) and sender.interval_s == 20.48
+    finally:
+        sender.close(timeout_s=0.1)
+    monkeypatch.setenv(HEARTBEAT_INTERVAL_ENV, "0")
+    with pytest.raises(ValueError, match="not a positive number"):
+        make_heartbeat_sender(log=print)

@@ -16,6 +16,7 @@ from typing import Any, Literal, Protocol
 from trainer import contract
 
 ATTEMPT_TAG_ENV = "TRAINOPS_ATTEMPT_TAG"
+HEARTBEAT_INTERVAL_KEY = "heartbeat_interval_s"  # in an attempt's launcher info: its hosts' beat interval
 
 
 @dataclass(frozen=True)
