@@ -54,6 +54,11 @@ ORCHESTRATOR_RUNS_ESCALATED = Counter(
     "trainops_orchestrator_escalated_runs_total",
     "Runs put in needs_attention (and paged) because their reconcile passes kept failing.",
 )
+ORCHESTRATOR_LAUNCHES_DEFERRED = Counter(
+    "trainops_orchestrator_launches_deferred_total",
+    "Launches a reconcile pass left to the next one because it had spent its launch budget "
+    "(`launch_budget_s`): a burst of new runs never holds up the detection of the running ones.",
+)
 ORCHESTRATOR_LEADER = Gauge(
     "trainops_orchestrator_leader",
     "1 while this orchestrator process leads (reconciles), 0 while it stands by (docs/orchestrator.md, "
@@ -77,6 +82,7 @@ INSTRUMENTS: tuple[Counter | Gauge | Histogram, ...] = (
     ORCHESTRATOR_LOOP_DURATION,
     ORCHESTRATOR_FAILED_PASSES,
     ORCHESTRATOR_RUNS_ESCALATED,
+    ORCHESTRATOR_LAUNCHES_DEFERRED,
     ORCHESTRATOR_LEADER,
     ORCHESTRATOR_LEADERSHIP_CHANGES,
     HEALTH_CHECK_DURATION,

@@ -49,9 +49,11 @@ def list_nodes(
     return list(rows), total
 
 
-def all_nodes(session: Session) -> list[Node]:
-    """Every registered node, by hostname (what the orchestrator's observe reads each pass)."""
-    return list(session.scalars(sa.select(Node).order_by(Node.hostname)))
+def node_states(session: Session) -> list[tuple[str, NodeState, dt.datetime]]:
+    """Every registered node's (hostname, state, state_changed_at), as plain rows: what the orchestrator
+    reads of the pool once per pass (no ORM objects: a pool has thousands of nodes)."""
+    query = sa.select(Node.hostname, Node.state, Node.state_changed_at).order_by(Node.hostname)
+    return [(hostname, state, changed) for hostname, state, changed in session.execute(query)]
 
 
 def register_node(

@@ -343,17 +343,17 @@ def next_attempt_number(session: Session, *, run_id: int) -> int:
     return (session.scalar(sa.select(sa.func.max(Attempt.number)).where(Attempt.run_id == run_id)) or 0) + 1
 
 
-def busy_hosts(session: Session, *, except_run_id: int) -> frozenset[str]:
-    """The hosts of every other run's attempt in progress."""
-    rows = session.scalars(
-        sa.select(Attempt.hosts).where(Attempt.ended_at.is_(None), Attempt.run_id != except_run_id)
-    )
-    return frozenset(host for hosts in rows for host in hosts)
+def busy_hosts_by_run(session: Session) -> dict[int, frozenset[str]]:
+    """The hosts of each run's attempt in progress."""
+    rows = session.execute(sa.select(Attempt.run_id, Attempt.hosts).where(Attempt.ended_at.is_(None)))
+    return {run_id: frozenset(hosts) for run_id, hosts in rows}
 
 
 def runs_to_reconcile(session: Session) -> list[int]:
-    """The runs the orchestrator acts on, by id: those with an attempt in progress, those meant to run and
-    not completed, and those meant to stop that have not settled yet."""
+    """The runs the orchestrator acts on: those with an attempt in progress, those meant to run and not
+    completed, and those meant to stop that have not settled yet. Those with an attempt in progress come
+    first, then those restarting after a failure, then the rest (each by id): a pass observes the running
+    attempts, and relaunches the failed ones, before it starts new runs."""
     active = sa.select(Attempt.run_id).where(Attempt.ended_at.is_(None))
     query = sa.select(Run.id).where(
         sa.or_(
@@ -362,7 +362,8 @@ def runs_to_reconcile(session: Session) -> list[int]:
             sa.and_(Run.desired_state == DesiredState.stopped, Run.phase.not_in(list(TERMINAL_PHASES))),
         )
     )
-    return list(session.scalars(query.order_by(Run.id)))
+    running_first = sa.case((Run.id.in_(active), 0), (Run.phase == RunPhase.restarting, 1), else_=2)
+    return list(session.scalars(query.order_by(running_first, Run.id)))
 
 
 def record_attempt_allocation(

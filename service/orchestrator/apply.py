@@ -32,6 +32,7 @@ from service.crud.runs import (
 )
 from service.crud.tokens import create_token, expire_attempt_tokens
 from service.db import transaction
+from service.metrics import ORCHESTRATOR_LAUNCHES_DEFERRED
 from service.models import Attempt, Checkpoint, Run
 from service.orchestrator.decide import (
     BAD_NODE_STATES,
@@ -126,6 +127,10 @@ class Applier:
         self.trainer_env = dict(trainer_env)
         self.waiting_since: dict[int, float] = {}
         """Per run, since when it waits for healthy hosts (logged once per wait; decide() reads it)."""
+        self.launch_spent_s = 0.0
+        """Time this pass spent launching (`launch_budget_s`); `new_pass` resets it."""
+        self.launched = 0
+        self.deferred = 0
         self._handlers: dict[type[Action], Callable[[ObservedRun, Any], None]] = {
             WaitForHosts: self.wait_for_hosts,
             EndAttempt: self.end_attempt,
@@ -134,6 +139,10 @@ class Applier:
             Escalate: self.escalate,
             MarkFirstStep: self.mark_first_step,
         }
+
+    def new_pass(self) -> None:
+        """A reconcile pass starts: its launch budget is whole again."""
+        self.launch_spent_s, self.launched, self.deferred = 0.0, 0, 0
 
     def apply(self, observed: ObservedRun, actions: Sequence[Action]) -> None:
         for action in actions:
@@ -355,7 +364,20 @@ class Applier:
 
     def launch(self, observed: ObservedRun, action: Launch) -> None:
         """Deep-check probation hosts, check the restore point's metadata, record the attempt (with its
-        launcher's identifying info, before anything starts), then start it."""
+        launcher's identifying info, before anything starts), then start it. Once this pass has spent its
+        launch budget the launch is left to the next pass, which decides it again (nothing is recorded)."""
+        if self.launched and self.launch_spent_s >= self.cfg.launch_budget_s:
+            self.deferred += 1
+            ORCHESTRATOR_LAUNCHES_DEFERRED.inc()
+            return
+        started = time.monotonic()
+        try:
+            self._launch(observed, action)
+        finally:
+            self.launched += 1
+            self.launch_spent_s += time.monotonic() - started
+
+    def _launch(self, observed: ObservedRun, action: Launch) -> None:
         if action.deep_check and not self._hosts_pass_deep_check(observed, action):
             return  # the next pass sees their new states and picks other hosts
         if action.checkpoint is not None and not self._restore_point_intact(observed, action):

@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy.orm import Session
 
 from service.crud.checkpoints import CatalogSource, checkpoint_checksums, upsert_checkpoint
-from service.crud.nodes import all_nodes
-from service.crud.runs import busy_hosts, get_run, list_attempts, record_attempt_allocation
+from service.crud.nodes import node_states
+from service.crud.runs import busy_hosts_by_run, get_run, list_attempts, record_attempt_allocation
 from service.crud.telemetry import StoredBeat, attempt_heartbeats
 from service.models import Attempt, Run
 from service.orchestrator.decide import EndedAttempt, ObservedAttempt, ObservedRun
@@ -35,6 +36,7 @@ from service.recovery.samples import (
     recent_step_times,
 )
 from service.recovery.verdicts import refresh_checkpoint_verdicts
+from service.statemachine import NodeState
 from trainer import contract
 from trainer.checkpoint import (
     MANIFEST,
@@ -57,6 +59,30 @@ def run_dir_of(runs_dir: Path, run: Run) -> Path:
     return runs_dir / run.name
 
 
+@dataclass(frozen=True)
+class FleetView:
+    """The pool as one reconcile pass sees it: every node's state and when it last changed, and the hosts
+    of each run's attempt in progress."""
+
+    node_states: Mapping[str, NodeState]
+    node_changed_at: Mapping[str, float]
+    busy_by_run: Mapping[int, frozenset[str]]
+
+    def busy_except(self, run_id: int) -> frozenset[str]:
+        """The hosts of every other run's attempt in progress."""
+        return frozenset(h for other, hosts in self.busy_by_run.items() if other != run_id for h in hosts)
+
+
+def read_fleet(session: Session) -> FleetView:
+    """Two queries, whatever the number of runs: the nodes as plain rows, and the attempts in progress."""
+    rows = node_states(session)
+    return FleetView(
+        node_states={hostname: state for hostname, state, _ in rows},
+        node_changed_at={hostname: changed.timestamp() for hostname, _, changed in rows},
+        busy_by_run=busy_hosts_by_run(session),
+    )
+
+
 def observe_run(
     session: Session,
     *,
@@ -66,7 +92,11 @@ def observe_run(
     launchers: Mapping[str, Launcher],
     waiting_for_hosts_since: float | None,
     now: float,
+    fleet: FleetView | None = None,
 ) -> ObservedRun:
+    """The run as decide() sees it. `fleet` is the pool as read earlier in this pass (`read_fleet`); None
+    reads it now."""
+    fleet = fleet if fleet is not None else read_fleet(session)
     run = get_run(session, run_id=run_id)
     attempts = list_attempts(session, run_id=run_id)
     current = next((a for a in attempts if a.ended_at is None), None)
@@ -82,7 +112,6 @@ def observe_run(
         for a in attempts
         if a.ended_at is not None
     )
-    nodes = all_nodes(session)
     checkpoints = checkpoint_candidates(session, run_id=run_id)
     observed_attempt = (
         observe_attempt(
@@ -113,13 +142,13 @@ def observe_run(
         now=now,
         attempt=observed_attempt,
         history=history,
-        node_states={n.hostname: n.state for n in nodes},
-        busy_hosts=busy_hosts(session, except_run_id=run_id),
+        node_states=fleet.node_states,
+        busy_hosts=fleet.busy_except(run_id),
         checkpoints=tuple(checkpoints),
         act_norms=act_norm_lineage(
             session, run_id=run_id, from_step=min((c.step for c in checkpoints), default=0)
         ),
-        node_changed_at={n.hostname: n.state_changed_at.timestamp() for n in nodes},
+        node_changed_at=fleet.node_changed_at,
         waiting_for_hosts_since=waiting_for_hosts_since,
         step_times=recent_step_times(session, run_id=run_id, window=cfg.hang.step_time_window),
         hang_overrides={k: float(v) for k, v in (config.get("hang") or {}).items() if v is not None},

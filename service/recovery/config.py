@@ -198,6 +198,13 @@ class OrchestratorConfig(LayeredSettings):
 
     loop_interval_s: float = 1.0
     """Period of the reconcile loop (events may wake it earlier; they never decide)."""
+    launch_budget_s: float = 2.0
+    """Time one reconcile pass may spend launching attempts (records, tokens, the launcher's start); the
+    launches decided after it is spent wait for the next pass (counted in
+    `trainops_orchestrator_launches_deferred_total`). Runs with an attempt in progress are reconciled
+    first, so 100 new runs submitted at once start over several passes instead of holding up the detection
+    of every running attempt (the fleet simulator's first 100-run pass launched 99 attempts in one go, for
+    over a minute at a load average of 15). A pass launches at least one attempt."""
     heartbeat_interval_s: float = 2.0
     """The shortest interval at which a host (re)sends its ranks' newest beats
     (`trainer.contract.HEARTBEAT_SEND_INTERVAL_S`). Each attempt gets `heartbeat_interval_for` the fleet:
@@ -257,6 +264,8 @@ class OrchestratorConfig(LayeredSettings):
         # NVRx invariant: declare a hang only after several missed heartbeats, or slow steps look hung.
         if self.heartbeat_interval_s >= self.hang_timeout_s:
             raise ValueError("heartbeat_interval_s must be < hang_timeout_s")
+        if self.launch_budget_s <= 0:
+            raise ValueError("launch_budget_s must be > 0")
         if self.heartbeat_max_requests_per_s <= 0:
             raise ValueError("heartbeat_max_requests_per_s must be > 0")
         if self.loop_interval_s <= 0 or self.loop_interval_s > self.hang_timeout_s:

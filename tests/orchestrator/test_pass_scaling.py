@@ -1,0 +1,129 @@
+"""Issue 13: what the fleet simulator found in a reconcile pass over 100 runs.
+
+- The first pass after 100 runs were submitted launched 99 attempts one after the other, for over a minute,
+  and observed no running attempt meanwhile. A pass now reconciles the runs with an attempt in progress
+  first and spends at most `launch_budget_s` launching; the rest start over the next passes.
+- Every run's observe read every node of the pool (100 runs x 400 nodes a pass). The pool is now read once
+  per pass, and again only after a run's actions may have changed it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.orm import Session, sessionmaker
+
+from service import migrate
+from service.crud.nodes import register_node
+from service.crud.runs import create_run, runs_to_reconcile
+from service.db import make_engine, make_session_factory, transaction
+from service.fleet.gateway import SweepHealthGateway
+from service.models import Attempt
+from service.orchestrator.launchers.base import LaunchSpec
+from service.orchestrator.loop import Orchestrator
+from service.recovery.config import OrchestratorConfig, RemediationConfig
+from tests.orchestrator.test_trainer_token_expiry import ScriptedLauncher
+
+RUNS = 12
+
+
+class SlowStartLauncher(ScriptedLauncher):
+    """Every start takes `start_s` (a scheduler's sbatch, process spawn on a loaded host)."""
+
+    def __init__(self, start_s: float) -> None:
+        super().__init__()
+        self.start_s = start_s
+        self.started: list[str] = []
+
+    def start(self, spec: LaunchSpec, info: Mapping[str, Any]) -> dict[str, Any]:
+        time.sleep(self.start_s)
+        self.started.append(spec.run_name)
+        return super().start(spec, info)
+
+
+@pytest.fixture
+def factory(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
+    url = f"sqlite:///{tmp_path / 'trainops.db'}"
+    migrate.upgrade(url)
+    engine = make_engine(url)
+    with transaction(make_session_factory(engine)) as session:
+        for i in range(RUNS):
+            register_node(session, hostname=f"h{i:02d}", author="test")
+    yield make_session_factory(engine)
+    engine.dispose()
+
+
+def submit(factory: sessionmaker[Session], name: str) -> int:
+    with transaction(factory) as session:
+        return create_run(
+            session,
+            name=name,
+            owner="test",
+            config={"preset": "tiny", "target_steps": 10, "host_count": 1, "launcher": "fake"},
+            start=True,
+            author="test",
+        ).id
+
+
+def orchestrator(
+    factory: sessionmaker[Session], tmp_path: Path, launcher: ScriptedLauncher, **cfg: Any
+) -> Orchestrator:
+    config = OrchestratorConfig(
+        loop_interval_s=0.01,
+        runs_dir=str(tmp_path / "runs"),
+        remediation=RemediationConfig(backoff_base_s=0.0, deep_check_before_relaunch=False),
+        **cfg,
+    )
+    return Orchestrator(factory, config, launchers={"fake": launcher}, health=SweepHealthGateway(factory))
+
+
+def test_a_burst_of_new_runs_starts_over_several_passes_and_running_attempts_are_observed_first(
+    factory: sessionmaker[Session], tmp_path: Path
+) -> None:
+    first = submit(factory, "already-running")
+    launcher = SlowStartLauncher(start_s=0.05)
+    orch = orchestrator(factory, tmp_path, launcher, launch_budget_s=0.12)
+    orch.reconcile_once()
+    assert launcher.started == ["already-running"]
+
+    burst = [submit(factory, f"new-{i:02d}") for i in range(RUNS - 1)]
+    with transaction(factory) as session:
+        assert runs_to_reconcile(session) == [first, *burst]  # the one with an attempt in progress first
+    passes: list[dict[int, list[Any]]] = []
+    while len(launcher.started) < RUNS:
+        before = len(launcher.started)
+        passes.append(orch.reconcile_once())
+        launched = len(launcher.started) - before
+        assert 1 <= launched <= 3  # 0.12 s of 0.05 s starts: the budget ends the pass's launching
+        assert first in passes[-1]  # and the running attempt was reconciled in every one of them
+        assert len(passes) < RUNS
+    assert launcher.started[1:] == [f"new-{i:02d}" for i in range(RUNS - 1)]  # in order of submission
+    with transaction(factory) as session:
+        assert session.scalar(sa.select(sa.func.count()).select_from(Attempt)) == RUNS  # each exactly once
+
+
+def test_a_pass_reads_the_pool_once_not_once_per_run(factory: sessionmaker[Session], tmp_path: Path) -> None:
+    for i in range(RUNS):
+        submit(factory, f"run-{i:02d}")
+    orch = orchestrator(factory, tmp_path, ScriptedLauncher(), launch_budget_s=60.0)
+    orch.reconcile_once()  # launches all of them: each launch changes the pool, which is then read again
+
+    node_reads: list[str] = []
+    engine = factory.kw["bind"]
+
+    def count(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if "FROM nodes" in statement:
+            node_reads.append(statement)
+
+    sa.event.listen(engine, "before_cursor_execute", count)
+    try:
+        done = orch.reconcile_once()  # every run running, nothing to do
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", count)
+    assert len(done) == RUNS and not any(done.values())
+    assert len(node_reads) == 1, node_reads
