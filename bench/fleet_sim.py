@@ -946,12 +946,15 @@ class Phase:
         """When the evidence the orchestrator acts on was complete, in wall seconds; what lies between the
         fault and it is simulated time (scaled), what follows it is measured. A rank's death: after the
         simulated teardown (the process's own exit and the orchestrator noticing are measured); a drain: when
-        it was recorded; a hang: the last beat plus the step limit in force; a divergence: the time of the
+        it was recorded; a hang: the last beat plus the step limit in force, less the heartbeat interval it
+        includes (the hosts' send interval is wall time: how late a beat arrives is measured, not simulated);
+        a divergence: the time of the
         newest metric point delivered before the detection (its delivery is measured)."""
         findings = attempt["findings"] or {}
         if fault.kind == "hang":
             last_beat = fired.get("last_beat_at") or fired["fired_at"]
-            return float(last_beat) + float(findings.get("hang_timeout_s") or 0.0)
+            lag = float(findings.get("heartbeat_interval_s") or 0.0)
+            return float(last_beat) + float(findings.get("hang_timeout_s") or 0.0) - lag
         if fault.kind == "diverge":
             points = [
                 point_at

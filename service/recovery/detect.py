@@ -118,6 +118,7 @@ class HangLimits:
     checkpoint_save_s: float
     validation_s: float
     basis: Mapping[str, str] = field(default_factory=dict)  # section -> the computation, in words
+    delivery_lag_s: float = 0.0  # included in every limit above: how late a beat may reach the control plane
 
     def for_section(self, section: Section) -> float:
         return {
@@ -186,6 +187,7 @@ def hang_limits(
         startup_s=startup,
         checkpoint_save_s=save,
         validation_s=validation,
+        delivery_lag_s=max(delivery_lag_s, 0.0),
         basis={
             Section.step.value: step_basis,
             Section.startup.value: startup_basis,
@@ -278,6 +280,7 @@ def detect_hang(
             "ranks_beating": len(beats),
             "ranks_stale": len(stale),
             "hang_timeout_s": round(limits.step_s, 3),
+            "heartbeat_interval_s": round(limits.delivery_lag_s, 3),
             "limits": limits.evidence(),
             "missing_ranks": max(missing, 0),
             "last_heard_s": round(last_heard_s, 1) if last_heard_s is not None else None,
