@@ -209,6 +209,7 @@ def test_on_a_big_fleet_hosts_beat_less_often_and_every_hang_limit_allows_for_it
     assert (
         end.outcome == "hang" and "+ 20.5 s heartbeat interval" in end.evidence["limits"]["step"]["computed"]
     )
+    assert end.evidence["heartbeat_interval_s"] == 20.48  # out of the simulator's evidence wait
 
 
 def test_a_ranks_own_last_step_time_calibrates_before_any_metric_is_stored() -> None:
