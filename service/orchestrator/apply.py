@@ -12,6 +12,7 @@ import datetime as dt
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -102,6 +103,50 @@ def launch_overrides(action: Launch) -> dict[str, Any]:
     }
 
 
+class DeepChecks:
+    """Deep diagnostics of a relaunch's hosts, on worker threads of their own.
+
+    A deep sweep takes up to `deep_check_deadline_s` (120 s by default: GEMM, memory and all-reduce tests on
+    every GPU). Run inside the pass, as before, it held up the detection of every other run for that long,
+    which at fleet scale (a hardware failure a day per 1,000 hosts) is every run, every day. Now a launch
+    that needs one starts it and waits pass after pass; the other runs are reconciled meanwhile. One check
+    per run: when decide() picks other hosts meanwhile, the old check's verdict no longer matters."""
+
+    def __init__(self, health: HealthGateway, *, workers: int = 4) -> None:
+        self.health = health
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="trainops-deep-check")
+        self._jobs: dict[int, tuple[tuple[str, ...], Future[dict[str, bool]]]] = {}
+
+    def poll(
+        self, run_id: int, hosts: tuple[str, ...], *, deadline_s: float
+    ) -> tuple[bool, dict[str, bool] | None]:
+        """(started now, the verdict per host once the check finished, else None). A check that raised
+        raises here, once (the pass fails and is retried; the next poll starts a new check)."""
+        job = self._jobs.get(run_id)
+        if job is not None and job[0] != hosts:
+            job[1].cancel()  # other hosts were chosen: a check still queued is not run
+            del self._jobs[run_id]
+            job = None
+        if job is None:
+            future = self._pool.submit(self.health.deep_check, hosts, deadline_s=deadline_s)
+            self._jobs[run_id] = (hosts, future)
+            return True, None
+        if not job[1].done():
+            return False, None
+        del self._jobs[run_id]
+        return False, job[1].result()
+
+    def forget(self) -> None:
+        """Another orchestrator leads: the checks it needs it starts itself."""
+        for _, future in self._jobs.values():
+            future.cancel()
+        self._jobs.clear()
+
+    def shutdown(self) -> None:
+        self.forget()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
 class Applier:
     """The apply step of the reconcile loop: `apply(observed, actions)` runs each action's handler."""
 
@@ -127,6 +172,7 @@ class Applier:
         self.trainer_env = dict(trainer_env)
         self.waiting_since: dict[int, float] = {}
         """Per run, since when it waits for healthy hosts (logged once per wait; decide() reads it)."""
+        self.deep_checks = DeepChecks(health)
         self.launch_spent_s = 0.0
         """Time this pass spent launching (`launch_budget_s`); `new_pass` resets it."""
         self.launched = 0
@@ -391,9 +437,25 @@ class Applier:
     # ---- the steps of a launch ----------------------------------------------------------------------
 
     def _hosts_pass_deep_check(self, observed: ObservedRun, action: Launch) -> bool:
+        """True once the deep diagnostics of the launch's hosts finished and found every one fit; until they
+        finish (on `deep_checks`' threads) the launch waits and the pass goes on to the next run."""
         with self.fence(f"deep-check {', '.join(action.hosts)}"):
             pass  # checked only: the diagnostics may take minutes, a new leader must not wait for them
-        fit = self.health.deep_check(action.hosts, deadline_s=self.cfg.remediation.deep_check_deadline_s)
+        deadline_s = self.cfg.remediation.deep_check_deadline_s
+        started, fit = self.deep_checks.poll(observed.run_id, action.hosts, deadline_s=deadline_s)
+        if started:
+            with transaction(self.factory) as session:
+                write_log(
+                    session,
+                    kind=LogKind.action,
+                    author=AUTHOR,
+                    run_id=observed.run_id,
+                    message=f"deep diagnostics before relaunch started on {', '.join(action.hosts)} "
+                    f"(deadline {deadline_s:g} s); the relaunch waits for them",
+                    evidence={"hosts": list(action.hosts), "deadline_s": deadline_s, "reason": action.reason},
+                )
+        if fit is None:
+            return False
         unfit = sorted(h for h in action.hosts if not fit.get(h, False))
         with transaction(self.factory) as session:
             write_log(

@@ -186,6 +186,7 @@ class Orchestrator:
         ORCHESTRATOR_LEADER.set(1 if change.acquired else 0)
         self.failing_passes.forget_except(set())
         self.applier.waiting_since.clear()
+        self.applier.deep_checks.forget()
         if not change.acquired:
             log.warning("orchestrator %s lost the lead (%s); standing by", change.holder, change.reason)
             return
@@ -217,6 +218,7 @@ class Orchestrator:
     def stop(self) -> None:
         self._stop.set()
         self.checkpoint_verifier.shutdown()
+        self.applier.deep_checks.shutdown()
         self._wake.set()
 
     # ---- one pass over every run --------------------------------------------------------------------

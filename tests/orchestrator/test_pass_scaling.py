@@ -9,8 +9,10 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +21,13 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
 from service import migrate
+from service.crud.logbook import list_logbook
 from service.crud.nodes import register_node
 from service.crud.runs import create_run, runs_to_reconcile
 from service.db import make_engine, make_session_factory, transaction
 from service.fleet.gateway import SweepHealthGateway
 from service.models import Attempt
+from service.orchestrator.decide import Launch
 from service.orchestrator.launchers.base import LaunchSpec
 from service.orchestrator.loop import Orchestrator
 from service.recovery.config import OrchestratorConfig, RemediationConfig
@@ -127,3 +131,60 @@ def test_a_pass_reads_the_pool_once_not_once_per_run(factory: sessionmaker[Sessi
         sa.event.remove(engine, "before_cursor_execute", count)
     assert len(done) == RUNS and not any(done.values())
     assert len(node_reads) == 1, node_reads
+
+
+class GatedDeepCheck(SweepHealthGateway):
+    """Deep diagnostics that last until the test opens the gate (a 120 s sweep, in test time)."""
+
+    def __init__(self, factory: sessionmaker[Session]) -> None:
+        super().__init__(factory)
+        self.gate = threading.Event()
+        self.checking: list[tuple[str, ...]] = []
+
+    def deep_check(self, hosts: Any, *, deadline_s: float) -> dict[str, bool]:
+        self.checking.append(tuple(hosts))
+        assert self.gate.wait(30), "the test never opened the gate"
+        return {h: h != "h01" for h in hosts}  # h01 fails its diagnostics
+
+
+def test_deep_diagnostics_before_a_relaunch_run_off_the_pass(
+    factory: sessionmaker[Session], tmp_path: Path
+) -> None:
+    run_id = submit(factory, "after-a-gpu-fault")
+    health = GatedDeepCheck(factory)
+    launcher = ScriptedLauncher()
+    config = OrchestratorConfig(
+        loop_interval_s=0.01,
+        runs_dir=str(tmp_path / "runs"),
+        remediation=RemediationConfig(backoff_base_s=0.0),
+    )
+    orch = Orchestrator(factory, config, launchers={"fake": launcher}, health=health)
+    try:
+        observed = orch.observe(run_id)
+        relaunch = Launch(hosts=("h01",), checkpoint=None, overrides={}, reason="hardware", deep_check=True)
+        orch.applier.launch(observed, relaunch)  # starts the check and returns: the pass goes on
+        wait_until(lambda: health.checking == [("h01",)])
+        orch.applier.launch(observed, relaunch)  # the next pass: still running, still nothing launched
+        assert launcher.tokens == [] and not health.gate.is_set()
+        # decide() picked another host meanwhile: that one is checked, the old verdict no longer matters
+        other = replace(relaunch, hosts=("h02",))
+        orch.applier.launch(observed, other)
+        health.gate.set()
+        wait_until(lambda: ("h02",) in health.checking)
+        wait_until(lambda: orch.applier.launch(observed, other) or bool(launcher.tokens))
+        assert len(launcher.tokens) == 1
+        with transaction(factory) as session:
+            log = [e.message for e in list_logbook(session, run_id=run_id)[0]]
+        assert any("deep diagnostics before relaunch started on h01 (deadline 120 s)" in m for m in log)
+        assert any("deep diagnostics before relaunch on h02: all passed" in m for m in log)
+        assert not any("before relaunch on h01:" in m for m in log)
+    finally:
+        health.gate.set()
+        orch.stop()
+
+
+def wait_until(condition: Any, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
