@@ -103,6 +103,15 @@ def launch_overrides(action: Launch) -> dict[str, Any]:
     }
 
 
+def newest_attempt_that_trained(session: Session, *, before: Attempt | None) -> Attempt | None:
+    """`before`, or the newest attempt ahead of it that stepped past its restore point, skipping those that
+    did not (an attempt whose ranks found its restore point corrupt at load, exit 3, trained nothing)."""
+    attempt = before
+    while attempt is not None and (attempt.last_step or 0) <= (attempt.start_step or 0):
+        attempt = find_attempt(session, run_id=attempt.run_id, number=attempt.number - 1)
+    return attempt
+
+
 class DeepChecks:
     """Deep diagnostics of a relaunch's hosts, on worker threads of their own.
 
@@ -613,8 +622,11 @@ class Applier:
         """What the new attempt changes on the previous one (its lost steps) and on the run (restart count,
         standing LR scale and clip, the operator's restart request consumed, desired state)."""
         previous = find_attempt(session, run_id=run.id, number=attempt.number - 1)
-        if previous is not None and previous.last_step is not None:
-            previous.steps_lost = max(0, previous.last_step - attempt.start_step)
+        trained = newest_attempt_that_trained(session, before=previous)
+        if trained is not None and trained.last_step is not None:
+            # the steps past the new restore point are thrown away: the attempt that trained them loses them,
+            # also when attempts in between never got going (an exit 3 at load sends the run further back)
+            trained.steps_lost = max(0, trained.last_step - attempt.start_step)
         if previous is not None and failure_of(previous.exit_reason or "") is not None:
             run.restart_count += 1
         run.lr_scale = float(action.overrides.get("lr_scale") or run.lr_scale)

@@ -23,10 +23,18 @@ from sqlalchemy.orm import Session, sessionmaker
 from service import migrate
 from service.crud.logbook import list_logbook
 from service.crud.nodes import register_node
-from service.crud.runs import create_run, runs_to_reconcile
+from service.crud.runs import (
+    create_attempt,
+    create_run,
+    end_attempt,
+    find_attempt,
+    get_run,
+    runs_to_reconcile,
+)
 from service.db import make_engine, make_session_factory, transaction
 from service.fleet.gateway import SweepHealthGateway
 from service.models import Attempt
+from service.orchestrator.apply import newest_attempt_that_trained
 from service.orchestrator.decide import Launch
 from service.orchestrator.launchers.base import LaunchSpec
 from service.orchestrator.loop import Orchestrator
@@ -188,3 +196,43 @@ def wait_until(condition: Any, timeout_s: float = 20.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.02)
+
+
+def test_steps_thrown_away_by_a_rollback_are_charged_to_the_attempt_that_trained_them(
+    factory: sessionmaker[Session],
+) -> None:
+    # attempt 1 trains to step 14 and crashes; attempt 2 restores step 12, whose bytes rotted: its ranks
+    # exit 3 at load having trained nothing; attempt 3 restores step 8: the launch charges 14 - 8 steps to
+    # attempt 1 (Applier._carry_over; end to end in tests/e2e/test_orchestrator_e2e.py)
+    run_id = submit(factory, "rollback")
+    with transaction(factory) as session:
+        run = get_run(session, run_id=run_id)
+        for number, (start, last, reason) in enumerate([(0, 14, "crash"), (12, 12, "crash")], start=1):
+            attempt = create_attempt(
+                session,
+                run=run,
+                hosts=("h00",),
+                restored_from_checkpoint_id=None,
+                launcher={},
+                start_step=start,
+                author="test",
+                overrides={},
+            )
+            assert attempt.number == number
+            end_attempt(
+                session,
+                attempt=attempt,
+                exit_reason=reason,
+                exit_code=3 if number == 2 else 1,
+                last_step=last,
+                steps_lost=None,
+                author="test",
+                evidence={},
+            )
+        second = find_attempt(session, run_id=run_id, number=2)
+        trained = newest_attempt_that_trained(session, before=second)
+        assert trained is not None and trained.number == 1
+        assert (
+            newest_attempt_that_trained(session, before=find_attempt(session, run_id=run_id, number=1))
+            == trained
+        )
