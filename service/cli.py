@@ -36,10 +36,14 @@ runs_app = typer.Typer(help="Inspect and steer runs.", no_args_is_help=True)
 nodes_app = typer.Typer(help="Inspect, cordon and uncordon hosts.", no_args_is_help=True)
 tokens_app = typer.Typer(help="Manage API tokens (admin).", no_args_is_help=True)
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
+decisions_app = typer.Typer(
+    help="The orchestrator's proposals that wait for a human (a run's approval gates).", no_args_is_help=True
+)
 app.add_typer(runs_app, name="runs")
 app.add_typer(nodes_app, name="nodes")
 app.add_typer(tokens_app, name="tokens")
 app.add_typer(db_app, name="db")
+app.add_typer(decisions_app, name="decisions")
 
 UrlOpt = Annotated[str | None, typer.Option("--url", envvar="TRAINOPS_API_URL", help="Control plane URL.")]
 TokenOpt = Annotated[str | None, typer.Option("--token", envvar="TRAINOPS_TOKEN", help="Bearer token.")]
@@ -632,6 +636,112 @@ def tokens_revoke(token_id: int, url: UrlOpt = None, token: TokenOpt = None) -> 
     """Revoke a token now: it stops authenticating at once (401)."""
     revoked = ApiClient(url, token).request("POST", f"/tokens/{token_id}/revoke")
     console.print(f"token {revoked['id']} ({esc(revoked['name'])}) revoked at {revoked['revoked_at']}")
+
+
+# ---- approval gates -------------------------------------------------------------------------------
+
+
+@decisions_app.command("list")
+def decisions_list(
+    status: Annotated[
+        str | None, typer.Option(help="pending, approved, rejected, timed_out, superseded")
+    ] = None,
+    run: Annotated[int | None, typer.Option("--run", help="Only this run's.")] = None,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Proposals, newest first: what the orchestrator wants to do, why, and what was made of it."""
+    params = {k: v for k, v in {"status": status, "run_id": run}.items() if v is not None}
+    decisions = _all_pages(ApiClient(url, token), "/decisions", **params)
+    table = DataTable("id", "run", "status", "gates", "proposed", "expires", "answer", "proposal")
+    for d in decisions:
+        proposal = d["proposal"]
+        table.add_row(
+            str(d["id"]),
+            str(d["run_id"]),
+            d["status"],
+            ", ".join(d["gates"]),
+            d["created_at"],
+            f"{d['expires_at']} ({d['on_timeout']})",
+            f"{d['decided_by'] or ''} {d['decision_reason'] or ''}".strip(),
+            f"from step {proposal.get('checkpoint_step')}; {d['reason']}",
+        )
+    _emit(decisions, as_json, table)
+
+
+def _decision_overrides(
+    lr_scale: float | None,
+    lr: float | None,
+    clip: float | None,
+    reset_loss_scale: bool | None,
+    skip: int | None,
+) -> dict[str, Any] | None:
+    levers = {
+        "lr_scale": lr_scale,
+        "lr": lr,
+        "clip": clip,
+        "reset_loss_scale": reset_loss_scale,
+        "skip_batches": skip,
+    }
+    chosen = {k: v for k, v in levers.items() if v is not None}
+    return chosen or None
+
+
+LrScaleOpt = Annotated[float | None, typer.Option(help="Your LR scale instead of the proposal's.")]
+LrOpt = Annotated[float | None, typer.Option(help="Your absolute peak LR.")]
+ClipOpt = Annotated[float | None, typer.Option(help="Your gradient clipping.")]
+ResetOpt = Annotated[bool | None, typer.Option("--reset-loss-scale/--keep-loss-scale")]
+SkipOpt = Annotated[int | None, typer.Option(help="Batches to skip after the restore.")]
+
+
+@decisions_app.command("approve")
+def decisions_approve(
+    decision_id: int,
+    reason: Annotated[str | None, typer.Option(help="Why; goes to the logbook.")] = None,
+    lr_scale: LrScaleOpt = None,
+    lr: LrOpt = None,
+    clip: ClipOpt = None,
+    reset_loss_scale: ResetOpt = None,
+    skip_batches: SkipOpt = None,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Carry the proposal out (optionally with your own levers) on the orchestrator's next pass."""
+    body: dict[str, Any] = {"reason": reason} if reason else {}
+    if levers := _decision_overrides(lr_scale, lr, clip, reset_loss_scale, skip_batches):
+        body["overrides"] = levers
+    decision = ApiClient(url, token).request("POST", f"/decisions/{decision_id}/approve", json=body)
+    if as_json:
+        _emit(decision, True)
+        return
+    console.print(f"decision {decision['id']} approved; the orchestrator carries it out on its next pass")
+
+
+@decisions_app.command("reject")
+def decisions_reject(
+    decision_id: int,
+    reason: Annotated[str, typer.Option(help="Why; goes to the logbook.")],
+    lr_scale: LrScaleOpt = None,
+    lr: LrOpt = None,
+    clip: ClipOpt = None,
+    reset_loss_scale: ResetOpt = None,
+    skip_batches: SkipOpt = None,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Do not carry the proposal out: restart with your levers instead, or (without any) hold the run."""
+    body: dict[str, Any] = {"reason": reason}
+    if levers := _decision_overrides(lr_scale, lr, clip, reset_loss_scale, skip_batches):
+        body["overrides"] = levers
+    decision = ApiClient(url, token).request("POST", f"/decisions/{decision_id}/reject", json=body)
+    if as_json:
+        _emit(decision, True)
+        return
+    then = "restarts with your levers" if levers else "holds the run (needs attention)"
+    console.print(f"decision {decision['id']} rejected; the orchestrator {then}")
 
 
 def main() -> None:

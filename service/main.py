@@ -19,7 +19,17 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.api.body_guard import BodyGuardMiddleware
 from service.api.errors import SafeJSONResponse, request_validation_error
 from service.api.responses import document_error_responses
-from service.api.routes import checkpoints, diagnostics, logbook, nodes, runs, system, telemetry, tokens
+from service.api.routes import (
+    checkpoints,
+    decisions,
+    diagnostics,
+    logbook,
+    nodes,
+    runs,
+    system,
+    telemetry,
+    tokens,
+)
 from service.config import Settings, get_settings
 from service.db import engine_from_settings, make_session_factory
 from service.errors import ServiceError
@@ -73,7 +83,7 @@ def create_app(
         app.state.session_factory = session_factory
 
     api = APIRouter(prefix=API_PREFIX)
-    for module in (runs, telemetry, checkpoints, nodes, diagnostics, logbook, tokens):
+    for module in (runs, telemetry, checkpoints, nodes, diagnostics, logbook, tokens, decisions):
         document_error_responses(module.router, body_guarded=True)
         api.include_router(module.router)
     app.include_router(api)

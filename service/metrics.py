@@ -233,6 +233,14 @@ ORCHESTRATORS = _g(
     "(docs/orchestrator.md, Failover); on SQLite the leader is the one orchestrator holding its file lock.",
     "role",
 )
+DECISIONS_PENDING = _g(
+    "trainops_decisions_pending",
+    "Orchestrator proposals waiting for a human's approval (approval gates, docs/orchestrator.md).",
+)
+DECISION_OLDEST_PENDING_AGE = _g(
+    "trainops_decision_oldest_pending_age_seconds",
+    "Age of the oldest proposal waiting for a human (0 when none waits).",
+)
 DATABASE_UP = _g("trainops_control_plane_database_up", "1 when the scrape-time database read succeeded.")
 COLLECT_DURATION = _g("trainops_collector_duration_seconds", "Time the scrape-time database read took.")
 
@@ -261,6 +269,8 @@ COLLECTED: tuple[MetricSpec, ...] = (
     DIAGNOSTICS_LAST_RESULT_TIME,
     CELERY_QUEUE_LENGTH,
     ORCHESTRATORS,
+    DECISIONS_PENDING,
+    DECISION_OLDEST_PENDING_AGE,
     DATABASE_UP,
     COLLECT_DURATION,
 )

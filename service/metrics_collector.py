@@ -22,6 +22,7 @@ from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 from sqlalchemy.orm import Session, sessionmaker
 
+from service.crud.decisions import pending_decision_stats
 from service.crud.orchestrators import orchestrator_sessions
 from service.crud.telemetry import decode_stored_field, readable_time
 from service.metrics import (
@@ -29,6 +30,8 @@ from service.metrics import (
     COLLECT_DURATION,
     COLLECTED,
     DATABASE_UP,
+    DECISION_OLDEST_PENDING_AGE,
+    DECISIONS_PENDING,
     DIAGNOSTICS_LAST_RESULT_TIME,
     GPU_ECC_CORRECTED,
     GPU_ECC_UNCORRECTED,
@@ -143,6 +146,7 @@ class ControlPlaneCollector(Collector):
                 self._collect_runs(session, families, now)
                 self._collect_nodes(session, families, now)
                 self._collect_orchestrators(session, families)
+                self._collect_decisions(session, families, now)
         except sa.exc.SQLAlchemyError as exc:
             # A scrape must still answer (with database_up 0) so the outage itself is visible and alertable.
             log.warning("metrics: database read failed: %s", exc)
@@ -365,6 +369,12 @@ class ControlPlaneCollector(Collector):
             leaders, standbys = counts
             families[ORCHESTRATORS.name].add_metric(["leader"], leaders)
             families[ORCHESTRATORS.name].add_metric(["standby"], standbys)
+
+    @staticmethod
+    def _collect_decisions(session: Session, families: dict[str, Any], now: dt.datetime) -> None:
+        pending, oldest_age_s = pending_decision_stats(session, now=now)
+        families[DECISIONS_PENDING.name].add_metric([], float(pending))
+        families[DECISION_OLDEST_PENDING_AGE.name].add_metric([], oldest_age_s)
 
     def _collect_queues(self, families: dict[str, Any]) -> None:
         if not self.broker_url or not self.broker_url.startswith(("redis://", "rediss://")):

@@ -10,6 +10,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from service.statemachine import (
     CheckpointState,
+    DecisionStatus,
     DesiredState,
     DiagnosticStatus,
     LogKind,
@@ -90,6 +91,32 @@ class Run(Base):
     finished_at: Mapped[dt.datetime | None]
 
     attempts: Mapped[list[Attempt]] = relationship(back_populates="run", order_by="Attempt.number")
+
+
+class Decision(Base):
+    """A risky action the orchestrator proposed under the run's approval policy, and what a human (or the
+    policy's timeout) made of it."""
+
+    __tablename__ = "decisions"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[int] = mapped_column(sa.ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    status: Mapped[DecisionStatus] = mapped_column(
+        str_enum(DecisionStatus), default=DecisionStatus.pending, index=True
+    )
+    gates: Mapped[list[Any]] = mapped_column(default=list)  # the policy's gates the proposal crossed
+    reason: Mapped[str] = mapped_column(sa.Text)
+    proposal: Mapped[dict[str, Any]] = mapped_column(default=dict)  # checkpoint, overrides, failure
+    evidence: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    on_timeout: Mapped[str] = mapped_column(sa.String(16))  # approve | hold
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[dt.datetime]
+    decided_by: Mapped[str | None] = mapped_column(sa.String(200))
+    decided_at: Mapped[dt.datetime | None]
+    decision_reason: Mapped[str | None] = mapped_column(sa.Text)
+    operator_overrides: Mapped[dict[str, Any] | None] = mapped_column(sa.JSON)
+    consumed_at: Mapped[dt.datetime | None]  # carried out (a launch or an escalation), once
+    consumed_by_attempt: Mapped[int | None]  # the attempt number that carried it out
 
 
 class Attempt(Base):

@@ -23,6 +23,7 @@ from typing_extensions import TypedDict
 from service.sbatch_flags import check_sbatch_flags
 from service.statemachine import (
     CheckpointState,
+    DecisionStatus,
     DesiredState,
     DiagnosticStatus,
     LogKind,
@@ -255,6 +256,39 @@ class HangOverrides(Strict):
         return self
 
 
+Gate = Literal["lr_cut", "clip_change", "loss_scale_reset", "data_skip", "long_rollback", "over_budget"]
+
+
+class ApprovalPolicy(Strict):
+    """Which of the orchestrator's risky actions wait for a human (docs/orchestrator.md, "Approval gates").
+    The default requires none: the orchestrator acts alone, as it always did."""
+
+    require: list[Gate] = Field(
+        default_factory=list,
+        max_length=6,
+        description="lr_cut (a lower LR scale), clip_change, loss_scale_reset, data_skip (skipping batches), "
+        "long_rollback (further back than `rollback_steps`), over_budget (a restart past the restart budget "
+        "or the crash-loop rule, which would otherwise page and stop).",
+    )
+    rollback_steps: int = Field(
+        1000, ge=0, le=MAX_STEP, description="long_rollback: a restore more than this many steps back."
+    )
+    timeout_s: float = Field(
+        1800.0, ge=10, le=7 * 86_400, description="How long a proposal waits for a human."
+    )
+    on_timeout: Literal["approve", "hold"] = Field(
+        "hold",
+        description="approve: carry the proposal out; hold: the run needs attention (nothing risky "
+        "happens without a human).",
+    )
+
+    @model_validator(mode="after")
+    def _gates_once(self) -> ApprovalPolicy:
+        if len(set(self.require)) != len(self.require):
+            raise ValueError("approvals.require names a gate more than once")
+        return self
+
+
 class RunConfig(Strict):
     """What to train and how to look after it."""
 
@@ -286,6 +320,9 @@ class RunConfig(Strict):
     )
     hang: HangOverrides | None = Field(
         None, description="Per-run hang limits (14 s steps, 2-minute saves); unset = the orchestrator's."
+    )
+    approvals: ApprovalPolicy | None = Field(
+        None, description="Risky actions that wait for a human's approval; unset = none (fully automatic)."
     )
 
     @model_validator(mode="after")
@@ -369,6 +406,51 @@ class RestartRequest(Strict):
             ]
         },
     )
+
+
+class DecisionOverrides(Strict):
+    """An operator's own levers, in place of the proposal's (the restart request's, less the checkpoint)."""
+
+    lr: float | None = Field(None, gt=0, le=1.0, description="Absolute peak LR from now on.")
+    lr_scale: float | None = Field(None, gt=0, le=10.0, description="Multiply the schedule's LR from now on.")
+    clip: float | None = Field(None, gt=0, le=100.0, description="Gradient-norm clipping threshold.")
+    reset_loss_scale: bool | None = None
+    skip_batches: int | None = Field(None, ge=0, le=10_000_000)
+
+
+class DecisionApprove(Strict):
+    reason: ShortText | None = Field(None, description="Why (kept in the logbook).")
+    overrides: DecisionOverrides | None = Field(
+        None, description="Carry the proposal out with these levers changed."
+    )
+
+
+class DecisionReject(Strict):
+    reason: Reason
+    overrides: DecisionOverrides | None = Field(
+        None,
+        description="Restart with these levers instead of the proposal's; without them the run holds "
+        "(needs attention).",
+    )
+
+
+class DecisionPublic(ORM):
+    id: int
+    run_id: int
+    status: DecisionStatus
+    gates: list[str]
+    reason: str
+    proposal: dict[str, Any]
+    evidence: dict[str, Any]
+    on_timeout: str
+    created_at: dt.datetime
+    expires_at: dt.datetime
+    decided_by: str | None
+    decided_at: dt.datetime | None
+    decision_reason: str | None
+    operator_overrides: dict[str, Any] | None
+    consumed_at: dt.datetime | None
+    consumed_by_attempt: int | None
 
 
 class AttemptPublic(ORM):

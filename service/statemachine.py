@@ -168,3 +168,36 @@ class DiagnosticStatus(enum.StrEnum):
     skipped = "skipped"
     timeout = "timeout"
     error = "error"
+
+
+class DecisionStatus(enum.StrEnum):
+    """A risky action the orchestrator proposes and a human approves (docs/orchestrator.md, approvals)."""
+
+    pending = "pending"  # proposed, paged, waiting for an operator or its timeout
+    approved = "approved"  # by an operator (their overrides, if any, replace the proposal's)
+    rejected = "rejected"  # by an operator: the proposal is not carried out (their overrides may be)
+    timed_out = "timed_out"  # nobody answered in time: the policy's `on_timeout` applies
+    superseded = "superseded"  # an operator's restart or stop came first
+
+
+# Approved, rejected and timed-out decisions are carried out once by the orchestrator's next launch (or
+# escalation), which stamps them consumed; a decision's status never changes after it left `pending`.
+DECISION_TRANSITIONS: Mapping[DecisionStatus, frozenset[DecisionStatus]] = {
+    DecisionStatus.pending: frozenset(
+        {
+            DecisionStatus.approved,
+            DecisionStatus.rejected,
+            DecisionStatus.timed_out,
+            DecisionStatus.superseded,
+        }
+    ),
+    DecisionStatus.approved: frozenset(),
+    DecisionStatus.rejected: frozenset(),
+    DecisionStatus.timed_out: frozenset(),
+    DecisionStatus.superseded: frozenset(),
+}
+
+
+def check_decision_transition(current: DecisionStatus, target: DecisionStatus) -> None:
+    if target not in DECISION_TRANSITIONS[current]:
+        raise InvalidTransition("decision", current, target)

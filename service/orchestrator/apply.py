@@ -20,6 +20,7 @@ from typing import Any
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.crud.checkpoints import checkpoint_path_problem, mark_checkpoint
+from service.crud.decisions import close_decision, propose_decision
 from service.crud.logbook import write_log
 from service.crud.runs import (
     active_attempt,
@@ -38,11 +39,13 @@ from service.models import Attempt, Checkpoint, Run
 from service.orchestrator.decide import (
     BAD_NODE_STATES,
     Action,
+    CloseDecision,
     EndAttempt,
     Escalate,
     Launch,
     MarkFirstStep,
     ObservedRun,
+    ProposeDecision,
     SetPhase,
     WaitForHosts,
     failure_of,
@@ -63,7 +66,15 @@ from service.orchestrator.observe import AUTHOR, recorded_heartbeat_interval
 from service.orchestrator.spool import drain_spool
 from service.recovery.config import OrchestratorConfig
 from service.recovery.detect import FailureClass
-from service.statemachine import CheckpointState, DesiredState, LogKind, Role, RunPhase, Severity
+from service.statemachine import (
+    CheckpointState,
+    DecisionStatus,
+    DesiredState,
+    LogKind,
+    Role,
+    RunPhase,
+    Severity,
+)
 from trainer import contract
 from trainer.checkpoint import verify_checkpoint
 from trainer.contract import EXIT_CHECKPOINT_CORRUPT, checkpoints_dir
@@ -190,6 +201,8 @@ class Applier:
             WaitForHosts: self.wait_for_hosts,
             EndAttempt: self.end_attempt,
             Launch: self.launch,
+            ProposeDecision: self.propose_decision,
+            CloseDecision: self.close_decision,
             SetPhase: self.set_phase,
             Escalate: self.escalate,
             MarkFirstStep: self.mark_first_step,
@@ -390,6 +403,8 @@ class Applier:
     def escalate(self, observed: ObservedRun, action: Escalate) -> None:
         with transaction(self.factory) as session:
             run = get_run(session, run_id=observed.run_id, for_update=True)
+            if action.close_decision is not None:
+                self._close_decision(session, action.close_decision, attempt_number=None)
             if run.phase == RunPhase.needs_attention:
                 if not run.pending_restart:
                     return  # already escalated and paged
@@ -416,6 +431,42 @@ class Applier:
                 )
             run.pending_restart = None
         self.page(observed.run_id, action.reason, dict(action.evidence))
+
+    def propose_decision(self, observed: ObservedRun, action: ProposeDecision) -> None:
+        """Record the proposal (logbook included) and page: a human approves or rejects it."""
+        with transaction(self.factory) as session:
+            decision = propose_decision(
+                session,
+                run_id=observed.run_id,
+                gates=action.gates,
+                reason=action.reason,
+                proposal=dict(action.proposal),
+                evidence=dict(action.evidence),
+                timeout_s=action.timeout_s,
+                on_timeout=action.on_timeout,
+                author=AUTHOR,
+            )
+            decision_id = decision.id
+        self.page(
+            observed.run_id,
+            f"run {observed.name}: decision {decision_id} awaits approval ({', '.join(action.gates)}): "
+            f"{action.reason}. Approve or reject: trainops decisions approve|reject {decision_id}",
+            {"decision": decision_id, "gates": list(action.gates), "proposal": dict(action.proposal)},
+        )
+
+    def close_decision(self, observed: ObservedRun, action: CloseDecision) -> None:
+        with transaction(self.factory) as session:
+            self._close_decision(session, action, attempt_number=None)
+
+    def _close_decision(self, session: Session, action: CloseDecision, *, attempt_number: int | None) -> None:
+        close_decision(
+            session,
+            decision_id=action.decision_id,
+            status_if_pending=DecisionStatus(action.status_if_pending),
+            attempt_number=attempt_number,
+            author=AUTHOR,
+            note=action.note + (f" (attempt {attempt_number})" if attempt_number is not None else ""),
+        )
 
     def launch(self, observed: ObservedRun, action: Launch) -> None:
         """Deep-check probation hosts, check the restore point's metadata, record the attempt (with its
@@ -600,6 +651,8 @@ class Applier:
             )
             token_row.attempt_id = attempt.id  # expired when the attempt ends (_end)
             self._carry_over(session, run=run, attempt=attempt, action=action, observed=observed)
+            if action.close_decision is not None:
+                self._close_decision(session, action.close_decision, attempt_number=number)
             write_log(
                 session,
                 kind=LogKind.decision,

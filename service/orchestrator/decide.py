@@ -6,9 +6,10 @@ Table-tested in tests/orchestrator/test_orchestrator_decide.py.
 
 from __future__ import annotations
 
+import datetime as dt
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from service.orchestrator.launchers.base import ProcessStatus
@@ -61,6 +62,32 @@ class EndedAttempt:
     outcome: str  # "completed", "stopped", "superseded" or a FailureClass value
     findings: Mapping[str, Any] = field(default_factory=dict)
     newest_checkpoint_step: int | None = None
+    last_step: int | None = None  # the newest step it trained
+
+
+@dataclass(frozen=True)
+class ApprovalGates:
+    """The run's approval policy (`RunConfig.approvals`), as decide() reads it."""
+
+    require: frozenset[str] = frozenset()
+    rollback_steps: int = 1000
+    timeout_s: float = 1800.0
+    on_timeout: str = "hold"  # approve | hold
+
+
+@dataclass(frozen=True)
+class ObservedDecision:
+    """The run's open decision (proposed, not yet carried out)."""
+
+    id: int
+    status: str  # pending | approved | rejected | timed_out
+    gates: tuple[str, ...]
+    proposal: Mapping[str, Any]  # checkpoint_id, checkpoint_step, overrides, failure
+    expires_at: float
+    on_timeout: str
+    decided_by: str | None = None
+    decision_reason: str | None = None
+    operator_overrides: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -88,6 +115,8 @@ class ObservedRun:
     step_times: tuple[float, ...] = ()  # the run's newest step times (any attempt), oldest first
     hang_overrides: Mapping[str, float] = field(default_factory=dict)  # the run's `RunConfig.hang`
     checkpoint_interval: int = 0  # the run's steps between checkpoints (its restart rule's course spans it)
+    approvals: ApprovalGates = field(default_factory=ApprovalGates)
+    open_decision: ObservedDecision | None = None
 
 
 # ---- what decide() asks for ------------------------------------------------------------------------
@@ -107,6 +136,16 @@ class EndAttempt:
 
 
 @dataclass(frozen=True)
+class CloseDecision:
+    """Stamp the run's open decision carried out (with the launch or escalation that carries it out, in the
+    same transaction), a pending one first becoming `status_if_pending`."""
+
+    decision_id: int
+    status_if_pending: str  # timed_out | superseded
+    note: str
+
+
+@dataclass(frozen=True)
 class Launch:
     hosts: tuple[str, ...]
     checkpoint: CheckpointCandidate | None
@@ -115,6 +154,19 @@ class Launch:
     evidence: Mapping[str, Any] = field(default_factory=dict)
     deep_check: bool = False  # run deep diagnostics on `hosts` first (after a hardware failure)
     consume_pending_restart: bool = False
+    close_decision: CloseDecision | None = None
+
+
+@dataclass(frozen=True)
+class ProposeDecision:
+    """Record a proposal that waits for a human (the run's approval gates), and page."""
+
+    gates: tuple[str, ...]
+    reason: str
+    proposal: Mapping[str, Any]
+    evidence: Mapping[str, Any] = field(default_factory=dict)
+    timeout_s: float = 1800.0
+    on_timeout: str = "hold"
 
 
 @dataclass(frozen=True)
@@ -128,6 +180,7 @@ class SetPhase:
 class Escalate:
     reason: str
     evidence: Mapping[str, Any] = field(default_factory=dict)
+    close_decision: CloseDecision | None = None
 
 
 @dataclass(frozen=True)
@@ -141,7 +194,9 @@ class WaitForHosts:
     available: int
 
 
-Action = EndAttempt | Launch | SetPhase | Escalate | MarkFirstStep | WaitForHosts
+Action = (
+    EndAttempt | Launch | SetPhase | Escalate | MarkFirstStep | WaitForHosts | ProposeDecision | CloseDecision
+)
 
 
 def decide(run: ObservedRun, cfg: OrchestratorConfig) -> list[Action]:
@@ -155,11 +210,16 @@ def decide(run: ObservedRun, cfg: OrchestratorConfig) -> list[Action]:
 
 
 def _decide_stopped(run: ObservedRun) -> list[Action]:
+    actions: list[Action] = []
+    if run.open_decision is not None:
+        actions.append(
+            CloseDecision(run.open_decision.id, "superseded", "superseded: the run was asked to stop")
+        )
     if run.attempt is not None:
-        return [EndAttempt("stopped", "the run was asked to stop", kill=True)]
+        return [*actions, EndAttempt("stopped", "the run was asked to stop", kill=True)]
     if run.phase not in (RunPhase.stopped, RunPhase.completed):
-        return [SetPhase(RunPhase.stopped, "stopped as asked; no attempt is running")]
-    return []
+        return [*actions, SetPhase(RunPhase.stopped, "stopped as asked; no attempt is running")]
+    return actions
 
 
 def _decide_active(run: ObservedRun, cfg: OrchestratorConfig) -> list[Action]:
@@ -535,7 +595,7 @@ def _decide_idle(run: ObservedRun, cfg: OrchestratorConfig) -> list[Action]:
         reason = (
             f"operator restart ({run.pending_restart.get('author')}): {run.pending_restart.get('reason')}"
         )
-        return _into_restarting(run, reason) + _launch_or_wait(
+        launch = _launch_or_wait(
             run,
             cfg,
             checkpoint=checkpoint,
@@ -545,6 +605,10 @@ def _decide_idle(run: ObservedRun, cfg: OrchestratorConfig) -> list[Action]:
             deep_check=False,
             consume=True,
         )
+        if run.open_decision is not None:  # the operator's restart answers the open question too
+            note = f"superseded by the operator's restart ({run.pending_restart.get('author')})"
+            launch = _closing(launch, CloseDecision(run.open_decision.id, "superseded", note))
+        return _into_restarting(run, reason) + launch
 
     if failure is not None:
         records = [
@@ -564,8 +628,23 @@ def _decide_idle(run: ObservedRun, cfg: OrchestratorConfig) -> list[Action]:
             cfg=cfg.remediation,
             max_restarts=run.max_restarts,
         )
+        crossed: list[str] = []
         if plan.escalate:
-            return [Escalate(plan.escalate, {"failure": failure.value, "attempts": len(run.history)})]
+            if "over_budget" not in run.approvals.require:
+                return [Escalate(plan.escalate, {"failure": failure.value, "attempts": len(run.history)})]
+            # the policy lets a human decide instead of stopping: propose the restart the budget forbids
+            crossed.append("over_budget")
+            notes.append(plan.escalate)
+            plan = plan_remediation(
+                failure,
+                records,
+                lr_scale=run.lr_scale,
+                clip=run.clip_override,
+                now=run.now,
+                cfg=cfg.remediation,
+                max_restarts=run.max_restarts,
+                enforce_budgets=False,
+            )
         if run.now < plan.not_before:
             return []  # back-off; the next loop looks again
         overrides.update(plan.overrides)
@@ -606,7 +685,7 @@ def _decide_idle(run: ObservedRun, cfg: OrchestratorConfig) -> list[Action]:
             "rejected_checkpoints": [list(r) for r in choice.rejected],
             "remediation": list(notes),
         }
-        return actions + _launch_or_wait(
+        launch = _launch_or_wait(
             run,
             cfg,
             checkpoint=choice.checkpoint,
@@ -616,6 +695,17 @@ def _decide_idle(run: ObservedRun, cfg: OrchestratorConfig) -> list[Action]:
             deep_check=failure == FailureClass.hardware and cfg.remediation.deep_check_before_relaunch,
             consume=False,
         )
+        crossed += lever_gates(run, plan.overrides, overrides, choice.checkpoint, last)
+        if crossed:
+            proposal = {
+                "failure": failure.value,
+                "checkpoint_id": choice.checkpoint.id if choice.checkpoint else None,
+                "checkpoint_step": choice.checkpoint.step if choice.checkpoint else None,
+                "overrides": dict(overrides),
+            }
+            gated = _gated(run, tuple(crossed), launch, reason=reason, proposal=proposal, evidence=evidence)
+            return actions + gated
+        return actions + launch
 
     # First launch, or resuming after a clean end (stopped and started again): newest intact checkpoint.
     usable = [c for c in run.checkpoints if c.usable]
@@ -632,6 +722,122 @@ def _decide_idle(run: ObservedRun, cfg: OrchestratorConfig) -> list[Action]:
         deep_check=False,
         consume=False,
     )
+
+
+def lever_gates(
+    run: ObservedRun,
+    plan_overrides: Mapping[str, Any],
+    overrides: Mapping[str, Any],
+    checkpoint: CheckpointCandidate | None,
+    last: EndedAttempt | None,
+) -> list[str]:
+    """The run's approval gates this relaunch crosses (`RunConfig.approvals.require`)."""
+    gates = run.approvals
+    crossed = {
+        "lr_cut": float(plan_overrides.get("lr_scale", run.lr_scale)) < run.lr_scale,
+        "clip_change": "clip" in plan_overrides,
+        "loss_scale_reset": bool(plan_overrides.get("reset_loss_scale")),
+        "data_skip": int(overrides.get("skip_batches") or 0) > 0,
+        "long_rollback": last is not None
+        and last.last_step is not None
+        and last.last_step - (checkpoint.step if checkpoint else 0) > gates.rollback_steps,
+    }
+    return [gate for gate, hit in crossed.items() if hit and gate in gates.require]
+
+
+def _closing(actions: list[Action], close: CloseDecision) -> list[Action]:
+    """`actions` with their launch or escalation also closing the run's open decision."""
+    return [replace(a, close_decision=close) if isinstance(a, Launch | Escalate) else a for a in actions]
+
+
+def _gated(
+    run: ObservedRun,
+    gates: tuple[str, ...],
+    launch: list[Action],
+    *,
+    reason: str,
+    proposal: Mapping[str, Any],
+    evidence: Mapping[str, Any],
+) -> list[Action]:
+    """A relaunch that crosses the run's approval gates: proposed and waited for; once answered, carried out
+    as approved (the proposal as recorded, with the operator's overrides), or with the operator's own levers
+    instead, or held (needs attention): rejected without levers, or unanswered past its timeout with
+    `on_timeout: hold`."""
+    decision = run.open_decision
+    policy = run.approvals
+    if decision is None:
+        return [
+            ProposeDecision(
+                gates,
+                reason,
+                proposal,
+                evidence,
+                timeout_s=policy.timeout_s,
+                on_timeout=policy.on_timeout,
+            )
+        ]
+    timed_out = decision.status == "pending" and run.now >= decision.expires_at
+    if decision.status == "pending" and not timed_out:
+        return []  # waiting for a human
+    who = decision.decided_by or "nobody"
+    said = f": {decision.decision_reason}" if decision.decision_reason else ""
+    if timed_out and decision.on_timeout != "approve":
+        note = f"unanswered by {datetime_words(decision.expires_at)}; the policy holds the run"
+        return [
+            Escalate(
+                f"decision {decision.id} ({', '.join(decision.gates)}) was not answered in time; the run "
+                f"holds: {reason}",
+                {"decision": decision.id},
+                close_decision=CloseDecision(decision.id, "timed_out", note),
+            )
+        ]
+    if decision.status == "rejected" and not decision.operator_overrides:
+        return [
+            Escalate(
+                f"decision {decision.id} rejected by {who}{said}; the run holds",
+                {"decision": decision.id},
+                close_decision=CloseDecision(decision.id, "timed_out", f"rejected by {who}; the run holds"),
+            )
+        ]
+    chosen = next((a for a in launch if isinstance(a, Launch)), None)
+    if chosen is None:
+        return launch  # no hosts yet: wait (or escalate) as any launch does; the decision stays open
+    recorded = dict(decision.proposal.get("overrides") or {})
+    standing = {"lr_scale": run.lr_scale, "lr": run.lr_override, "clip": run.clip_override}
+    operator = dict(decision.operator_overrides or {})
+    if decision.status == "rejected":
+        levers = {**standing, **operator}
+        how = f"rejected by {who}{said}; restarting with their levers {operator}"
+    elif decision.status == "approved":
+        levers = {**recorded, **operator}
+        how = f"approved by {who}{said}" + (f" with their levers {operator}" if operator else "")
+    else:
+        levers, how = recorded, "unanswered in time; the policy approves it"
+    checkpoint_id = decision.proposal.get("checkpoint_id")
+    checkpoint = next((c for c in run.checkpoints if c.id == checkpoint_id and c.usable), None)
+    if checkpoint_id is not None and checkpoint is None:
+        return [
+            Escalate(
+                f"decision {decision.id}: the checkpoint it restores (step "
+                f"{decision.proposal.get('checkpoint_step')}) is no longer intact",
+                {"decision": decision.id},
+                close_decision=CloseDecision(decision.id, "timed_out", "its restore point is gone"),
+            )
+        ]
+    return [
+        replace(
+            chosen,
+            checkpoint=checkpoint,
+            overrides=levers,
+            reason=f"{chosen.reason}; decision {decision.id} {how}",
+            evidence={**chosen.evidence, "decision": decision.id},
+            close_decision=CloseDecision(decision.id, "timed_out", how),
+        )
+    ]
+
+
+def datetime_words(t: float) -> str:
+    return dt.datetime.fromtimestamp(t, dt.UTC).isoformat(timespec="seconds")
 
 
 def operator_default_checkpoint(

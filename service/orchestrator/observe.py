@@ -19,11 +19,18 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from service.crud.checkpoints import CatalogSource, checkpoint_checksums, upsert_checkpoint
+from service.crud.decisions import open_decision
 from service.crud.nodes import node_states
 from service.crud.runs import busy_hosts_by_run, get_run, list_attempts, record_attempt_allocation
 from service.crud.telemetry import StoredBeat, attempt_heartbeats
-from service.models import Attempt, Run
-from service.orchestrator.decide import EndedAttempt, ObservedAttempt, ObservedRun
+from service.models import Attempt, Decision, Run
+from service.orchestrator.decide import (
+    ApprovalGates,
+    EndedAttempt,
+    ObservedAttempt,
+    ObservedDecision,
+    ObservedRun,
+)
 from service.orchestrator.launchers.base import HEARTBEAT_INTERVAL_KEY, Launcher, ProcessStatus, launcher_for
 from service.recovery.config import OrchestratorConfig
 from service.recovery.detect import RankBeat, Section
@@ -108,6 +115,7 @@ def observe_run(
             outcome=a.exit_reason or "lost",
             findings=a.findings or {},
             newest_checkpoint_step=(a.findings or {}).get("newest_checkpoint_step"),
+            last_step=a.last_step,
         )
         for a in attempts
         if a.ended_at is not None
@@ -152,6 +160,8 @@ def observe_run(
         waiting_for_hosts_since=waiting_for_hosts_since,
         step_times=recent_step_times(session, run_id=run_id, window=cfg.hang.step_time_window),
         hang_overrides={k: float(v) for k, v in (config.get("hang") or {}).items() if v is not None},
+        approvals=approval_gates(config.get("approvals")),
+        open_decision=observed_decision(open_decision(session, run_id=run_id)),
     )
 
 
@@ -204,6 +214,34 @@ def observe_attempt(
         last_step=last_step,
         first_step_seen=attempt.first_step_at is not None,
         heartbeat_interval_s=recorded_heartbeat_interval(info),
+    )
+
+
+def approval_gates(policy: Mapping[str, Any] | None) -> ApprovalGates:
+    """The run's approval policy as stored (validated by `schemas.ApprovalPolicy` when the run was made)."""
+    if not policy:
+        return ApprovalGates()
+    return ApprovalGates(
+        require=frozenset(policy.get("require") or ()),
+        rollback_steps=int(policy.get("rollback_steps", 1000)),
+        timeout_s=float(policy.get("timeout_s", 1800.0)),
+        on_timeout=str(policy.get("on_timeout", "hold")),
+    )
+
+
+def observed_decision(decision: Decision | None) -> ObservedDecision | None:
+    if decision is None:
+        return None
+    return ObservedDecision(
+        id=decision.id,
+        status=decision.status.value,
+        gates=tuple(decision.gates),
+        proposal=dict(decision.proposal or {}),
+        expires_at=decision.expires_at.timestamp(),
+        on_timeout=decision.on_timeout,
+        decided_by=decision.decided_by,
+        decision_reason=decision.decision_reason,
+        operator_overrides=dict(decision.operator_overrides) if decision.operator_overrides else None,
     )
 
 

@@ -62,8 +62,10 @@ def plan_remediation(
     now: float,
     cfg: RemediationConfig,
     max_restarts: int | None = None,
+    enforce_budgets: bool = True,
 ) -> Remediation:
-    """Overrides for the next attempt after `failure`, the back-off, or the reason to escalate.
+    """Overrides for the next attempt after `failure`, the back-off, or the reason to escalate. Without
+    `enforce_budgets` (a human approved a restart past them) the budgets do not escalate.
 
     `history` holds the run's ended attempts oldest first, including the one that just failed.
     """
@@ -73,13 +75,13 @@ def plan_remediation(
     failures = [r for r in history if r.failure is not None]
     budget = cfg.max_restarts if max_restarts is None else min(max_restarts, cfg.max_restarts)
     recent = [r for r in failures if now - r.ended_at <= cfg.restart_window_s]
-    if len(recent) > budget:
+    if enforce_budgets and len(recent) > budget:
         return Remediation(
             escalate=f"restart budget spent: {len(recent)} failures in the last "
             f"{cfg.restart_window_s:.0f} s (budget {budget})"
         )
 
-    if stuck := no_progress_streak(failures):
+    if enforce_budgets and (stuck := no_progress_streak(failures)):
         same = [r for r in stuck if r.failure == failure]
         if len(same) > cfg.no_progress_restarts:
             others = sorted({str(r.failure) for r in stuck if r.failure != failure})

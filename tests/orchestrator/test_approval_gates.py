@@ -1,0 +1,156 @@
+"""Approval gates: a run whose policy requires a human for a risky action gets a proposal instead of the
+action, waits, and then does what was approved, what the operator chose instead, or holds.
+
+decide() as a table here (pure); the API, the orchestrator and the CLI together in
+tests/e2e/test_approvals_e2e.py."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from service.orchestrator.decide import (
+    ApprovalGates,
+    CloseDecision,
+    Escalate,
+    Launch,
+    ObservedDecision,
+    ObservedRun,
+    ProposeDecision,
+    SetPhase,
+    decide,
+)
+from service.statemachine import DesiredState
+from tests.orchestrator.test_orchestrator_decide import CFG, NOW, ckpt, ended, only, run
+
+NORMS = {s: 10.0 for s in range(1, 60)}
+LR_GATE = ApprovalGates(require=frozenset({"lr_cut", "loss_scale_reset"}), timeout_s=600.0)
+
+
+def diverged(**kw: Any) -> ObservedRun:
+    return run(
+        history=(replace(ended("divergence", onset_step=48), last_step=52),),
+        checkpoints=(ckpt(20), ckpt(40), ckpt(50)),
+        act_norms=NORMS,
+        **kw,
+    )
+
+
+def proposed(status: str, **kw: object) -> ObservedDecision:
+    return ObservedDecision(
+        id=7,
+        status=status,
+        gates=("lr_cut", "loss_scale_reset"),
+        proposal={
+            "failure": "divergence",
+            "checkpoint_id": 40,
+            "checkpoint_step": 40,
+            "overrides": {"lr_scale": 0.5, "lr": None, "clip": None, "reset_loss_scale": True},
+        },
+        expires_at=kw.pop("expires_at", NOW + 600),  # type: ignore[arg-type]
+        on_timeout=kw.pop("on_timeout", "hold"),  # type: ignore[arg-type]
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def test_without_a_policy_the_orchestrator_acts_alone_as_before() -> None:
+    launch = only(decide(diverged(), CFG), Launch)
+    assert launch.overrides["lr_scale"] == 0.5 and launch.close_decision is None
+
+
+def test_a_gated_lr_cut_is_proposed_not_launched() -> None:
+    acts = decide(diverged(approvals=LR_GATE), CFG)
+    assert isinstance(acts[0], SetPhase)
+    proposal = only(acts, ProposeDecision)
+    assert not [a for a in acts if isinstance(a, Launch)]
+    assert proposal.gates == ("lr_cut", "loss_scale_reset") and proposal.timeout_s == 600.0
+    assert proposal.proposal["checkpoint_step"] == 40 and proposal.proposal["overrides"]["lr_scale"] == 0.5
+    assert "LR scale 1 -> 0.5" in proposal.reason
+    # a gate the policy does not list is not crossed: clip stays automatic
+    only_clip = replace(LR_GATE, require=frozenset({"clip_change"}))
+    assert only(decide(diverged(approvals=only_clip), CFG), Launch).close_decision is None
+
+
+def test_while_the_proposal_waits_nothing_happens() -> None:
+    acts = decide(diverged(approvals=LR_GATE, open_decision=proposed("pending")), CFG)
+    assert not [a for a in acts if isinstance(a, Launch | ProposeDecision | Escalate)]
+
+
+def test_approved_it_launches_what_was_approved_with_the_operators_levers() -> None:
+    answer = proposed("approved", decided_by="user:alice", operator_overrides={"clip": 0.3})
+    launch = only(decide(diverged(approvals=LR_GATE, open_decision=answer), CFG), Launch)
+    assert launch.checkpoint is not None and launch.checkpoint.step == 40
+    assert launch.overrides["lr_scale"] == 0.5 and launch.overrides["clip"] == 0.3
+    assert launch.overrides["reset_loss_scale"] is True
+    assert launch.close_decision == CloseDecision(
+        7, "timed_out", "approved by user:alice with their levers {'clip': 0.3}"
+    )
+    assert "decision 7 approved by user:alice" in launch.reason
+
+
+def test_rejected_with_levers_it_restarts_with_those_alone() -> None:
+    answer = proposed(
+        "rejected",
+        decided_by="user:bob",
+        decision_reason="too aggressive",
+        operator_overrides={"lr_scale": 0.8},
+    )
+    launch = only(decide(diverged(approvals=LR_GATE, open_decision=answer), CFG), Launch)
+    assert launch.overrides["lr_scale"] == 0.8 and not launch.overrides.get("reset_loss_scale")
+    assert "rejected by user:bob: too aggressive" in launch.reason
+
+
+def test_rejected_without_levers_or_unanswered_under_hold_the_run_holds() -> None:
+    rejected = proposed("rejected", decided_by="user:bob", decision_reason="look first")
+    [escalate] = [
+        a for a in decide(diverged(approvals=LR_GATE, open_decision=rejected), CFG) if isinstance(a, Escalate)
+    ]
+    assert "rejected by user:bob: look first; the run holds" in escalate.reason
+    assert escalate.close_decision is not None and escalate.close_decision.decision_id == 7
+    late = proposed("pending", expires_at=NOW - 1)
+    [escalate] = [
+        a for a in decide(diverged(approvals=LR_GATE, open_decision=late), CFG) if isinstance(a, Escalate)
+    ]
+    assert "was not answered in time; the run holds" in escalate.reason
+    assert escalate.close_decision == CloseDecision(7, "timed_out", escalate.close_decision.note)
+
+
+def test_unanswered_under_approve_it_carries_the_proposal_out() -> None:
+    late = proposed("pending", expires_at=NOW - 1, on_timeout="approve")
+    launch = only(decide(diverged(approvals=LR_GATE, open_decision=late), CFG), Launch)
+    assert launch.overrides["lr_scale"] == 0.5 and "the policy approves it" in launch.reason
+    assert launch.close_decision is not None and launch.close_decision.status_if_pending == "timed_out"
+
+
+def test_an_approved_restore_point_that_rotted_meanwhile_is_not_restored() -> None:
+    answer = proposed("approved", decided_by="user:alice")
+    gone = diverged(approvals=LR_GATE, open_decision=answer)
+    gone = replace(gone, checkpoints=(ckpt(20), ckpt(40, usable=False), ckpt(50)))
+    [escalate] = [a for a in decide(gone, CFG) if isinstance(a, Escalate)]
+    assert "no longer intact" in escalate.reason
+
+
+def test_a_long_rollback_and_a_restart_past_the_budget_can_be_gated_too() -> None:
+    far = ApprovalGates(require=frozenset({"long_rollback"}), rollback_steps=10)
+    proposal = only(decide(diverged(approvals=far), CFG), ProposeDecision)  # 52 -> 40: 12 steps back
+    assert proposal.gates == ("long_rollback",)
+    assert only(decide(diverged(approvals=replace(far, rollback_steps=12)), CFG), Launch)
+    crashes = tuple(ended("crash", number=n, ago=100 - n, newest=40) for n in range(1, 4))
+    spent = run(history=crashes, max_restarts=1)
+    assert isinstance(decide(spent, CFG)[0], Escalate)  # no gate: the budget stops the run, as before
+    proposal = only(
+        decide(replace(spent, approvals=ApprovalGates(require=frozenset({"over_budget"}))), CFG),
+        ProposeDecision,
+    )
+    assert proposal.gates == ("over_budget",) and "restart budget spent" in proposal.reason
+
+
+def test_an_operators_restart_or_stop_supersedes_the_open_proposal() -> None:
+    pending = proposed("pending")
+    restart = {"id": "r1", "author": "user:carol", "reason": "by hand"}
+    launch = only(
+        decide(diverged(approvals=LR_GATE, open_decision=pending, pending_restart=restart), CFG), Launch
+    )
+    assert launch.close_decision is not None and launch.close_decision.status_if_pending == "superseded"
+    acts = decide(diverged(open_decision=pending, desired=DesiredState.stopped), CFG)
+    assert acts[0] == CloseDecision(7, "superseded", "superseded: the run was asked to stop")
