@@ -48,6 +48,10 @@ log = logging.getLogger("trainops.api")
 API_PREFIX = "/api/v1"
 
 
+# The /api/v1 routers, in the order the OpenAPI document lists them.
+API_MODULES = (runs, telemetry, checkpoints, nodes, diagnostics, logbook, tokens, decisions)
+
+
 def create_app(
     settings: Settings | None = None, *, session_factory: sessionmaker[Session] | None = None
 ) -> FastAPI:
@@ -83,7 +87,7 @@ def create_app(
         app.state.session_factory = session_factory
 
     api = APIRouter(prefix=API_PREFIX)
-    for module in (runs, telemetry, checkpoints, nodes, diagnostics, logbook, tokens, decisions):
+    for module in API_MODULES:
         document_error_responses(module.router, body_guarded=True)
         api.include_router(module.router)
     app.include_router(api)

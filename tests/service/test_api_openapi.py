@@ -12,12 +12,11 @@ from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 
 from service.api.responses import ErrorBody, ValidationErrorBody
-from service.api.routes import checkpoints, diagnostics, logbook, nodes, runs, system, telemetry, tokens
+from service.api.routes import system
 from service.config import Settings
-from service.main import API_PREFIX, create_app
+from service.main import API_MODULES, API_PREFIX, create_app
 from tests.conftest import make_run
 
-API_MODULES = (runs, telemetry, checkpoints, nodes, diagnostics, logbook, tokens)
 ERROR_SCHEMA = {"$ref": "#/components/schemas/ErrorBody"}
 VALIDATION_ERROR_SCHEMA = {"$ref": "#/components/schemas/ValidationErrorBody"}
 
