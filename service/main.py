@@ -42,6 +42,7 @@ from service.schemas import (
     NOTE_BODY_LIMIT_BYTES,
 )
 from service.statemachine import InvalidTransition
+from service.ui.routes import install as install_console
 
 log = logging.getLogger("trainops.api")
 
@@ -95,6 +96,7 @@ def create_app(
     app.include_router(system.router)
     app.state.scrape_cache = ScrapeCache(settings.metrics_cache_ttl_s)
     _install_error_handlers(app)
+    install_console(app)
     # Added first, so it runs inside the timing middleware: refused requests are timed too.
     app.add_middleware(
         BodyGuardMiddleware,
