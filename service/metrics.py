@@ -65,6 +65,12 @@ ORCHESTRATOR_LEADERSHIP_CHANGES = Counter(
     "Times this orchestrator took the lead (change=acquired) or lost it (change=lost).",
     ["change"],
 )
+ORCHESTRATOR_PAGES = Counter(
+    "trainops_orchestrator_pages_total",
+    "The orchestrator's own webhook pages (TRAINOPS_PAGE_WEBHOOK_URL) by outcome: sent, failed (retries "
+    "spent), deduplicated (same run and reason within the window) or dropped (queue full).",
+    ["outcome"],
+)
 # The host agent's instruments (updated in its Celery workers) are defined in health/metrics.py.
 HEALTH_CHECK_DURATION = CHECK_DURATION
 HEALTH_CHECKS = CHECKS_TOTAL
@@ -79,6 +85,7 @@ INSTRUMENTS: tuple[Counter | Gauge | Histogram, ...] = (
     ORCHESTRATOR_RUNS_ESCALATED,
     ORCHESTRATOR_LEADER,
     ORCHESTRATOR_LEADERSHIP_CHANGES,
+    ORCHESTRATOR_PAGES,
     HEALTH_CHECK_DURATION,
     HEALTH_CHECKS,
     HEALTH_TASK_DURATION,
