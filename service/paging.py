@@ -141,7 +141,7 @@ class WebhookPager:
     def _deliver(self, page: _Page) -> None:
         retrying = Retrying(
             stop=stop_after_delay(self.retry_budget_s),
-            wait=wait_exponential_jitter(initial=self.first_retry_s, max=self.max_retry_wait_s),
+            wait=wait_exponential_jitter(multiplier=self.first_retry_s, max=self.max_retry_wait_s),
             retry=retry_if_exception(_retryable),
             before_sleep=self._log_retry,
             reraise=True,
