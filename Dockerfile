@@ -20,6 +20,8 @@ RUN useradd --create-home --uid 1000 trainops
 FROM source AS control
 RUN pip install -c requirements.lock '.[kubernetes]'
 COPY docker/entrypoint.sh /usr/local/bin/trainops-entrypoint
+# Where the alertmanager-config service (docker-compose.yml) writes; a new volume mounted here takes this owner.
+RUN install -d -o trainops -g trainops /etc/trainops-alertmanager
 USER trainops
 EXPOSE 8000
 # The entrypoint checks the secrets (prod) or keeps the API on loopback (dev), and sets TRAINOPS_API_HOST;

@@ -67,6 +67,7 @@ class Board:
         overrides: list[dict[str, Any]] | None = None,
         options: dict[str, Any] | None = None,
         sql: bool = False,
+        sql_format: str = "time_series",
         instant: bool = False,
     ) -> None:
         datasource = POSTGRES if sql else PROMETHEUS
@@ -77,7 +78,7 @@ class Board:
                     {
                         "refId": ref,
                         "datasource": datasource,
-                        "format": "time_series",
+                        "format": sql_format,
                         "rawQuery": True,
                         "editorMode": "code",
                         "rawSql": query,
@@ -160,6 +161,11 @@ def p95(histogram: str, by: str) -> str:
         f"histogram_quantile(0.95, sum by ({by}) (rate({histogram}_bucket[5m]))"
         f" and on ({groups}) (sum by ({groups}) (rate({histogram}_count[5m])) > 0))"
     )
+
+
+def mean_of(histogram: str, by: str) -> str:
+    """The mean of every observation of a histogram the collector reads from the database (cumulative)."""
+    return f"sum by ({by}) ({histogram}_sum) / sum by ({by}) ({histogram}_count)"
 
 
 def history_sql(select: str, where: str = "") -> str:
@@ -415,7 +421,48 @@ def fleet_dashboard() -> dict[str, Any]:
         ],
         unit="s",
     )
+    b.row("Failures and recovery")
+    b.panel(
+        "Fleet ETTR",
+        [("trainops_fleet_effective_training_time_ratio", "ETTR")],
+        kind="gauge",
+        unit="percentunit",
+        width=6,
+        description="Effective training time ratio: productive step time over wall time, summed over every "
+        "run running or finished within 24 h (docs/goodput.md, Fleet ETTR).",
+        defaults={"min": 0, "max": 1},
+    )
+    b.panel(
+        "Mean time to detect by failure class",
+        [(mean_of("trainops_failure_detection_seconds", "failure_class"), "{{failure_class}}")],
+        kind="bargauge",
+        unit="s",
+        width=9,
+        instant=True,
+        description="Last step progress -> failure noticed, averaged over every failure recorded.",
+    )
+    b.panel(
+        "Mean time to recover by failure class",
+        [(mean_of("trainops_failure_recovery_seconds", "failure_class"), "{{failure_class}}")],
+        kind="bargauge",
+        unit="s",
+        width=9,
+        instant=True,
+        description="Failure noticed -> the next attempt's first step, averaged over every failure recorded.",
+    )
     return dashboard("trainops-fleet", "trainops / Fleet", b, variables=[], annotations=[])
+
+
+LOGBOOK_SQL = (
+    'SELECT l.time AS "time", l.severity AS "severity", l.kind AS "kind", r.name AS "run",\n'
+    '  n.hostname AS "node", l.author AS "author", l.message AS "message", l.evidence AS "evidence"\n'
+    "FROM logbook l\n"
+    "LEFT JOIN runs r ON r.id = l.run_id\n"
+    "LEFT JOIN nodes n ON n.id = l.node_id\n"
+    "WHERE $__timeFilter(l.time)\n"
+    "ORDER BY l.time DESC, l.id DESC\n"
+    "LIMIT 500"
+)
 
 
 def oncall_dashboard() -> dict[str, Any]:
@@ -493,6 +540,19 @@ def oncall_dashboard() -> dict[str, Any]:
             ("trainops_control_plane_database_up", "database"),
         ],
         width=16,
+    )
+    b.row("Logbook (PostgreSQL)")
+    b.panel(
+        "Logbook",
+        [(LOGBOOK_SQL, "")],
+        kind="table",
+        sql=True,
+        sql_format="table",
+        width=24,
+        height=10,
+        description="Every decision, action and failure the control plane recorded in the time range, newest "
+        "first, with its evidence (trainops logbook on the command line). Read as trainops_reader.",
+        options={"showHeader": True, "sortBy": [{"displayName": "time", "desc": True}]},
     )
     return dashboard("trainops-oncall", "trainops / On-call", b, variables=[], annotations=[])
 

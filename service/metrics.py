@@ -11,7 +11,8 @@ Two kinds live here:
   of the control plane.
 
 Labels are limited to bounded sets: run (name), node (hostname), gpu (index), reason, phase, state,
-check, queue, plus method/route/status on the request histogram. Never step numbers or error text.
+check, queue, failure_class, outcome, plus method/route/status on the request histogram. Never step
+numbers or error text.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from prometheus_client import Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
 from health.metrics import CHECK_DURATION, CHECKS_TOTAL, TASK_DURATION
 
@@ -70,6 +72,12 @@ ORCHESTRATOR_LEADERSHIP_CHANGES = Counter(
     "Times this orchestrator took the lead (change=acquired) or lost it (change=lost).",
     ["change"],
 )
+ORCHESTRATOR_PAGES = Counter(
+    "trainops_orchestrator_pages_total",
+    "The orchestrator's own webhook pages (TRAINOPS_PAGE_WEBHOOK_URL) by outcome: sent, failed (retries "
+    "spent), deduplicated (same run and reason within the window) or dropped (queue full).",
+    ["outcome"],
+)
 # The host agent's instruments (updated in its Celery workers) are defined in health/metrics.py.
 HEALTH_CHECK_DURATION = CHECK_DURATION
 HEALTH_CHECKS = CHECKS_TOTAL
@@ -85,6 +93,7 @@ INSTRUMENTS: tuple[Counter | Gauge | Histogram, ...] = (
     ORCHESTRATOR_LAUNCHES_DEFERRED,
     ORCHESTRATOR_LEADER,
     ORCHESTRATOR_LEADERSHIP_CHANGES,
+    ORCHESTRATOR_PAGES,
     HEALTH_CHECK_DURATION,
     HEALTH_CHECKS,
     HEALTH_TASK_DURATION,
@@ -97,18 +106,29 @@ INSTRUMENTS: tuple[Counter | Gauge | Histogram, ...] = (
 @dataclass(frozen=True)
 class MetricSpec:
     name: str
-    kind: str  # "gauge" or "counter" (a counter's name is given without its `_total` suffix)
+    kind: str  # "gauge", "counter" (named without its `_total` suffix) or "histogram"
     help: str
     labels: tuple[str, ...]
+    buckets: tuple[float, ...] = ()
+    """A histogram's upper bounds (without +Inf)."""
 
-    def family(self) -> GaugeMetricFamily | CounterMetricFamily:
+    def family(self) -> GaugeMetricFamily | CounterMetricFamily | HistogramMetricFamily:
         if self.kind == "counter":
             return CounterMetricFamily(self.name, self.help, labels=list(self.labels))
+        if self.kind == "histogram":
+            return HistogramMetricFamily(self.name, self.help, labels=list(self.labels))
         return GaugeMetricFamily(self.name, self.help, labels=list(self.labels))
 
     @property
     def exposed_names(self) -> tuple[str, ...]:
+        if self.kind == "histogram":
+            return tuple(f"{self.name}{suffix}" for suffix in ("_bucket", "_sum", "_count"))
         return (f"{self.name}_total",) if self.kind == "counter" else (self.name,)
+
+    def histogram_buckets(self, values: list[float]) -> list[tuple[str, float]]:
+        """Cumulative (upper bound, count) pairs of ``values`` for HistogramMetricFamily.add_metric."""
+        bounds = [*self.buckets, float("inf")]
+        return [(floatToGoString(b), float(sum(1 for v in values if v <= b))) for b in bounds]
 
 
 def _g(name: str, help_text: str, *labels: str) -> MetricSpec:
@@ -241,6 +261,28 @@ DECISION_OLDEST_PENDING_AGE = _g(
     "trainops_decision_oldest_pending_age_seconds",
     "Age of the oldest proposal waiting for a human (0 when none waits).",
 )
+FAILURE_CLASS = "failure_class"
+FAILURE_DETECTION = MetricSpec(
+    name="trainops_failure_detection_seconds",
+    kind="histogram",
+    help="Time to detect each failure the orchestrator recorded, by class: the failed attempt's last step "
+    "progress -> the failure noticed (MTTD = _sum / _count). Every run's attempts, since the database began.",
+    labels=(FAILURE_CLASS,),
+    buckets=(1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600),
+)
+FAILURE_RECOVERY = MetricSpec(
+    name="trainops_failure_recovery_seconds",
+    kind="histogram",
+    help="Time to recover from each failure, by class: noticed -> the next attempt's first step "
+    "(MTTR = _sum / _count). Failures without a next attempt that stepped are not counted (yet).",
+    labels=(FAILURE_CLASS,),
+    buckets=(10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200),
+)
+FLEET_ETTR = _g(
+    "trainops_fleet_effective_training_time_ratio",
+    "Fleet-wide ETTR: the productive step time of every exported run (running, or finished within 24 h) "
+    "over their wall time, first attempt's start -> finish or now (docs/goodput.md, Fleet ETTR).",
+)
 DATABASE_UP = _g("trainops_control_plane_database_up", "1 when the scrape-time database read succeeded.")
 COLLECT_DURATION = _g("trainops_collector_duration_seconds", "Time the scrape-time database read took.")
 
@@ -271,6 +313,9 @@ COLLECTED: tuple[MetricSpec, ...] = (
     ORCHESTRATORS,
     DECISIONS_PENDING,
     DECISION_OLDEST_PENDING_AGE,
+    FAILURE_DETECTION,
+    FAILURE_RECOVERY,
+    FLEET_ETTR,
     DATABASE_UP,
     COLLECT_DURATION,
 )

@@ -20,7 +20,7 @@ from typing import Any
 import sqlalchemy as sa
 from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from service.crud.decisions import pending_decision_stats
 from service.crud.orchestrators import orchestrator_sessions
@@ -33,6 +33,9 @@ from service.metrics import (
     DECISION_OLDEST_PENDING_AGE,
     DECISIONS_PENDING,
     DIAGNOSTICS_LAST_RESULT_TIME,
+    FAILURE_DETECTION,
+    FAILURE_RECOVERY,
+    FLEET_ETTR,
     GPU_ECC_CORRECTED,
     GPU_ECC_UNCORRECTED,
     GPU_TEMPERATURE,
@@ -58,7 +61,7 @@ from service.metrics import (
 )
 from service.models import Attempt, Checkpoint, Diagnostic, Gpu, Heartbeat, Node, Run
 from service.models import Metric as MetricRow
-from service.readmodels.goodput import compute_goodput
+from service.readmodels.goodput import compute_goodput, failure_timing
 from service.statemachine import TERMINAL_PHASES, CheckpointState, DiagnosticStatus, NodeState, RunPhase
 
 log = logging.getLogger("trainops.metrics")
@@ -144,6 +147,7 @@ class ControlPlaneCollector(Collector):
             with self.session_factory() as session:
                 now = dt.datetime.now(dt.UTC)
                 self._collect_runs(session, families, now)
+                self._collect_failures(session, families)
                 self._collect_nodes(session, families, now)
                 self._collect_orchestrators(session, families)
                 self._collect_decisions(session, families, now)
@@ -244,6 +248,7 @@ class ControlPlaneCollector(Collector):
         by_run: dict[int, list[Attempt]] = defaultdict(list)
         for attempt in attempts:
             by_run[attempt.run_id].append(attempt)
+        productive = wall = 0.0
         for run_id, run_attempts in by_run.items():
             run = runs[run_id]
             restarts: dict[str, int] = defaultdict(int)
@@ -253,9 +258,54 @@ class ControlPlaneCollector(Collector):
             for reason, count in sorted(restarts.items()):
                 families[RUN_RESTARTS.name].add_metric([run.name, reason], float(count))
             # the orchestrator's own accounting, the same figure as the API and CLI report
-            goodput = compute_goodput(session, run_id=run_id, now=now.timestamp()).goodput
-            if goodput is not None:
-                families[RUN_GOODPUT.name].add_metric([run.name], goodput)
+            goodput = compute_goodput(session, run_id=run_id, now=now.timestamp())
+            if goodput.goodput is not None:
+                families[RUN_GOODPUT.name].add_metric([run.name], goodput.goodput)
+            productive += goodput.productive_s
+            wall += goodput.wall_s
+        if wall > 0:
+            families[FLEET_ETTR.name].add_metric([], min(1.0, productive / wall))
+
+    @staticmethod
+    def _collect_failures(session: Session, families: dict[str, Any]) -> None:
+        """MTTD and MTTR terms of every detected failure, with the same accounting as a run's goodput.
+        One query over the attempts whose failure was detected, each joined to the attempt after it."""
+        following = aliased(Attempt)
+        rows = session.execute(
+            sa.select(
+                Attempt.findings,
+                Attempt.exit_reason,
+                Attempt.detected_at,
+                Attempt.last_progress_at,
+                following.first_step_at,
+            )
+            .outerjoin(
+                following,
+                sa.and_(following.run_id == Attempt.run_id, following.number == Attempt.number + 1),
+            )
+            .where(Attempt.detected_at.is_not(None))
+        )
+        detect: dict[str, list[float]] = defaultdict(list)
+        recover: dict[str, list[float]] = defaultdict(list)
+        for findings, exit_reason, detected_at, last_progress_at, next_first_step_at in rows:
+            timing = failure_timing(
+                findings=findings if isinstance(findings, dict) else None,
+                exit_reason=exit_reason,
+                detected_at=detected_at,
+                last_progress_at=last_progress_at,
+                next_first_step_at=next_first_step_at,
+            )
+            if timing is None:
+                continue
+            if timing.detect_s is not None:
+                detect[timing.failure_class].append(timing.detect_s)
+            if timing.recover_s is not None:
+                recover[timing.failure_class].append(timing.recover_s)
+        for spec, values_by_class in ((FAILURE_DETECTION, detect), (FAILURE_RECOVERY, recover)):
+            for failure_class, values in sorted(values_by_class.items()):
+                families[spec.name].add_metric(
+                    [failure_class], spec.histogram_buckets(values), sum_value=sum(values)
+                )
 
     def _collect_heartbeats(self, session: Session, families: dict[str, Any], names: dict[int, str]) -> None:
         rows = session.execute(

@@ -66,6 +66,8 @@ from service.recovery.config import OrchestratorConfig
 from service.statemachine import RUN_TRANSITIONS, LogKind, RunPhase, Severity
 
 log = logging.getLogger("trainops.orchestrator")
+# How long a stopping orchestrator waits for its queued pages to be posted (each retries for longer).
+PAGE_FLUSH_AT_EXIT_S = 15.0
 
 
 def traceback_tail(error: BaseException, *, frames: int = 6, limit: int = 4000) -> str:
@@ -153,6 +155,10 @@ class Orchestrator:
                 self._wake.clear()
         finally:
             self.step_down()
+            # Pages are posted off the loop (service/paging.py); give the queued ones a moment to go out.
+            flush = getattr(self.applier.pager, "flush", None)
+            if flush is not None and not flush(PAGE_FLUSH_AT_EXIT_S):
+                log.error("orchestrator stopped with pages not yet delivered")
 
     def leads(self) -> bool:
         """Whether this orchestrator may reconcile now: it leads (taking the lead if it is free)."""

@@ -8,6 +8,7 @@ progress -> failure noticed), restart downtime (noticed -> first step of the nex
 
 from __future__ import annotations
 
+import datetime as dt
 import statistics
 import time
 from collections import defaultdict
@@ -26,6 +27,44 @@ class FailureTimes:
     count: int
     mean_time_to_detect_s: float | None
     mean_time_to_recover_s: float | None
+
+
+@dataclass(frozen=True)
+class FailureTiming:
+    """One failed attempt's times: detection = its last progress -> the failure noticed (MTTD's term),
+    recovery = noticed -> the next attempt's first step (MTTR's term); None where a time is not known."""
+
+    failure_class: str
+    detect_s: float | None
+    recover_s: float | None
+
+
+# Attempts that ended this way did not fail.
+NOT_FAILURES = frozenset({"completed", "stopped"})
+
+
+def failure_timing(
+    *,
+    findings: dict[str, Any] | None,
+    exit_reason: str | None,
+    detected_at: dt.datetime | None,
+    last_progress_at: dt.datetime | None,
+    next_first_step_at: dt.datetime | None,
+) -> FailureTiming | None:
+    """The timing of one ended attempt given its successor's first step, or None if it did not fail or
+    its failure was never detected (ended before the detection times were recorded)."""
+    failure = (findings or {}).get("failure") or exit_reason
+    if detected_at is None or not isinstance(failure, str) or failure in NOT_FAILURES:
+        return None
+    detect = (
+        max(0.0, (detected_at - last_progress_at).total_seconds()) if last_progress_at is not None else None
+    )
+    recover = (
+        max(0.0, (next_first_step_at - detected_at).total_seconds())
+        if next_first_step_at is not None
+        else None
+    )
+    return FailureTiming(failure, detect, recover)
 
 
 @dataclass
@@ -81,17 +120,21 @@ def compute_goodput(session: Session, *, run_id: int, now: float | None = None) 
     recover: dict[str, list[float]] = defaultdict(list)
     detection_delay = restart_downtime = 0.0
     for a, nxt in zip(attempts, [*attempts[1:], None], strict=False):  # the last one has no next
-        failure = (a.findings or {}).get("failure") or a.exit_reason
-        if a.detected_at is None or failure in (None, "completed", "stopped"):
+        timing = failure_timing(
+            findings=a.findings,
+            exit_reason=a.exit_reason,
+            detected_at=a.detected_at,
+            last_progress_at=a.last_progress_at,
+            next_first_step_at=nxt.first_step_at if nxt is not None else None,
+        )
+        if timing is None:
             continue
-        if a.last_progress_at is not None:
-            d = max(0.0, (a.detected_at - a.last_progress_at).total_seconds())
-            detect[failure].append(d)
-            detection_delay += d
-        if nxt is not None and nxt.first_step_at is not None:
-            r = max(0.0, (nxt.first_step_at - a.detected_at).total_seconds())
-            recover[failure].append(r)
-            restart_downtime += r
+        if timing.detect_s is not None:
+            detect[timing.failure_class].append(timing.detect_s)
+            detection_delay += timing.detect_s
+        if timing.recover_s is not None:
+            recover[timing.failure_class].append(timing.recover_s)
+            restart_downtime += timing.recover_s
 
     recomputed_s = all_time - productive
     lost = {

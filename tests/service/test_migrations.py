@@ -95,17 +95,34 @@ def test_dashboards_read_as_the_read_only_role_which_can_change_nothing(postgres
                 " now(), now())"
             )
         )
+        conn.execute(
+            sa.text(
+                "INSERT INTO logbook (run_id, time, kind, severity, author, message, evidence)"
+                " SELECT id, now(), 'decision', 'warning', 'orchestrator', 'restart after crash',"
+                " '{\"exit_code\": 7}'"
+                " FROM runs WHERE name = 'opt-ro'"
+            )
+        )
     engine.dispose()
     reader = make_engine(postgres_url.replace("postgres@", "trainops_reader@", 1))
     panels = _grafana_sql_panels()
     assert len(panels) >= 4  # loss, validation perplexity, loss scale, activation norm
     try:
         with reader.connect() as conn:
+            results = {}
             for title, sql in panels:
                 try:
-                    conn.execute(sa.text(_as_plain_sql(sql, "opt-ro"))).all()
+                    results[title] = conn.execute(sa.text(_as_plain_sql(sql, "opt-ro"))).mappings().all()
                 except sa.exc.DBAPIError as exc:
                     pytest.fail(f"{title}: {exc}")
+            # The on-call logbook table names the run and shows the entry with its evidence.
+            (entry,) = results["oncall.json: Logbook"]
+            assert (entry["run"], entry["severity"], entry["message"]) == (
+                "opt-ro",
+                "warning",
+                "restart after crash",
+            )
+            assert entry["evidence"] == {"exit_code": 7} and entry["node"] is None
             assert conn.execute(sa.text("SELECT name FROM runs")).scalars().all() == ["opt-ro"]
         for statement in (
             "SELECT * FROM api_tokens",

@@ -221,6 +221,8 @@ def _attempt(session: Any, run: Run, *, end_reason: str | None = None) -> None:
         start_step=0,
         author="test",
     )
+    now = dt.datetime.now(dt.UTC)
+    attempt.first_step_at = now
     if end_reason:
         runs_crud.end_attempt(
             session,
@@ -231,6 +233,10 @@ def _attempt(session: Any, run: Run, *, end_reason: str | None = None) -> None:
             steps_lost=2,
             author="test",
         )
+        # What the orchestrator records with a failure (apply.end_attempt): progress stopped 40 s before
+        # it was detected; the next attempt's first step, 10 s after detection, ends the recovery.
+        attempt.last_progress_at = now - dt.timedelta(seconds=50)
+        attempt.detected_at = now - dt.timedelta(seconds=10)
 
 
 def _query(prom: str, expr: str) -> list[dict[str, Any]]:
@@ -458,6 +464,7 @@ def test_every_dashboard_query_and_rule_through_prometheus(tmp_path: Path, broke
 
         _check_rules(prom)
         _check_dashboards(prom)
+        _check_failure_timings(prom)
         seeded["engine"].dispose()
     finally:
         for feeder in feeders:
@@ -530,3 +537,25 @@ def _check_rules(prom: str) -> None:
         assert entities <= seen, f"{name}: signal {signal} shows {seen}, expected at least {entities}"
     states = {s["metric"]["alertname"] for s in _query(prom, "ALERTS")}
     assert {name for name, (expected, _, _) in RULE_EXPECTATIONS.items() if expected} <= states
+
+
+def _check_failure_timings(prom: str) -> None:
+    """MTTD and MTTR per failure class and the fleet's ETTR, as the seeded attempts give them."""
+    mttd = {
+        s["metric"]["failure_class"]: float(s["value"][1])
+        for s in _query(
+            prom,
+            "sum by (failure_class) (trainops_failure_detection_seconds_sum)"
+            " / sum by (failure_class) (trainops_failure_detection_seconds_count)",
+        )
+    }
+    assert mttd == {"node_failure": 40.0, "diverged": 40.0}, mttd
+    counts = {
+        s["metric"]["failure_class"]: float(s["value"][1])
+        for s in _query(prom, "trainops_failure_recovery_seconds_count")
+    }
+    # the failed attempts that another attempt followed: the healthy run's first, the attention run's
+    # first two (its third was its last; the healthy run's second ended without detection times)
+    assert counts == {"node_failure": 1.0, "diverged": 2.0}, counts
+    (ettr,) = _query(prom, "trainops_fleet_effective_training_time_ratio")
+    assert 0.0 <= float(ettr["value"][1]) <= 1.0
