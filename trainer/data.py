@@ -4,7 +4,7 @@ resumable batches.
 Nothing is downloaded. The tokenizer is either a GPT-2-format `vocab.json` + `merges.txt` the user supplies
 (`load_user_tokenizer`), or a byte-level BPE trained with `tokenizers` on the corpus at first use
 (`train_tokenizer`); either is cached, so a resumed run re-reads exactly the same ids. The default corpus
-ships in `trainer/data/corpus.txt`.
+ships in `trainer/data/corpus/`, one document per file.
 
 Ids follow OPT's dictionary (metaseq's `Dictionary`: `<s>` = 0, `<pad>` = 1, `</s>` = 2, `<unk>` = 3, then
 the BPE tokens), and every document is encoded as metaseq's `StreamingLanguageModelingTask._tokenize_one_json`
@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from tokenizers import ByteLevelBPETokenizer, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-DEFAULT_CORPUS = Path(__file__).parent / "data" / "corpus.txt"
+DEFAULT_CORPUS = Path(__file__).parent / "data" / "corpus"
 OPT_SPECIAL_TOKENS: tuple[str, ...] = ("<s>", "<pad>", "</s>", "<unk>")
 """OPT's dictionary starts with these four at ids 0..3 (metaseq `Dictionary`: bos, pad, eos, unk); metaseq's
 streaming task asserts its tokenizer has them there, as OPT's own `gpt2-vocab.json` does."""

@@ -40,15 +40,16 @@ def test_loss_scale_halves_on_overflow_grows_after_a_clean_window_and_has_a_floo
 
 
 def test_shipped_corpus_trains_a_byte_level_bpe_and_is_cached(tmp_path: Path) -> None:
-    (text,) = read_documents(None)  # one file, one document
-    assert 100_000 < len(text.encode()) < 400_000 and DEFAULT_CORPUS.exists()
+    documents = read_documents(None)  # one per file
+    assert len(documents) == 11 and DEFAULT_CORPUS.is_dir()
+    assert 100_000 < len("".join(documents).encode()) < 400_000
     tok_path, ids_path = prepare_tokens(corpus=None, cache_dir=tmp_path, vocab_size=1024, tokenizer_dir=None)
     tok = Tokenizer.from_file(str(tok_path))
     assert tok.get_vocab_size() == 1024 and tok.token_to_id("</s>") == 2
     sample = "Checkpoints must therefore be trustworthy."
     assert tok.decode(tok.encode(sample).ids) == sample  # byte-level: lossless
     ids = np.load(ids_path)
-    assert ids.max() < 1024 and len(ids) > 30_000 and ids[-1] == 2 and (ids == 2).sum() == 1
+    assert ids.max() < 1024 and len(ids) > 30_000 and ids[-1] == 2 and (ids == 2).sum() == 11
     mtime = ids_path.stat().st_mtime_ns
     assert prepare_tokens(corpus=None, cache_dir=tmp_path, vocab_size=1024, tokenizer_dir=None)[1] == ids_path
     assert ids_path.stat().st_mtime_ns == mtime
