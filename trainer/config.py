@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from trainer.data import TokenizerFilesError, read_user_vocabulary
 from trainer.faults import parse_fault
 from trainer.model import PRESETS
 
@@ -56,8 +57,13 @@ class TrainConfig:
     min_lr_ratio: float = 0.1
     """Final LR as a fraction of peak (OPT: 10%)."""
     weight_decay: float = 0.1
-    """AdamW weight decay (decoupled) on every matrix, both embedding tables (tokens, positions) included;
-    not on biases or LayerNorm gains."""
+    """AdamW weight decay (decoupled: each step multiplies a decayed parameter by 1 - lr x weight_decay; OPT
+    and metaseq: 0.1). Which parameters it decays: `weight_decay_all_params`."""
+    weight_decay_all_params: bool | None = None
+    """Decay every parameter, biases and LayerNorm gains included, as metaseq did for OPT (its Trainer hands
+    every parameter to one Adam group: metaseq/trainer.py `_build_optimizer`); false = only the 2-D ones
+    (every weight matrix and both embedding tables, token and position), not biases or LayerNorm gains.
+    Unset = true with precision fp16 (the OPT recipe), false otherwise."""
     beta1: float = 0.9
     """AdamW beta1."""
     beta2: float = 0.95
@@ -90,14 +96,21 @@ class TrainConfig:
     """async: the loop only waits for a copy to CPU memory; files are written by a background thread."""
     keep_checkpoints: int = 3
     """Keep the newest K committed checkpoints (K >= 2) plus those the control plane pins."""
-    val_interval: int = 0
-    """Compute validation loss/perplexity every this many steps (0 = never)."""
+    val_interval: int = 100
+    """Validation loss/perplexity every this many steps and at the last step, as metaseq validates
+    (`--validate-interval-updates`, and when training stops); 0 = never. OPT's runs validated every 2000
+    updates over whole validation sets (metaseq/launcher/opt_baselines.py); a trainops pass is only
+    `val_batches` forward micro-batches per rank, about val_batches / (3 x accumulation steps) of one
+    training step, so every 100 steps costs under 1% of the compute and gives a held-out loss at each
+    default checkpoint (checkpoint_interval 100), and a short run still gets one at its end."""
     val_batches: int = 2
-    """Micro-batches per rank in one validation pass."""
+    """Micro-batches per rank in one validation pass (fixed blocks of the held-out last 5% of tokens)."""
     corpus: str | None = None
     """Text file or directory of *.txt files to train on; unset = the shipped corpus."""
     tokenizer_dir: str | None = None
-    """Directory with a GPT-2 `vocab.json` + `merges.txt`; unset = train a byte-level BPE on the corpus."""
+    """Directory with a GPT-2-format `vocab.json` + `merges.txt` (OPT's own, or GPT-2's: ids shifted by 4
+    behind OPT's <s> <pad> </s> <unk>; see trainer/data.py); unset = train a byte-level BPE on the corpus.
+    Either way every document ends with </s> (id 2), as in metaseq."""
     bpe_vocab_size: int | None = None
     """Size of the BPE trained on the corpus; unset = the preset's vocab (its embedding table size)."""
     fault: list[str] = field(default_factory=list)
@@ -145,6 +158,7 @@ class TrainConfig:
             (self.checkpoint_interval >= 0, "checkpoint_interval must be >= 0"),
             (self.keep_checkpoints >= 2, "keep_checkpoints must be >= 2"),
             (self.val_interval >= 0 and self.val_batches >= 1, "val_interval >= 0 and val_batches >= 1"),
+            (self.weight_decay >= 0, "weight_decay must be >= 0"),
             (self.pg_timeout_s > 0 and self.report_interval_s > 0, "timeouts must be > 0"),
             (self.threads is None or self.threads >= 1, "threads must be >= 1"),
             (self.peak_tflops is None or self.peak_tflops > 0, "peak_tflops must be > 0"),
@@ -154,6 +168,14 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        if self.weight_decay_all_params is None:
+            # metaseq's behaviour is part of the OPT recipe, which precision fp16 selects
+            self.weight_decay_all_params = self.precision == "fp16"
+        if self.tokenizer_dir is not None:
+            try:  # every rank and the launcher refuse bad files before any rank starts working
+                read_user_vocabulary(self.tokenizer_dir)
+            except TokenizerFilesError as e:
+                raise ConfigError(str(e)) from None
         if (
             self.resume_from is not None
             and self.resume_from != "latest"

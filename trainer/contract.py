@@ -394,6 +394,7 @@ RUN_HYPERPARAMETERS: Mapping[str, type | tuple[str, ...]] = {
     "total_tokens": int,
     "min_lr_ratio": float,
     "weight_decay": float,
+    "weight_decay_all_params": bool,
     "beta1": float,
     "beta2": float,
     "adam_eps": float,

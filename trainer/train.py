@@ -145,15 +145,33 @@ def shard_model(model: OPTModel, precision: str, world: int, predivide: bool, de
 
 
 def build_optimizer(model: OPTModel, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW (0.9, 0.95), decoupled weight decay 0.1 on matrices; none on biases and LayerNorm gains."""
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=0.0,
-        betas=(cfg.beta1, cfg.beta2),
-        eps=cfg.adam_eps,
-    )
+    """AdamW with the recipe's betas, eps and decoupled weight decay (`apply_optimizer_config`).
+
+    Two parameter groups, whatever the setting: the 2-D parameters (every weight matrix, both embedding
+    tables) and the rest (biases, LayerNorm gains). metaseq decays every parameter (one group over
+    `model.parameters()`: metaseq/trainer.py `Trainer._build_optimizer`; its Adam applies `p -= lr * wd * p`
+    to each, metaseq/optim/adam.py), which `weight_decay_all_params` gives by decaying the second group too;
+    keeping the groups fixed keeps the checkpoint layout the same either way, so a run can resume across a
+    change of the setting.
+    """
+    matrices = [p for p in model.parameters() if p.ndim >= 2]
+    vectors = [p for p in model.parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": matrices}, {"params": vectors}], lr=0.0)
+    apply_optimizer_config(optimizer, cfg)
+    return optimizer
+
+
+def apply_optimizer_config(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> None:
+    """Set each group's betas, eps and weight decay from the configuration; also after loading a checkpoint,
+    whose saved param groups would otherwise bring back the values it was trained with. (metaseq keeps the
+    checkpoint's unless `--optimizer-overrides` names them: `BaseOptimizer.load_state_dict`; here the
+    configuration is the recipe, and only LR, LR scale and clip are inherited from checkpoints.)"""
+    matrices, vectors = optimizer.param_groups
+    for group in (matrices, vectors):
+        group["betas"] = (cfg.beta1, cfg.beta2)
+        group["eps"] = cfg.adam_eps
+    matrices["weight_decay"] = cfg.weight_decay
+    vectors["weight_decay"] = cfg.weight_decay if cfg.weight_decay_all_params else 0.0
 
 
 def local_grads(model: OPTModel) -> list[torch.Tensor]:
@@ -323,6 +341,7 @@ def train(cfg: TrainConfig) -> int:
             log("resume_from=latest: no committed checkpoint yet, starting fresh")
         else:
             meta, rng = checkpointer.load(ckpt_path, model, optimizer)
+            apply_optimizer_config(optimizer, cfg)
             step, tokens_seen, data_position = meta["step"], meta["tokens"], meta["data_position"]
             loss_window.extend(meta["loss_window"])
             act_window.extend(meta["act_norm_window"])
@@ -419,7 +438,8 @@ def train(cfg: TrainConfig) -> int:
         values: dict[str, float | None] = {"overflow": float(overflow), "grad_accum": float(accum)}
         if peak_tflops:
             values["mfu"] = tflops / peak_tflops
-        if cfg.val_interval and step % cfg.val_interval == 0:
+        # metaseq validates every --validate-interval-updates and when training stops (cli/train.py)
+        if cfg.val_interval and (step % cfg.val_interval == 0 or step == cfg.max_steps):
             heartbeat.beat(step, section=Section.VALIDATION)
             val_loss = validate(model, stream, cfg, rank, world, device)
             values.update(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50.0)))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +9,7 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
-from trainer.data import DEFAULT_CORPUS, TokenStream, prepare_tokens, read_corpus
+from trainer.data import DEFAULT_CORPUS, TokenStream, prepare_tokens, read_documents
 from trainer.faults import FaultInjector, parse_fault
 from trainer.precision import DynamicLossScaler
 from trainer.schedule import LRSchedule
@@ -41,33 +40,19 @@ def test_loss_scale_halves_on_overflow_grows_after_a_clean_window_and_has_a_floo
 
 
 def test_shipped_corpus_trains_a_byte_level_bpe_and_is_cached(tmp_path: Path) -> None:
-    text = read_corpus(None)
-    assert 100_000 < len(text.encode()) < 400_000 and DEFAULT_CORPUS.exists()
+    documents = read_documents(None)  # one per file
+    assert len(documents) == 11 and DEFAULT_CORPUS.is_dir()
+    assert 100_000 < len("".join(documents).encode()) < 400_000
     tok_path, ids_path = prepare_tokens(corpus=None, cache_dir=tmp_path, vocab_size=1024, tokenizer_dir=None)
     tok = Tokenizer.from_file(str(tok_path))
-    assert tok.get_vocab_size() == 1024
+    assert tok.get_vocab_size() == 1024 and tok.token_to_id("</s>") == 2
     sample = "Checkpoints must therefore be trustworthy."
     assert tok.decode(tok.encode(sample).ids) == sample  # byte-level: lossless
     ids = np.load(ids_path)
-    assert ids.max() < 1024 and len(ids) > 30_000
+    assert ids.max() < 1024 and len(ids) > 30_000 and ids[-1] == 2 and (ids == 2).sum() == 11
     mtime = ids_path.stat().st_mtime_ns
     assert prepare_tokens(corpus=None, cache_dir=tmp_path, vocab_size=1024, tokenizer_dir=None)[1] == ids_path
     assert ids_path.stat().st_mtime_ns == mtime
-
-
-def test_a_user_supplied_gpt2_vocab_and_merges_is_used_without_training(tmp_path: Path) -> None:
-    corpus = tmp_path / "c.txt"
-    corpus.write_text("low lower lowest " * 200)
-    vocab = {t: i for i, t in enumerate(["l", "o", "w", "e", "r", "s", "t", "Ġ", "lo", "low", "Ġlow"])}
-    user = tmp_path / "gpt2"
-    user.mkdir()
-    (user / "vocab.json").write_text(json.dumps(vocab))
-    (user / "merges.txt").write_text("#version: 0.2\nl o\nlo w\nĠ low\n")
-    _, ids_path = prepare_tokens(
-        corpus=str(corpus), cache_dir=tmp_path / "cache", vocab_size=999, tokenizer_dir=str(user)
-    )
-    ids = np.load(ids_path)
-    assert list(ids[:5]) == [vocab["low"], vocab["Ġlow"], vocab["e"], vocab["r"], vocab["Ġlow"]]
 
 
 def test_batches_are_a_pure_function_of_position_and_independent_of_the_split() -> None:
