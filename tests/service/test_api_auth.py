@@ -42,6 +42,10 @@ ROUTE_ROLES: dict[tuple[str, str], str] = {
     ("POST", "/api/v1/tokens"): "admin",
     ("GET", "/api/v1/tokens"): "admin",
     ("POST", "/api/v1/tokens/{token_id}/revoke"): "admin",
+    ("GET", "/api/v1/decisions"): "viewer",
+    ("GET", "/api/v1/decisions/{decision_id}"): "viewer",
+    ("POST", "/api/v1/decisions/{decision_id}/approve"): "operator",
+    ("POST", "/api/v1/decisions/{decision_id}/reject"): "operator",
 }
 RANK = {"viewer": 1, "operator": 2, "ingest": 2, "admin": 3}
 
@@ -75,7 +79,14 @@ def test_auth_matrix(admin: TestClient) -> None:
         "basic": {"Authorization": "Basic dXNlcjpwYXNz"},
         "none": {},
     }
-    params = {"run_id": run["id"], "number": 1, "checkpoint_id": ckpt["id"], "host": "h1", "token_id": 1}
+    params = {
+        "run_id": run["id"],
+        "number": 1,
+        "checkpoint_id": ckpt["id"],
+        "host": "h1",
+        "token_id": 1,
+        "decision_id": 1,
+    }
     anon = TestClient(admin.app, raise_server_exceptions=False)
     checked = 0
     for method, template in _api_routes(admin):
