@@ -531,29 +531,42 @@ def wait_for(
     poll_s: float = 0.5,
 ) -> dict[str, Any]:
     """Poll the run until ``reached(run, attempt)``; progress (each phase change) on stderr. Exits
-    ExitCode.timeout after ``timeout_s``, ExitCode.run_not_completed if it fails or needs attention first."""
+    ExitCode.timeout after ``timeout_s``, ExitCode.run_not_completed if it fails or needs attention first,
+    130 on Ctrl-C."""
     deadline = time.monotonic() + timeout_s
     last_seen = None
+    # A run asked to start or restart from failed / needs_attention sits there until the orchestrator acts:
+    # only a return to one of those phases, after leaving, is the run failing again.
+    left_bad_end = False
     err_console.print(f"waiting up to {timeout_s:g} s for run {run_id} to be {goal}")
-    while True:
-        run = client.request("GET", f"/runs/{run_id}")
-        attempt = _latest_attempt(client, run_id)
-        seen = (run["phase"], attempt["number"] if attempt else None)
-        if seen != last_seen:
-            last_seen = seen
-            on = f" (attempt {seen[1]})" if seen[1] is not None else ""
-            reason = f": {run['phase_reason']}" if run.get("phase_reason") else ""
-            err_console.print(f"  {iso_time(dt.datetime.now(dt.UTC))}  {run['phase']}{on}{esc(reason)}")
-        if reached(run, attempt):
-            return run
-        if run["phase"] in BAD_ENDS and goal != "stopped":
-            fail(
-                f"run {run_id} is {run['phase']}, not {goal}: {run['phase_reason']}",
-                ExitCode.run_not_completed,
-            )
-        if time.monotonic() >= deadline:
-            fail(f"run {run_id} is still {run['phase']} after {timeout_s:g} s, not {goal}", ExitCode.timeout)
-        time.sleep(poll_s)
+    try:
+        while True:
+            run = client.request("GET", f"/runs/{run_id}")
+            attempt = _latest_attempt(client, run_id)
+            seen = (run["phase"], attempt["number"] if attempt else None)
+            if seen != last_seen:
+                last_seen = seen
+                on = f" (attempt {seen[1]})" if seen[1] is not None else ""
+                reason = f": {run['phase_reason']}" if run.get("phase_reason") else ""
+                err_console.print(f"  {iso_time(dt.datetime.now(dt.UTC))}  {run['phase']}{on}{esc(reason)}")
+            if reached(run, attempt):
+                return run
+            if run["phase"] not in BAD_ENDS:
+                left_bad_end = True
+            elif left_bad_end and goal != "stopped":
+                fail(
+                    f"run {run_id} is {run['phase']}, not {goal}: {run['phase_reason']}",
+                    ExitCode.run_not_completed,
+                )
+            if time.monotonic() >= deadline:
+                fail(
+                    f"run {run_id} is still {run['phase']} after {timeout_s:g} s, not {goal}",
+                    ExitCode.timeout,
+                )
+            time.sleep(poll_s)
+    except KeyboardInterrupt:
+        err_console.print("stopped waiting (what was asked of the run stands)")
+        raise typer.Exit(130) from None
 
 
 def _done(run: dict[str, Any], as_json: bool, text: str) -> None:

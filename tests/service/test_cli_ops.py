@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -194,6 +195,21 @@ def test_follow_shows_each_step_until_the_run_ends(server: LiveServer) -> None:
     move_run(server, 2, RunPhase.needs_attention)
     r = server.cli("runs", "follow", "2", "--interval", "0.2", check=False)  # plain lines: not a terminal
     assert r.returncode == ExitCode.run_not_completed and "needs_attention" in r.stderr
+
+    # Ctrl-C leaves quietly (the run goes on): a start asked from needs_attention waits for the orchestrator
+    waiter = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "runs", "start", "2", "--wait", "--timeout", "60"],
+        env=server.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert waiter.stderr is not None and "waiting up to 60 s" in waiter.stderr.readline()
+    time.sleep(1.5)
+    assert waiter.poll() is None  # still needs_attention, as asked: waiting, not failed
+    waiter.send_signal(signal.SIGINT)
+    _, err = waiter.communicate(timeout=30)
+    assert waiter.returncode == 130 and "stopped waiting" in err and NO_TRACEBACK not in err, err
 
 
 def test_diagnostics_list_and_sweep(server: LiveServer) -> None:
