@@ -139,7 +139,8 @@ class ApiClient:
                 _admin_fallback_announced = True
                 err_console.print(
                     "[yellow]note:[/] no --token or TRAINOPS_TOKEN; dev mode: using the bootstrap admin "
-                    "token (TRAINOPS_BOOTSTRAP_ADMIN_TOKEN)"
+                    "token (TRAINOPS_BOOTSTRAP_ADMIN_TOKEN)",
+                    soft_wrap=True,
                 )
             secret = settings.bootstrap_admin_token.get_secret_value()
         self.headers = {"Authorization": f"Bearer {secret}"} if secret else {}

@@ -204,7 +204,9 @@ def test_follow_shows_each_step_until_the_run_ends(server: LiveServer) -> None:
         stderr=subprocess.PIPE,
         text=True,
     )
-    assert waiter.stderr is not None and "waiting up to 60 s" in waiter.stderr.readline()
+    assert waiter.stderr is not None
+    while "waiting up to 60 s" not in waiter.stderr.readline():  # after the dev-mode admin-token note
+        assert waiter.poll() is None
     time.sleep(1.5)
     assert waiter.poll() is None  # still needs_attention, as asked: waiting, not failed
     waiter.send_signal(signal.SIGINT)
