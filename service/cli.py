@@ -46,6 +46,7 @@ class ExitCode(enum.IntEnum):
     conflict = 75  # EX_TEMPFAIL: HTTP 409, the state does not allow it now
     forbidden = 77  # EX_NOPERM: HTTP 401 or 403, a missing, wrong, expired or too weak token
     timeout = 124  # `--wait` / `runs follow --timeout`: the state was not reached in time
+    interrupted = 130  # Ctrl-C (128 + SIGINT, as shells report it)
 
 
 EXIT_CODES_HELP = "Exit codes: " + ", ".join(f"{c.value} {c.name.replace('_', ' ')}" for c in ExitCode) + "."
@@ -567,7 +568,7 @@ def wait_for(
             time.sleep(poll_s)
     except KeyboardInterrupt:
         err_console.print("stopped waiting (what was asked of the run stands)")
-        raise typer.Exit(130) from None
+        raise typer.Exit(ExitCode.interrupted) from None
 
 
 def _done(run: dict[str, Any], as_json: bool, text: str) -> None:
@@ -772,7 +773,7 @@ def runs_follow(
                 time.sleep(interval)
     except KeyboardInterrupt:
         err_console.print("stopped following (the run goes on)")
-        raise typer.Exit(130) from None
+        raise typer.Exit(ExitCode.interrupted) from None
     if as_json:
         sys.stdout.write(json.dumps({"type": "run", **run}) + "\n")
     else:
@@ -1123,9 +1124,12 @@ def decisions_reject(
 @diagnostics_app.command("list")
 def diagnostics_list(
     host: Annotated[str | None, typer.Option(help="Only this host's.")] = None,
-    kind: Annotated[str | None, typer.Option(help="Only this check (e.g. gpu_burn, nccl_allreduce).")] = None,
+    kind: Annotated[
+        str | None, typer.Option(help="Only this check (e.g. nvml.ecc, fabric.allreduce).")
+    ] = None,
     status: Annotated[
-        list[str] | None, typer.Option(help="passed, failed, error, timeout, ... (repeatable).")
+        list[str] | None,
+        typer.Option(help="pending, passed, failed, degraded, skipped, timeout or error (repeatable)."),
     ] = None,
     sweep: Annotated[str | None, typer.Option("--sweep", help="Only this sweep's results (its id).")] = None,
     limit: Annotated[int, typer.Option(min=1, max=MAX_PAGE_SIZE)] = 100,
@@ -1202,7 +1206,7 @@ def main() -> None:
     try:
         app()
     except KeyboardInterrupt:
-        sys.exit(130)
+        sys.exit(ExitCode.interrupted)
 
 
 if __name__ == "__main__":
