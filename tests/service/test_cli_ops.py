@@ -17,7 +17,7 @@ import pytest
 
 from service.cli import ExitCode
 from service.config import DEFAULT_BOOTSTRAP_TOKEN
-from service.crud.runs import create_attempt, get_run, set_run_phase
+from service.crud.runs import active_attempt, create_attempt, end_attempt, get_run, set_run_phase
 from service.db import make_engine, make_session_factory, transaction
 from service.statemachine import RunPhase
 from tests.livesrv import LiveServer
@@ -53,6 +53,17 @@ def move_run(server: LiveServer, run_id: int, *phases: RunPhase, attempt: bool =
         with transaction(make_session_factory(engine)) as session:
             run = get_run(session, run_id=run_id, for_update=True)
             for phase in phases:
+                live = active_attempt(session, run_id=run_id)
+                if phase == RunPhase.restarting and live is not None:  # the orchestrator ends it first
+                    end_attempt(
+                        session,
+                        attempt=live,
+                        exit_reason="superseded",
+                        exit_code=None,
+                        last_step=None,
+                        steps_lost=None,
+                        author="test",
+                    )
                 if attempt and phase == RunPhase.starting:
                     create_attempt(
                         session,
@@ -159,6 +170,35 @@ def test_wait_reaches_the_state_or_times_out(server: LiveServer, tmp_path: Path)
     out, err = follower.communicate(timeout=30)
     assert follower.returncode == 0, err
     assert json.loads(out)["phase"] == "running" and "running (attempt 1)" in err
+
+    # restart --wait: running is not enough, it waits for an attempt newer than the one it replaced
+    restarter = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "service.cli",
+            "runs",
+            "restart",
+            "1",
+            "--reason",
+            "spike",
+            "--wait",
+            "--json",
+        ],
+        env=server.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert restarter.stderr is not None
+    while "waiting up to 600 s" not in restarter.stderr.readline():
+        assert restarter.poll() is None
+    time.sleep(1.5)
+    assert restarter.poll() is None  # still attempt 1, running
+    move_run(server, 1, RunPhase.restarting, RunPhase.starting, RunPhase.running, attempt=True)
+    out, err = restarter.communicate(timeout=30)
+    assert restarter.returncode == 0, err
+    assert json.loads(out)["phase"] == "running" and "running (attempt 2)" in err
 
 
 def test_follow_shows_each_step_until_the_run_ends(server: LiveServer) -> None:
