@@ -315,8 +315,18 @@ def demo(
     raise typer.Exit(code)
 
 
+def _report_revision(url: str, revision: str, as_json: bool) -> None:
+    database = url.split("@")[-1]  # never the password
+    if as_json:
+        print_json({"database": database, "revision": revision})
+    else:
+        console.print(f"database at {database} is at revision {revision}")
+
+
 @db_app.command("upgrade")
-def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision.")] = "head") -> None:
+def db_upgrade(
+    revision: Annotated[str, typer.Argument(help="Target revision.")] = "head", as_json: JsonOpt = False
+) -> None:
     """Apply the schema migrations to the configured database."""
     from service import migrate
 
@@ -325,11 +335,13 @@ def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision.")]
         migrate.upgrade(url, revision)
     except Exception as exc:  # any driver or alembic error becomes one clear line
         fail(f"migration failed: {type(exc).__name__}: {exc}")
-    console.print(f"database at {url.split('@')[-1]} is at revision {revision}")
+    _report_revision(url, revision, as_json)
 
 
 @db_app.command("downgrade")
-def db_downgrade(revision: Annotated[str, typer.Argument(help="Target revision, e.g. base.")]) -> None:
+def db_downgrade(
+    revision: Annotated[str, typer.Argument(help="Target revision, e.g. base.")], as_json: JsonOpt = False
+) -> None:
     """Roll the schema back to a revision."""
     from service import migrate
 
@@ -338,7 +350,7 @@ def db_downgrade(revision: Annotated[str, typer.Argument(help="Target revision, 
         migrate.downgrade(url, revision)
     except Exception as exc:
         fail(f"migration failed: {type(exc).__name__}: {exc}")
-    console.print(f"database at {url.split('@')[-1]} is at revision {revision}")
+    _report_revision(url, revision, as_json)
 
 
 # ---- runs ------------------------------------------------------------------------------------------

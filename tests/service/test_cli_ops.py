@@ -131,6 +131,7 @@ def test_json_on_mutating_commands_and_the_admin_fallback_is_said(server: LiveSe
     assert json.loads(server.cli("nodes", "cordon", "gpu-1", "--reason", "xid", "--json").stdout)[
         "state"
     ] == ("cordoned")
+    assert json.loads(server.cli("db", "upgrade", "--json").stdout)["revision"] == "head"
     note = json.loads(server.cli("logbook", "--note", "hello", "--json").stdout)
     assert note["message"] == "hello"
     created = json.loads(
