@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import datetime as dt
+import enum
 import json
 import re
 import sys
+import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import httpx
@@ -17,6 +20,7 @@ from service.console import (
     console,
     err_console,
     esc,
+    iso_time,
     print_goodput,
     print_logbook,
     print_restart_preview,
@@ -27,12 +31,41 @@ if TYPE_CHECKING:  # the CLI imports the orchestrator lazily (its clients need n
 
     from service.orchestrator.loop import Orchestrator
 
+
+class ExitCode(enum.IntEnum):
+    """The CLI's exit statuses (docs/cli.md): 0, 1 and 2 as click uses them, the codes from BSD's sysexits.h
+    for the API's answers, 124 for a timeout as timeout(1) has it, and 3 for a run that ended badly."""
+
+    ok = 0
+    error = 1  # anything else: a 400, a 500, a failed migration
+    usage = 2  # a bad option or argument (click's own), a bad local configuration
+    run_not_completed = 3  # `runs follow` / `--wait`: the run failed, needs attention or was stopped
+    validation = 65  # EX_DATAERR: a run file or a request the schema refuses (client-side or HTTP 422)
+    not_found = 66  # EX_NOINPUT: HTTP 404, what was named does not exist
+    unreachable = 69  # EX_UNAVAILABLE: no answer from the control plane (refused, DNS, timeout)
+    conflict = 75  # EX_TEMPFAIL: HTTP 409, the state does not allow it now
+    forbidden = 77  # EX_NOPERM: HTTP 401 or 403, a missing, wrong, expired or too weak token
+    timeout = 124  # `--wait` / `runs follow --timeout`: the state was not reached in time
+    interrupted = 130  # Ctrl-C (128 + SIGINT, as shells report it)
+
+
+EXIT_CODES_HELP = "Exit codes: " + ", ".join(f"{c.value} {c.name.replace('_', ' ')}" for c in ExitCode) + "."
+
+HTTP_EXIT_CODES = {
+    401: ExitCode.forbidden,
+    403: ExitCode.forbidden,
+    404: ExitCode.not_found,
+    409: ExitCode.conflict,
+    422: ExitCode.validation,
+}
+
 app = typer.Typer(
-    help="trainops: operations for long, large training runs.",
+    help=f"trainops: operations for long, large training runs. {EXIT_CODES_HELP}",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
 runs_app = typer.Typer(help="Inspect and steer runs.", no_args_is_help=True)
+diagnostics_app = typer.Typer(help="Health checks the agents recorded; fleet sweeps.", no_args_is_help=True)
 nodes_app = typer.Typer(help="Inspect, cordon and uncordon hosts.", no_args_is_help=True)
 tokens_app = typer.Typer(help="Manage API tokens (admin).", no_args_is_help=True)
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
@@ -44,15 +77,41 @@ app.add_typer(nodes_app, name="nodes")
 app.add_typer(tokens_app, name="tokens")
 app.add_typer(db_app, name="db")
 app.add_typer(decisions_app, name="decisions")
+app.add_typer(diagnostics_app, name="diagnostics")
 
 UrlOpt = Annotated[str | None, typer.Option("--url", envvar="TRAINOPS_API_URL", help="Control plane URL.")]
 TokenOpt = Annotated[str | None, typer.Option("--token", envvar="TRAINOPS_TOKEN", help="Bearer token.")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print raw JSON.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the API's JSON answer instead of text.")]
+WaitOpt = Annotated[
+    bool, typer.Option("--wait", help="Return once the run reaches the state (see --timeout).")
+]
+TimeoutOpt = Annotated[
+    float,
+    typer.Option("--timeout", min=0.1, help=f"Seconds --wait waits (exit {ExitCode.timeout.value} after)."),
+]
 
 
-def fail(message: str, code: int = 1) -> NoReturn:
-    err_console.print(f"[bold red]error:[/] {esc(message)}")
-    raise typer.Exit(code)
+def fail(message: str, code: int = ExitCode.error) -> NoReturn:
+    # soft_wrap: one line whatever the width, so a field path or a URL can be searched for and copied
+    err_console.print(f"[bold red]error:[/] {esc(message)}", soft_wrap=True)
+    raise typer.Exit(int(code))
+
+
+def validation_lines(errors: list[dict[str, Any]], *, drop_prefix: str | None = None) -> str:
+    """Pydantic's (or FastAPI's) errors as ``field.path: message`` joined by ``; ``; ``drop_prefix`` is the
+    ``body`` FastAPI puts in front of a request body's fields."""
+    lines = []
+    for error in errors:
+        loc = [str(p) for p in error.get("loc", [])]
+        if drop_prefix is not None and loc[:1] == [drop_prefix]:
+            loc = loc[1:]
+        lines.append(f"{'.'.join(loc) or '(document)'}: {error.get('msg')}")
+    return "; ".join(lines)
+
+
+# The CLI says it uses the bootstrap admin token once per process, on stderr (never on stdout, which --json
+# keeps for the answer).
+_admin_fallback_announced = False
 
 
 def _settings() -> Settings:
@@ -71,7 +130,19 @@ class ApiClient:
         settings = _settings()
         self.base = (url or settings.resolved_api_url).rstrip("/")
         secret = token or (settings.token.get_secret_value() if settings.token else None)
-        if bootstrap or (secret is None and settings.mode == "dev"):
+        if bootstrap:
+            secret = settings.bootstrap_admin_token.get_secret_value()
+        elif secret is None and settings.mode == "dev":
+            # Dev mode only (prod never falls back: no token is a 401). Said, not silent: an operator who
+            # meant to act as themselves learns the logbook will name the bootstrap admin.
+            global _admin_fallback_announced
+            if not _admin_fallback_announced:
+                _admin_fallback_announced = True
+                err_console.print(
+                    "[yellow]note:[/] no --token or TRAINOPS_TOKEN; dev mode: using the bootstrap admin "
+                    "token (TRAINOPS_BOOTSTRAP_ADMIN_TOKEN)",
+                    soft_wrap=True,
+                )
             secret = settings.bootstrap_admin_token.get_secret_value()
         self.headers = {"Authorization": f"Bearer {secret}"} if secret else {}
 
@@ -79,17 +150,22 @@ class ApiClient:
         try:
             r = httpx.request(method, f"{self.base}/api/v1{path}", headers=self.headers, timeout=30, **kwargs)
         except httpx.HTTPError as exc:
-            fail(f"cannot reach the control plane at {self.base}: {exc}. Is `trainops up` running?")
+            fail(
+                f"cannot reach the control plane at {self.base}: {exc}. Is `trainops up` running?",
+                ExitCode.unreachable,
+            )
         if r.status_code >= 400:
             try:
-                detail = r.json().get("detail", r.text)
+                body = r.json()
+                detail = body.get("detail", r.text) if isinstance(body, dict) else r.text
             except ValueError:
                 detail = r.text
-            if isinstance(detail, list):  # FastAPI validation errors
-                detail = "; ".join(
-                    f"{'.'.join(str(p) for p in d.get('loc', []))}: {d.get('msg')}" for d in detail
-                )
-            fail(f"{method} {path} -> HTTP {r.status_code}: {detail}")
+            if isinstance(detail, list):  # FastAPI validation errors, rendered as the CLI's own
+                detail = validation_lines(detail, drop_prefix="body")
+            fail(
+                f"{method} {path} -> HTTP {r.status_code}: {detail}",
+                HTTP_EXIT_CODES.get(r.status_code, ExitCode.error),
+            )
         return r.json() if r.content else None
 
 
@@ -107,9 +183,15 @@ def _all_pages(client: ApiClient, path: str, **params: Any) -> list[Any]:
             return items
 
 
+def print_json(data: Any) -> None:
+    """JSON on stdout, written as is (Rich would wrap long strings at the terminal's width)."""
+    sys.stdout.write(json.dumps(data, default=str, indent=2) + "\n")
+    sys.stdout.flush()
+
+
 def _emit(data: Any, as_json: bool, table: DataTable | None = None) -> None:
     if as_json or table is None:
-        console.print_json(json.dumps(data, default=str))
+        print_json(data)
     else:
         console.print(table)
 
@@ -233,8 +315,18 @@ def demo(
     raise typer.Exit(code)
 
 
+def _report_revision(url: str, revision: str, as_json: bool) -> None:
+    database = url.split("@")[-1]  # never the password
+    if as_json:
+        print_json({"database": database, "revision": revision})
+    else:
+        console.print(f"database at {database} is at revision {revision}")
+
+
 @db_app.command("upgrade")
-def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision.")] = "head") -> None:
+def db_upgrade(
+    revision: Annotated[str, typer.Argument(help="Target revision.")] = "head", as_json: JsonOpt = False
+) -> None:
     """Apply the schema migrations to the configured database."""
     from service import migrate
 
@@ -243,11 +335,13 @@ def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision.")]
         migrate.upgrade(url, revision)
     except Exception as exc:  # any driver or alembic error becomes one clear line
         fail(f"migration failed: {type(exc).__name__}: {exc}")
-    console.print(f"database at {url.split('@')[-1]} is at revision {revision}")
+    _report_revision(url, revision, as_json)
 
 
 @db_app.command("downgrade")
-def db_downgrade(revision: Annotated[str, typer.Argument(help="Target revision, e.g. base.")]) -> None:
+def db_downgrade(
+    revision: Annotated[str, typer.Argument(help="Target revision, e.g. base.")], as_json: JsonOpt = False
+) -> None:
     """Roll the schema back to a revision."""
     from service import migrate
 
@@ -256,7 +350,7 @@ def db_downgrade(revision: Annotated[str, typer.Argument(help="Target revision, 
         migrate.downgrade(url, revision)
     except Exception as exc:
         fail(f"migration failed: {type(exc).__name__}: {exc}")
-    console.print(f"database at {url.split('@')[-1]} is at revision {revision}")
+    _report_revision(url, revision, as_json)
 
 
 # ---- runs ------------------------------------------------------------------------------------------
@@ -272,7 +366,7 @@ def runs_list(
 ) -> None:
     """List runs, newest first."""
     page = ApiClient(url, token).request("GET", "/runs", params={"phase": phase or [], "limit": limit})
-    table = DataTable("id", "name", "owner", "phase", "desired", "restarts", "created")
+    table = DataTable("id", "name", "owner", "phase", "desired", "restarts", "created").keep_whole("created")
     for r in page["items"]:
         table.add_row(
             str(r["id"]),
@@ -281,31 +375,103 @@ def runs_list(
             r["phase"],
             r["desired_state"],
             str(r["restart_count"]),
-            r["created_at"][:19],
+            iso_time(r["created_at"]),
         )
     table.caption = f"{len(page['items'])} of {page['total']}"
     _emit(page, as_json, table)
 
 
+def load_document(path: Path) -> Any:
+    """A YAML or JSON file (JSON is YAML; a .json file is read as JSON for its exact error messages)."""
+    import yaml
+
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        fail(f"cannot read {path}: {exc.strerror or exc}", ExitCode.usage)
+    try:
+        if path.suffix.lower() == ".json":
+            return json.loads(text)
+        return yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as exc:  # json.JSONDecodeError is a ValueError
+        kind = "JSON" if path.suffix.lower() == ".json" else "YAML or JSON"
+        fail(f"{path} is not {kind}: {' '.join(str(exc).split())}", ExitCode.validation)
+
+
+def validate_run(body: dict[str, Any], source: str) -> None:
+    """Check a run against the API's own schema (service/schemas.py RunCreate) before sending it, so a bad
+    field is named here; the server validates again and its 422 reads the same."""
+    from pydantic import ValidationError
+
+    from service.schemas import RunCreate
+
+    try:
+        RunCreate.model_validate(body)
+    except ValidationError as exc:
+        fail(f"{source} is not a valid run: {validation_lines(exc.errors())}", ExitCode.validation)
+
+
 @runs_app.command("create")
 def runs_create(
-    name: str,
+    name: Annotated[str | None, typer.Argument(help="The run's name (default: the file's `name`).")] = None,
+    run_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--file",
+            "-f",
+            help="YAML or JSON file of the whole run: name, owner, config (preset, target_steps...), start.",
+        ),
+    ] = None,
     config_file: Annotated[
-        typer.FileText,
-        typer.Option("--config", help="JSON file of the run's config (preset, target_steps, ...)."),
-    ],
-    owner: Annotated[str, typer.Option(envvar="USER", help="Who the run belongs to.")] = "unknown",
-    start: Annotated[bool, typer.Option("--start/--no-start", help="Ask the orchestrator to run it.")] = True,
+        Path | None,
+        typer.Option("--config", help="YAML or JSON file of the run's config alone (then NAME is needed)."),
+    ] = None,
+    owner: Annotated[
+        str | None, typer.Option(help="Who the run belongs to (default: the file's `owner`, else $USER).")
+    ] = None,
+    start: Annotated[
+        bool | None,
+        typer.Option(
+            "--start/--no-start", help="Ask the orchestrator to run it (default: the file's, else yes)."
+        ),
+    ] = None,
     url: UrlOpt = None,
     token: TokenOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
-    """Create a run (and, by default, ask the orchestrator to start it)."""
-    try:
-        config = json.load(config_file)
-    except ValueError as exc:
-        fail(f"{config_file.name} is not JSON: {exc}", 2)
-    body = {"name": name, "owner": owner, "config": config, "start": start}
+    """Create a run from a file (and, by default, ask the orchestrator to start it). The file is checked
+    against the API's schema first: an error names the field, e.g. `config.hang.step_floor_s`."""
+    import os
+
+    if (run_file is None) == (config_file is None):
+        fail(
+            "give the run as -f FILE (the whole run) or --config FILE (its config, with NAME)", ExitCode.usage
+        )
+    if run_file is not None:
+        document = load_document(run_file)
+        if not isinstance(document, dict):
+            fail(f"{run_file} must hold a mapping (name, owner, config, start)", ExitCode.validation)
+        body: dict[str, Any] = dict(document)
+        source = str(run_file)
+    else:
+        assert config_file is not None
+        body = {"config": load_document(config_file)}
+        source = str(config_file)
+        if name is None:
+            fail("--config needs the run's NAME", ExitCode.usage)
+    if name is not None:
+        body["name"] = name
+    if owner is not None:
+        body["owner"] = owner
+    body.setdefault("owner", os.environ.get("USER") or "unknown")
+    if start is not None:
+        body["start"] = start
+    body.setdefault("start", True)
+    validate_run(body, source)
     run = ApiClient(url, token).request("POST", "/runs", json=body)
+    if as_json:
+        print_json(run)
+        return
     console.print(
         f"run {run['id']} ({esc(run['name'])}): phase {run['phase']}, desired {run['desired_state']}"
     )
@@ -356,6 +522,74 @@ def runs_goodput(run_id: int, url: UrlOpt = None, token: TokenOpt = None, as_jso
     print_goodput(g)
 
 
+def _latest_attempt(client: ApiClient, run_id: int) -> dict[str, Any] | None:
+    """The run's newest attempt (the list is oldest first: its last page of one)."""
+    total = client.request("GET", f"/runs/{run_id}/attempts", params={"limit": 1})["total"]
+    if total == 0:
+        return None
+    page = client.request("GET", f"/runs/{run_id}/attempts", params={"limit": 1, "offset": total - 1})
+    return page["items"][0] if page["items"] else None
+
+
+# Phases a run stays in until someone acts (failed, needs attention) or for good (completed, stopped).
+BAD_ENDS = ("failed", "needs_attention")
+
+
+def wait_for(
+    client: ApiClient,
+    run_id: int,
+    *,
+    goal: str,
+    reached: Any,
+    timeout_s: float,
+    poll_s: float = 0.5,
+) -> dict[str, Any]:
+    """Poll the run until ``reached(run, attempt)``; progress (each phase change) on stderr. Exits
+    ExitCode.timeout after ``timeout_s``, ExitCode.run_not_completed if it fails or needs attention first,
+    130 on Ctrl-C."""
+    deadline = time.monotonic() + timeout_s
+    last_seen = None
+    # A run asked to start or restart from failed / needs_attention sits there until the orchestrator acts:
+    # only a return to one of those phases, after leaving, is the run failing again.
+    left_bad_end = False
+    err_console.print(f"waiting up to {timeout_s:g} s for run {run_id} to be {goal}")
+    try:
+        while True:
+            run = client.request("GET", f"/runs/{run_id}")
+            attempt = _latest_attempt(client, run_id)
+            seen = (run["phase"], attempt["number"] if attempt else None)
+            if seen != last_seen:
+                last_seen = seen
+                on = f" (attempt {seen[1]})" if seen[1] is not None else ""
+                reason = f": {run['phase_reason']}" if run.get("phase_reason") else ""
+                err_console.print(f"  {iso_time(dt.datetime.now(dt.UTC))}  {run['phase']}{on}{esc(reason)}")
+            if reached(run, attempt):
+                return run
+            if run["phase"] not in BAD_ENDS:
+                left_bad_end = True
+            elif left_bad_end and goal != "stopped":
+                fail(
+                    f"run {run_id} is {run['phase']}, not {goal}: {run['phase_reason']}",
+                    ExitCode.run_not_completed,
+                )
+            if time.monotonic() >= deadline:
+                fail(
+                    f"run {run_id} is still {run['phase']} after {timeout_s:g} s, not {goal}",
+                    ExitCode.timeout,
+                )
+            time.sleep(poll_s)
+    except KeyboardInterrupt:
+        err_console.print("stopped waiting (what was asked of the run stands)")
+        raise typer.Exit(ExitCode.interrupted) from None
+
+
+def _done(run: dict[str, Any], as_json: bool, text: str) -> None:
+    if as_json:
+        print_json(run)
+    else:
+        console.print(text)
+
+
 @runs_app.command("restart")
 def runs_restart(
     run_id: int,
@@ -366,10 +600,13 @@ def runs_restart(
     clip: Annotated[float | None, typer.Option()] = None,
     reset_loss_scale: Annotated[bool, typer.Option()] = False,
     skip_batches: Annotated[int, typer.Option()] = 0,
+    wait: WaitOpt = False,
+    timeout: TimeoutOpt = 600.0,
     url: UrlOpt = None,
     token: TokenOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
-    """Restart a run with overrides (the OPT team's levers)."""
+    """Restart a run with overrides (the OPT team's levers); with --wait, until a new attempt runs."""
     body = {
         "reason": reason,
         "from_checkpoint_id": from_checkpoint,
@@ -379,10 +616,23 @@ def runs_restart(
         "reset_loss_scale": reset_loss_scale,
         "skip_batches": skip_batches,
     }
-    run = ApiClient(url, token).request(
+    client = ApiClient(url, token)
+    before = _latest_attempt(client, run_id) if wait else None
+    old = before["number"] if before else 0
+    run = client.request(
         "POST", f"/runs/{run_id}/restart", json={k: v for k, v in body.items() if v is not None}
     )
-    console.print(f"restart of {esc(run['name'])} requested")
+    if wait:
+        run = wait_for(
+            client,
+            run_id,
+            goal=f"running a new attempt (after {old})",
+            reached=lambda r, a: r["phase"] == "running" and a is not None and a["number"] > old,
+            timeout_s=timeout,
+        )
+    _done(
+        run, as_json, f"restart of {esc(run['name'])} {'done' if wait else 'requested'}: phase {run['phase']}"
+    )
 
 
 @runs_app.command("restart-preview")
@@ -409,19 +659,142 @@ def runs_restart_preview(
 def runs_stop(
     run_id: int,
     reason: Annotated[str, typer.Option()] = "stopped by operator",
+    wait: WaitOpt = False,
+    timeout: TimeoutOpt = 600.0,
     url: UrlOpt = None,
     token: TokenOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
-    """Ask a run to stop."""
-    run = ApiClient(url, token).request("POST", f"/runs/{run_id}/stop", json={"reason": reason})
-    console.print(f"{esc(run['name'])}: desired state {run['desired_state']}, phase {run['phase']}")
+    """Ask a run to stop; with --wait, until it has (stopped, or it completed or failed first)."""
+    client = ApiClient(url, token)
+    run = client.request("POST", f"/runs/{run_id}/stop", json={"reason": reason})
+    if wait:
+        run = wait_for(
+            client,
+            run_id,
+            goal="stopped",
+            reached=lambda r, a: r["phase"] in ("stopped", "completed", "failed"),
+            timeout_s=timeout,
+        )
+    _done(run, as_json, f"{esc(run['name'])}: desired state {run['desired_state']}, phase {run['phase']}")
 
 
 @runs_app.command("start")
-def runs_start(run_id: int, url: UrlOpt = None, token: TokenOpt = None) -> None:
-    """Ask a run to start."""
-    run = ApiClient(url, token).request("POST", f"/runs/{run_id}/start")
-    console.print(f"{esc(run['name'])}: desired state {run['desired_state']}, phase {run['phase']}")
+def runs_start(
+    run_id: int,
+    wait: WaitOpt = False,
+    timeout: TimeoutOpt = 600.0,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Ask a run to start; with --wait, until it runs (exit 3 if it fails or needs attention first)."""
+    client = ApiClient(url, token)
+    run = client.request("POST", f"/runs/{run_id}/start")
+    if wait:
+        run = wait_for(
+            client, run_id, goal="running", reached=lambda r, a: r["phase"] == "running", timeout_s=timeout
+        )
+    _done(run, as_json, f"{esc(run['name'])}: desired state {run['desired_state']}, phase {run['phase']}")
+
+
+FOLLOW_ROWS = 20  # steps the live table keeps on screen
+
+
+def _number(value: Any, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+@runs_app.command("follow")
+def runs_follow(
+    run_id: int,
+    interval: Annotated[float, typer.Option(min=0.1, help="Seconds between polls.")] = 2.0,
+    timeout: Annotated[
+        float | None,
+        typer.Option(min=0.1, help=f"Give up after this many seconds (exit {ExitCode.timeout.value})."),
+    ] = None,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Follow a run live: step, loss, loss scale, activation norm and phase of each new step, until the run
+    ends. Exit 0 when it completes, 3 when it fails, needs attention or is stopped. --json: one JSON object
+    per line (each point, then the final run). A table on a terminal, plain lines otherwise."""
+    from rich.live import Live
+
+    client = ApiClient(url, token)
+    run = client.request("GET", f"/runs/{run_id}")
+    rows: list[tuple[str, ...]] = []
+    cursor: tuple[int, int] | None = None  # (attempt, last step seen)
+    live_table = console.is_terminal and not as_json
+    deadline = None if timeout is None else time.monotonic() + timeout
+
+    def table() -> DataTable:
+        t = DataTable("attempt", "step", "loss", "loss scale", "act norm", "phase")
+        for row in rows[-FOLLOW_ROWS:]:
+            t.add_row(*row)
+        reason = f" ({run['phase_reason']})" if run.get("phase_reason") else ""
+        t.caption = f"run {run_id} {run['name']}: {run['phase']}{reason}"
+        return t
+
+    def poll() -> None:
+        nonlocal run, cursor
+        run = client.request("GET", f"/runs/{run_id}")
+        attempt = _latest_attempt(client, run_id)
+        if attempt is None:
+            return
+        if cursor is None or cursor[0] != attempt["number"]:
+            cursor = (attempt["number"], attempt["start_step"] - 1)
+        params = {"attempt": cursor[0], "start_step": max(cursor[1] + 1, 0), "max_points": 10_000}
+        series = client.request("GET", f"/runs/{run_id}/metrics", params=params)
+        for p in series["points"]:
+            cursor = (cursor[0], max(cursor[1], p["step"]))
+            if as_json:
+                sys.stdout.write(json.dumps({"type": "point", "phase": run["phase"], **p}) + "\n")
+                continue
+            row = (
+                str(p["attempt"]),
+                str(p["step"]),
+                _number(p["loss"], ".4f"),
+                _number(p["loss_scale"], "g"),
+                _number(p["act_norm"], ".2f"),
+                run["phase"],
+            )
+            rows.append(row)
+            if not live_table:
+                console.print("  ".join(row), highlight=False)
+        sys.stdout.flush()
+
+    def ended() -> bool:
+        return run["phase"] in ("completed", "stopped", *BAD_ENDS)
+
+    try:
+        if live_table:
+            with Live(table(), console=console, refresh_per_second=4) as live:
+                while True:
+                    poll()
+                    live.update(table())
+                    if ended() or (deadline is not None and time.monotonic() >= deadline):
+                        break
+                    time.sleep(interval)
+        else:
+            while True:
+                poll()
+                if ended() or (deadline is not None and time.monotonic() >= deadline):
+                    break
+                time.sleep(interval)
+    except KeyboardInterrupt:
+        err_console.print("stopped following (the run goes on)")
+        raise typer.Exit(ExitCode.interrupted) from None
+    if as_json:
+        sys.stdout.write(json.dumps({"type": "run", **run}) + "\n")
+    else:
+        reason = f": {run['phase_reason']}" if run.get("phase_reason") else ""
+        err_console.print(f"run {run_id} is {run['phase']}{esc(reason)}")
+    if not ended():
+        fail(f"run {run_id} still {run['phase']} after {timeout or 0:g} s", ExitCode.timeout)
+    if run["phase"] != "completed":
+        raise typer.Exit(ExitCode.run_not_completed)
 
 
 # ---- nodes -----------------------------------------------------------------------------------------
@@ -498,6 +871,7 @@ def nodes_register(
     ] = False,
     url: UrlOpt = None,
     token: TokenOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Register a host (or refresh its labels and GPU inventory); the orchestrator schedules registered
     healthy hosts only."""
@@ -511,7 +885,7 @@ def nodes_register(
     if gpus_from_nvml:
         body["gpus"] = local_gpu_inventory(host)
     node = ApiClient(url, token).request("POST", "/nodes", json=body)
-    console.print(f"{esc(node['hostname'])}: {node['state']}, {len(node['gpus'])} GPU(s)")
+    _done(node, as_json, f"{esc(node['hostname'])}: {node['state']}, {len(node['gpus'])} GPU(s)")
 
 
 @nodes_app.command("cordon")
@@ -520,10 +894,11 @@ def nodes_cordon(
     reason: Annotated[str, typer.Option(help="Required; goes to the logbook.")],
     url: UrlOpt = None,
     token: TokenOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Take a host out of service."""
     node = ApiClient(url, token).request("POST", f"/nodes/{host}/cordon", json={"reason": reason})
-    console.print(f"{esc(node['hostname'])}: {node['state']} ({esc(node['state_reason'])})")
+    _done(node, as_json, f"{esc(node['hostname'])}: {node['state']} ({esc(node['state_reason'])})")
 
 
 @nodes_app.command("uncordon")
@@ -532,10 +907,11 @@ def nodes_uncordon(
     reason: Annotated[str, typer.Option(help="Required; goes to the logbook.")],
     url: UrlOpt = None,
     token: TokenOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Return a host to service."""
     node = ApiClient(url, token).request("POST", f"/nodes/{host}/uncordon", json={"reason": reason})
-    console.print(f"{esc(node['hostname'])}: {node['state']} ({esc(node['state_reason'])})")
+    _done(node, as_json, f"{esc(node['hostname'])}: {node['state']} ({esc(node['state_reason'])})")
 
 
 # ---- logbook and tokens ----------------------------------------------------------------------------
@@ -556,7 +932,7 @@ def logbook(
     client = ApiClient(url, token)
     if note is not None:
         entry = client.request("POST", "/logbook", json={"message": note, "run_id": run_id, "hostname": host})
-        console.print(f"note {entry['id']} posted")
+        _done(entry, as_json, f"note {entry['id']} posted at {iso_time(entry['time'])}")
         return
     params: dict[str, Any] = {"limit": limit, "kind": kind or []}
     if run_id is not None:
@@ -599,14 +975,18 @@ def tokens_create(
     ] = False,
     url: UrlOpt = None,
     token: TokenOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
-    """Create a token; its secret is printed once (on stdout, alone on its last line)."""
+    """Create a token; its secret is printed once (on stdout, alone on its last line; --json: in `token`)."""
     body: dict[str, Any] = {"name": name, "role": role}
     if run_id is not None:
         body["run_id"] = run_id
     if expires_in is not None:
         body["expires_at"] = (dt.datetime.now(dt.UTC) + parse_duration(expires_in)).isoformat()
     created = ApiClient(url, token, bootstrap=bootstrap).request("POST", "/tokens", json=body)
+    if as_json:
+        print_json(created)
+        return
     expiry = f", expires {created['expires_at']}" if created.get("expires_at") else ""
     console.print(f"token {created['id']} ({created['role']}{esc(expiry)}) for {esc(created['name'])}:")
     print(created["token"])
@@ -624,18 +1004,24 @@ def tokens_list(url: UrlOpt = None, token: TokenOpt = None, as_json: JsonOpt = F
             t["role"],
             str(t["run_id"] or ""),
             str(t.get("attempt_id") or ""),
-            t["created_at"],
-            t.get("expires_at") or "never",
-            t["revoked_at"] or "",
+            iso_time(t["created_at"]),
+            iso_time(t["expires_at"]) if t.get("expires_at") else "never",
+            iso_time(t["revoked_at"]) if t["revoked_at"] else "",
         )
     _emit(tokens, as_json, table)
 
 
 @tokens_app.command("revoke")
-def tokens_revoke(token_id: int, url: UrlOpt = None, token: TokenOpt = None) -> None:
+def tokens_revoke(
+    token_id: int, url: UrlOpt = None, token: TokenOpt = None, as_json: JsonOpt = False
+) -> None:
     """Revoke a token now: it stops authenticating at once (401)."""
     revoked = ApiClient(url, token).request("POST", f"/tokens/{token_id}/revoke")
-    console.print(f"token {revoked['id']} ({esc(revoked['name'])}) revoked at {revoked['revoked_at']}")
+    _done(
+        revoked,
+        as_json,
+        f"token {revoked['id']} ({esc(revoked['name'])}) revoked at {iso_time(revoked['revoked_at'])}",
+    )
 
 
 # ---- approval gates -------------------------------------------------------------------------------
@@ -662,8 +1048,8 @@ def decisions_list(
             str(d["run_id"]),
             d["status"],
             ", ".join(d["gates"]),
-            d["created_at"],
-            f"{d['expires_at']} ({d['on_timeout']})",
+            iso_time(d["created_at"]),
+            f"{iso_time(d['expires_at'])} ({d['on_timeout']})",
             f"{d['decided_by'] or ''} {d['decision_reason'] or ''}".strip(),
             f"from step {proposal.get('checkpoint_step')}; {d['reason']}",
         )
@@ -744,11 +1130,95 @@ def decisions_reject(
     console.print(f"decision {decision['id']} rejected; the orchestrator {then}")
 
 
+# ---- diagnostics ----------------------------------------------------------------------------------
+
+
+@diagnostics_app.command("list")
+def diagnostics_list(
+    host: Annotated[str | None, typer.Option(help="Only this host's.")] = None,
+    kind: Annotated[
+        str | None, typer.Option(help="Only this check (e.g. nvml.ecc, fabric.allreduce).")
+    ] = None,
+    status: Annotated[
+        list[str] | None,
+        typer.Option(help="pending, passed, failed, degraded, skipped, timeout or error (repeatable)."),
+    ] = None,
+    sweep: Annotated[str | None, typer.Option("--sweep", help="Only this sweep's results (its id).")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=MAX_PAGE_SIZE)] = 100,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Recorded health-check results, newest first."""
+    params: dict[str, Any] = {"status": status or [], "limit": limit}
+    params.update({k: v for k, v in {"host": host, "kind": kind, "sweep_id": sweep}.items() if v is not None})
+    page = ApiClient(url, token).request("GET", "/diagnostics", params=params)
+    table = DataTable("id", "host", "check", "level", "status", "started", "reason").keep_whole("started")
+    for d in page["items"]:
+        table.add_row(
+            str(d["id"]),
+            d["hostname"],
+            d["kind"],
+            d["level"],
+            d["status"],
+            iso_time(d["started_at"]),
+            d["reason"] or "",
+        )
+    table.caption = f"{len(page['items'])} of {page['total']}"
+    _emit(page, as_json, table)
+
+
+@diagnostics_app.command("sweep")
+def diagnostics_sweep(
+    host: Annotated[
+        list[str] | None,
+        typer.Option("--host", help="Host to sweep (repeatable); default: every registered one."),
+    ] = None,
+    level: Annotated[str, typer.Option(help="quick or deep.")] = "quick",
+    check: Annotated[list[str] | None, typer.Option("--check", help="Only this check (repeatable).")] = None,
+    wait: Annotated[
+        bool,
+        typer.Option("--wait", help="Wait for the results (up to --deadline) instead of only starting it."),
+    ] = False,
+    deadline: Annotated[float | None, typer.Option(min=0.1, help="Seconds the hosts have to answer.")] = None,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run a health sweep over the fleet (the health agents' checks); hosts that fail are cordoned."""
+    body: dict[str, Any] = {"level": level, "wait": wait}
+    if host:
+        body["hosts"] = host
+    if check:
+        body["checks"] = check
+    if deadline is not None:
+        body["deadline_s"] = deadline
+    result = ApiClient(url, token).request("POST", "/diagnostics/sweep", json=body)
+    if as_json:
+        print_json(result)
+        return
+    if not result["finished"]:
+        console.print(
+            f"{result['level']} sweep started (task {result['task_id']}); results: trainops diagnostics list"
+        )
+        return
+    console.print(
+        f"{result['level']} sweep {result['sweep_id']}: {result['hosts']} host(s), "
+        f"{result['results_ingested']} result(s)"
+        + (f", no answer from {', '.join(result['missed_deadline'])}" if result["missed_deadline"] else "")
+    )
+    table = DataTable("host", "verdict", "was", "now", "reason")
+    for o in result["outcomes"]:
+        table.add_row(o["host"], o["verdict"], o["previous_state"], o["state"], o["reason"])
+    if result["outcomes"]:
+        console.print(table)
+
+
 def main() -> None:
     try:
         app()
     except KeyboardInterrupt:
-        sys.exit(130)
+        sys.exit(ExitCode.interrupted)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ printers of API payloads (goodput, restart preview, logbook). Both import it; it
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any
 
 from rich.console import Console
@@ -20,8 +21,29 @@ def esc(value: Any) -> str:
     return escape(str(value))
 
 
+def iso_time(value: str | dt.datetime) -> str:
+    """A time as ISO 8601 in UTC with its date and zone, ``2026-12-01T10:09:31Z`` (a time without a zone, as
+    SQLite hands them back, is UTC: the control plane stores UTC)."""
+    when = dt.datetime.fromisoformat(value) if isinstance(value, str) else value
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return when.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+ISO_TIME_WIDTH = len("2026-12-01T10:09:31Z")
+
+
 class DataTable(Table):
     """A table whose string cells are literal text, never markup (cells hold data written by users)."""
+
+    def keep_whole(self, *headers: str) -> DataTable:
+        """Never wrap or cut the cells of these columns (times: a date split over two lines cannot be read
+        or searched for); the other columns give way on a narrow terminal."""
+        for column in self.columns:
+            if column.header in headers:
+                column.no_wrap = True
+                column.min_width = ISO_TIME_WIDTH
+        return self
 
     def add_row(self, *renderables: Any, **kwargs: Any) -> None:
         super().add_row(*(Text(r) if isinstance(r, str) else r for r in renderables), **kwargs)
@@ -72,9 +94,9 @@ def print_restart_preview(p: dict[str, Any]) -> None:
 
 
 def print_logbook(entries: list[dict[str, Any]]) -> None:
-    table = DataTable("time", "kind", "sev", "author", "message", show_lines=False)
+    table = DataTable("time", "kind", "sev", "author", "message", show_lines=False).keep_whole("time")
     colours = {"critical": "bold red", "error": "red", "warning": "yellow"}
     for e in entries:
         style = colours.get(e["severity"], "")
-        table.add_row(str(e["time"])[11:19], e["kind"], e["severity"], e["author"], e["message"], style=style)
+        table.add_row(iso_time(e["time"]), e["kind"], e["severity"], e["author"], e["message"], style=style)
     console.print(table)

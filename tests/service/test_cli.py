@@ -9,6 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from service.cli import ExitCode
 from service.config import DEFAULT_BOOTSTRAP_TOKEN
 from tests.livesrv import LiveServer
 
@@ -58,7 +59,7 @@ def test_cli_session_against_a_live_control_plane(server: LiveServer) -> None:
 
 def test_cli_errors_are_one_line_without_traceback(server: LiveServer, tmp_path: Path) -> None:
     r = server.cli("nodes", "cordon", "ghost", "--reason", "x", check=False)
-    assert r.returncode == 1
+    assert r.returncode == ExitCode.not_found
     assert "HTTP 404" in r.stderr and "ghost" in r.stderr and "Traceback" not in r.stderr + r.stdout
 
     r = server.cli("nodes", "cordon", "ghost", check=False)  # --reason is required
@@ -66,11 +67,15 @@ def test_cli_errors_are_one_line_without_traceback(server: LiveServer, tmp_path:
 
     server.env["TRAINOPS_TOKEN"] = "tops_wrong"
     r = server.cli("runs", "list", check=False)
-    assert r.returncode == 1 and "HTTP 401" in r.stderr
+    assert r.returncode == ExitCode.forbidden and "HTTP 401" in r.stderr
 
     server.env["TRAINOPS_API_URL"] = "http://127.0.0.1:9"
     r = server.cli("runs", "list", check=False)
-    assert r.returncode == 1 and "cannot reach the control plane" in r.stderr and "Traceback" not in r.stderr
+    assert (
+        r.returncode == ExitCode.unreachable
+        and "cannot reach the control plane" in r.stderr
+        and "Traceback" not in r.stderr
+    )
 
     server.env["TRAINOPS_MODE"] = "prod"
     r = server.cli("runs", "list", check=False)
@@ -104,4 +109,4 @@ def test_data_with_markup_characters_is_printed_as_written(server: LiveServer) -
     assert nodes.returncode == 0 and "[red]" in nodes.stdout, nodes.stderr
 
     r = server.cli("nodes", "cordon", "ghost[/]", "--reason", "x", check=False)
-    assert r.returncode == 1 and "ghost[/]" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == ExitCode.not_found and "ghost[/]" in r.stderr and "Traceback" not in r.stderr
