@@ -490,6 +490,7 @@ class MetricBatch(Strict):
                             "loss": 5.1,
                             "loss_scale": 65536.0,
                             "act_norm": 41.2,
+                            "actv_norm": 40.7,
                             "lr": 6e-4,
                             "clip": 1.0,
                             "values": {"mfu": 0.41},
