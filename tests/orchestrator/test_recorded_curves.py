@@ -188,16 +188,24 @@ def test_a_stream_reaching_back_before_the_mean_existed_is_read_as_rms_throughou
 
 
 def test_the_mean_and_the_rms_move_together_so_ratio_thresholds_carry_over() -> None:
-    """The recalibration, measured: over every recorded step the mean/RMS ratio stays within a narrow band
-    and changes by a few percent at most between neighbouring steps, so the detector's 3x multiple of a
-    trailing maximum and the restart rule's growth rates (ratios) mean the same in either definition
-    (docs/reporting-contract.md, "Training signals")."""
+    """The recalibration, measured on the recordings: the mean/RMS ratio stays in a narrow band (0.85-1.0
+    recorded), and within any stretch the detector looks at (its trailing window, patience and the step
+    judged) it varies by under 10% on a healthy run (8.4% at most recorded), so the detector's 3x multiple of
+    a trailing maximum means 2.7x-3.3x in the other definition, and the restart rule's growth rates shift
+    as little. Only a diverging run moves the ratio faster (its norm by then 100x-1000x up: a few tokens'
+    norms run away first, pulling the RMS above the mean), and both definitions catch those (the tests above).
+    docs/reporting-contract.md, "Training signals", gives these figures."""
     ratios = {
         name: [p["actv_norm"] / p["act_norm"] for p in points(name)]
         for name in {*HEALTHY, *(d for d, _, _ in DIVERGED)} - ONLY_RMS_RECORDED
     }
     every = [r for rs in ratios.values() for r in rs]
-    assert min(every) > 0.5 and max(every) <= 1.0 + 1e-9
-    for name, rs in ratios.items():
-        steps = [abs(b / a - 1) for a, b in itertools.pairwise(rs)]
-        assert max(steps) < 0.05, (name, max(steps))
+    assert min(every) > 0.8 and max(every) <= 1.0 + 1e-9
+    stretch = DIVERGENCE.act_norm_window + DIVERGENCE.act_norm_patience + 1
+    for name in set(HEALTHY) - ONLY_RMS_RECORDED:
+        rs = ratios[name]
+        spread = max(
+            max(rs[i : i + stretch]) / min(rs[i : i + stretch]) for i in range(len(rs) - stretch + 1)
+        )
+        assert spread < 1.10, (name, spread)
+        assert max(abs(b / a - 1) for a, b in itertools.pairwise(rs)) < 0.05, name

@@ -76,7 +76,7 @@ def test_one_step_of_signals_in_one_process(world_of_one: None) -> None:
         group_numel=detailed.group_numel,
     )
     grads = torch.cat([p.grad.flatten() for p in model.parameters()])
-    assert stats.grad_norm == pytest.approx(grads.double().norm().item(), rel=1e-6)
+    assert stats.grad_norm == pytest.approx(grads.double().norm().item(), rel=1e-5)  # fp32 norms per tensor
     assert set(stats.gnorm) == set(stats.gmax) == set(stats.gzero) == {"embed", "upper", "head"}
     head = torch.cat([p.grad for p in model.final_layer_norm.parameters()])
     assert stats.gmax["head"] == head.max().item()
