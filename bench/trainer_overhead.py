@@ -25,6 +25,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -138,6 +139,43 @@ def telemetry_cost_s(tmp: Path, url: str, preset: str, tokens: int) -> float:
     return statistics.median(times)
 
 
+def _time_maxima_all_reduce(rank: int, port: int, n: int, out: Any) -> None:
+    import torch.distributed as dist
+
+    from trainer.contract import TRAINER_LAYER_GROUPS
+
+    store = dist.TCPStore("127.0.0.1", port, 2, is_master=rank == 0)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=2)
+    maxima = torch.zeros(len(TRAINER_LAYER_GROUPS) + 3, dtype=torch.float64)  # + GPU memory on CUDA
+    times = []
+    for _ in range(n):
+        dist.barrier()
+        t0 = time.perf_counter()
+        dist.all_reduce(maxima, op=dist.ReduceOp.MAX)
+        times.append(time.perf_counter() - t0)
+    if rank == 0:
+        out.put(statistics.median(times))
+    dist.destroy_process_group()
+
+
+def maxima_all_reduce_s(n: int = 500) -> float:
+    """Median time of the one collective telemetry adds per step, the all_reduce (max) of the per-group
+    gradient maxima, between 2 gloo processes on this machine (the in-process timing runs in a world of
+    one)."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_time_maxima_all_reduce, args=(r, port, n, out)) for r in (0, 1)]
+    for proc in procs:
+        proc.start()
+    median = float(out.get(timeout=120))
+    for proc in procs:
+        proc.join(30)
+    return median
+
+
 def run(run_dir: Path, flags: list[str], env: dict[str, str]) -> dict[str, float]:
     cmd = [
         sys.executable,
@@ -211,6 +249,7 @@ def main() -> None:
             Path(tmp), on_env["TRAINOPS_API_URL"], args.preset, int(arms["off"][0]["batch_tokens"]) // 2
         )
     server.shutdown()
+    collective = maxima_all_reduce_s()
     tps = {arm: statistics.median(s["tokens_per_s"] for s in runs) for arm, runs in arms.items()}
     paired = statistics.median(
         on["tokens_per_s"] / off["tokens_per_s"] for on, off in zip(arms["on"], arms["off"], strict=True)
@@ -226,6 +265,11 @@ def main() -> None:
     print(
         f"telemetry work per step, timed in-process: {per_step * 1e6:.0f} us = "
         f"{100 * per_step / off_step:.3f}% of the median step ({off_step * 1e3:.1f} ms)"
+    )
+    print(
+        f"the all_reduce of maxima telemetry adds, 2 gloo processes: {collective * 1e6:.0f} us = "
+        f"{100 * collective / off_step:.3f}% of the median step; telemetry work in all: "
+        f"{100 * (per_step + collective) / off_step:.3f}%"
     )
     print(f"control-plane requests received during 'on' runs: {server.posts}")  # type: ignore[attr-defined]
     print(
