@@ -209,3 +209,25 @@ def test_the_mean_and_the_rms_move_together_so_ratio_thresholds_carry_over() -> 
         )
         assert spread < 1.10, (name, spread)
         assert max(abs(b / a - 1) for a, b in itertools.pairwise(rs)) < 0.05, name
+
+
+@pytest.mark.parametrize(("name", "twin", "fault"), DIVERGED)
+def test_both_definitions_give_the_same_onset_and_restart_point(name: str, twin: str, fault: int) -> None:
+    """What the docs state (docs/reporting-contract.md, "Training signals"): on the recordings the switch to
+    metaseq's definition changes no verdict."""
+    decided = []
+    for definition in (MEAN, RMS_ONLY):
+        found = detect_divergence(samples(name, definition), DIVERGENCE)
+        assert found is not None
+        choice = pick_restart_checkpoint(
+            checkpoints(name),
+            failure=FailureClass.divergence,
+            cfg=RESTART,
+            divergence_onset=found.onset_step,
+            act_norms=norms(name, definition),
+            min_loss_scale=DIVERGENCE.min_loss_scale,
+            runaway_multiple=DIVERGENCE.act_norm_multiple,
+        )
+        assert choice.checkpoint is not None
+        decided.append((found.onset_step, choice.checkpoint.step))
+    assert decided[0] == decided[1], (name, decided)
