@@ -178,6 +178,18 @@ def history_sql(select: str, where: str = "") -> str:
     )
 
 
+# The trainer's layer groups (trainer.contract.TRAINER_LAYER_GROUPS; a test keeps them equal) and the natural
+# logarithm of 2: metaseq logs the loss in bits (loss / ln 2).
+LAYER_GROUPS = ("embed", "lower", "upper", "head")
+LN2 = "0.6931471805599453"
+
+
+def value_sql(name: str, aggregate: str, label: str) -> str:
+    """One downsampled series of a named value of the metric points (`values`, docs/reporting-contract.md)."""
+    field = f"CAST(m.\"values\"->>'{name}' AS double precision)"
+    return history_sql(f'{aggregate}({field}) AS "{label}"', f" AND m.\"values\"->>'{name}' IS NOT NULL")
+
+
 def run_dashboard() -> dict[str, Any]:
     b = Board()
     b.row("Live (Prometheus)")
@@ -217,10 +229,12 @@ def run_dashboard() -> dict[str, Any]:
     b.panel(
         "Loss and validation perplexity",
         [
-            (f"trainops_run_loss{{{RUN}}}", "train loss"),
+            (f"trainops_run_loss{{{RUN}}}", "train loss (nats)"),
+            (f"trainops_run_loss{{{RUN}}} / {LN2}", "train loss (bits, as OPT's logbook)"),
             (f"trainops_run_validation_loss{{{RUN}}}", "validation loss"),
             (f"exp(trainops_run_validation_loss{{{RUN}}})", "validation perplexity"),
         ],
+        description="The trainer's loss is in nats; metaseq (OPT's logbook) logs it in bits: nats / ln 2.",
         overrides=[right_axis("validation perplexity", "short")],
     )
     b.panel(
@@ -241,10 +255,46 @@ def run_dashboard() -> dict[str, Any]:
     )
     b.panel(
         "Final-layer activation norm",
-        [(f"trainops_run_final_layer_activation_norm{{{RUN}}}", "activation norm")],
-        description="A steady rise precedes loss divergence (OPT logbook).",
+        [
+            (f"trainops_run_final_layer_activation_mean_norm{{{RUN}}}", "mean (metaseq actv_norm)"),
+            (f"trainops_run_final_layer_activation_norm{{{RUN}}}", "RMS (act_norm)"),
+        ],
+        description="The final block's output, per-token L2 norm averaged over the step's tokens: the mean "
+        "is what OPT's logbook reports (metaseq's actv_norm) and what the divergence detector reads; the RMS "
+        "is trainops' earlier definition. A steady rise precedes loss divergence (OPT logbook).",
     )
-    b.panel("Gradient norm", [(f"trainops_run_grad_norm{{{RUN}}}", "grad norm")])
+    b.panel(
+        "Gradient norm and share of steps clipped",
+        [
+            (f"trainops_run_grad_norm{{{RUN}}}", "grad norm"),
+            (f"trainops_run_grad_clip_fraction{{{RUN}}}", "clipped (last 100 steps)"),
+        ],
+        description="Share of the last 100 steps whose gradient norm exceeded the clip (metaseq's clip).",
+        overrides=[right_axis("clipped (last 100 steps)", "percentunit")],
+    )
+    b.panel(
+        "Embedding and parameter norms",
+        [
+            (f"trainops_run_token_embedding_norm{{{RUN}}}", "token embedding"),
+            (f"trainops_run_position_embedding_norm{{{RUN}}}", "position embedding"),
+            (f"trainops_run_embedding_norm{{{RUN}}}", "token + position"),
+            (f"trainops_run_parameter_norm{{{RUN}}}", "parameters"),
+        ],
+        description="Mean per-token L2 norms of the embeddings (metaseq's tok_norm, pos_norm, emb_norm; "
+        "metaseq's tok_norm already includes the positions: compare it with token + position) and the L2 "
+        "norm of all parameters.",
+        overrides=[right_axis("parameters", "short")],
+    )
+    b.panel(
+        "GPU memory (busiest rank)",
+        [
+            (f"trainops_run_gpu_memory_allocated_bytes{{{RUN}}}", "allocated (step peak)"),
+            (f"trainops_run_gpu_memory_reserved_bytes{{{RUN}}}", "reserved (step peak)"),
+            (f"trainops_run_gpu_memory_free_bytes{{{RUN}}}", "free"),
+        ],
+        unit="bytes",
+        description="CUDA only (metaseq's cuda_gb_allocated, cuda_gb_reserved, cuda_gb_free).",
+    )
     b.panel(
         "Learning rate and clip",
         [
@@ -279,9 +329,13 @@ def run_dashboard() -> dict[str, Any]:
     b.row("History (PostgreSQL, downsampled per interval)")
     b.panel(
         "Loss history",
-        [(history_sql('avg(m.loss) AS "train loss"', " AND m.loss IS NOT NULL"), "")],
+        [
+            (history_sql('avg(m.loss) AS "train loss (nats)"', " AND m.loss IS NOT NULL"), ""),
+            (history_sql(f'avg(m.loss) / {LN2} AS "train loss (bits)"', " AND m.loss IS NOT NULL"), ""),
+        ],
         sql=True,
-        description="Whole-run history from the control plane's database, averaged per Grafana interval.",
+        description="Whole-run history from the control plane's database, averaged per Grafana interval; "
+        "in bits as OPT's logbook reports it.",
     )
     b.panel(
         "Validation perplexity history",
@@ -321,12 +375,63 @@ def run_dashboard() -> dict[str, Any]:
         [
             (
                 history_sql(
-                    'max(m.act_norm) AS "activation norm (interval maximum)"', " AND m.act_norm IS NOT NULL"
+                    'max(m.actv_norm) AS "mean, metaseq actv_norm (interval maximum)"',
+                    " AND m.actv_norm IS NOT NULL",
                 ),
                 "",
-            )
+            ),
+            (
+                history_sql(
+                    'max(m.act_norm) AS "RMS, act_norm (interval maximum)"', " AND m.act_norm IS NOT NULL"
+                ),
+                "",
+            ),
         ],
         sql=True,
+        description="Rows stored before migration 0009 have the RMS only.",
+    )
+    b.panel(
+        "Gradient norm by layer group history",
+        [(value_sql(f"gnorm_{g}", "max", g), "") for g in LAYER_GROUPS],
+        sql=True,
+        description="L2 norm of each layer group's gradient before clipping (metaseq's gnorm_*; groups: "
+        "embeddings, lower and upper half of the blocks, final layer norm), interval maximum.",
+    )
+    b.panel(
+        "Largest gradient element by layer group history",
+        [(value_sql(f"gmax_{g}", "max", g), "") for g in LAYER_GROUPS],
+        sql=True,
+        description="metaseq's gmax_*, interval maximum.",
+    )
+    b.panel(
+        "Share of zero gradients by layer group history",
+        [(value_sql(f"gzero_{g}", "max", g), "") for g in LAYER_GROUPS],
+        sql=True,
+        unit="percentunit",
+        description="Share of each group's gradient elements within 2 x the smallest normal number of zero "
+        "(metaseq's gzero_*), interval maximum: a rise means underflow or dead units.",
+    )
+    b.panel(
+        "Share of steps clipped history",
+        [(value_sql("clipped", "avg", "steps clipped"), "")],
+        sql=True,
+        unit="percentunit",
+        description="Share of each interval's steps whose gradient norm exceeded the clip (metaseq's clip).",
+    )
+    b.panel(
+        "Embedding and parameter norm history",
+        [
+            (value_sql("emb_norm", "avg", "token + position embedding"), ""),
+            (value_sql("param_norm", "avg", "parameters"), ""),
+        ],
+        sql=True,
+        overrides=[right_axis("parameters", "short")],
+    )
+    b.panel(
+        "GPU memory history",
+        [(value_sql("cuda_gb_allocated", "max", "allocated GiB (step peak, busiest rank)"), "")],
+        sql=True,
+        description="CUDA only.",
     )
     restarts = {
         "name": "Restarts",

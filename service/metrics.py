@@ -157,9 +157,76 @@ RUN_STEP_FIELDS: tuple[tuple[MetricSpec, str, float], ...] = (
     (_g("trainops_run_grad_norm", "Global gradient norm before clipping.", RUN), "grad_norm", 1.0),
     (_g("trainops_run_loss_scale", "fp16 dynamic loss scale.", RUN), "loss_scale", 1.0),
     (
-        _g("trainops_run_final_layer_activation_norm", "L2 norm of the final layer's activations.", RUN),
+        _g(
+            "trainops_run_final_layer_activation_norm",
+            "Final block's output: root-mean-square over tokens of each token's L2 norm (trainops' own).",
+            RUN,
+        ),
         "act_norm",
         1.0,
+    ),
+    (
+        _g(
+            "trainops_run_final_layer_activation_mean_norm",
+            "Final block's output: mean over tokens of each token's L2 norm (metaseq's actv_norm).",
+            RUN,
+        ),
+        "actv_norm",
+        1.0,
+    ),
+    (
+        _g("trainops_run_token_embedding_norm", "Mean per-token L2 norm of the token embeddings.", RUN),
+        "values.tok_norm",
+        1.0,
+    ),
+    (
+        _g("trainops_run_position_embedding_norm", "Mean per-token L2 norm of the position embeddings.", RUN),
+        "values.pos_norm",
+        1.0,
+    ),
+    (
+        _g(
+            "trainops_run_embedding_norm",
+            "Mean per-token L2 norm of token plus position embedding (the first block's input).",
+            RUN,
+        ),
+        "values.emb_norm",
+        1.0,
+    ),
+    (_g("trainops_run_parameter_norm", "L2 norm of all parameters.", RUN), "values.param_norm", 1.0),
+    (
+        _g(
+            "trainops_run_grad_clip_fraction",
+            "Share of the last 100 steps whose gradient norm exceeded the clip (metaseq's clip / 100).",
+            RUN,
+        ),
+        "values.clip_frac",
+        1.0,
+    ),
+    (
+        _g(
+            "trainops_run_gpu_memory_allocated_bytes",
+            "Peak GPU memory allocated in a step, busiest rank.",
+            RUN,
+        ),
+        "values.cuda_gb_allocated",
+        float(2**30),
+    ),
+    (
+        _g(
+            "trainops_run_gpu_memory_reserved_bytes", "Peak GPU memory reserved in a step, busiest rank.", RUN
+        ),
+        "values.cuda_gb_reserved",
+        float(2**30),
+    ),
+    (
+        _g(
+            "trainops_run_gpu_memory_free_bytes",
+            "GPU memory less the step's allocated peak, busiest rank.",
+            RUN,
+        ),
+        "values.cuda_gb_free",
+        float(2**30),
     ),
     (_g("trainops_run_learning_rate", "Learning rate in effect.", RUN), "lr", 1.0),
     (_g("trainops_run_grad_clip_threshold", "Gradient-norm clipping threshold in effect.", RUN), "clip", 1.0),

@@ -273,6 +273,9 @@ class Metric(Base):
     tokens_per_s: Mapped[float | None]
     tflops_per_gpu: Mapped[float | None]
     step_time_s: Mapped[float | None]
+    # The final layer's activation norm: `act_norm` the RMS of its per-token L2 norms (trainops' original),
+    # `actv_norm` their mean (metaseq's, since migration 0009; NULL in rows stored before it).
+    actv_norm: Mapped[float | None]
     values: Mapped[dict[str, Any] | None] = mapped_column(sa.JSON)
 
 

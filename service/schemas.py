@@ -74,7 +74,7 @@ FREE_JSON_MAX_KEY = 256
 
 # Metric points: named values per point and characters in a name; the window a point's time must fall in.
 MAX_POINTS_PER_BATCH = 10_000
-MAX_VALUES_PER_POINT = 32
+MAX_VALUES_PER_POINT = 48  # the trainer's own signals take up to 33 (docs/reporting-contract.md)
 MAX_VALUE_NAME_CHARS = 64
 METRIC_TIME_MAX_PAST_S = 10 * 365 * 86_400  # a spool replayed long after; never 1970 or a negative time
 METRIC_TIME_MAX_FUTURE_S = 86_400  # clock skew between hosts; a millisecond epoch is ~55,000 years ahead
@@ -519,12 +519,25 @@ class MetricPoint(TypedDict, total=False):
     loss: float | None
     grad_norm: float | None
     loss_scale: float | None
-    act_norm: Annotated[float | None, Field(description="L2 norm of the final layer's activations.")]
+    act_norm: Annotated[
+        float | None,
+        Field(
+            description="The final layer's activation norm as trainops defined it first: the "
+            "root-mean-square over tokens of each token's L2 norm."
+        ),
+    ]
     lr: float | None
     clip: float | None
     tokens_per_s: float | None
     tflops_per_gpu: float | None
     step_time_s: float | None
+    actv_norm: Annotated[
+        float | None,
+        Field(
+            description="The final layer's activation norm as metaseq (OPT's logbook) defines it: the mean "
+            "over tokens of each token's L2 norm. What the divergence detector and restart rule read."
+        ),
+    ]
     values: Annotated[
         dict[
             Annotated[str, StringConstraints(min_length=1, max_length=MAX_VALUE_NAME_CHARS)],
@@ -559,6 +572,7 @@ class MetricBatch(Strict):
                             "loss": 5.1,
                             "loss_scale": 65536.0,
                             "act_norm": 41.2,
+                            "actv_norm": 40.7,
                             "lr": 6e-4,
                             "clip": 1.0,
                             "values": {"mfu": 0.41},
@@ -589,6 +603,7 @@ class MetricPublic(ORM):
     tokens_per_s: float | None
     tflops_per_gpu: float | None
     step_time_s: float | None
+    actv_norm: float | None = None
     values: dict[str, Any] | None
 
 

@@ -186,12 +186,15 @@ class MetricPoint(TypedDict, total=False):
     loss: float | None
     grad_norm: float | None
     loss_scale: float | None
-    act_norm: float | None
+    act_norm: float | None  # RMS over tokens of the final block's per-token L2 norm (trainops' original)
     lr: float | None
     clip: float | None
     tokens_per_s: float | None
     tflops_per_gpu: float | None
     step_time_s: float | None
+    actv_norm: (
+        float | None
+    )  # mean over tokens of the same norms: metaseq's `actv_norm` (since migration 0009)
     values: dict[str, Any]
 
 
@@ -206,9 +209,38 @@ METRIC_WIDE_FIELDS = (
     "tokens_per_s",
     "tflops_per_gpu",
     "step_time_s",
+    "actv_norm",
 )
 METRIC_FLOAT_FIELDS = METRIC_WIDE_FIELDS[1:]
 NONFINITE_LOSS_FLAG = "nonfinite_loss"  # values key the reporter sets (1.0) when the loss was not finite
+
+# The final layer's activation norm, in two definitions (docs/reporting-contract.md, "Training signals"):
+# `actv_norm`, metaseq's mean per-token L2 norm, which OPT's logbook reports and the recovery rules read,
+# and `act_norm`, trainops' original root-mean-square of the same norms, kept so rows stored before
+# migration 0009 (which have only it) are never read as the other. Both average per-token L2 norms (none is
+# divided by sqrt(d_model)): mean <= RMS, equal when every token's norm is the same.
+ACT_NORM_MEAN_L2 = "actv_norm"
+ACT_NORM_RMS = "act_norm"
+
+# Named values the trainer adds to each point with telemetry on (metaseq's names where it has one):
+# `loss_bits` (the loss in bits, metaseq's `loss`), `tok_norm`/`pos_norm`/`emb_norm` (mean per-token L2
+# norm of the token and position embeddings and their sum), `param_norm`, per layer group G of
+# TRAINER_LAYER_GROUPS `gnorm_G`/`gmax_G`/`gzero_G`, `clipped` and `clip_frac`, and on CUDA
+# `cuda_gb_allocated`/`cuda_gb_reserved`/`cuda_gb_free` (trainer/telemetry.py defines each).
+TRAINER_LAYER_GROUPS = ("embed", "lower", "upper", "head")
+TRAINER_SIGNAL_VALUES = (
+    "loss_bits",
+    "tok_norm",
+    "pos_norm",
+    "emb_norm",
+    "param_norm",
+    *(f"{kind}_{group}" for kind in ("gnorm", "gmax", "gzero") for group in TRAINER_LAYER_GROUPS),
+    "clipped",
+    "clip_frac",
+    "cuda_gb_allocated",
+    "cuda_gb_reserved",
+    "cuda_gb_free",
+)
 
 
 def finite_or_none(x: float | None) -> float | None:

@@ -65,10 +65,14 @@ from trainer.reporting import (
 )
 from trainer.schedule import LRSchedule
 from trainer.telemetry import (
-    ActivationNorm,
+    ActivationProbes,
+    ClipCounter,
+    CudaMemory,
+    GradientStats,
     Heartbeat,
     MetricsFile,
-    NullActivationNorm,
+    NullActivationProbes,
+    NullCudaMemory,
     NullHeartbeat,
     NullMetricsFile,
     NullStragglerProbe,
@@ -304,7 +308,10 @@ def train(cfg: TrainConfig) -> int:
     beat_sender = make_heartbeat_sender(log=log) if cfg.telemetry else NullHeartbeatSender()
     heartbeat = Heartbeat(beat_sender, rank=rank, host=host) if cfg.telemetry else NullHeartbeat()
     metrics = MetricsFile(metrics_dir(run_dir), rank=rank) if cfg.telemetry else NullMetricsFile()
-    act_norm_hook = ActivationNorm(model.final_block, device) if cfg.telemetry else NullActivationNorm(device)
+    act_probes = ActivationProbes(model, device) if cfg.telemetry else NullActivationProbes(device)
+    grad_stats = GradientStats(model, n_layers=model_cfg.n_layers, detailed=cfg.telemetry)
+    gpu_memory = CudaMemory(device) if cfg.telemetry and device.type == "cuda" else NullCudaMemory()
+    clip_counter = ClipCounter()
     probe = (
         StragglerProbe(world=world, device=device) if cfg.telemetry and world > 1 else NullStragglerProbe()
     )
@@ -407,14 +414,20 @@ def train(cfg: TrainConfig) -> int:
             loss_sum += loss.detach()
         faults.after_backward(step, model)
 
-        # Unscale the local gradient shards, then one all_reduce for loss, activation norm and grad norm.
+        # Unscale the local gradient shards, then one all_reduce for loss, activation, gradient and parameter
+        # statistics (and one of maxima when telemetry measures them).
         grads = local_grads(model)
         torch._foreach_mul_(grads, 1.0 / scaler.scale)
-        grad_sumsq = torch.stack(torch._foreach_norm(grads)).float().square().sum() if grads else loss_sum * 0
-        act_sumsq, act_tokens = act_norm_hook.take()
-        loss_value, act_norm, grad_norm = reduce_step_stats(
-            loss_sum / accum, act_sumsq, act_tokens, grad_sumsq, world
+        stats = reduce_step_stats(
+            loss_sum / accum,
+            act_probes.take(),
+            grad_stats.local_sums(),
+            world,
+            maxima=grad_stats.local_maxima() if cfg.telemetry else None,
+            memory=gpu_memory.take(),
+            group_numel=grad_stats.group_numel,
         )
+        loss_value, act_norm, grad_norm = stats.loss, stats.act_norm, stats.grad_norm
 
         overflow = not math.isfinite(grad_norm)
         if overflow or not math.isfinite(loss_value):
@@ -436,6 +449,9 @@ def train(cfg: TrainConfig) -> int:
         tokens_per_s = batch_tokens / step_time
         tflops = flops_token * tokens_per_s / world / 1e12
         values: dict[str, float | None] = {"overflow": float(overflow), "grad_accum": float(accum)}
+        if cfg.telemetry:
+            values.update(stats.values())
+            values.update(clip_counter.observe(grad_norm, clip))
         if peak_tflops:
             values["mfu"] = tflops / peak_tflops
         # metaseq validates every --validate-interval-updates and when training stops (cli/train.py)
@@ -458,6 +474,7 @@ def train(cfg: TrainConfig) -> int:
             "tokens_per_s": tokens_per_s,
             "tflops_per_gpu": tflops,
             "step_time_s": step_time,
+            "actv_norm": stats.actv_norm,
             "values": values,
         }
         metrics.write({**point, "attempt": attempt, "rank": rank})

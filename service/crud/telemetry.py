@@ -129,14 +129,14 @@ def _point_time(point: dict[str, Any], now: dt.datetime) -> dt.datetime:
 # ``to_json`` takes ~1 ms and PostgreSQL parses the text faster than it parses array literals.
 _PG_INSERT = """
     INSERT INTO metrics (run_id, attempt, step, time, tokens, loss, grad_norm, loss_scale, act_norm,
-                         lr, clip, tokens_per_s, tflops_per_gpu, step_time_s, "values")
+                         lr, clip, tokens_per_s, tflops_per_gpu, step_time_s, actv_norm, "values")
     SELECT :run_id, :attempt, x.step, COALESCE(to_timestamp(x.time), :now), x.tokens, x.loss,
            x.grad_norm, x.loss_scale, x.act_norm, x.lr, x.clip, x.tokens_per_s, x.tflops_per_gpu,
-           x.step_time_s, NULLIF(x."values"::text, '{}')::json
+           x.step_time_s, x.actv_norm, NULLIF(x."values"::text, '{}')::json
     FROM json_to_recordset(CAST(:points AS json)) AS x(
         step bigint, time float8, tokens bigint, loss float8, grad_norm float8, loss_scale float8,
         act_norm float8, lr float8, clip float8, tokens_per_s float8, tflops_per_gpu float8,
-        step_time_s float8, "values" json
+        step_time_s float8, actv_norm float8, "values" json
     )
 """
 # A new batch (the common case) goes in with a plain INSERT inside a savepoint; a batch that repeats

@@ -9,12 +9,19 @@ import bisect
 import enum
 import math
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from service.recovery.config import DivergenceConfig
-from trainer.contract import EXIT_CHECKPOINT_CORRUPT, EXIT_CONFIG, EXIT_DIVERGED, EXIT_OK
+from trainer.contract import (
+    ACT_NORM_MEAN_L2,
+    ACT_NORM_RMS,
+    EXIT_CHECKPOINT_CORRUPT,
+    EXIT_CONFIG,
+    EXIT_DIVERGED,
+    EXIT_OK,
+)
 
 # re-exported: the exit codes are the contract's
 __all__ = ["EXIT_CHECKPOINT_CORRUPT", "EXIT_CONFIG", "EXIT_DIVERGED", "EXIT_OK"]
@@ -368,7 +375,25 @@ class MetricSample:
     step: int
     loss: float | None
     loss_scale: float | None = None
-    act_norm: float | None = None
+    act_norm: float | None = None  # the final layer's activation norm, RMS over tokens (trainops' original)
+    actv_norm: float | None = (
+        None  # the same, mean over tokens (metaseq's; None in rows before migration 0009)
+    )
+
+
+class ActivationNormed(Protocol):
+    act_norm: float | None
+    actv_norm: float | None
+
+
+def act_norm_definition(rows: Iterable[ActivationNormed]) -> str:
+    """Which activation-norm field to read over a stretch of steps: metaseq's mean (`actv_norm`) when every
+    step that measured an activation norm has it, else trainops' RMS (`act_norm`) for all of them. A stretch
+    reaching back into rows stored before migration 0009 (RMS only) is read in the RMS definition throughout:
+    a curve never mixes the two (the trainer has reported both since). Thresholds are ratios and growth
+    rates, so either definition meets the same ones (tests/orchestrator/test_recorded_curves.py)."""
+    measured = [r for r in rows if r.act_norm is not None or r.actv_norm is not None]
+    return ACT_NORM_MEAN_L2 if all(r.actv_norm is not None for r in measured) else ACT_NORM_RMS
 
 
 @dataclass(frozen=True)
@@ -406,7 +431,9 @@ def detect_divergence(
 
     Non-finite loss; a sustained loss spike (ratio and robust z-score over a trailing window); the dynamic
     loss scale below `min_loss_scale`; the final layer's activation norm held above a multiple of its
-    trailing maximum. The onset is the earliest step any signal fired.
+    trailing maximum. The onset is the earliest step any signal fired. The activation norm is metaseq's
+    (`actv_norm`, the mean per-token L2 norm) unless some step of the stream predates it
+    (`act_norm_definition`); the tests are ratios, so the same thresholds hold in either definition.
 
     `history` is the lineage the attempt resumed from (the steps its restored checkpoint descends from):
     it seeds the trailing baselines but is never judged itself. Without it, an attempt restored from a
@@ -451,7 +478,8 @@ def detect_divergence(
             f"{cfg.loss_spike_z} robust sigmas for {cfg.loss_spike_patience} steps)"
         )
 
-    norms = [(s.step, s.act_norm) for s in stream if _finite(s.act_norm)]
+    definition = act_norm_definition(stream)
+    norms = [(s.step, norm) for s in stream if _finite(norm := getattr(s, definition))]
     norm_flags: list[tuple[int, bool]] = []
     baseline_at: dict[int, float] = {}
     lag = cfg.act_norm_patience
@@ -468,7 +496,7 @@ def detect_divergence(
     if norm_onset is not None:
         onsets["act_norm_runaway"] = norm_onset
         signals.append(
-            f"final-layer activation norm above {cfg.act_norm_multiple}x its trailing maximum "
+            f"final-layer activation norm ({definition}) above {cfg.act_norm_multiple}x its trailing maximum "
             f"({baseline_at[norm_onset]:.3g}) from step {norm_onset}"
         )
 
@@ -479,8 +507,15 @@ def detect_divergence(
     evidence.update(
         {
             "onsets": onsets,
+            "act_norm_definition": definition,
             "around_onset": [
-                {"step": s.step, "loss": s.loss, "loss_scale": s.loss_scale, "act_norm": s.act_norm}
+                {
+                    "step": s.step,
+                    "loss": s.loss,
+                    "loss_scale": s.loss_scale,
+                    "act_norm": s.act_norm,
+                    "actv_norm": s.actv_norm,
+                }
                 for s in tail
             ],
         }

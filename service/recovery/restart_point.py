@@ -9,6 +9,11 @@ is healthy. What the OPT team restarted away from is runaway growth: multiplicat
 run's own pace before the checkpoint, or a jump to a multiple of the level at the checkpoint that holds.
 `judge_checkpoint` tells the two apart on the run's own curve and is the one rule behind the restart choice,
 the catalog's stored health verdicts and `restart-preview`.
+
+The norm is metaseq's (`actv_norm`, the mean per-token L2 norm OPT's logbook reports) wherever every step of
+the course has it, else trainops' RMS (`act_norm`) throughout (`samples.act_norms_of`: rows stored before
+migration 0009). The rule compares the curve with itself (levels as multiples, growth as rates), so its
+thresholds hold in either definition (tests/orchestrator/test_recorded_curves.py).
 """
 
 from __future__ import annotations

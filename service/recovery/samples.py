@@ -5,6 +5,7 @@ run's catalogued checkpoints as restart candidates, and the surviving activation
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import sqlalchemy as sa
@@ -13,7 +14,7 @@ from sqlalchemy.orm import Session
 from service.crud.telemetry import decode_stored_field
 from service.models import Checkpoint, Metric
 from service.recovery.config import DivergenceConfig
-from service.recovery.detect import MetricSample
+from service.recovery.detect import MetricSample, act_norm_definition
 from service.recovery.restart_point import CheckpointCandidate
 from service.statemachine import CheckpointState
 from trainer.checkpoint import verify_checkpoint
@@ -30,13 +31,16 @@ def stored_metric_sample(row: Any) -> MetricSample:
         loss=decode_stored_field(row, "loss"),
         loss_scale=row.loss_scale,
         act_norm=row.act_norm,
+        actv_norm=row.actv_norm,
     )
 
 
 def attempt_samples(session: Session, *, run_id: int, attempt: int) -> tuple[MetricSample, ...]:
     """The attempt's newest `SAMPLE_WINDOW` metric rows, oldest first."""
     rows = session.execute(
-        sa.select(Metric.step, Metric.loss, Metric.loss_scale, Metric.act_norm, Metric.values)
+        sa.select(
+            Metric.step, Metric.loss, Metric.loss_scale, Metric.act_norm, Metric.actv_norm, Metric.values
+        )
         .where(Metric.run_id == run_id, Metric.attempt == attempt)
         .order_by(Metric.step.desc())
         .limit(SAMPLE_WINDOW)
@@ -66,7 +70,15 @@ def lineage_samples(
         return ()
     depth = max(divergence.loss_spike_window, divergence.act_norm_window) + divergence.act_norm_patience + 1
     rows = session.execute(
-        sa.select(Metric.step, Metric.attempt, Metric.loss, Metric.loss_scale, Metric.act_norm, Metric.values)
+        sa.select(
+            Metric.step,
+            Metric.attempt,
+            Metric.loss,
+            Metric.loss_scale,
+            Metric.act_norm,
+            Metric.actv_norm,
+            Metric.values,
+        )
         .where(
             Metric.run_id == run_id,
             Metric.attempt < attempt,
@@ -123,10 +135,27 @@ def checkpoint_candidates(session: Session, *, run_id: int) -> list[CheckpointCa
 
 
 def act_norm_lineage(session: Session, *, run_id: int, from_step: int) -> dict[int, float]:
-    """Per step, the activation norm of the newest attempt that computed it (the surviving history)."""
+    """Per step, the activation norm of the newest attempt that computed it (the surviving history): metaseq's
+    mean per-token L2 norm where every surviving step has it, else the RMS throughout
+    (`detect.act_norm_definition`)."""
     rows = session.execute(
-        sa.select(Metric.step, Metric.attempt, Metric.act_norm)
-        .where(Metric.run_id == run_id, Metric.step >= from_step, Metric.act_norm.is_not(None))
+        sa.select(Metric.step, Metric.attempt, Metric.act_norm, Metric.actv_norm)
+        .where(
+            Metric.run_id == run_id,
+            Metric.step >= from_step,
+            sa.or_(Metric.act_norm.is_not(None), Metric.actv_norm.is_not(None)),
+        )
         .order_by(Metric.step, Metric.attempt)
     ).all()
-    return {r.step: r.act_norm for r in rows if r.act_norm is not None and math.isfinite(r.act_norm)}
+    newest = {r.step: r for r in rows}  # ordered by attempt: the last one per step wins
+    return act_norms_of(newest)
+
+
+def act_norms_of(rows: Mapping[int, Any]) -> dict[int, float]:
+    """step -> finite activation norm of the rows (one per step), in the definition they all have."""
+    definition = act_norm_definition(rows.values())
+    return {
+        step: norm
+        for step, r in rows.items()
+        if (norm := getattr(r, definition)) is not None and math.isfinite(norm)
+    }

@@ -47,6 +47,7 @@ from service.recovery.restart_point import (
     judge_checkpoint,
     rule_for_run,
 )
+from service.recovery.samples import act_norms_of
 from service.statemachine import CheckpointState, LogKind, Severity
 from trainer.checkpoint import is_pinned, pin_checkpoint, unpin_checkpoint, verify_checkpoint
 
@@ -185,7 +186,7 @@ def checkpoint_course(
     if not segments:
         return Course(), after
     rows = session.execute(
-        sa.select(Metric.attempt, Metric.step, Metric.act_norm, Metric.loss)
+        sa.select(Metric.attempt, Metric.step, Metric.act_norm, Metric.actv_norm, Metric.loss)
         .where(
             Metric.run_id == run_id,
             Metric.step > ckpt.step - window,
@@ -194,16 +195,17 @@ def checkpoint_course(
         )
         .order_by(Metric.step, Metric.attempt)
     ).all()
-    norms: dict[int, float] = {}
+    measured: dict[int, Any] = {}
     losses: dict[int, float] = {}
     for r in rows:  # ascending attempt per step: the newest attempt's value is kept
         if not any(s.attempt == r.attempt and s.holds(r.step) for s in segments):
             continue
-        if r.act_norm is not None and math.isfinite(r.act_norm):
-            norms[r.step] = r.act_norm
+        if r.act_norm is not None or r.actv_norm is not None:
+            measured[r.step] = r
         if r.loss is not None and math.isfinite(r.loss):
             losses[r.step] = r.loss
-    return Course(norms=norms, losses=losses), after
+    # one definition over the whole course: metaseq's mean where every step has it, else the RMS
+    return Course(norms=act_norms_of(measured), losses=losses), after
 
 
 def judge_catalogued(

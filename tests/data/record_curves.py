@@ -4,7 +4,10 @@
     .venv/bin/python tests/data/record_curves.py --force    # re-record them all
 
 Each curve is a run of the real trainer (torchrun, 2 CPU ranks, fp16 with dynamic loss scaling) and its
-rank-0 metrics file, kept as `{"source": ..., "points": [{step, loss, loss_scale, act_norm, grad_norm, lr}]}`.
+rank-0 metrics file, kept as `{"source": ..., "points": [{step, loss, loss_scale, act_norm, actv_norm,
+grad_norm, lr}]}`: the final layer's activation norm in both definitions (docs/reporting-contract.md,
+"Training signals"), metaseq's mean `actv_norm` and the RMS `act_norm`. healthy_tiny_run and diverged_tiny_run
+were recorded from the control plane before `actv_norm` existed and carry the RMS only.
 A diverged curve and the healthy curve of the same preset and seed share every step before the fault (same
 init, data order and dropout), so the healthy one is the course a restart from a checkpoint before the onset
 would have taken without the fault: the table test in tests/test_recorded_curves.py reads it that way.
@@ -107,7 +110,10 @@ def record(curve: Curve) -> dict[str, object]:
         for line in (run_dir / "metrics" / "rank0.jsonl").read_text().splitlines():
             row = json.loads(line)
             points.append(
-                {k: row.get(k) for k in ("step", "loss", "loss_scale", "act_norm", "grad_norm", "lr")}
+                {
+                    k: row.get(k)
+                    for k in ("step", "loss", "loss_scale", "act_norm", "actv_norm", "grad_norm", "lr")
+                }
             )
     return {"source": curve.describe(), "exit_code": done.returncode, "points": points}
 

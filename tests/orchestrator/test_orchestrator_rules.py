@@ -378,9 +378,9 @@ def test_a_stored_metric_row_reads_back_as_the_detector_expects() -> None:
     from service.recovery.samples import stored_metric_sample
 
     def row(values: object) -> SimpleNamespace:
-        return SimpleNamespace(step=3, loss=None, loss_scale=1.0, act_norm=2.0, values=values)
+        return SimpleNamespace(step=3, loss=None, loss_scale=1.0, act_norm=2.0, actv_norm=1.9, values=values)
 
     assert math.isnan(stored_metric_sample(row({"nan": ["loss"]})).loss or 0.0)
     for odd in ({"nan": 1}, {"nan": "loss"}, {"nan": None}, None, [1, 2]):
         sample = stored_metric_sample(row(odd))
-        assert sample.loss is None and sample.act_norm == 2.0
+        assert sample.loss is None and (sample.act_norm, sample.actv_norm) == (2.0, 1.9)

@@ -18,6 +18,7 @@ def _points(start: int, n: int) -> list[dict]:
             "loss": 10.0 - s * 0.01,
             "loss_scale": 65536.0,
             "act_norm": 40.0 + s,
+            "actv_norm": 39.0 + s,
             "lr": 6e-4,
             "clip": 1.0,
             "tokens": s * 4096,
@@ -40,6 +41,7 @@ def test_ingestion_is_idempotent(admin: TestClient) -> None:
     assert series["total"] == 60 and series["bucket_steps"] == 1
     assert [p["step"] for p in series["points"]] == list(range(60))
     assert series["points"][5]["values"] == {"mfu": 0.4}
+    assert (series["points"][5]["act_norm"], series["points"][5]["actv_norm"]) == (45.0, 44.0)
 
 
 def test_recomputed_steps_of_a_new_attempt_are_kept_apart(admin: TestClient) -> None:
@@ -73,6 +75,7 @@ def test_long_ranges_are_downsampled_into_step_buckets(admin: TestClient) -> Non
     first = series["points"][0]
     assert first["step"] == 0
     assert math.isclose(first["act_norm"], sum(40.0 + s for s in range(10)) / 10)
+    assert math.isclose(first["actv_norm"], sum(39.0 + s for s in range(10)) / 10)
     ranged = admin.get(url, params={"start_step": 500, "end_step": 599, "max_points": 50}).json()
     assert ranged["total"] == 100 and ranged["bucket_steps"] == 2 and ranged["points"][0]["step"] == 500
 

@@ -30,6 +30,7 @@ from service.crud import telemetry
 from service.db import make_engine, make_session_factory, transaction
 from service.metrics import exported_metric_names
 from tests.conftest import PG_ADMIN_DSN
+from trainer.contract import TRAINER_LAYER_GROUPS, TRAINER_SIGNAL_VALUES
 
 REPO = Path(__file__).resolve().parents[2]
 DASH = REPO / "dashboards"
@@ -112,6 +113,8 @@ def test_dashboard_json_is_generated_and_consistent() -> None:
     assert custom["scaleDistribution"]["type"] == "log" and custom["thresholdsStyle"]["mode"] == "line"
     steps = loss_scale["fieldConfig"]["defaults"]["thresholds"]["steps"]
     assert [s["value"] for s in steps] == [None, 1.0]
+    # the per-group panels name the trainer's own layer groups
+    assert generator.LAYER_GROUPS == TRAINER_LAYER_GROUPS
 
 
 def _grafana_sql(sql: str, run: str, start: dt.datetime, end: dt.datetime) -> str:
@@ -146,7 +149,13 @@ def test_history_panels_sql_runs_on_postgres(postgres_url: str) -> None:
                 "loss": 5.0,
                 "loss_scale": 1024.0,
                 "act_norm": 40.0,
-                "values": {"val_loss": 5.2} if s % 10 == 0 else {},
+                "actv_norm": 38.0,
+                # every signal the trainer reports (docs/reporting-contract.md), positive so each panel's
+                # rows can be told from missing ones
+                "values": {
+                    **dict.fromkeys(TRAINER_SIGNAL_VALUES, 0.25),
+                    **({"val_loss": 5.2} if s % 10 == 0 else {}),
+                },
             }
             for s in range(1, 300)
         ]
@@ -155,7 +164,9 @@ def test_history_panels_sql_runs_on_postgres(postgres_url: str) -> None:
     sql_targets = [
         (p["title"], t["rawSql"]) for p in board["panels"] for t in p.get("targets", []) if "rawSql" in t
     ]
-    assert len(sql_targets) == 4
+    # loss (nats, bits), validation perplexity, loss scale, activation norm (mean, RMS), gradient norm,
+    # maximum and zero share per layer group, clip share, embedding and parameter norms, GPU memory
+    assert len(sql_targets) == 2 + 1 + 1 + 2 + 3 * len(TRAINER_LAYER_GROUPS) + 1 + 2 + 1
     with engine.connect() as conn:
         for title, sql in sql_targets:
             rows = conn.execute(

@@ -34,6 +34,7 @@ from service.models import Checkpoint, Heartbeat, Node, Run
 from service.statemachine import DiagnosticStatus, RunPhase
 from tests.conftest import ADMIN_HEADERS
 from tests.livesrv import LiveServer, free_port
+from trainer.contract import TRAINER_SIGNAL_VALUES
 
 # Needs Redis and Debian's `prometheus` package, both provided by make test (.ci/prepare-machine).
 pytestmark = pytest.mark.redis
@@ -140,7 +141,13 @@ class Feeder(threading.Thread):
                 "tokens_per_s": 12000.0,
                 "tflops_per_gpu": 0.3,
                 "step_time_s": 0.2,
-                "values": {"mfu": 0.01, **({"val_loss": 5.5} if self.step % 5 == 0 else {})},
+                "actv_norm": 0.95 * self.act_norm,
+                "values": {
+                    # every training signal a CUDA run reports (docs/reporting-contract.md)
+                    **dict.fromkeys(TRAINER_SIGNAL_VALUES, 0.5),
+                    "mfu": 0.01,
+                    **({"val_loss": 5.5} if self.step % 5 == 0 else {}),
+                },
             }
             responses = [
                 self.client.post(

@@ -136,7 +136,7 @@ def test_nonfinite_encoding_round_trip() -> None:
 )
 def test_malformed_nonfinite_encodings_neither_raise_nor_invent_a_nan(values: object) -> None:
     assert contract.decode_nan_names(values) == frozenset()
-    row = SimpleNamespace(step=4, loss=None, loss_scale=1.0, act_norm=2.0, values=values)
+    row = SimpleNamespace(step=4, loss=None, loss_scale=1.0, act_norm=2.0, actv_norm=None, values=values)
     assert decode_stored_field(row, "loss") is None
     assert stored_metric_sample(row).loss is None
     decoded = decode_stored_values(
@@ -147,7 +147,7 @@ def test_malformed_nonfinite_encodings_neither_raise_nor_invent_a_nan(values: ob
 
 def test_crud_decoder_restores_a_stored_nan() -> None:
     row = SimpleNamespace(
-        step=4, loss=None, loss_scale=1.0, act_norm=None, values={"nan": ["loss", "act_norm"]}
+        step=4, loss=None, loss_scale=1.0, act_norm=None, actv_norm=None, values={"nan": ["loss", "act_norm"]}
     )
     assert math.isnan(decode_stored_field(row, "loss"))
     assert math.isnan(stored_metric_sample(row).loss)

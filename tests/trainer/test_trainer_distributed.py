@@ -16,12 +16,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from service.schemas import HeartbeatBatch
+from service.schemas import HeartbeatBatch, MetricBatch
 from tests.trainer_helpers import explain, metrics, model_weights, run_trainer, start_receiver, start_trainer
 from trainer.checkpoint import list_checkpoints, read_meta, verify_checkpoint
+from trainer.contract import TRAINER_SIGNAL_VALUES
 from trainer.data import TokenStream
 from trainer.model import build_model, init_weights, preset_model_config
-from trainer.telemetry import ActivationNorm
 
 pytestmark = pytest.mark.slow
 FP32 = ["--precision", "fp32"]
@@ -99,6 +99,15 @@ def test_two_ranks_learn_real_text_in_fp16_and_report_everything(tmp_path: Path,
     assert {auth for _, auth, _ in posted} == {"Bearer tok-1"}
     steps = [pt["step"] for path, _, b in posted if path == "/api/v1/runs/7/metrics" for pt in b["points"]]
     assert sorted(steps) == list(range(1, 17))
+    # what the trainer sends is what the API admits, training signals included (docs/reporting-contract.md)
+    sent = [MetricBatch.model_validate(b) for path, _, b in posted if path == "/api/v1/runs/7/metrics"]
+    point = next(p for batch in sent for p in batch.points if p["step"] == 8)  # a validation step
+    assert 0 < point["actv_norm"] <= point["act_norm"]
+    assert set(TRAINER_SIGNAL_VALUES) - set(point["values"]) == {
+        "cuda_gb_allocated",
+        "cuda_gb_reserved",
+        "cuda_gb_free",
+    }
     registered = [b for path, _, b in posted if path == "/api/v1/runs/7/checkpoints"]
     assert [(b["step"], b["state"], b["attempt"]) for b in registered] == [
         (8, "committed", 1),
@@ -193,11 +202,16 @@ def test_an_inf_gradient_on_one_rank_makes_every_rank_skip_and_halve(tmp_path: P
     assert read_meta(run_dir / "checkpoints" / "step_00000003")["scaler"]["overflows"] == 1
 
 
-def test_activation_and_gradient_norms_match_a_single_process_reference(tmp_path: Path) -> None:
+def test_training_signals_match_a_single_process_reference(tmp_path: Path) -> None:
+    """Every signal the trainer reports, from two FSDP ranks, against the same step computed in one process by
+    their definitions (metaseq's, docs/reporting-contract.md), written out here independently."""
     run_dir = tmp_path / "run"
-    result = run_trainer(run_dir, *FP32, "--max-steps", "1", "--dropout", "0", "--seed", "5")
+    clip = 0.5
+    flags = [*FP32, "--max-steps", "1", "--dropout", "0", "--seed", "5", "--clip", str(clip)]
+    result = run_trainer(run_dir, *flags)
     assert result.returncode == 0, explain(result)
     reported = metrics(run_dir)[0]
+    values = reported["values"]
 
     # The same step in one process: same init (seeded, shard-independent), both ranks' micro-batches at once.
     tokens = np.load(next((run_dir / "cache").glob("tokens-*.npy")))
@@ -210,15 +224,49 @@ def test_activation_and_gradient_norms_match_a_single_process_reference(tmp_path
     targets = torch.cat([b.targets for b in batches])
     model = build_model(preset_model_config("tiny", dropout=0.0), device="cpu")
     init_weights(model, 5)
-    hook = ActivationNorm(model.final_block, torch.device("cpu"))
+    seen: dict[str, torch.Tensor] = {}
+    for name, module in (
+        ("actv", model.final_block),
+        ("tok", model.embed_tokens),
+        ("pos", model.embed_positions),
+    ):
+        module.register_forward_hook(lambda m, i, out, name=name: seen.__setitem__(name, out.detach()))
+    param_norm = torch.sqrt(sum(p.detach().double().square().sum() for p in model.parameters()))
     loss = F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten())
     loss.backward()
-    act_sumsq, act_tokens = hook.take()
     grad_norm = torch.sqrt(sum(p.grad.double().square().sum() for p in model.parameters()))
 
+    per_token = seen["actv"].double().norm(dim=-1)  # (batch, seq): each token's L2 norm
     assert reported["loss"] == pytest.approx(loss.item(), rel=1e-5)
-    assert reported["act_norm"] == pytest.approx(math.sqrt(act_sumsq.item() / act_tokens), rel=1e-5)
+    assert values["loss_bits"] == pytest.approx(loss.item() / math.log(2), rel=1e-5)
     assert reported["grad_norm"] == pytest.approx(grad_norm.item(), rel=1e-4)
+    assert reported["actv_norm"] == pytest.approx(per_token.mean().item(), rel=1e-5)
+    assert reported["act_norm"] == pytest.approx(per_token.square().mean().sqrt().item(), rel=1e-5)
+    assert reported["actv_norm"] < reported["act_norm"]  # the tokens' norms differ: mean < RMS
+    tok, pos = seen["tok"].double(), seen["pos"].double()  # (batch, seq, d) and (seq, d)
+    assert values["tok_norm"] == pytest.approx(tok.norm(dim=-1).mean().item(), rel=1e-5)
+    assert values["pos_norm"] == pytest.approx(pos.norm(dim=-1).mean().item(), rel=1e-5)
+    assert values["emb_norm"] == pytest.approx((tok + pos).norm(dim=-1).mean().item(), rel=1e-5)
+    assert values["param_norm"] == pytest.approx(param_norm.item(), rel=1e-6)
+
+    # the tiny preset has 2 blocks: block 0 is the lower half, block 1 the upper
+    groups = {"embed": ("embed_",), "lower": ("layers.0.",), "upper": ("layers.1.",), "head": ("final_",)}
+    for group, prefixes in groups.items():
+        grads = [p.grad.double().flatten() for n, p in model.named_parameters() if n.startswith(prefixes)]
+        flat = torch.cat(grads)
+        near_zero = (flat.abs() < 2 * torch.finfo(torch.float32).tiny).sum().item() / flat.numel()
+        assert values[f"gnorm_{group}"] == pytest.approx(flat.norm().item(), rel=1e-4), group
+        assert values[f"gmax_{group}"] == pytest.approx(flat.max().item(), rel=1e-4), group
+        assert values[f"gzero_{group}"] == pytest.approx(near_zero, abs=1e-9), group
+    # the embedding's only zero gradients: the position table's two rows no position reads (OPT's layout;
+    # every token row gets some through the tied output projection)
+    d_model, embed_rows = 64, 2048 + 128 + 2
+    assert values["gzero_embed"] * d_model * embed_rows == pytest.approx(2 * d_model)
+    # the groups' norms make up the whole gradient's
+    assert math.hypot(*(values[f"gnorm_{g}"] for g in groups)) == pytest.approx(reported["grad_norm"])
+    clipped = float(grad_norm.item() > clip)
+    assert (values["clipped"], values["clip_frac"]) == (clipped, clipped)
+    assert "cuda_gb_allocated" not in values  # a CPU run measures no GPU memory
 
 
 def test_divergence_exits_42_after_flushing_metrics(tmp_path: Path) -> None:
