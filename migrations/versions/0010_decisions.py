@@ -5,8 +5,8 @@ clip change, a loss-scaler reset, a data skip, a long rollback, a restart beyond
 its evidence and what an operator or the timeout made of it are a row here; dashboards may read them
 (``trainops_reader`` gets SELECT where it exists, as migration 0006 does for the other tables).
 
-Revision ID: 0014
-Revises: 0008
+Revision ID: 0010
+Revises: 0009
 Create Date: 2026-12-01
 """
 
@@ -17,8 +17,8 @@ from alembic import op
 
 import service.models
 
-revision: str = "0014"
-down_revision: str | None = "0008"
+revision: str = "0010"
+down_revision: str | None = "0009"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
