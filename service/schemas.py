@@ -301,7 +301,11 @@ class RunConfig(Strict):
     launcher: Literal["local", "slurm"] = "local"
     host_count: int = Field(2, ge=1, le=100_000)
     procs_per_host: int = Field(1, ge=1, le=64)
-    precision: Literal["fp16", "bf16", "fp32"] = "fp16"
+    precision: Literal["fp16", "fp16-mixed", "bf16", "fp32"] = Field(
+        "fp16",
+        description="fp16: OPT's format (fp16 weights and reduction, fp32 Adam moments, OPT's loss scaler); "
+        "fp16-mixed: fp16 compute over fp32 master weights; bf16; fp32 (docs/trainer.md, Number formats).",
+    )
     hyperparameters: dict[
         Annotated[str, StringConstraints(min_length=1, max_length=MAX_HYPERPARAMETER_NAME)],
         FiniteFloat | int | Annotated[str, StringConstraints(max_length=MAX_HYPERPARAMETER_STRING)] | bool,
@@ -329,6 +333,12 @@ class RunConfig(Strict):
     def _recipe_only(self) -> RunConfig:
         # Each key becomes a trainer flag after the orchestrator's own: paths and levers stay out.
         check_run_hyperparameters(self.hyperparameters)
+        if self.precision == "fp16" and self.hyperparameters.get("grad_predivide") is False:
+            # the trainer would refuse it at every launch (exit 2): fp16 always pre-divides its reduction
+            raise ValueError(
+                "hyperparameters.grad_predivide: precision fp16 always pre-divides its fp16 gradient "
+                "reduction (as OPT did); use precision fp16-mixed to turn it off"
+            )
         return self
 
 

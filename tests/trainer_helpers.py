@@ -95,6 +95,15 @@ def model_weights(checkpoint: Path, tmp: Path) -> dict[str, torch.Tensor]:
     return torch.load(out, weights_only=False)["model"]
 
 
+def optimizer_state(checkpoint: Path, tmp: Path) -> dict[str, torch.Tensor]:
+    """Full (unsharded) optimizer state tensors of a DCP checkpoint, flattened to "<param>.<key>" names."""
+    out = tmp / f"{checkpoint.parent.parent.name}-{checkpoint.name}.pt"
+    if not out.exists():
+        dcp_to_torch_save(checkpoint, out)
+    state = torch.load(out, weights_only=False)["optim"]["state"]
+    return {f"{param}.{key}": value for param, values in state.items() for key, value in values.items()}
+
+
 def explain(result: subprocess.CompletedProcess[str]) -> str:
     out, err = result.stdout[-4000:], result.stderr[-4000:]
     return f"exit {result.returncode}\n--- stdout ---\n{out}\n--- stderr ---\n{err}"

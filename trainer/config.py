@@ -23,6 +23,7 @@ from typing import Any, Literal
 from trainer.data import TokenizerFilesError, read_user_vocabulary
 from trainer.faults import parse_fault
 from trainer.model import PRESETS
+from trainer.precision import PRECISIONS, default_initial_loss_scale, default_min_loss_scale
 
 
 class ConfigError(ValueError):
@@ -43,9 +44,11 @@ class TrainConfig:
     """Sequences per rank per forward/backward."""
     global_batch_tokens: int | None = None
     """Tokens per optimizer step over all ranks; unset = the preset's batch. Sets gradient accumulation."""
-    precision: Literal["fp16", "bf16", "fp32"] = "fp16"
-    """Compute precision. fp16 = OPT: fp16 compute, fp32 master weights/Adam state/reduction, dynamic loss
-    scale."""
+    precision: Literal["fp16", "fp16-mixed", "bf16", "fp32"] = "fp16"
+    """Number format. fp16 = OPT as metaseq trained it: fp16 parameters and gradients, fp16 reduction with
+    FairScale's pre/post divide (~sqrt(N) each side), fp32 Adam moments, OPT's loss scaler (stops at its
+    floor). fp16-mixed = fp16 compute over fp32 master weights, fp32 reduction, scale 65536 clamped at its
+    floor. bf16 = bf16 compute, fp32 master weights. fp32 = no reduced precision (docs/trainer.md)."""
     lr: float | None = None
     """Absolute peak learning rate; unset = the preset's (Table 1)."""
     lr_scale: float | None = None
@@ -73,15 +76,20 @@ class TrainConfig:
     clip: float | None = None
     """Gradient-norm clipping threshold; unset = keep the resumed checkpoint's (1.0 on a fresh run)."""
     grad_predivide: bool = True
-    """Split the gradient average's division by world size N into /sqrt(N) before and after the reduction."""
-    initial_loss_scale: float = 65536.0
-    """Dynamic loss scale at the start of a fresh run (fp16 only)."""
-    loss_scale_window: int = 1000
-    """Double the loss scale after this many consecutive clean steps."""
-    min_loss_scale: float = 1e-4
-    """Floor of the loss scale (reported every step; the orchestrator decides what a crashed scale means)."""
+    """Split the gradient average's division by world size N into two, before and after the reduction
+    (fp16: FairScale's power-of-two factor near sqrt(N), always on; fp16-mixed/bf16/fp32: sqrt(N))."""
+    initial_loss_scale: float | None = None
+    """Dynamic loss scale at the start of a fresh run (fp16 formats only); unset = 4 for fp16 (OPT's
+    launcher), 65536 for fp16-mixed."""
+    loss_scale_window: int | None = None
+    """Double the loss scale after this many consecutive clean steps; unset = for fp16 metaseq's
+    max(1, int(2^14 / (data-parallel size x gradient-accumulation steps))), for fp16-mixed 1000."""
+    min_loss_scale: float | None = None
+    """Floor of the loss scale; unset = 1e-4. fp16: an overflow that would take the scale to or below it
+    stops training with exit 43 (EXIT_LOSS_SCALE_FLOOR, a divergence to the orchestrator), as metaseq did;
+    fp16-mixed: the scale is clamped there and steps keep being skipped."""
     reset_loss_scale: bool = False
-    """On resume, restart the loss scale from `initial_loss_scale` instead of the checkpoint's value."""
+    """On resume, restart the loss scale from the initial scale instead of the checkpoint's value."""
     dropout: float | None = None
     """Dropout probability (attention, residual branches; never embeddings); unset = 0.1."""
     seed: int = 1234
@@ -135,6 +143,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         checks: list[tuple[bool, str]] = [
             (self.preset in PRESETS, f"unknown preset {self.preset!r} (choose from {', '.join(PRESETS)})"),
+            (
+                self.precision in PRECISIONS,
+                f"unknown precision {self.precision!r} (choose from {', '.join(PRECISIONS)})",
+            ),
             (self.max_steps >= 1, "max_steps must be >= 1"),
             (self.seq_len is None or self.seq_len >= 2, "seq_len must be >= 2"),
             (self.micro_batch_size >= 1, "micro_batch_size must be >= 1"),
@@ -149,10 +161,21 @@ class TrainConfig:
             (0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio must be in [0, 1]"),
             (self.clip is None or self.clip > 0, "clip must be > 0"),
             (
-                self.initial_loss_scale >= self.min_loss_scale > 0,
-                "need initial_loss_scale >= min_loss_scale > 0",
+                self.initial_loss_scale is None or self.initial_loss_scale > 0,
+                "initial_loss_scale must be > 0",
             ),
-            (self.loss_scale_window >= 1, "loss_scale_window must be >= 1"),
+            (self.min_loss_scale is None or self.min_loss_scale > 0, "min_loss_scale must be > 0"),
+            (
+                self._initial_loss_scale() >= self._min_loss_scale(),
+                f"need initial_loss_scale ({self._initial_loss_scale():g}) >= min_loss_scale "
+                f"({self._min_loss_scale():g})",
+            ),
+            (self.loss_scale_window is None or self.loss_scale_window >= 1, "loss_scale_window must be >= 1"),
+            (
+                self.grad_predivide or self.precision != "fp16",
+                "--precision fp16 reduces gradients in fp16 and always pre-divides them (as OPT did); "
+                "use --precision fp16-mixed for --no-grad-predivide",
+            ),
             (self.dropout is None or 0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)"),
             (self.skip_batches >= 0, "skip_batches must be >= 0"),
             (self.checkpoint_interval >= 0, "checkpoint_interval must be >= 0"),
@@ -187,6 +210,16 @@ class TrainConfig:
                 parse_fault(spec)
             except ValueError as e:
                 raise ConfigError(f"bad --fault {spec!r}: {e}") from None
+
+    def _initial_loss_scale(self) -> float:
+        if self.initial_loss_scale is not None:
+            return self.initial_loss_scale
+        return default_initial_loss_scale(self.precision)
+
+    def _min_loss_scale(self) -> float:
+        return (
+            self.min_loss_scale if self.min_loss_scale is not None else default_min_loss_scale(self.precision)
+        )
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)

@@ -4,7 +4,7 @@ Both sides build against this module: the trainer (trainer/train.py, launch.py, 
 writes what it defines, the control plane (service/orchestrator/*, service/crud/telemetry.py) reads it.
 It imports nothing from service/ and nothing heavier than the standard library.
 
-- Exit codes: `EXIT_OK`, `EXIT_CONFIG`, `EXIT_CHECKPOINT_CORRUPT`, `EXIT_DIVERGED`.
+- Exit codes: `EXIT_OK`, `EXIT_CONFIG`, `EXIT_CHECKPOINT_CORRUPT`, `EXIT_DIVERGED`, `EXIT_LOSS_SCALE_FLOOR`.
 - Run-directory layout: `checkpoints_dir`, `spool_dir`, `metrics_dir`, `metrics_path`, `attempt_dir`,
   `cache_dir`, `faults_dir`, `trainer_log_path`, `summary_path`, `overrides_path`.
 - Heartbeats (POST /runs/{id}/heartbeats, the orchestrator's one source for hangs and stragglers): `Section`,
@@ -37,6 +37,12 @@ EXIT_CONFIG = 2  # bad configuration / arguments: permanent, restarting cannot h
 # the orchestrator marks it corrupt and restarts from another
 EXIT_CHECKPOINT_CORRUPT = 3
 EXIT_DIVERGED = 42  # non-finite loss on some rank (metrics flushed first)
+# fp16 (OPT's format): an overflow would have taken the dynamic loss scale to or below --min-loss-scale, the
+# point where metaseq stopped training ("Minimum loss scale reached"); every rank sees the same verdict (the
+# reduced gradient norm), the step's metric point carries `values.loss_scale_floor` = 1, metrics are flushed
+# first. The orchestrator treats it as a divergence, like EXIT_DIVERGED.
+EXIT_LOSS_SCALE_FLOOR = 43
+LOSS_SCALE_FLOOR_VALUE = "loss_scale_floor"  # the `values` name of that event in the step's metric point
 # anything else is a crash; 128 + N (or -N from Popen) is death by signal N
 
 # -- run-directory layout: <run_dir>/... ------------------------------------------------------------------

@@ -5,7 +5,8 @@
 
 Everything before `--` goes to torchrun, everything after to `trainer.train`. Plain torchrun reports any
 worker failure as exit code 1, which would hide the contract's codes; this wrapper maps them back:
-42 if any rank diverged, 2 if every failed rank rejected the configuration, else the code of the first failure
+42 if any rank diverged, else 43 if any stopped at the fp16 loss-scale floor, 2 if every failed rank
+rejected the configuration, else the code of the first failure
 (128 + N for death by signal N, as a shell reports it). The flags are validated before any process starts, and
 `TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1` is set (restarts fail intermittently without it).
 """
@@ -16,14 +17,15 @@ import os
 import sys
 
 from trainer.config import ConfigError, parse_args
-from trainer.contract import EXIT_CONFIG, EXIT_DIVERGED
+from trainer.contract import EXIT_CONFIG, EXIT_DIVERGED, EXIT_LOSS_SCALE_FLOOR
 
 
 def exit_code_of(failures: dict[int, object]) -> int:
     """Contract exit code from torchrun's per-rank failures (objects with .exitcode and .timestamp)."""
     codes = [int(getattr(f, "exitcode", 1)) for f in failures.values()]
-    if EXIT_DIVERGED in codes:
-        return EXIT_DIVERGED
+    for divergence in (EXIT_DIVERGED, EXIT_LOSS_SCALE_FLOOR):
+        if divergence in codes:
+            return divergence
     if codes and all(c == EXIT_CONFIG for c in codes):
         return EXIT_CONFIG
     first = min(failures.values(), key=lambda f: getattr(f, "timestamp", 0))

@@ -190,9 +190,10 @@ class GradientStats:
         """Each parameter's local gradient shard (None without one), in parameter order."""
         return [_local(p.grad) if p.grad is not None else None for p in self.params]
 
-    def local_sums(self) -> torch.Tensor:
+    def local_sums(self, *, unscale: float = 1.0) -> torch.Tensor:
         """[squared grad norm per group] + ([zero count per group] + [squared parameter norm] if detailed),
-        over this rank's shards of the gradients as they are now (unscaled, before clipping)."""
+        over this rank's shards of the gradients as they are now times `unscale` (the fp16 format keeps its
+        gradients scaled: their norms are taken in fp32, then unscaled; before clipping)."""
         n = len(LAYER_GROUPS)
         size = 2 * n + 1 if self.detailed else n
         out = torch.zeros(size, dtype=torch.float64, device=self.group_index.device)
@@ -201,7 +202,7 @@ class GradientStats:
         if present:
             idx = self.group_index[present]
             local = [g for g in grads if g is not None]
-            norms = torch.stack(torch._foreach_norm(local)).double()
+            norms = torch.stack(torch._foreach_norm(local, dtype=torch.float32)).double() * unscale
             out[:n].index_add_(0, idx, norms.square())
             if self.detailed:
                 # exact integer counts: a float sum of ones stops counting at 2**24 elements
@@ -212,13 +213,14 @@ class GradientStats:
             out[2 * n] = torch.stack(torch._foreach_norm(params)).double().square().sum()
         return out
 
-    def local_maxima(self) -> torch.Tensor:
-        """The largest gradient element per group on this rank (-inf for a group without elements here)."""
+    def local_maxima(self, *, unscale: float = 1.0) -> torch.Tensor:
+        """The largest gradient element per group on this rank (-inf for a group without elements here),
+        times `unscale` (see `local_sums`)."""
         out = torch.full((len(LAYER_GROUPS),), -math.inf, dtype=torch.float64, device=self.group_index.device)
         grads = self._grads()
         present = [i for i, g in enumerate(grads) if g is not None and g.numel() > 0]
         if present:
-            maxima = torch.stack(torch._foreach_max([grads[i] for i in present])).double()
+            maxima = torch.stack(torch._foreach_max([grads[i] for i in present])).double() * unscale
             out.scatter_reduce_(0, self.group_index[present], maxima, reduce="amax")
         return out
 

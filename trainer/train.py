@@ -8,7 +8,8 @@ Launch (see docs/trainer.md):
 
 Exit codes (docs/reporting-contract.md): 0 reached max_steps, 2 bad configuration, 42 diverged (non-finite
 loss
-on some rank; metrics flushed first), anything else is a crash.
+on some rank; metrics flushed first), 43 the fp16 loss scale reached its floor (OPT's stop; metrics flushed
+first), anything else is a crash.
 """
 
 from __future__ import annotations
@@ -41,7 +42,9 @@ from trainer.contract import (
     EXIT_CHECKPOINT_CORRUPT,
     EXIT_CONFIG,
     EXIT_DIVERGED,
+    EXIT_LOSS_SCALE_FLOOR,
     EXIT_OK,
+    LOSS_SCALE_FLOOR_VALUE,
     cache_dir,
     checkpoints_dir,
     faults_dir,
@@ -55,7 +58,13 @@ from trainer.contract import (
 from trainer.data import TokenStream, prepare_tokens
 from trainer.faults import FaultInjector, faults_from_env
 from trainer.model import PRESETS, OPTModel, build_model, flops_per_token, init_weights, preset_model_config
-from trainer.precision import DynamicLossScaler, mixed_precision_policy
+from trainer.precision import (
+    DynamicLossScaler,
+    FP16ParamAdam,
+    mixed_precision_policy,
+    opt_predivide_factors,
+    stores_fp16_params,
+)
 from trainer.reporting import (
     NullHeartbeatSender,
     NullReporter,
@@ -131,15 +140,19 @@ def init_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
 def shard_model(model: OPTModel, precision: str, world: int, predivide: bool, device: torch.device) -> float:
     """FSDP2 per block, then the root (embeddings, final LN); returns the loss pre-divide factor.
 
-    OPT's gradient pre-divide: instead of averaging by N after the reduction, divide by sqrt(N) before
-    (folded into
-    the loss multiplier) and by sqrt(N) after (FSDP's divide factor with a plain sum reduction).
+    OPT's gradient pre-divide: instead of averaging by N after the reduction, divide by ~sqrt(N) before and
+    after. fp16 (OPT's format): the parameters are fp16 and FSDP2 reduce-scatters the fp16 gradients dividing
+    by FairScale's factors itself (`opt_predivide_factors`), so the loss is not touched. Other formats
+    reduce in fp32: sqrt(N) is folded into the loss multiplier before and FSDP's divide factor (with a plain
+    sum reduction) after.
     """
+    if stores_fp16_params(precision):
+        model.to(dtype=torch.float16)  # still on the meta device: only the dtype changes
     policy = mixed_precision_policy(precision)
     for block in model.layers:
         fully_shard(block, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
-    if predivide and world > 1:
+    if predivide and world > 1 and not stores_fp16_params(precision):
         for module in model.modules():
             if isinstance(module, FSDPModule):
                 module.set_gradient_divide_factor(math.sqrt(world))
@@ -148,8 +161,9 @@ def shard_model(model: OPTModel, precision: str, world: int, predivide: bool, de
     return 1.0
 
 
-def build_optimizer(model: OPTModel, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with the recipe's betas, eps and decoupled weight decay (`apply_optimizer_config`).
+def build_optimizer(model: OPTModel, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW with the recipe's betas, eps and decoupled weight decay (`apply_optimizer_config`); fp16:
+    metaseq's Adam over fp16 parameters with fp32 moments (`FP16ParamAdam`).
 
     Two parameter groups, whatever the setting: the 2-D parameters (every weight matrix, both embedding
     tables) and the rest (biases, LayerNorm gains). metaseq decays every parameter (one group over
@@ -160,7 +174,12 @@ def build_optimizer(model: OPTModel, cfg: TrainConfig) -> torch.optim.AdamW:
     """
     matrices = [p for p in model.parameters() if p.ndim >= 2]
     vectors = [p for p in model.parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": matrices}, {"params": vectors}], lr=0.0)
+    groups = [{"params": matrices}, {"params": vectors}]
+    optimizer: torch.optim.Optimizer
+    if stores_fp16_params(cfg.precision):
+        optimizer = FP16ParamAdam(groups, lr=0.0, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=0.0)
     apply_optimizer_config(optimizer, cfg)
     return optimizer
 
@@ -283,9 +302,20 @@ def train(cfg: TrainConfig) -> int:
 
     # ---- components (disabled ones are do-nothing objects) ----
     faults = FaultInjector(cfg.fault, rank=rank, host=host, state_dir=faults_dir(run_dir), log=log)
-    scaler = DynamicLossScaler.for_precision(
-        cfg.precision, initial=cfg.initial_loss_scale, window=cfg.loss_scale_window, floor=cfg.min_loss_scale
+    scaler = DynamicLossScaler.resolve(
+        cfg.precision,
+        initial=cfg.initial_loss_scale,
+        window=cfg.loss_scale_window,
+        floor=cfg.min_loss_scale,
+        data_parallel=world,
+        update_freq=accum,
     )
+    initial_scale = scaler.scale
+    fp16_params = stores_fp16_params(cfg.precision)
+    if fp16_params:
+        pre, post = opt_predivide_factors(world)
+        log(f"fp16 (OPT): fp16 parameters, fp16 reduction divided by {pre:g} before and {post:g} after")
+    log(scaler.describe())
     warmup = (
         cfg.warmup_steps
         if cfg.warmup_steps is not None
@@ -371,7 +401,7 @@ def train(cfg: TrainConfig) -> int:
     if cfg.clip is not None:
         clip = overrides["clip"] = cfg.clip
     if cfg.reset_loss_scale:
-        scaler.scale, scaler.clean_steps = (cfg.initial_loss_scale if scaler.enabled else 1.0), 0
+        scaler.reset(initial_scale)
         overrides["reset_loss_scale"] = 1.0
     if cfg.skip_batches:
         data_position += cfg.skip_batches
@@ -399,6 +429,7 @@ def train(cfg: TrainConfig) -> int:
             group["lr"] = lr
 
         loss_sum = torch.zeros((), dtype=torch.float32, device=device)
+        scale = scaler.scale
         for micro in range(accum):
             batch = stream.batch(
                 step_index=data_position,
@@ -409,21 +440,34 @@ def train(cfg: TrainConfig) -> int:
                 accum_steps=accum,
             )
             logits = model(batch.inputs.to(device, non_blocking=True))
-            loss = F.cross_entropy(logits.float().flatten(0, 1), batch.targets.to(device).flatten())
-            (loss * (scaler.scale * loss_multiplier / accum)).backward()
+            targets = batch.targets.to(device).flatten()
+            if fp16_params:
+                # metaseq: backward of scale x the sum over tokens; the division by the token count is in
+                # `grad_unscale`, applied in fp32 inside the optimizer step
+                loss_tokens = F.cross_entropy(logits.float().flatten(0, 1), targets, reduction="sum")
+                (loss_tokens * scale).backward()
+                loss = loss_tokens.detach() / targets.numel()
+            else:
+                loss = F.cross_entropy(logits.float().flatten(0, 1), targets)
+                (loss * (scale * loss_multiplier / accum)).backward()
             loss_sum += loss.detach()
         faults.after_backward(step, model)
 
-        # Unscale the local gradient shards, then one all_reduce for loss, activation, gradient and parameter
-        # statistics (and one of maxima when telemetry measures them).
+        # One all_reduce for loss, activation, gradient and parameter statistics (and one of maxima when
+        # telemetry measures them), of the unscaled gradient. fp16: the gradients stay scaled (unscaling in
+        # fp16 would underflow) and their statistics are taken in fp32 times `grad_unscale`; FSDP2 divided
+        # the sum over ranks by N, so x N / (scale x global tokens) = the mean's gradient.
         grads = local_grads(model)
-        torch._foreach_mul_(grads, 1.0 / scaler.scale)
+        grad_unscale = world / (scale * batch_tokens) if fp16_params else 1.0 / scale
+        if not fp16_params:
+            torch._foreach_mul_(grads, grad_unscale)
+        measured_unscale = grad_unscale if fp16_params else 1.0
         stats = reduce_step_stats(
             loss_sum / accum,
             act_probes.take(),
-            grad_stats.local_sums(),
+            grad_stats.local_sums(unscale=measured_unscale),
             world,
-            maxima=grad_stats.local_maxima() if cfg.telemetry else None,
+            maxima=grad_stats.local_maxima(unscale=measured_unscale) if cfg.telemetry else None,
             memory=gpu_memory.take(),
             group_numel=grad_stats.group_numel,
         )
@@ -431,6 +475,11 @@ def train(cfg: TrainConfig) -> int:
 
         overflow = not math.isfinite(grad_norm)
         if overflow or not math.isfinite(loss_value):
+            optimizer.zero_grad(set_to_none=True)
+        elif isinstance(optimizer, FP16ParamAdam):
+            # metaseq's clip: the clip coefficient joins the unscale factor, applied to the fp32 gradient
+            clip_factor = clip / grad_norm if grad_norm > clip else 1.0
+            optimizer.step(grad_multiplier=grad_unscale * clip_factor)
             optimizer.zero_grad(set_to_none=True)
         else:
             clip_coef = clip / (grad_norm + 1e-6)
@@ -449,6 +498,8 @@ def train(cfg: TrainConfig) -> int:
         tokens_per_s = batch_tokens / step_time
         tflops = flops_token * tokens_per_s / world / 1e12
         values: dict[str, float | None] = {"overflow": float(overflow), "grad_accum": float(accum)}
+        if scaler.floor_reached:
+            values[LOSS_SCALE_FLOOR_VALUE] = 1.0
         if cfg.telemetry:
             values.update(stats.values())
             values.update(clip_counter.observe(grad_norm, clip))
@@ -482,17 +533,28 @@ def train(cfg: TrainConfig) -> int:
         timing = {"step_time_s": probe.mean_busy_s(), "last_step_s": step_time, "busy": probe.recent()}
         heartbeat.beat(step, **timing)
 
-        if not math.isfinite(loss_value):  # divergence guard: same verdict on every rank (reduced loss)
+        # divergence guards: the same verdict on every rank (reduced loss, reduced gradient norm)
+        stop_code = None
+        if not math.isfinite(loss_value):
+            stop_code = EXIT_DIVERGED
             log(
                 f"diverged: non-finite loss {loss_value} at step {step}; flushing metrics and exiting "
                 f"{EXIT_DIVERGED}"
             )
+        elif scaler.floor_reached:
+            stop_code = EXIT_LOSS_SCALE_FLOOR
+            log(
+                f"loss scale floor: an overflow at step {step} would take the loss scale {scaler.scale:g} to "
+                f"{scaler.scale / 2:g} <= --min-loss-scale {scaler.floor:g} ({scaler.overflows} overflows "
+                f"so far); stopping as metaseq did; flushing metrics and exiting {EXIT_LOSS_SCALE_FLOOR}"
+            )
+        if stop_code is not None:
             checkpointer.close()
             metrics.close()
             reporter.close()
             beat_sender.close()
             dist.destroy_process_group()
-            return EXIT_DIVERGED
+            return stop_code
 
         loss_window.append(loss_value)
         if act_norm is not None:

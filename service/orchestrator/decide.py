@@ -16,6 +16,7 @@ from service.orchestrator.launchers.base import ProcessStatus
 from service.orchestrator.policy import FailureRecord, plan_remediation
 from service.recovery.config import OrchestratorConfig
 from service.recovery.detect import (
+    EXIT_LOSS_SCALE_FLOOR,
     DivergenceFinding,
     FailureClass,
     HangLimits,
@@ -290,9 +291,12 @@ def _decide_active(run: ObservedRun, cfg: OrchestratorConfig) -> list[Action]:
                 )
             ]
         if outcome == FailureClass.divergence:
-            evidence["onset_step"] = (
-                diverged.onset_step if diverged else _first_nonfinite(attempt.samples, last)
-            )
+            if diverged:
+                evidence["onset_step"] = diverged.onset_step
+            elif code == EXIT_LOSS_SCALE_FLOOR:
+                evidence["onset_step"] = _scale_collapse_onset(attempt.samples, last)
+            else:
+                evidence["onset_step"] = _first_nonfinite(attempt.samples, last)
             if diverged:
                 evidence["signals"] = list(diverged.signals)
         return [
@@ -529,6 +533,23 @@ def _first_nonfinite(samples: Sequence[MetricSample], fallback: int) -> int:
         if s.loss is not None and not math.isfinite(s.loss):
             return s.step
     return fallback + 1
+
+
+def _scale_collapse_onset(samples: Sequence[MetricSample], fallback: int) -> int:
+    """Where the loss scale's final fall to its floor began: the first step of the trailing stretch in which
+    it only went down, at its first drop (the attempt's last step + 1 when the samples do not show one)."""
+    scales = [(s.step, s.loss_scale) for s in sorted(samples, key=lambda s: s.step) if _finite(s.loss_scale)]
+    onset = None
+    for (_, before), (step, after) in zip(reversed(scales[:-1]), reversed(scales), strict=False):
+        if before is None or after is None or after > before:
+            break
+        if after < before:
+            onset = step
+    return onset if onset is not None else fallback + 1
+
+
+def _finite(x: float | None) -> bool:
+    return x is not None and math.isfinite(x)
 
 
 def failure_of(outcome: str) -> FailureClass | None:

@@ -20,11 +20,12 @@ from trainer.contract import (
     EXIT_CHECKPOINT_CORRUPT,
     EXIT_CONFIG,
     EXIT_DIVERGED,
+    EXIT_LOSS_SCALE_FLOOR,
     EXIT_OK,
 )
 
 # re-exported: the exit codes are the contract's
-__all__ = ["EXIT_CHECKPOINT_CORRUPT", "EXIT_CONFIG", "EXIT_DIVERGED", "EXIT_OK"]
+__all__ = ["EXIT_CHECKPOINT_CORRUPT", "EXIT_CONFIG", "EXIT_DIVERGED", "EXIT_LOSS_SCALE_FLOOR", "EXIT_OK"]
 
 
 class FailureClass(enum.StrEnum):
@@ -61,7 +62,8 @@ def classify_exit(code: int) -> ExitFinding:
 
     Codes follow trainer.launch: 0, 2 (config), 3 (the restore point failed the ranks' verification at
     load: a crash whose restart skips that checkpoint, `Applier.end_attempt` marks it corrupt), 42
-    (diverged), 128+N (signal N, as a shell reports it) or negative -N (Python's Popen for a direct child
+    (diverged), 43 (fp16: the dynamic loss scale reached its floor, where metaseq stopped OPT's training: a
+    divergence too), 128+N (signal N, as a shell reports it) or negative -N (Python's Popen for a direct child
     killed by N).
     """
     if code == EXIT_OK:
@@ -69,6 +71,12 @@ def classify_exit(code: int) -> ExitFinding:
     if code == EXIT_DIVERGED:
         return ExitFinding(
             FailureClass.divergence, code, "the trainer stopped on a non-finite loss (exit 42)"
+        )
+    if code == EXIT_LOSS_SCALE_FLOOR:
+        return ExitFinding(
+            FailureClass.divergence,
+            code,
+            "the trainer stopped: the fp16 loss scale reached its floor (exit 43; OPT's divergence signal)",
         )
     if code == EXIT_CONFIG:
         return ExitFinding(FailureClass.config, code, "the trainer refused its configuration (exit 2)")

@@ -73,7 +73,7 @@ def test_the_demo_run_reaches_its_target_by_itself_on_a_busy_machine(tmp_path: P
             .where(Metric.run_id == run.id, Metric.attempt == 5)
             .order_by(Metric.step)
         )
-        assert first_scale == 65536.0
+        assert first_scale == 4.0  # fp16 is OPT's format: the scale restarts at OPT's 4
         assert session.scalar(sa.select(sa.func.max(Metric.step)).where(Metric.run_id == run.id)) == 120
 
         # the logbook tells the story in order

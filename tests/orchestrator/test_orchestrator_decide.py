@@ -131,7 +131,8 @@ def test_completion_at_the_target() -> None:
 
 
 @pytest.mark.parametrize(
-    ("code", "outcome"), [(137, "signal"), (1, "crash"), (42, "divergence"), (2, "config")]
+    ("code", "outcome"),
+    [(137, "signal"), (1, "crash"), (42, "divergence"), (43, "divergence"), (2, "config")],
 )
 def test_exits_end_the_attempt_with_their_class(code: int, outcome: str) -> None:
     end = only(decide(run(attempt=attempt("exited", code)), CFG), EndAttempt)
@@ -161,6 +162,27 @@ def test_no_hang_while_the_trainer_shuts_down_after_its_target() -> None:
 def test_divergence_in_the_metric_stream_stops_the_attempt() -> None:
     end = only(decide(run(attempt=attempt(samples=flat_then_blowup(40))), CFG), EndAttempt)
     assert end.outcome == "divergence" and end.evidence["onset_step"] == 40
+
+
+def test_the_loss_scale_floor_exit_is_a_divergence_from_where_the_scale_began_to_fall() -> None:
+    # fp16 at OPT's scale 4: clean until step 20, then an overflow every step until the trainer stops at its
+    # floor (exit 43). With the orchestrator's own threshold below the trainer's floor, the metrics raise no
+    # signal of their own: the exit alone makes it a divergence, whose onset is the scale's first drop.
+    scales = [4.0] * 19 + [4.0 / 2**k for k in range(1, 12)]
+    samples = tuple(MetricSample(s, 3.0, scale, 10.0) for s, scale in enumerate(scales, start=1))
+    cfg = CFG.model_copy(update={"divergence": CFG.divergence.model_copy(update={"min_loss_scale": 1e-6})})
+    end = only(decide(run(attempt=attempt("exited", 43, samples=samples, last_step=30)), cfg), EndAttempt)
+    assert (
+        end.outcome == "divergence" and end.exit_code == 43 and "loss scale reached its floor" in end.reason
+    )
+    assert end.evidence["onset_step"] == 20 and "signals" not in end.evidence
+    # with the default threshold (1.0, OPT's healthy scale) the stream's own signal names the onset
+    end = only(decide(run(attempt=attempt("exited", 43, samples=samples, last_step=30)), CFG), EndAttempt)
+    assert end.outcome == "divergence" and end.exit_code == 43
+    assert end.evidence["onset_step"] == 22 and any("loss scale" in s for s in end.evidence["signals"])
+    # no metrics at all: the step after the last one
+    end = only(decide(run(attempt=attempt("exited", 43, last_step=30)), cfg), EndAttempt)
+    assert end.outcome == "divergence" and end.evidence["onset_step"] == 31
 
 
 def test_first_step_moves_starting_to_running() -> None:

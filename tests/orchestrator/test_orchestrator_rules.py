@@ -51,6 +51,7 @@ def _recorded(name: str) -> list[MetricSample]:
     [
         (0, "completed"),
         (42, "divergence"),
+        (43, "divergence"),  # fp16: the loss scale reached its floor (metaseq stopped OPT there)
         (2, "config"),
         (3, "crash"),  # the restore point failed the ranks' re-hash at load: restart from another
         (137, "signal"),

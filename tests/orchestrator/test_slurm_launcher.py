@@ -146,6 +146,8 @@ def test_sbatch_argv_carries_placement_ids_and_the_runs_slurm_options(tmp_path: 
         # The survivor failed on its own (a gloo error) after the root cause: the first failure wins.
         ([(10.5, 1), (10.0, 3)], 137, 3),
         ([(10.0, 1), (10.2, 42)], 1, 42),  # a divergence anywhere is the attempt's outcome
+        ([(10.0, 1), (10.2, 43)], 1, 43),  # ... so is the fp16 loss scale's floor
+        ([(10.0, 43), (10.2, 42)], 1, 42),
         ([(10.0, 2), (10.1, 2)], 2, 2),  # every task rejected the configuration
         ([(10.0, 0), (10.1, 0)], 0, 0),
         ([], 143, 143),  # every task killed (scancel): srun's status is all there is

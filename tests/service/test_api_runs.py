@@ -197,6 +197,7 @@ def test_hyperparameters_are_the_recipe_only(admin: TestClient) -> None:
         ({"resume_from": "/runs/other-run/checkpoints/step_00000010"}, "resume_from"),
         ({"lr_scale": 100.0}, "lr_scale"),
         ({"seed": "7"}, "seed"),
+        ({"grad_predivide": False}, "grad_predivide"),  # fp16 (OPT's format) always pre-divides
     ):
         r = admin.post(
             "/api/v1/runs",
@@ -209,6 +210,9 @@ def test_hyperparameters_are_the_recipe_only(admin: TestClient) -> None:
         json={"name": "ok-hp", "owner": "a", "config": {"target_steps": 5, "hyperparameters": {"lr": 6e-4}}},
     )
     assert r.status_code == 201, r.text
+    mixed = {"target_steps": 5, "precision": "fp16-mixed", "hyperparameters": {"grad_predivide": False}}
+    r = admin.post("/api/v1/runs", json={"name": "mixed-hp", "owner": "a", "config": mixed})
+    assert r.status_code == 201 and r.json()["config"]["precision"] == "fp16-mixed", r.text
 
 
 def test_attempts_are_listed_a_page_at_a_time(admin: TestClient) -> None:

@@ -34,6 +34,23 @@ def test_exit_codes_are_one_definition_on_both_sides() -> None:
     assert train.EXIT_OK is detect.EXIT_OK is contract.EXIT_OK
     assert train.EXIT_CHECKPOINT_CORRUPT is detect.EXIT_CHECKPOINT_CORRUPT is contract.EXIT_CHECKPOINT_CORRUPT
     assert contract.EXIT_CHECKPOINT_CORRUPT == 3
+    assert train.EXIT_LOSS_SCALE_FLOOR is detect.EXIT_LOSS_SCALE_FLOOR is contract.EXIT_LOSS_SCALE_FLOOR == 43
+    assert launch.EXIT_LOSS_SCALE_FLOOR is contract.EXIT_LOSS_SCALE_FLOOR
+
+
+@pytest.mark.parametrize(
+    ("codes", "expected"),
+    [
+        ([43, 43], 43),  # every rank sees the same floor verdict
+        ([1, 43], 43),  # a rank that failed on its way out does not hide it
+        ([43, 42], 42),
+        ([2, 2], 2),
+        ([13, 1], 13),
+    ],
+)
+def test_launch_keeps_the_divergence_codes_of_any_rank(codes: list[int], expected: int) -> None:
+    failures = {rank: SimpleNamespace(exitcode=code, timestamp=rank) for rank, code in enumerate(codes)}
+    assert launch.exit_code_of(failures) == expected
 
 
 def test_run_directory_layout(tmp_path: Path) -> None:

@@ -50,6 +50,18 @@ def test_flags_map_onto_the_typed_config() -> None:
     assert cfg.fault == ["crash:step=12,rank=1,code=13", "slow:rank=0,delay=0.1"] and not cfg.grad_predivide
 
 
+def test_fp16_is_opts_format_and_the_mixed_one_keeps_its_own_name(tmp_path: Path) -> None:
+    cfg = parse_args([])
+    assert cfg.precision == "fp16" and cfg.grad_predivide
+    assert (cfg.initial_loss_scale, cfg.loss_scale_window, cfg.min_loss_scale) == (None, None, None)
+    mixed = parse_args(["--precision", "fp16-mixed", "--no-grad-predivide", "--initial-loss-scale", "1024"])
+    assert mixed.precision == "fp16-mixed" and not mixed.grad_predivide and mixed.initial_loss_scale == 1024
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"precision": "fp8"}))
+    with pytest.raises(ConfigError, match="unknown precision 'fp8'"):
+        parse_args(["--config", str(path)])
+
+
 def test_every_field_has_a_flag_with_its_docstring_as_help() -> None:
     help_text = " ".join(build_parser().format_help().split())
     for name in TrainConfig.__dataclass_fields__:
@@ -73,6 +85,10 @@ def test_json_config_file_with_flags_taking_precedence(tmp_path: Path) -> None:
         (["--max-steps", "zero"], "invalid int value"),
         (["--max-steps", "0"], "max_steps must be >= 1"),
         (["--precision", "fp8"], "invalid choice"),
+        (["--no-grad-predivide"], "fp16 reduces gradients in fp16 and always pre-divides"),
+        (["--min-loss-scale", "8"], r"need initial_loss_scale \(4\) >= min_loss_scale \(8\)"),
+        (["--precision", "fp16-mixed", "--initial-loss-scale", "0"], "initial_loss_scale must be > 0"),
+        (["--loss-scale-window", "0"], "loss_scale_window must be >= 1"),
         (["--keep-checkpoints", "1"], "keep_checkpoints must be >= 2"),
         (["--preset", "7B"], "unknown preset"),
         (["--fault", "explode:step=1"], "unknown fault kind"),

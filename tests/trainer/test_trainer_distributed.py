@@ -17,7 +17,15 @@ import torch
 import torch.nn.functional as F
 
 from service.schemas import HeartbeatBatch, MetricBatch
-from tests.trainer_helpers import explain, metrics, model_weights, run_trainer, start_receiver, start_trainer
+from tests.trainer_helpers import (
+    explain,
+    metrics,
+    model_weights,
+    optimizer_state,
+    run_trainer,
+    start_receiver,
+    start_trainer,
+)
 from trainer.checkpoint import list_checkpoints, read_meta, verify_checkpoint
 from trainer.contract import TRAINER_SIGNAL_VALUES
 from trainer.data import TokenStream
@@ -67,8 +75,8 @@ def test_two_ranks_learn_real_text_in_fp16_and_report_everything(tmp_path: Path,
     assert [p["step"] for p in points] == list(range(1, 17))
     first, last = np.mean([p["loss"] for p in points[:3]]), np.mean([p["loss"] for p in points[-3:]])
     assert last < first - 0.5, f"loss did not fall on the shipped corpus: {first:.3f} -> {last:.3f}"
-    for p in points:
-        assert p["loss_scale"] == 65536.0 and math.isfinite(p["grad_norm"]) and p["act_norm"] > 0
+    for p in points:  # fp16 is OPT's format: scale 4, window 2^14 / (2 ranks x 1 micro-batch) = 8192 steps
+        assert p["loss_scale"] == 4.0 and math.isfinite(p["grad_norm"]) and p["act_norm"] > 0
         assert p["tokens_per_s"] > 0 and p["tflops_per_gpu"] > 0 and p["clip"] == 1.0 and p["lr"] > 0
     assert "val_loss" in points[7]["values"] and "val_ppl" in points[15]["values"]
 
@@ -132,8 +140,14 @@ def test_two_ranks_learn_real_text_in_fp16_and_report_everything(tmp_path: Path,
     )
 
 
-def test_resume_after_a_crash_is_bitwise_identical_to_an_uninterrupted_run(tmp_path: Path) -> None:
-    common = [*FP32, "--max-steps", "20", "--checkpoint-interval", "10", "--checkpoint-mode", "sync"]
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_resume_after_a_crash_is_bitwise_identical_to_an_uninterrupted_run(
+    tmp_path: Path, precision: str
+) -> None:
+    common = [
+        *("--precision", precision),
+        *("--max-steps", "20", "--checkpoint-interval", "10", "--checkpoint-mode", "sync"),
+    ]
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
     assert (r := run_trainer(straight, *common)).returncode == 0, explain(r)
 
@@ -158,6 +172,15 @@ def test_resume_after_a_crash_is_bitwise_identical_to_an_uninterrupted_run(tmp_p
     assert wa.keys() == wb.keys()
     for name in wa:
         assert torch.equal(wa[name], wb[name]), name
+    oa = optimizer_state(straight / "checkpoints" / "step_00000020", tmp_path)
+    ob = optimizer_state(interrupted / "checkpoints" / "step_00000020", tmp_path)
+    assert oa.keys() == ob.keys() and oa
+    for name in oa:
+        assert torch.equal(oa[name], ob[name]), name
+    if precision == "fp16":  # OPT's format: fp16 weights, fp32 Adam moments (what was saved is what ran)
+        assert {w.dtype for w in wa.values()} == {torch.float16}
+        moments = {v.dtype for k, v in oa.items() if k.endswith(("exp_avg", "exp_avg_sq"))}
+        assert moments == {torch.float32}
 
 
 def test_a_checkpoint_torn_by_a_kill_mid_save_is_never_loaded(tmp_path: Path) -> None:
@@ -179,6 +202,7 @@ def test_a_checkpoint_torn_by_a_kill_mid_save_is_never_loaded(tmp_path: Path) ->
 
 
 def test_an_inf_gradient_on_one_rank_makes_every_rank_skip_and_halve(tmp_path: Path) -> None:
+    """fp16 (OPT's format) and fp16-mixed alike: one rank's inf is every rank's overflow."""
     run_dir = tmp_path / "run"
     result = run_trainer(
         run_dir,
@@ -194,12 +218,37 @@ def test_an_inf_gradient_on_one_rank_makes_every_rank_skip_and_halve(tmp_path: P
     assert result.returncode == 0, explain(result)
     for rank in (0, 1):
         seen = [(p["step"], p["loss_scale"], p["values"]["overflow"]) for p in metrics(run_dir, rank)]
-        assert seen == [(1, 65536.0, 0.0), (2, 65536.0, 0.0), (3, 32768.0, 1.0), (4, 32768.0, 0.0)], rank
+        assert seen == [(1, 4.0, 0.0), (2, 4.0, 0.0), (3, 2.0, 1.0), (4, 2.0, 0.0)], rank
     assert math.isinf(metrics(run_dir)[2]["grad_norm"])
     before = model_weights(run_dir / "checkpoints" / "step_00000002", tmp_path)
     after = model_weights(run_dir / "checkpoints" / "step_00000003", tmp_path)
     assert all(torch.equal(before[k], after[k]) for k in before)  # the step was skipped on every shard
     assert read_meta(run_dir / "checkpoints" / "step_00000003")["scaler"]["overflows"] == 1
+
+
+def test_at_the_loss_scale_floor_fp16_stops_with_its_own_exit_after_flushing_metrics(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    # OPT's scale 4 with a floor of 1: the first overflow halves it to 2, the second would reach the floor
+    faults = ["--fault", "inf_grad:step=2,rank=1", "--fault", "inf_grad:step=3,rank=0"]
+    result = run_trainer(run_dir, "--max-steps", "30", "--min-loss-scale", "1", *faults)
+    assert result.returncode == 43, explain(result)
+    for rank in (0, 1):  # the same verdict on every rank, the step's point flushed first
+        seen = [(p["step"], p["loss_scale"], p["values"]["overflow"]) for p in metrics(run_dir, rank)]
+        assert seen == [(1, 4.0, 0.0), (2, 2.0, 1.0), (3, 2.0, 1.0)], rank
+        assert [p["values"].get("loss_scale_floor") for p in metrics(run_dir, rank)] == [None, None, 1.0]
+    log = (run_dir / "trainer.log").read_text()
+    assert "loss scale floor: an overflow at step 3" in log and "exiting 43" in log
+
+
+def test_fp16_mixed_keeps_its_scale_and_clamps_at_the_floor(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    faults = ["--fault", "inf_grad:step=2,rank=1", "--fault", "inf_grad:step=3,rank=0"]
+    flags = ["--precision", "fp16-mixed", "--max-steps", "4", "--min-loss-scale", "32768", *faults]
+    result = run_trainer(run_dir, *flags)
+    assert result.returncode == 0, explain(result)
+    seen = [(p["step"], p["loss_scale"], p["values"]["overflow"]) for p in metrics(run_dir)]
+    assert seen == [(1, 65536.0, 0.0), (2, 32768.0, 1.0), (3, 32768.0, 1.0), (4, 32768.0, 0.0)]
+    assert "fp16 (OPT)" not in (run_dir / "trainer.log").read_text()
 
 
 def test_training_signals_match_a_single_process_reference(tmp_path: Path) -> None:
