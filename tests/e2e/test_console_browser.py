@@ -63,6 +63,7 @@ def test_an_operator_approves_a_rollback_in_the_browser_and_the_run_recovers(
     stack: Stack,  # noqa: F811
     browser: object,
 ) -> None:
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
 
     driver: object = browser
@@ -98,9 +99,18 @@ def test_an_operator_approves_a_rollback_in_the_browser_and_the_run_recovers(
         driver.save_screenshot(str(shots / "run-page-proposal.png"))  # type: ignore[attr-defined]
         assert any("awaits approval" in p["reason"] for p in stack.pages)  # on-call was paged
 
-        form = driver.find_element(By.CSS_SELECTOR, ".decision-pending form[id^=approve-]")  # type: ignore[attr-defined]
-        form.find_element(By.NAME, "reason").send_keys("rollback as OPT did")
-        form.find_element(By.CSS_SELECTOR, "button.approve").click()
+        # The live part is swapped every 5 s but not while a field of its forms has the focus: a swap
+        # between finding the form and typing into it is retried.
+        for _ in range(5):
+            try:
+                form = driver.find_element(By.CSS_SELECTOR, ".decision-pending form[id^=approve-]")  # type: ignore[attr-defined]
+                form.find_element(By.NAME, "reason").send_keys("rollback as OPT did")
+                form.find_element(By.CSS_SELECTOR, "button.approve").click()
+                break
+            except StaleElementReferenceException:
+                continue
+        else:
+            raise AssertionError("the approve form kept being replaced")
 
         def recovered() -> bool:
             return driver.find_element(By.ID, "phase").text == "completed"  # type: ignore[attr-defined]
