@@ -372,6 +372,11 @@ def train(cfg: TrainConfig) -> int:
         if isinstance(ckpt, Path):
             ok, reason = checkpointer.verify(ckpt)
             if not ok:
+                # Every rank has the same verdict (verify gathers them all). Leave together, process group
+                # torn down: a rank that exited with it alive made its peer's gloo threads abort (SIGABRT,
+                # exit 134, read as a signal instead of the corrupt checkpoint).
+                dist.barrier()
+                dist.destroy_process_group()
                 raise CheckpointUnloadable(f"checkpoint {ckpt} is not loadable: {reason}")
         ckpt_path = ckpt.path if isinstance(ckpt, CheckpointInfo) else ckpt
         if ckpt_path is None:

@@ -175,7 +175,7 @@ def test_orchestrator_killed_mid_recovery_finishes_it_once_and_skips_a_corrupt_c
         # The rot is found off the loop (the background re-hash, before the relaunch) or, when that had
         # verified these bytes before they rotted, by the ranks' re-hash at load: that attempt exits 3, the
         # checkpoint is marked corrupt, and the next attempt restores the fallback.
-        assert len(attempts) in (2, 3), [a.exit_reason for a in attempts]
+        assert len(attempts) in (2, 3), ([a.exit_reason for a in attempts], stack.logbook())
         if len(attempts) == 3:
             assert (attempts[1].exit_code, attempts[1].exit_reason) == (3, "crash")
             assert session.get(Checkpoint, attempts[1].restored_from_checkpoint_id).step == rotten
