@@ -5,9 +5,11 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Query
+from sqlalchemy.orm import Session
 
 from service.api.deps import MAX_ID, EntityId, Limit, Offset, Operator, SessionDep, Viewer
 from service.crud import decisions as decisions_crud
+from service.crud.tokens import Principal
 from service.schemas import DecisionApprove, DecisionPublic, DecisionReject, Page
 from service.statemachine import DecisionStatus
 
@@ -42,15 +44,7 @@ def approve_decision(
     decision_id: EntityId, body: DecisionApprove, session: SessionDep, who: Operator
 ) -> DecisionPublic:
     """Carry the proposal out (with the operator's overrides, if given) on the orchestrator's next pass."""
-    decision = decisions_crud.answer_decision(
-        session,
-        decision_id=decision_id,
-        verdict=DecisionStatus.approved,
-        author=who.author,
-        reason=body.reason,
-        overrides=body.overrides.model_dump(exclude_none=True) if body.overrides else None,
-    )
-    return DecisionPublic.model_validate(decision)
+    return _answer(session, decision_id, DecisionStatus.approved, body, who)
 
 
 @router.post("/{decision_id}/reject", response_model=DecisionPublic)
@@ -58,10 +52,20 @@ def reject_decision(
     decision_id: EntityId, body: DecisionReject, session: SessionDep, who: Operator
 ) -> DecisionPublic:
     """Do not carry the proposal out: restart with the operator's overrides instead, or hold the run."""
+    return _answer(session, decision_id, DecisionStatus.rejected, body, who)
+
+
+def _answer(
+    session: Session,
+    decision_id: int,
+    verdict: DecisionStatus,
+    body: DecisionApprove | DecisionReject,
+    who: Principal,
+) -> DecisionPublic:
     decision = decisions_crud.answer_decision(
         session,
         decision_id=decision_id,
-        verdict=DecisionStatus.rejected,
+        verdict=verdict,
         author=who.author,
         reason=body.reason,
         overrides=body.overrides.model_dump(exclude_none=True) if body.overrides else None,
