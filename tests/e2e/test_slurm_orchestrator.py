@@ -272,6 +272,10 @@ def test_node_lost_mid_attempt_is_cordoned_and_the_run_moves_on(stack: Stack) ->
 
 def test_admin_drain_is_respected(stack: Stack) -> None:
     stack.cluster.run(["scontrol", "update", "NodeName=n1", "State=DRAIN", "Reason=fan noise, ticket 4711"])
+    # The orchestrator learns of the drain at the start of its next pass (the scheduler sync); a run created
+    # while a pass that synced just before the drain is still placing runs could land on n1 (CI saw it once
+    # on a loaded machine), so the story starts once trainops knows.
+    wait_for(lambda: stack.node_state("n1")[0] == NodeState.cordoned, 30, "the drain to be synced")
     run_id = stack.create_run("slurm-admin-drain")
     wait_for(lambda: bool(stack.attempts(run_id)), 30, "attempt 1")
     (attempt,) = stack.attempts(run_id)
