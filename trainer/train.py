@@ -36,6 +36,7 @@ from trainer.checkpoint import (
     Checkpointer,
     CheckpointInfo,
     catalog_record,
+    read_meta,
 )
 from trainer.config import ConfigError, TrainConfig, parse_args
 from trainer.contract import (
@@ -278,6 +279,9 @@ def train(cfg: TrainConfig) -> int:
     )
     tokens = np.load(ids_path)
     stream = TokenStream(tokens, seq_len=seq_len, seed=cfg.seed)
+    # The token array's cache key: format, tokenizer (trained or the user's files) and documents. A checkpoint
+    # records it; resuming on other data would silently train on other token ids at the same data position.
+    data_key = ids_path.stem.removeprefix("tokens-")
 
     # ---- model: meta -> FSDP2 shards -> materialise -> seeded init (identical at any world size) ----
     model_cfg = preset_model_config(
@@ -382,6 +386,16 @@ def train(cfg: TrainConfig) -> int:
         if ckpt_path is None:
             log("resume_from=latest: no committed checkpoint yet, starting fresh")
         else:
+            trained_on = read_meta(ckpt_path).get("data_key")
+            if trained_on is not None and trained_on != data_key:
+                dist.barrier()  # every rank reads the same meta and key: leave together (see above)
+                dist.destroy_process_group()
+                raise ConfigError(
+                    f"checkpoint {ckpt_path} was trained on data {trained_on} and this run's corpus, "
+                    f"tokenizer and tokenization give {data_key}: resuming would train on other token ids "
+                    "at the same data position. Resume with the corpus and tokenizer it was trained with, "
+                    "or start a new run"
+                )
             meta, rng = checkpointer.load(ckpt_path, model, optimizer)
             apply_optimizer_config(optimizer, cfg)
             step, tokens_seen, data_position = meta["step"], meta["tokens"], meta["data_position"]
@@ -583,6 +597,7 @@ def train(cfg: TrainConfig) -> int:
                 "world_size": world,
                 "preset": cfg.preset,
                 "precision": cfg.precision,
+                "data_key": data_key,
                 "seq_len": seq_len,
                 "batch_tokens": batch_tokens,
             }

@@ -318,3 +318,39 @@ def test_run_on_a_gpt2_vocab_validates_at_its_last_step_by_default(tmp_path: Pat
     assert [p["step"] for p in points] == [1, 2, 3]
     assert [("val_loss" in p["values"]) for p in points] == [False, False, True]
     assert 0 < points[-1]["values"]["val_loss"] < 20
+
+
+def test_a_checkpoint_resumed_on_other_data_is_refused(tmp_path: Path) -> None:
+    """A checkpoint records the token array's key (format, tokenizer, documents); resuming it on another
+    corpus (or tokenizer, or tokenization) would silently train on other ids at the same data position: the
+    trainer refuses with its configuration exit, which the orchestrator does not retry."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(4):
+        (corpus / f"d{i}.txt").write_text(f"the cat {i} sat on the mat. " * 40)
+    run_dir = tmp_path / "run"
+
+    def train(*flags: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [
+                *(sys.executable, "-m", "trainer.train", "--preset", "tiny", "--precision", "fp32"),
+                *("--micro-batch-size", "2", "--global-batch-tokens", "256", "--threads", "1"),
+                *("--run-dir", str(run_dir), "--checkpoint-interval", "2", *flags),
+            ],
+            cwd=REPO,
+            env=trainer_env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+    first = train("--max-steps", "2", "--corpus", str(corpus))
+    assert first.returncode == 0, explain(first)
+    (corpus / "d0.txt").write_text("a different first document. " * 40)
+    refused = train("--max-steps", "4", "--corpus", str(corpus), "--resume-from", "latest")
+    assert refused.returncode == 2, explain(refused)
+    assert "was trained on data" in refused.stderr and "other token ids" in refused.stderr
+    (corpus / "d0.txt").write_text("the cat 0 sat on the mat. " * 40)  # the data it was trained on
+    resumed = train("--max-steps", "4", "--corpus", str(corpus), "--resume-from", "latest")
+    assert resumed.returncode == 0, explain(resumed)
+    assert [p["step"] for p in metrics(run_dir)][-2:] == [3, 4]
