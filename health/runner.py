@@ -7,6 +7,8 @@ reported as ``timeout`` and the remaining checks continue in a fresh child.
 
 from __future__ import annotations
 
+import contextlib
+import faulthandler
 import io
 import multiprocessing
 import os
@@ -53,6 +55,7 @@ class _CheckProcess(context.ForkServerProcess):
         return _CheckPopen(process_obj)
 
 
+CHILD_GRACE_S = 30.0  # how long past its timeout a check whose worker is gone may still run
 _MP = multiprocessing.get_context("forkserver")
 _MP.set_forkserver_preload(["health.checks.registry", "health.checks.fabric", "health.runner"])
 
@@ -87,10 +90,29 @@ def _die_with_parent() -> None:
         pass  # not Linux: the worker's own kill on timeout still applies
 
 
-def _child_main(names: list[str], ctx: CheckContext, conn: Connection) -> None:
+def _let_the_forkserver_go() -> None:
+    """Close this process's copy of the forkserver's alive pipe. The forkserver hands it to every child it
+    forks, and it exits only once every copy is closed: a check hung in a worker that was killed kept its
+    forkserver alive, the forkserver kept it alive (PR_SET_PDEATHSIG fires when the forkserver dies), and
+    both outlived the worker for good (seen after the suite's killed-worker test)."""
+    server = forkserver._forkserver
+    fd = getattr(server, "_forkserver_alive_fd", None)
+    if fd is not None:
+        with contextlib.suppress(OSError):  # already closed
+            os.close(fd)
+        server._forkserver_alive_fd = None
+
+
+def _child_main(names: list[str], ctx: CheckContext, conn: Connection, timeout_s: float) -> None:
     _die_with_parent()
+    _let_the_forkserver_go()
     for name in names:
-        conn.send(_run_one(name, ctx).to_json())
+        # The worker kills a check past its timeout; should the worker be gone, the check ends itself a
+        # little later (with its traceback on stderr, in the worker's log).
+        faulthandler.dump_traceback_later(timeout_s + CHILD_GRACE_S, exit=True)
+        result = _run_one(name, ctx)
+        faulthandler.cancel_dump_traceback_later()
+        conn.send(result.to_json())
     conn.close()
 
 
@@ -100,7 +122,7 @@ def run_isolated(names: list[str], ctx: CheckContext, *, timeout_s: float) -> li
     remaining = list(names)
     while remaining:
         receiver, sender = _MP.Pipe(duplex=False)
-        child = _CheckProcess(target=_child_main, args=(remaining, ctx, sender), daemon=True)
+        child = _CheckProcess(target=_child_main, args=(remaining, ctx, sender, timeout_s), daemon=True)
         child.start()
         sender.close()
         try:

@@ -262,6 +262,30 @@ def test_quick_and_deep_sweeps_over_real_workers_cordon_only_the_broken_hosts(
 
 @pytest.mark.redis
 @pytest.mark.slow
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (by parent links in /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], list(children.get(pid, []))
+    while todo:
+        child = todo.pop()
+        found.append(child)
+        todo.extend(children.get(child, []))
+    return found
+
+
+def zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return False
+
+
 def test_a_worker_killed_mid_check_makes_its_host_suspect_not_cordoned_nor_healthy(
     redis_fleet: tuple[Fleet, Workers, HealthCelery, Any],
 ) -> None:
@@ -281,8 +305,18 @@ def test_a_worker_killed_mid_check_makes_its_host_suspect_not_cordoned_nor_healt
     )
     thread.start()
     time.sleep(3)  # both wedged hosts are now inside the hung temperature read
+    left_behind = descendants(workers.procs[h[2]].pid)  # its forkserver and the hung check process
+    assert left_behind
     workers.kill(h[2])
     thread.join(60)
+    # Neither outlives the killed worker: the forkserver sees its alive pipe close (the check process no
+    # longer holds a copy) and exits, and the check process dies with it (PR_SET_PDEATHSIG).
+    deadline = time.monotonic() + 20
+    while (alive := [pid for pid in left_behind if Path(f"/proc/{pid}").exists() and not zombie(pid)]) and (
+        time.monotonic() < deadline
+    ):
+        time.sleep(0.2)
+    assert not alive, f"left running after their worker was killed: {alive}"
     [report] = reports
     assert report.missed == [h[2]]
     assert states(factory, h) == {h[0]: NodeState.healthy, h[1]: NodeState.suspect, h[2]: NodeState.suspect}
