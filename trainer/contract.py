@@ -45,6 +45,27 @@ EXIT_LOSS_SCALE_FLOOR = 43
 LOSS_SCALE_FLOOR_VALUE = "loss_scale_floor"  # the `values` name of that event in the step's metric point
 # anything else is a crash; 128 + N (or -N from Popen) is death by signal N
 
+
+def root_cause_exit_code(failed_codes_by_time: Sequence[int]) -> int:
+    """The exit code a multi-rank attempt reports from its failed ranks' codes (earliest first), as torchrun
+    reports a failed worker group, with the trainer's deliberate verdicts first: EXIT_DIVERGED when any rank
+    diverged, else EXIT_LOSS_SCALE_FLOOR, else EXIT_CONFIG when every failed rank refused its configuration,
+    else EXIT_CHECKPOINT_CORRUPT when any rank found its restore point corrupt (its peers' deaths follow from
+    it: a peer inside a collective when it left aborts, a signal that can be stamped earlier), else the code
+    of the rank that failed first."""
+    codes = list(failed_codes_by_time)
+    if not codes:
+        return 1
+    for verdict in (EXIT_DIVERGED, EXIT_LOSS_SCALE_FLOOR):
+        if verdict in codes:
+            return verdict
+    if all(code == EXIT_CONFIG for code in codes):
+        return EXIT_CONFIG
+    if EXIT_CHECKPOINT_CORRUPT in codes:
+        return EXIT_CHECKPOINT_CORRUPT
+    return codes[0]
+
+
 # -- run-directory layout: <run_dir>/... ------------------------------------------------------------------
 CHECKPOINTS_DIR = "checkpoints"
 SPOOL_DIR = "spool"

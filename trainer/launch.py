@@ -17,20 +17,14 @@ import os
 import sys
 
 from trainer.config import ConfigError, parse_args
-from trainer.contract import EXIT_CONFIG, EXIT_DIVERGED, EXIT_LOSS_SCALE_FLOOR
+from trainer.contract import EXIT_CONFIG, root_cause_exit_code
 
 
 def exit_code_of(failures: dict[int, object]) -> int:
     """Contract exit code from torchrun's per-rank failures (objects with .exitcode and .timestamp)."""
-    codes = [int(getattr(f, "exitcode", 1)) for f in failures.values()]
-    for divergence in (EXIT_DIVERGED, EXIT_LOSS_SCALE_FLOOR):
-        if divergence in codes:
-            return divergence
-    if codes and all(c == EXIT_CONFIG for c in codes):
-        return EXIT_CONFIG
-    first = min(failures.values(), key=lambda f: getattr(f, "timestamp", 0))
-    code = int(getattr(first, "exitcode", 1))
-    return 128 - code if code < 0 else code or 1
+    ordered = sorted(failures.values(), key=lambda f: getattr(f, "timestamp", 0))
+    codes = [int(getattr(f, "exitcode", 1)) for f in ordered]
+    return root_cause_exit_code([128 - code if code < 0 else code or 1 for code in codes])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,12 +30,15 @@ def test_exit_codes_are_one_definition_on_both_sides() -> None:
     assert (contract.EXIT_OK, contract.EXIT_CONFIG, contract.EXIT_DIVERGED) == (0, 2, 42)
     for module in (launch, train, detect):
         assert module.EXIT_CONFIG is contract.EXIT_CONFIG
+    for module in (train, detect):
         assert module.EXIT_DIVERGED is contract.EXIT_DIVERGED
+    assert (
+        launch.root_cause_exit_code is contract.root_cause_exit_code
+    )  # one precedence, as the Slurm launcher
     assert train.EXIT_OK is detect.EXIT_OK is contract.EXIT_OK
     assert train.EXIT_CHECKPOINT_CORRUPT is detect.EXIT_CHECKPOINT_CORRUPT is contract.EXIT_CHECKPOINT_CORRUPT
     assert contract.EXIT_CHECKPOINT_CORRUPT == 3
     assert train.EXIT_LOSS_SCALE_FLOOR is detect.EXIT_LOSS_SCALE_FLOOR is contract.EXIT_LOSS_SCALE_FLOOR == 43
-    assert launch.EXIT_LOSS_SCALE_FLOOR is contract.EXIT_LOSS_SCALE_FLOOR
 
 
 @pytest.mark.parametrize(
@@ -268,3 +271,15 @@ def test_run_hyperparameters_accept_the_recipe() -> None:
         {"lr": 6e-4, "weight_decay": 0, "seed": 7, "grad_predivide": False, "checkpoint_mode": "sync"}
     )
     contract.check_run_hyperparameters({"keep_checkpoints": 8, "threads": 1, "pg_timeout_s": 60})
+
+
+def test_the_root_cause_of_a_failed_worker_group_is_the_trainers_verdict_before_the_first_death() -> None:
+    from trainer.contract import root_cause_exit_code
+
+    # a rank found its restore point corrupt and left; its peer, inside a collective, aborted (SIGABRT)
+    # and was stamped first: the attempt is the corrupt checkpoint, not a signal
+    assert root_cause_exit_code([134, 3]) == 3
+    assert root_cause_exit_code([134, 13]) == 134  # no verdict: the first to fail, as torchrun says
+    assert root_cause_exit_code([13, 43, 42]) == 42 and root_cause_exit_code([137, 43]) == 43
+    assert root_cause_exit_code([2, 2]) == 2 and root_cause_exit_code([2, 13]) == 2
+    assert root_cause_exit_code([]) == 1

@@ -46,7 +46,7 @@ from service.fleet.slurm import (
 )
 from service.orchestrator.launchers.base import ATTEMPT_TAG_ENV, LaunchRefused, LaunchSpec, ProcessStatus
 from service.orchestrator.runner import EXIT_FILE
-from service.recovery.detect import EXIT_CONFIG, EXIT_DIVERGED, EXIT_LOSS_SCALE_FLOOR
+from trainer.contract import root_cause_exit_code as contract_root_cause
 
 BATCH_SCRIPT = "slurm-job.sh"
 TASK_EXIT_PREFIX = "exit-node"  # + SLURM_NODEID + ".json": one task's own exit status
@@ -442,9 +442,8 @@ def read_job_exit_status(attempt_dir: Path) -> int | None:
 
 def root_cause_exit_code(tasks: Sequence[tuple[float, int]], job_code: int | None) -> int | None:
     """Exit status of a multi-node attempt from its tasks' `(ended, exit_code)` records, as torchrun (and
-    trainer.launch) report a failed worker group: 42 when any task diverged, else 43 when any stopped at the
-    loss-scale floor, 2 when every failed task
-    rejected the configuration, else the code of the task that failed first. Tasks that srun killed
+    trainer.launch) report a failed worker group (`trainer.contract.root_cause_exit_code`: the trainer's
+    deliberate verdicts first, else the code of the task that failed first). Tasks that srun killed
     (--kill-on-bad-exit) die with their wrapper and leave no record. Without records, or before the job has
     ended (`job_code` None), srun's own status is all there is.
     """
@@ -453,13 +452,7 @@ def root_cause_exit_code(tasks: Sequence[tuple[float, int]], job_code: int | Non
     failed = sorted((ended, code) for ended, code in tasks if code != 0)
     if not failed:
         return job_code
-    codes = [code for _, code in failed]
-    for divergence in (EXIT_DIVERGED, EXIT_LOSS_SCALE_FLOOR):
-        if divergence in codes:
-            return divergence
-    if all(code == EXIT_CONFIG for code in codes):
-        return EXIT_CONFIG
-    return failed[0][1]
+    return contract_root_cause([code for _, code in failed])
 
 
 def _free_port() -> int:
