@@ -256,7 +256,15 @@ class HangOverrides(Strict):
         return self
 
 
-Gate = Literal["lr_cut", "clip_change", "loss_scale_reset", "data_skip", "long_rollback", "over_budget"]
+Gate = Literal[
+    "lr_cut",
+    "clip_change",
+    "loss_scale_reset",
+    "data_skip",
+    "long_rollback",
+    "over_budget",
+    "node_retirement",
+]
 
 
 class ApprovalPolicy(Strict):
@@ -265,10 +273,11 @@ class ApprovalPolicy(Strict):
 
     require: list[Gate] = Field(
         default_factory=list,
-        max_length=6,
+        max_length=7,
         description="lr_cut (a lower LR scale), clip_change, loss_scale_reset, data_skip (skipping batches), "
         "long_rollback (further back than `rollback_steps`), over_budget (a restart past the restart budget "
-        "or the crash-loop rule, which would otherwise page and stop).",
+        "or the crash-loop rule, which would otherwise page and stop), node_retirement (a host of the run "
+        "charged past its lemon limit is cordoned, and retired only once approved).",
     )
     rollback_steps: int = Field(
         1000, ge=0, le=MAX_STEP, description="long_rollback: a restore more than this many steps back."

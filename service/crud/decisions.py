@@ -30,14 +30,29 @@ from service.statemachine import (
 OPEN = (DecisionStatus.pending, DecisionStatus.approved, DecisionStatus.rejected, DecisionStatus.timed_out)
 
 
-def open_decision(session: Session, *, run_id: int) -> Decision | None:
-    """The run's decision not yet carried out, if any."""
-    return session.scalar(
-        sa.select(Decision)
-        .where(Decision.run_id == run_id, Decision.consumed_at.is_(None), Decision.status.in_(OPEN))
-        .order_by(Decision.id.desc())
-        .limit(1)
+RELAUNCH = "relaunch"  # a decision's `proposal["action"]`: the relaunch it gates
+RETIRE_HOSTS = "retire_hosts"  # ... or lemons to retire
+
+
+def decision_action(decision: Decision) -> str:
+    return str((decision.proposal or {}).get("action") or RELAUNCH)
+
+
+def open_decisions(session: Session, *, run_id: int) -> list[Decision]:
+    """The run's decisions not yet carried out, oldest first (at most one per action)."""
+    return list(
+        session.scalars(
+            sa.select(Decision)
+            .where(Decision.run_id == run_id, Decision.consumed_at.is_(None), Decision.status.in_(OPEN))
+            .order_by(Decision.id)
+        )
     )
+
+
+def open_decision(session: Session, *, run_id: int, action: str = RELAUNCH) -> Decision | None:
+    """The run's decision about `action` not yet carried out, if any."""
+    found = [d for d in open_decisions(session, run_id=run_id) if decision_action(d) == action]
+    return found[-1] if found else None
 
 
 def get_decision(session: Session, *, decision_id: int, for_update: bool = False) -> Decision:
@@ -84,9 +99,10 @@ def propose_decision(
     on_timeout: str,
     author: str,
 ) -> Decision:
-    """Record the orchestrator's proposal (idempotent per run: the open one is returned if there is one)."""
-    get_run(session, run_id=run_id, for_update=True)  # one proposal at a time per run
-    existing = open_decision(session, run_id=run_id)
+    """Record the orchestrator's proposal (idempotent per run and action: the open one is returned if
+    there is one)."""
+    get_run(session, run_id=run_id, for_update=True)  # one proposal at a time per run and action
+    existing = open_decision(session, run_id=run_id, action=str(proposal.get("action") or RELAUNCH))
     if existing is not None:
         return existing
     now = utcnow()

@@ -15,10 +15,12 @@ from typing import Any
 from sqlalchemy.orm import Session, sessionmaker
 
 from health.results import Level
+from service.crud.nodes import get_node, transition_node
+from service.db import transaction
 from service.fleet.scheduler import SchedulerAdapter
 from service.fleet.sweep import blame_nodes, charge_nodes, run_sweep
 from service.fleet.sync import SyncReport, sync_schedulers
-from service.statemachine import NodeState
+from service.statemachine import LogKind, NodeState
 
 
 class SweepHealthGateway:
@@ -45,8 +47,9 @@ class SweepHealthGateway:
         evidence: dict[str, Any],
         run_id: int | None,
         offence: str = "hardware",
-    ) -> None:
-        charge_nodes(
+        retire: bool = True,
+    ) -> list[str]:
+        outcomes = charge_nodes(
             self._factory,
             hosts=list(hosts),
             kind=offence,
@@ -57,10 +60,14 @@ class SweepHealthGateway:
             evidence=evidence,
             adapters=self._adapters,
             app=self._app,
+            retire=retire,
         )
+        return [o.host for o in outcomes if o.retirement_withheld]
 
-    def blame(self, hosts: Sequence[str], *, reason: str, run_id: int | None) -> None:
-        blame_nodes(
+    def blame(
+        self, hosts: Sequence[str], *, reason: str, run_id: int | None, retire: bool = True
+    ) -> list[str]:
+        outcomes = blame_nodes(
             self._factory,
             hosts=list(hosts),
             failure=reason,
@@ -68,7 +75,30 @@ class SweepHealthGateway:
             run_id=run_id,
             adapters=self._adapters,
             app=self._app,
+            retire=retire,
         )
+        return [o.host for o in outcomes if o.retirement_withheld]
+
+    def retire(self, hosts: Sequence[str], *, reason: str, run_id: int | None) -> list[str]:
+        """Retire cordoned lemons whose retirement an operator approved; returns those retired (a host an
+        operator meanwhile repaired or retired is left as it is)."""
+        retired = []
+        for host in hosts:
+            with transaction(self._factory) as session:
+                node = get_node(session, hostname=host, for_update=True)
+                if node.state is not NodeState.cordoned:
+                    continue
+                transition_node(
+                    session,
+                    node=node,
+                    target=NodeState.retired,
+                    reason=reason,
+                    author=self._author,
+                    evidence={"run_id": run_id},
+                    kind=LogKind.decision,
+                )
+                retired.append(host)
+        return retired
 
     def deep_check(self, hosts: Sequence[str], *, deadline_s: float) -> dict[str, bool]:
         kwargs: dict[str, Any] = {

@@ -12,7 +12,7 @@ import datetime as dt
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from celery.exceptions import TimeoutError as CeleryTimeout
@@ -45,6 +45,7 @@ class HostOutcome:
     state: NodeState
     reason: str
     results: int
+    retirement_withheld: bool = False  # a lemon kept cordoned: its retirement waits for a human
 
 
 @dataclass(kw_only=True)
@@ -480,10 +481,13 @@ def charge_nodes(
     rules: CordonRules | None = None,
     adapters: Sequence[SchedulerAdapter] = (),
     app: HealthCelery | None = None,
+    retire: bool = True,
 ) -> list[HostOutcome]:
     """Charge ``hosts`` with a hardware failure of this ``kind`` (the lemon score counts it, decayed by
     age) and move each to ``consequence`` (suspect: to be checked; cordoned: a confirmed fault), or retire
-    it when its score reaches the limit. Every move is logged with the offences behind it."""
+    it when its score reaches the limit. Every move is logged with the offences behind it. Without
+    ``retire`` (a run's approval gate) a lemon is cordoned instead and its outcome says the retirement was
+    withheld, for a human to decide."""
     rules = rules or CordonRules.from_config((app or default_app).health_config)
     outcomes: list[HostOutcome] = []
     for host in hosts:
@@ -496,6 +500,11 @@ def charge_nodes(
             decision = decide_offence(
                 state=node.state, offences=offences, consequence=consequence, rules=rules
             )
+            withheld = not retire and decision.target is NodeState.retired
+            if withheld:
+                target = None if node.state is NodeState.cordoned else NodeState.cordoned
+                reason = f"{decision.reason}; retirement awaits an operator's approval (the run's policy)"
+                decision = replace(decision, target=target, reason=reason)
             if decision.target is not None:
                 transition_node(
                     session,
@@ -513,6 +522,7 @@ def charge_nodes(
                 state=node.state,
                 reason=decision.reason,
                 results=0,
+                retirement_withheld=withheld,
             )
         outcomes.append(outcome)
         _mirror(session_factory, outcome, adapters, author)
@@ -529,9 +539,10 @@ def blame_nodes(
     rules: CordonRules | None = None,
     adapters: Sequence[SchedulerAdapter] = (),
     app: HealthCelery | None = None,
+    retire: bool = True,
 ) -> list[HostOutcome]:
     """Blame ``hosts`` for a run failure they are the likely cause of (the ranks furthest behind in a hang):
-    suspect, to be checked, or retired when the lemon score reaches its limit."""
+    suspect, to be checked, or retired when the lemon score reaches its limit (see `charge_nodes`)."""
     return charge_nodes(
         session_factory,
         hosts=hosts,
@@ -543,4 +554,5 @@ def blame_nodes(
         rules=rules,
         adapters=adapters,
         app=app,
+        retire=retire,
     )

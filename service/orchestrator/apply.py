@@ -20,7 +20,7 @@ from typing import Any
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.crud.checkpoints import checkpoint_path_problem, mark_checkpoint
-from service.crud.decisions import close_decision, propose_decision
+from service.crud.decisions import RETIRE_HOSTS, close_decision, propose_decision
 from service.crud.logbook import write_log
 from service.crud.runs import (
     active_attempt,
@@ -46,6 +46,7 @@ from service.orchestrator.decide import (
     MarkFirstStep,
     ObservedRun,
     ProposeDecision,
+    RetireHosts,
     SetPhase,
     WaitForHosts,
     failure_of,
@@ -203,6 +204,7 @@ class Applier:
             Launch: self.launch,
             ProposeDecision: self.propose_decision,
             CloseDecision: self.close_decision,
+            RetireHosts: self.retire_hosts,
             SetPhase: self.set_phase,
             Escalate: self.escalate,
             MarkFirstStep: self.mark_first_step,
@@ -356,22 +358,41 @@ class Applier:
                     author=AUTHOR,
                     evidence={"attempt": attempt.number, **dict(action.evidence)},
                 )
+        # the run's `node_retirement` gate: a lemon is cordoned and its retirement proposed, not carried out
+        retire = "node_retirement" not in observed.approvals.require
+        withheld: list[str] = []
         if action.cordon_hosts:
             with self.fence(f"cordon {', '.join(action.cordon_hosts)}"):
-                self.health.cordon(
+                withheld += self.health.cordon(
                     action.cordon_hosts,
                     reason=f"{action.outcome}: {action.reason}",
                     evidence=dict(action.evidence),
                     run_id=observed.run_id,
                     offence=action.offence,
+                    retire=retire,
                 )
         if action.blame_hosts:
             with self.fence(f"blame {', '.join(action.blame_hosts)}"):
-                self.health.blame(
+                withheld += self.health.blame(
                     action.blame_hosts,
                     reason=f"{action.outcome} of run {observed.name}",
                     run_id=observed.run_id,
+                    retire=retire,
                 )
+        if withheld:
+            policy = observed.approvals
+            self.propose_decision(
+                observed,
+                ProposeDecision(
+                    ("node_retirement",),
+                    f"retire {', '.join(withheld)}: past the lemon limit after {action.outcome} of attempt "
+                    f"{observed.attempt.number}; cordoned meanwhile",
+                    {"action": RETIRE_HOSTS, "hosts": withheld},
+                    {"failure": str(action.outcome), "reason": action.reason},
+                    timeout_s=policy.timeout_s,
+                    on_timeout=policy.on_timeout,
+                ),
+            )
 
     def _restore_point_failed_at_load(self, session: Session, *, attempt: Attempt) -> None:
         """The attempt's ranks re-hashed its restore point at load, each its share, and found bytes that do
@@ -453,6 +474,15 @@ class Applier:
             f"{action.reason}. Approve or reject: trainops decisions approve|reject {decision_id}",
             {"decision": decision_id, "gates": list(action.gates), "proposal": dict(action.proposal)},
         )
+
+    def retire_hosts(self, observed: ObservedRun, action: RetireHosts) -> None:
+        """An answered retirement decision: retire the lemons (approved) or leave them cordoned."""
+        if action.retire:
+            with self.fence(f"retire {', '.join(action.hosts)}"):
+                reason = f"lemon, retirement decided: {action.close.note}"
+                self.health.retire(action.hosts, reason=reason, run_id=observed.run_id)
+        with transaction(self.factory) as session:
+            self._close_decision(session, action.close, attempt_number=None)
 
     def close_decision(self, observed: ObservedRun, action: CloseDecision) -> None:
         with transaction(self.factory) as session:

@@ -89,6 +89,7 @@ class ObservedDecision:
     decided_by: str | None = None
     decision_reason: str | None = None
     operator_overrides: Mapping[str, Any] | None = None
+    action: str = "relaunch"  # relaunch | retire_hosts
 
 
 @dataclass(frozen=True)
@@ -117,7 +118,8 @@ class ObservedRun:
     hang_overrides: Mapping[str, float] = field(default_factory=dict)  # the run's `RunConfig.hang`
     checkpoint_interval: int = 0  # the run's steps between checkpoints (its restart rule's course spans it)
     approvals: ApprovalGates = field(default_factory=ApprovalGates)
-    open_decision: ObservedDecision | None = None
+    open_decision: ObservedDecision | None = None  # about the next relaunch
+    open_retirements: tuple[ObservedDecision, ...] = ()  # lemons of this run waiting to be retired
 
 
 # ---- what decide() asks for ------------------------------------------------------------------------
@@ -159,6 +161,17 @@ class Launch:
 
 
 @dataclass(frozen=True)
+class RetireHosts:
+    """Carry out an answered retirement decision: retire its cordoned lemons (`retire`), or leave them
+    cordoned for an operator; the decision is closed in the same step."""
+
+    decision_id: int
+    hosts: tuple[str, ...]
+    retire: bool
+    close: CloseDecision
+
+
+@dataclass(frozen=True)
 class ProposeDecision:
     """Record a proposal that waits for a human (the run's approval gates), and page."""
 
@@ -196,11 +209,42 @@ class WaitForHosts:
 
 
 Action = (
-    EndAttempt | Launch | SetPhase | Escalate | MarkFirstStep | WaitForHosts | ProposeDecision | CloseDecision
+    EndAttempt
+    | Launch
+    | SetPhase
+    | Escalate
+    | MarkFirstStep
+    | WaitForHosts
+    | ProposeDecision
+    | CloseDecision
+    | RetireHosts
 )
 
 
 def decide(run: ObservedRun, cfg: OrchestratorConfig) -> list[Action]:
+    return _retirements(run) + _decide_run(run, cfg)
+
+
+def _retirements(run: ObservedRun) -> list[Action]:
+    """Lemons of this run kept cordoned under its `node_retirement` gate, once answered (or timed out)."""
+    actions: list[Action] = []
+    for d in run.open_retirements:
+        timed_out = d.status == "pending" and run.now >= d.expires_at
+        if d.status == "pending" and not timed_out:
+            continue
+        hosts = tuple(str(h) for h in d.proposal.get("hosts") or ())
+        retire = d.status == "approved" or (timed_out and d.on_timeout == "approve")
+        who = d.decided_by or "nobody"
+        if timed_out:
+            note = "unanswered in time; the policy " + ("retires them" if retire else "leaves them cordoned")
+        else:
+            note = f"{d.status} by {who}" + (f": {d.decision_reason}" if d.decision_reason else "")
+        note += f"; {', '.join(hosts)} " + ("retired" if retire else "left cordoned for an operator")
+        actions.append(RetireHosts(d.id, hosts, retire, CloseDecision(d.id, "timed_out", note)))
+    return actions
+
+
+def _decide_run(run: ObservedRun, cfg: OrchestratorConfig) -> list[Action]:
     if run.desired == DesiredState.stopped:
         return _decide_stopped(run)
     if run.phase == RunPhase.completed:
@@ -719,6 +763,7 @@ def _decide_idle(run: ObservedRun, cfg: OrchestratorConfig) -> list[Action]:
         crossed += lever_gates(run, plan.overrides, overrides, choice.checkpoint, last)
         if crossed:
             proposal = {
+                "action": "relaunch",
                 "failure": failure.value,
                 "checkpoint_id": choice.checkpoint.id if choice.checkpoint else None,
                 "checkpoint_step": choice.checkpoint.step if choice.checkpoint else None,

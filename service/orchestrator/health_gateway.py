@@ -19,13 +19,22 @@ class HealthGateway(Protocol):
         evidence: dict[str, Any],
         run_id: int | None,
         offence: str = "hardware",
-    ) -> None:
+        retire: bool = True,
+    ) -> list[str]:
         """Cordon `hosts` for a hardware failure of theirs (an `offence` of that kind: it counts to their
-        lemon score; a lemon is retired instead)."""
+        lemon score; a lemon is retired instead, or without `retire` kept cordoned). Returns the lemons whose
+        retirement was withheld."""
         ...
 
-    def blame(self, hosts: Sequence[str], *, reason: str, run_id: int | None) -> None:
-        """`hosts` are the likely cause of a hang: suspect (to be checked), or retired as a lemon."""
+    def blame(
+        self, hosts: Sequence[str], *, reason: str, run_id: int | None, retire: bool = True
+    ) -> list[str]:
+        """`hosts` are the likely cause of a hang: suspect (to be checked), or retired as a lemon (without
+        `retire`, cordoned). Returns the lemons whose retirement was withheld."""
+        ...
+
+    def retire(self, hosts: Sequence[str], *, reason: str, run_id: int | None) -> list[str]:
+        """Retire cordoned lemons (an operator approved it); returns the hosts retired."""
         ...
 
     def deep_check(self, hosts: Sequence[str], *, deadline_s: float) -> dict[str, bool]:

@@ -19,7 +19,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from service.crud.checkpoints import CatalogSource, checkpoint_checksums, upsert_checkpoint
-from service.crud.decisions import open_decision
+from service.crud.decisions import RETIRE_HOSTS, decision_action, open_decision, open_decisions
 from service.crud.nodes import node_states
 from service.crud.runs import busy_hosts_by_run, get_run, list_attempts, record_attempt_allocation
 from service.crud.telemetry import StoredBeat, attempt_heartbeats
@@ -162,6 +162,11 @@ def observe_run(
         hang_overrides={k: float(v) for k, v in (config.get("hang") or {}).items() if v is not None},
         approvals=approval_gates(config.get("approvals")),
         open_decision=observed_decision(open_decision(session, run_id=run_id)),
+        open_retirements=tuple(
+            d
+            for d in map(observed_decision, open_decisions(session, run_id=run_id))
+            if d is not None and d.action == RETIRE_HOSTS
+        ),
     )
 
 
@@ -242,6 +247,7 @@ def observed_decision(decision: Decision | None) -> ObservedDecision | None:
         decided_by=decision.decided_by,
         decision_reason=decision.decision_reason,
         operator_overrides=dict(decision.operator_overrides) if decision.operator_overrides else None,
+        action=decision_action(decision),
     )
 
 

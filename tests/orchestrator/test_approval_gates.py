@@ -17,6 +17,7 @@ from service.orchestrator.decide import (
     ObservedDecision,
     ObservedRun,
     ProposeDecision,
+    RetireHosts,
     SetPhase,
     decide,
 )
@@ -154,3 +155,31 @@ def test_an_operators_restart_or_stop_supersedes_the_open_proposal() -> None:
     assert launch.close_decision is not None and launch.close_decision.status_if_pending == "superseded"
     acts = decide(diverged(open_decision=pending, desired=DesiredState.stopped), CFG)
     assert acts[0] == CloseDecision(7, "superseded", "superseded: the run was asked to stop")
+
+
+def test_answered_retirements_are_carried_out_or_left_to_an_operator() -> None:
+    def retirement(status: str, **kw: Any) -> ObservedDecision:
+        return replace(
+            proposed(status, **kw),
+            id=9,
+            gates=("node_retirement",),
+            proposal={"action": "retire_hosts", "hosts": ["h3"]},
+            action="retire_hosts",
+        )
+
+    def carried(d: ObservedDecision) -> list[RetireHosts]:
+        return [a for a in decide(run(open_retirements=(d,)), CFG) if isinstance(a, RetireHosts)]
+
+    assert carried(retirement("pending")) == []  # waiting for a human
+    [yes] = carried(retirement("approved", decided_by="user:alice"))
+    assert (yes.hosts, yes.retire, yes.close.decision_id) == (("h3",), True, 9)
+    assert yes.close.note == "approved by user:alice; h3 retired"
+    [no] = carried(retirement("rejected", decided_by="user:bob", decision_reason="fan swapped"))
+    assert (
+        not no.retire
+        and no.close.note == "rejected by user:bob: fan swapped; h3 left cordoned for an operator"
+    )
+    [late] = carried(retirement("pending", expires_at=NOW - 1))
+    assert not late.retire  # policy hold
+    [late] = carried(retirement("pending", expires_at=NOW - 1, on_timeout="approve"))
+    assert late.retire and late.close.note.startswith("unanswered in time; the policy retires them")
