@@ -13,6 +13,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -22,6 +23,7 @@ from service.statemachine import DecisionStatus
 from tests.e2e.test_orchestrator_e2e import Stack, in_thread, stack  # noqa: F401  (fixture)
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
+T = TypeVar("T")
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 ARTIFACTS = Path(
@@ -52,11 +54,24 @@ def until(
     condition: Callable[[], bool], *, timeout: float = 180.0, refresh: Callable[[], None] | None = None
 ) -> None:
     deadline = time.monotonic() + timeout
-    while not condition():
+    while not settled(condition):
         assert time.monotonic() < deadline, "timed out"
         time.sleep(1.0)
         if refresh is not None:
             refresh()
+
+
+def settled(read: Callable[[], T]) -> T:
+    """`read` of the page, again when htmx swapped the live part between finding an element and reading it
+    (it replaces the part every 5 s)."""
+    from selenium.common.exceptions import StaleElementReferenceException
+
+    for _ in range(10):
+        try:
+            return read()
+        except StaleElementReferenceException:
+            time.sleep(0.2)
+    return read()
 
 
 def test_an_operator_approves_a_rollback_in_the_browser_and_the_run_recovers(
@@ -92,9 +107,9 @@ def test_an_operator_approves_a_rollback_in_the_browser_and_the_run_recovers(
             return bool(driver.find_elements(By.CSS_SELECTOR, ".decision-pending form.answer"))  # type: ignore[attr-defined]
 
         until(proposal_shown)
-        page = driver.find_element(By.ID, "decisions").text  # type: ignore[attr-defined]
+        page = settled(lambda: driver.find_element(By.ID, "decisions").text)  # type: ignore[attr-defined]
         assert "lr_cut" in page and "LR scale 1 -> 0.5" in page
-        assert driver.find_element(By.ID, "phase").text == "restarting"  # type: ignore[attr-defined]
+        assert settled(lambda: driver.find_element(By.ID, "phase").text) == "restarting"  # type: ignore[attr-defined]
         assert "polyline" in driver.page_source  # the loss curve, drawn from the metrics table  # type: ignore[attr-defined]
         driver.save_screenshot(str(shots / "run-page-proposal.png"))  # type: ignore[attr-defined]
         assert any("awaits approval" in p["reason"] for p in stack.pages)  # on-call was paged
@@ -117,7 +132,7 @@ def test_an_operator_approves_a_rollback_in_the_browser_and_the_run_recovers(
 
         until(recovered, timeout=240.0, refresh=driver.refresh)  # type: ignore[attr-defined]
         driver.save_screenshot(str(shots / "run-page-recovered.png"))  # type: ignore[attr-defined]
-        answered = driver.find_element(By.ID, "decisions").text  # type: ignore[attr-defined]
+        answered = settled(lambda: driver.find_element(By.ID, "decisions").text)  # type: ignore[attr-defined]
         assert "answered by user:oncall: rollback as OPT did" in answered
         assert "carried out by attempt 2" in answered
     finally:
