@@ -75,6 +75,14 @@ def written(factory: sessionmaker[Session]) -> list[str]:
         return list(session.scalars(sa.select(WRITES.c.what)))
 
 
+def kill_leader_session(engine: Engine) -> None:
+    """Drop the leader's lock session, as a dead host's connection is dropped. With a timeout,
+    pg_terminate_backend returns once the backend is gone (its lock freed); without one it only signals it,
+    and a fence checked in between still saw the lock held (CI saw that once)."""
+    with engine.connect() as conn:
+        conn.execute(sa.text("SELECT pg_terminate_backend(:pid, 10000)"), {"pid": leader_session_pid(engine)})
+
+
 @pytest.mark.postgres
 def test_one_leads_the_other_stands_by_and_only_the_leaders_writes_commit(
     pg: tuple[Engine, sessionmaker[Session]], rivals: tuple[PostgresLeadership, PostgresLeadership]
@@ -100,9 +108,9 @@ def test_one_leads_the_other_stands_by_and_only_the_leaders_writes_commit(
     assert written(factory) == ["leader, core insert"]
 
     # The leader's lock session dies (its connection dropped): PostgreSQL frees the lock, the leader's
-    # next write fails its fence although this process still believes it leads ...
-    with engine.connect() as conn:
-        conn.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": leader_session_pid(engine)})
+    # next write fails its fence although this process still believes it leads ... (pg_terminate_backend
+    # waits until the backend is gone: `kill_leader_session`)
+    kill_leader_session(engine)
     assert first.is_leader
     with (
         pytest.raises(LeadershipLost, match="no longer this orchestrator's"),
@@ -140,8 +148,7 @@ def test_a_new_leader_waits_for_the_deposed_leaders_side_effect_in_flight(
         worker = threading.Thread(target=launch)
         worker.start()
         assert inside.wait(10)
-        with engine.connect() as conn:  # the leader's lock session dies mid-launch
-            conn.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": leader_session_pid(engine)})
+        kill_leader_session(engine)  # the leader's lock session dies mid-launch
         taker = threading.Thread(target=lambda: events.append(f"took over: {second.poll() is not None}"))
         taker.start()
         time.sleep(0.5)
@@ -237,8 +244,7 @@ def test_a_leader_whose_lock_session_died_steps_down_then_leads_again_on_a_new_s
     leader = PostgresLeadership(engine, lease_s=2, holder=Holder("host-b", 202))
     try:
         assert leader.poll() is not None
-        with engine.connect() as conn:
-            conn.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": leader_session_pid(engine)})
+        kill_leader_session(engine)
         lost = leader.poll()
         assert lost is not None and not lost.acquired and "lock session failed" in lost.reason
         taken = leader.poll()  # a fresh lock session; nobody else wanted the lock
