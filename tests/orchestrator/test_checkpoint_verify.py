@@ -286,8 +286,10 @@ def test_a_slow_verification_of_one_run_never_delays_another_runs_crash_detectio
         # the small run's checkpoints are judged in the background: step 20's bytes do not match
         wait_for(lambda: (c := checkpoint(small, 20)) is not None and c.state == CheckpointState.corrupt)
         wait_for(lambda: (c := checkpoint(small, 10)) is not None and c.state == CheckpointState.verified)
-        big_ckpt = wait_for(lambda: checkpoint(big, 10))
-        assert big_ckpt.id in orch.checkpoint_verifier.in_flight  # 3 s of hashing ahead of it
+        # the catalog row appears one pass before the pool takes it: wait for the hashing to start
+        in_flight = orch.checkpoint_verifier.in_flight
+        big_ckpt = wait_for(lambda: (c := checkpoint(big, 10)) is not None and c.id in in_flight and c)
+        assert big_ckpt.state == CheckpointState.committed  # 3 s of hashing ahead of it
 
         # the small run crashes while the big run's checkpoint is being hashed
         crashed_at = time.time()
