@@ -244,6 +244,9 @@ def test_follow_shows_each_step_until_the_run_ends(server: LiveServer) -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # as from a terminal: a suite started in the background (`make test &`) ignores SIGINT, and Python
+        # keeps an inherited SIG_IGN instead of raising KeyboardInterrupt
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     assert waiter.stderr is not None
     while "waiting up to 60 s" not in waiter.stderr.readline():  # after the dev-mode admin-token note
