@@ -99,7 +99,8 @@ def test_an_operator_approves_a_rollback_in_the_browser_and_the_run_recovers(
         assert "/ui/login" in driver.current_url  # type: ignore[attr-defined]
         driver.find_element(By.ID, "token").send_keys(token)  # type: ignore[attr-defined]
         driver.find_element(By.ID, "sign-in").click()  # type: ignore[attr-defined]
-        assert driver.current_url.endswith(f"/ui/runs/{run_id}")  # type: ignore[attr-defined]
+        # a click returns before the form's navigation ends: wait for the redirect to land
+        until(lambda: driver.current_url.endswith(f"/ui/runs/{run_id}"), timeout=60.0)  # type: ignore[attr-defined]
         assert driver.get_cookie("trainops_console")["httpOnly"] is True  # type: ignore[attr-defined]
 
         # the divergence ends attempt 1; the proposal appears on the page (htmx refreshes it)
@@ -126,6 +127,12 @@ def test_an_operator_approves_a_rollback_in_the_browser_and_the_run_recovers(
                 continue
         else:
             raise AssertionError("the approve form kept being replaced")
+
+        def answered_in_the_catalog() -> bool:  # the post has landed: a refresh can no longer cancel it
+            with stack.factory() as session:
+                return list_decisions(session, run_id=run_id)[0][0].status != DecisionStatus.pending
+
+        until(answered_in_the_catalog, timeout=60.0)
 
         def recovered() -> bool:
             return driver.find_element(By.ID, "phase").text == "completed"  # type: ignore[attr-defined]
