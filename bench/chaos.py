@@ -734,7 +734,9 @@ def _median(values: Sequence[float | None]) -> float | None:
     return statistics.median(present) if present else None
 
 
-# ---- the fleet-scale extrapolation (docs/goodput.md) -------------------------------------------------
+# ---- the fleet-scale extrapolation from this run's 2-rank costs ------------------------------------------
+# docs/goodput.md's table takes the fleet simulator's costs at 8,192 ranks instead (bench/fleet_sim.py
+# `fleet_table`, which uses `ettr` below).
 
 # Llama 3 (Dubey et al., 2024): 419 unexpected interruptions in a 54-day snapshot of 16,384 H100s.
 FLEET_MTBF_S = 54 * 24 * 3600 / 419  # one failure every ~3.1 h
@@ -768,7 +770,8 @@ def fleet_table(trainops: SupervisorResult) -> str:
         default=0.0,
     )
     lines = [
-        f"Fleet extrapolation (docs/goodput.md): MTBF {FLEET_MTBF_S / 3600:.2f} h, detection {detect:.1f} s "
+        "Fleet extrapolation from this run's costs (docs/goodput.md's table: bench/fleet_sim.py): "
+        f"MTBF {FLEET_MTBF_S / 3600:.2f} h, detection {detect:.1f} s "
         f"and supervisor time {supervisor:.1f} s per failure (worst measured above, divergence excluded), "
         f"checkpoint stall {FLEET_CHECKPOINT_STALL_S:g} s",
         "| checkpoint interval | start-up 60 s | start-up 120 s | start-up 300 s |",

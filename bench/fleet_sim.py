@@ -2,6 +2,7 @@
 
     PYTHONPATH=. .venv/bin/python bench/fleet_sim.py     # 1,024 hosts x 8 ranks, then 1/10/100 runs
     PYTHONPATH=. .venv/bin/python bench/fleet_sim.py --fleet-hosts 256 --runs 1 10 --json out.json
+    PYTHONPATH=. .venv/bin/python bench/fleet_sim.py --from-costs out.json   # the week and table only
 
 What is real: PostgreSQL (a database of its own, dropped at the end), the API served by uvicorn with several
 worker processes on a free port, and `trainops orchestrator` as its own process, which launches every attempt
@@ -25,8 +26,12 @@ compressed:
    measured.
 2. *The week* is a discrete-event timeline (`week_timeline`): failures drawn from the Llama 3 mix at its rate
    for this many GPUs, 2 divergences, checkpoints every `--checkpoint-min`, and per failure class the
-   detection, decision and wasted-relaunch costs measured in part 1; start-up at scale (process launch, NCCL
-   init, checkpoint load) is not measurable here and is shown for 60, 120 and 300 s.
+   detection, decision and wasted-relaunch costs measured in part 1, plus the deep check before relaunching
+   after a hardware failure, which the live phases turn off (`--deep-check-s`, default its 120 s deadline:
+   an upper bound); start-up at scale (process launch, NCCL init, checkpoint load) is not measurable here and
+   is shown for 60, 120 and 300 s. The same costs, weighted by the Llama 3 mix, give docs/goodput.md's table
+   of expected ETTR per checkpoint interval (`fleet_table`). `--from-costs` prints both from a report's or a
+   recorded file's per-class costs (bench/recorded/) without the live phases.
 
 Reported: false actions (hang, divergence, straggler, cordon of a host nobody broke; goal 0), detection
 latency per failure class, the reconcile pass time and the orchestrator's CPU per pass at 1, 10 and 100
@@ -64,6 +69,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.chaos import ettr as expected_ettr  # noqa: E402
 from bench.ingest import DEFAULT_ADMIN_DSN, Server, _pg_url  # noqa: E402
 from bench.sim_ranks import (  # noqa: E402
     EVENTS_FILE,
@@ -75,6 +81,7 @@ from bench.sim_ranks import (  # noqa: E402
 )
 from service.orchestrator.launchers.base import ATTEMPT_TAG_ENV, LaunchSpec, ProcessStatus  # noqa: E402
 from service.orchestrator.launchers.local import _pid_alive, _reap, _signal  # noqa: E402
+from service.recovery.config import RemediationConfig  # noqa: E402
 from trainer import contract  # noqa: E402
 
 ADMIN = {
@@ -110,6 +117,14 @@ FAILURE_WORDS = {
 }
 EXPECTED_OUTCOME = {"crash": {"crash"}, "hang": {"hang"}, "diverge": {"divergence"}}
 HARDWARE_KINDS = ("gpu", "host", "maintenance")
+# Before relaunching after a failure it classifies as hardware (these three: a GPU or host fault once the host
+# agent's report cordoned the host, the scheduler's drain), the orchestrator runs deep diagnostics on the next
+# attempt's hosts and the launch waits for them (`deep_check_before_relaunch`, on by default). The live phases
+# turn them off (the simulated hosts have no health workers), and no bench here measures a deep sweep
+# (bench/fleet_sweep.py times quick sweeps only), so the week charges their deadline: an upper bound (DCGM's
+# level 2, the analogue, takes about 2 minutes a node).
+DEEP_CHECK_KINDS = HARDWARE_KINDS
+DEEP_CHECK_S = RemediationConfig().deep_check_deadline_s
 
 
 # ---- the launcher the orchestrator loads ---------------------------------------------------------------
@@ -1107,6 +1122,13 @@ def class_costs(failures: Sequence[dict[str, Any]]) -> dict[str, ClassCost]:
     return out
 
 
+def restart_s(kind: str, cost: ClassCost, *, startup_s: float, deep_check_s: float) -> float:
+    """A failure's time from recorded to training again: its decisions, the deep check when its class gets
+    one, and one start-up per launch."""
+    deep = deep_check_s if kind in DEEP_CHECK_KINDS else 0.0
+    return cost.decision_s + deep + cost.launches * startup_s
+
+
 def week_timeline(
     costs: Mapping[str, ClassCost],
     *,
@@ -1118,65 +1140,159 @@ def week_timeline(
     val_s: float,
     divergences: int,
     divergence_rollback_s: float,
+    deep_check_s: float = DEEP_CHECK_S,
     days: float = 7.0,
     seed: int = 0,
+    events: Sequence[tuple[float, str]] | None = None,
 ) -> dict[str, Any]:
     """ETTR of one simulated week: productive training time / wall time.
 
     Failures arrive as a Poisson process at the Llama 3 rate scaled to `gpus` (419 in 54 days on 16,384),
     their class drawn from its mix; `divergences` more at uniformly random times. A failure loses the progress
-    since the last checkpoint, plus the class's measured detection and decisions and one start-up per launch;
-    a divergence loses `divergence_rollback_s` instead (its restore point lies before its onset; measured
-    live). Checkpoints stall the loop `save_stall_s` every `checkpoint_s` of progress, validation `val_s`
-    every `val_every_s`. A class without a live measurement is charged the worst measured class's costs (and
-    listed)."""
+    since the last checkpoint, plus the class's measured detection and decisions, `deep_check_s` for the
+    classes the orchestrator deep-checks hosts after (DEEP_CHECK_KINDS), and one start-up per launch; a
+    divergence loses `divergence_rollback_s` instead (its restore point lies before its onset; measured
+    live). A failure that arrives while the run is down (another host dies during the relaunch's start-up)
+    loses no progress, but the restart in progress: the run stays down until the new failure's own
+    detection, decisions, deep check and start-ups are over, counted from its arrival (or until the restart
+    in progress would have ended, when that is later). A divergence drawn while the run is down happens when
+    it trains again. Checkpoints stall the loop `save_stall_s` every `checkpoint_s` of progress, validation
+    `val_s` every `val_every_s`. A class without a live measurement is charged the worst measured class's
+    costs (and listed). `events` ((fleet second, class), divergences included) replays a given week instead
+    of drawing one."""
     rng = random.Random(seed)
     wall_end = days * 86400
     rate = LLAMA3_INTERRUPTIONS / (LLAMA3_DAYS * 86400) * gpus / LLAMA3_GPUS
     kinds, weights = zip(*FAILURE_MIX.items(), strict=True)
     worst = max(costs.values(), key=lambda c: c.detect_s + c.decision_s) if costs else ClassCost(0, 0, 1, 0)
-    events: list[tuple[float, str]] = []
-    t = 0.0
-    while (t := t + rng.expovariate(rate)) < wall_end:
-        events.append((t, rng.choices(kinds, weights)[0]))
-    events += [(rng.uniform(0, wall_end), "diverge") for _ in range(divergences)]
-    events.sort()
+    if events is None:
+        drawn: list[tuple[float, str]] = []
+        t = 0.0
+        while (t := t + rng.expovariate(rate)) < wall_end:
+            drawn.append((t, rng.choices(kinds, weights)[0]))
+        drawn += [(rng.uniform(0, wall_end), "diverge") for _ in range(divergences)]
+        events = drawn
+    events = sorted(events)
     overhead = 1 + save_stall_s / checkpoint_s + (val_s / val_every_s if val_every_s else 0.0)
-    productive = lost_recompute = lost_detect = lost_restart = 0.0
+    productive = lost_recompute = lost_detect = lost_restart = lost_deep = lost_during_restart = 0.0
     now, since_checkpoint = 0.0, 0.0
     counts: dict[str, int] = {}
+    during_restart = 0
     charged_worst: set[str] = set()
-    for at, kind in events:
-        if at < now:
-            continue  # arrived while the run was down: it changes nothing
-        progress = (at - now) / overhead
-        productive += progress
-        since_checkpoint = (since_checkpoint + progress) % checkpoint_s
+    for drawn_at, kind in events:
         cost = costs.get(kind)
         if cost is None:
             cost, _ = worst, charged_worst.add(kind)
+        deep = deep_check_s if kind in DEEP_CHECK_KINDS else 0.0
+        down_s = cost.detect_s + restart_s(kind, cost, startup_s=startup_s, deep_check_s=deep_check_s)
+        counts[kind] = counts.get(kind, 0) + 1
+        at = max(drawn_at, now) if kind == "diverge" else drawn_at
+        if at < now:
+            ends = max(now, at + down_s)
+            lost_during_restart += ends - now
+            now = ends
+            during_restart += 1
+            continue
+        progress = (at - now) / overhead
+        productive += progress
+        since_checkpoint = (since_checkpoint + progress) % checkpoint_s
         lost = divergence_rollback_s if kind == "diverge" else since_checkpoint
         productive -= min(lost, productive)
         lost_recompute += lost
         lost_detect += cost.detect_s
-        lost_restart += cost.decision_s + cost.launches * startup_s
-        now = at + cost.detect_s + cost.decision_s + cost.launches * startup_s
+        lost_deep += deep
+        lost_restart += down_s - cost.detect_s - deep
+        now = at + down_s
         since_checkpoint = 0.0
-        counts[kind] = counts.get(kind, 0) + 1
     if now < wall_end:
         productive += (wall_end - now) / overhead
     return {
         "ettr": productive / wall_end,
         "failures": counts,
+        "failures_during_restart": during_restart,
+        "deep_check_s": deep_check_s,
         "lost_h": {
             "recompute": lost_recompute / 3600,
             "detection": lost_detect / 3600,
             "restart": lost_restart / 3600,
-            "checkpoint_and_validation": (wall_end - productive - lost_recompute - lost_detect - lost_restart)
+            "deep_check": lost_deep / 3600,
+            "failure_during_restart": lost_during_restart / 3600,
+            "checkpoint_and_validation": (
+                wall_end
+                - productive
+                - lost_recompute
+                - lost_detect
+                - lost_restart
+                - lost_deep
+                - lost_during_restart
+            )
             / 3600,
         },
         "charged_worst_class": sorted(charged_worst),
     }
+
+
+def mix_costs(costs: Mapping[str, ClassCost], *, deep_check_s: float = DEEP_CHECK_S) -> dict[str, float]:
+    """Expected costs of one interruption drawn from the Llama 3 mix (divergences left out: they are rare
+    and their cost is a deliberate rollback): detection, decisions, deep check and launches, each weighted by
+    its class's share; a class without a measurement is charged the worst measured class, as in the week."""
+    worst = max(costs.values(), key=lambda c: c.detect_s + c.decision_s)
+    total = sum(FAILURE_MIX.values())
+    out = {"detect_s": 0.0, "decision_s": 0.0, "deep_check_s": 0.0, "launches": 0.0}
+    for kind, share in FAILURE_MIX.items():
+        cost, w = costs.get(kind, worst), share / total
+        out["detect_s"] += w * cost.detect_s
+        out["decision_s"] += w * cost.decision_s
+        out["deep_check_s"] += w * (deep_check_s if kind in DEEP_CHECK_KINDS else 0.0)
+        out["launches"] += w * cost.launches
+    return out
+
+
+def fleet_table(
+    costs: Mapping[str, ClassCost],
+    *,
+    deep_check_s: float = DEEP_CHECK_S,
+    gpus: int = LLAMA3_GPUS,
+    save_stall_s: float = SimParams.save_stall_s,
+    checkpoint_min: Sequence[float] = (2, 3, 5, 10, 30),
+    startups_s: Sequence[float] = (60, 120, 300),
+) -> dict[str, Any]:
+    """docs/goodput.md's fleet table from measured per-class costs: expected ETTR
+    (1 - s / C) x (1 - (D + R + launches x L + C / 2) / M) (`bench.chaos.ettr`) with D, R (decisions plus
+    deep check) and launches the Llama 3 mix's weighted means of `costs` (`mix_costs`), M the Llama 3 mean
+    time between interruptions for `gpus`, per checkpoint interval C and start-up L."""
+    mix = mix_costs(costs, deep_check_s=deep_check_s)
+    mtbf_s = LLAMA3_DAYS * 86400 / LLAMA3_INTERRUPTIONS * LLAMA3_GPUS / gpus
+    rows = {
+        f"{minutes:g}": {
+            f"{startup:g}": expected_ettr(
+                mtbf_s=mtbf_s,
+                detect_s=mix["detect_s"],
+                supervisor_s=mix["decision_s"] + mix["deep_check_s"],
+                startup_s=mix["launches"] * startup,
+                checkpoint_interval_s=60 * minutes,
+                checkpoint_stall_s=save_stall_s,
+            )
+            for startup in startups_s
+        }
+        for minutes in checkpoint_min
+    }
+    return {"gpus": gpus, "mtbf_s": mtbf_s, "save_stall_s": save_stall_s, **mix, "ettr": rows}
+
+
+def render_fleet_table(table: Mapping[str, Any]) -> str:
+    startups = list(next(iter(table["ettr"].values())))
+    lines = [
+        f"Expected ETTR, Llama 3 mix on {table['gpus']:,} GPUs (MTBF {table['mtbf_s'] / 3600:.2f} h): "
+        f"detection {table['detect_s']:.1f} s, decisions {table['decision_s']:.1f} s, deep check "
+        f"{table['deep_check_s']:.1f} s, {table['launches']:.2f} launches per interruption; "
+        f"checkpoint stall {table['save_stall_s']:g} s",
+        "| checkpoint interval C | " + " | ".join(f"L = {s} s" for s in startups) + " |",
+        "|---|" + "---:|" * len(startups),
+    ]
+    for minutes, row in table["ettr"].items():
+        lines.append(f"| {minutes} min | " + " | ".join(f"{100 * v:.1f} %" for v in row.values()) + " |")
+    return "\n".join(lines)
 
 
 # ---- the whole bench -----------------------------------------------------------------------------------
@@ -1284,20 +1400,6 @@ def summarize(results: Sequence[dict[str, Any]], opts: Options, args: argparse.N
         if rolled_back
         else checkpoint_steps(opts) * opts.step_s / 2 + costs.get("diverge", ClassCost(0, 0, 1, 0)).detect_s
     )
-    ettr = {}
-    for startup in (60.0, 120.0, 300.0):
-        ettr[f"L={startup:g}s"] = week_timeline(
-            costs,
-            gpus=gpus,
-            startup_s=startup,
-            checkpoint_s=args.week_checkpoint_min * 60,
-            save_stall_s=SimParams.save_stall_s,
-            val_every_s=0.0,  # validation is the recipe's choice, not a cost of failures (docs/goodput.md)
-            val_s=0.0,
-            divergences=2,
-            divergence_rollback_s=rollback,
-            seed=opts.seed,
-        )
     false_actions = [fa for r in results for fa in r["false_actions"]]
     return {
         "command": " ".join(sys.argv),
@@ -1313,7 +1415,51 @@ def summarize(results: Sequence[dict[str, Any]], opts: Options, args: argparse.N
         "detection": detection,
         "class_costs": {k: asdict(v) for k, v in costs.items()},
         "scaling": scaling,
-        "ettr_week": {"gpus": gpus, "divergence_rollback_s": rollback, **ettr},
+        **week_report(costs, gpus=gpus, divergence_rollback_s=rollback, args=args),
+    }
+
+
+def week_report(
+    costs: Mapping[str, ClassCost], *, gpus: int, divergence_rollback_s: float, args: argparse.Namespace
+) -> dict[str, Any]:
+    """What the measured per-class costs mean for a fleet: the simulated week at 60, 120 and 300 s of
+    start-up, and docs/goodput.md's table of expected ETTR per checkpoint interval."""
+    ettr = {
+        f"L={startup:g}s": week_timeline(
+            costs,
+            gpus=gpus,
+            startup_s=startup,
+            checkpoint_s=args.week_checkpoint_min * 60,
+            save_stall_s=SimParams.save_stall_s,
+            val_every_s=0.0,  # validation is the recipe's choice, not a cost of failures (docs/goodput.md)
+            val_s=0.0,
+            divergences=2,
+            divergence_rollback_s=divergence_rollback_s,
+            deep_check_s=args.deep_check_s,
+            seed=args.seed,
+        )
+        for startup in (60.0, 120.0, 300.0)
+    }
+    return {
+        "ettr_week": {"gpus": gpus, "divergence_rollback_s": divergence_rollback_s, **ettr},
+        "fleet_table": fleet_table(costs, deep_check_s=args.deep_check_s),
+    }
+
+
+def from_costs(args: argparse.Namespace) -> dict[str, Any]:
+    """The week and the fleet table again from recorded per-class costs, without the live phases: a report
+    written by `--json`, or a file with the same `class_costs` and `ettr_week` (gpus, divergence_rollback_s)
+    sections (bench/recorded/)."""
+    recorded = json.loads(Path(args.from_costs).read_text())
+    costs = {kind: ClassCost(**cost) for kind, cost in recorded["class_costs"].items()}
+    week = recorded["ettr_week"]
+    return {
+        "from_costs": args.from_costs,
+        "week_checkpoint_min": args.week_checkpoint_min,
+        "class_costs": recorded["class_costs"],
+        **week_report(
+            costs, gpus=week["gpus"], divergence_rollback_s=week["divergence_rollback_s"], args=args
+        ),
     }
 
 
@@ -1369,12 +1515,21 @@ def render(report: Mapping[str, Any]) -> str:
             f"fleet {d['fleet_detect_s_median']:.1f} s; "
             f"decision {f(d['decision_s_median'], '.1f')} s; wasted relaunches {d['wasted_relaunches']}"
         )
-    lines += ["", f"false actions: {report['false_actions_total']}"]
-    lines += [f"  {fa}" for fa in report["false_actions"]]
-    week = report["ettr_week"]
     lines += [
         "",
-        f"ETTR of a simulated week on {week['gpus']} GPUs (Llama 3 failure rate and mix, 2 divergences):",
+        f"false actions: {report['false_actions_total']}",
+        *(f"  {fa}" for fa in report["false_actions"]),
+    ]
+    return "\n".join([*lines, "", render_week(report)])
+
+
+def render_week(report: Mapping[str, Any]) -> str:
+    week = report["ettr_week"]
+    deep = next(v["deep_check_s"] for k, v in week.items() if k.startswith("L="))
+    lines = [
+        f"ETTR of a simulated week on {week['gpus']} GPUs (Llama 3 failure rate and mix, 2 divergences, "
+        f"checkpoints every {report['week_checkpoint_min']:g} min, deep check before relaunching after "
+        f"{'/'.join(DEEP_CHECK_KINDS)} faults charged {deep:g} s):",
     ]
     for key, value in week.items():
         if key.startswith("L="):
@@ -1386,8 +1541,9 @@ def render(report: Mapping[str, Any]) -> str:
                     if value["charged_worst_class"]
                     else ""
                 )
+                + f"  ({value['failures_during_restart']} during a restart)"
             )
-    return "\n".join(lines)
+    return "\n".join([*lines, "", render_fleet_table(report["fleet_table"])])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1437,6 +1593,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=10.0,
         help="fleet minutes between checkpoints in the week",
     )
+    parser.add_argument(
+        "--deep-check-s",
+        type=float,
+        default=DEEP_CHECK_S,
+        help="what the week charges for the deep check before relaunching after a hardware failure "
+        "(default: its deadline, an upper bound; the live phases run without it)",
+    )
+    parser.add_argument(
+        "--from-costs",
+        help="no live phases: the week and the fleet table from the class costs of a report (--json) or "
+        "of a recorded file (bench/recorded/)",
+    )
     parser.add_argument("--api-workers", type=int, default=3)
     parser.add_argument("--loop-interval-s", type=float, default=1.0, help="the orchestrator's loop interval")
     parser.add_argument("--seed", type=int, default=1)
@@ -1451,8 +1619,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     # a SIGTERM unwinds like Ctrl-C: every phase's finally stops its processes and drops its database
     signal.signal(signal.SIGTERM, lambda _signum, _frame: sys.exit(128 + signal.SIGTERM))
-    report = run_bench(args)
-    print(render(report), flush=True)
+    if args.from_costs:
+        report = from_costs(args)
+        print(render_week(report), flush=True)
+    else:
+        report = run_bench(args)
+        print(render(report), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1, default=str))
     return report
