@@ -255,6 +255,71 @@ def query_metrics(
     return MetricRows(out, total, width, skipped)
 
 
+@dataclass(frozen=True)
+class CurveRows:
+    rows: list[
+        dict[str, Any]
+    ]  # attempt, abandoned, step, and per field its mean, `<field>_min`, `<field>_max`
+    total: int  # rows stored
+    bucket_steps: int  # steps per bucket; 1 = every stored step
+    skipped: int  # stored rows that could not be read (READABLE_TIME_*), left out
+
+
+def metric_curves(
+    session: Session,
+    *,
+    run_id: int,
+    fields: Sequence[str],
+    abandoned_after: Mapping[int, int],
+    max_points: int,
+) -> CurveRows:
+    """A run's curves per attempt, for charts: every stored step up to ``max_points`` rows, beyond that
+    equal step buckets (aligned across attempts) computed in the database. Buckets never mix attempts, nor
+    an attempt's surviving steps with those a later attempt rolled back past (``abandoned_after``: attempt
+    -> the step after which its rows were recomputed), and each keeps its minimum and maximum besides the
+    mean, so a one-step spike in a long run stays visible."""
+    where = [Metric.run_id == run_id]
+    stats = session.execute(
+        sa.select(sa.func.count(), sa.func.min(Metric.step), sa.func.max(Metric.step)).where(*where)
+    ).one()
+    total, lo, hi = int(stats[0]), stats[1], stats[2]
+    if total == 0:
+        return CurveRows([], 0, 1, 0)
+    readable = int(session.scalar(sa.select(sa.func.count()).where(*where, readable_time())) or 0)
+    where.append(readable_time())
+    width = 1 if total <= max_points else max(1, math.ceil((hi - lo + 1) / max_points))
+    cutoffs = [(Metric.attempt == a, Metric.step > step) for a, step in sorted(abandoned_after.items())]
+    abandoned = sa.case(*cutoffs, else_=sa.false()) if cutoffs else sa.false()
+    names = [f for f in fields if f in FLOAT_FIELDS]
+    # A subquery, so the outer GROUP BY names plain columns (PostgreSQL does not match two copies of an
+    # expression with bound parameters in SELECT and GROUP BY).
+    inner = (
+        sa.select(
+            Metric.attempt.label("attempt"),
+            abandoned.label("abandoned"),
+            ((Metric.step - lo) // width).label("bucket"),
+            Metric.step.label("step"),
+            *[getattr(Metric, f).label(f) for f in names],
+        )
+        .where(*where)
+        .subquery()
+    )
+    query = (
+        sa.select(
+            inner.c.attempt,
+            inner.c.abandoned,
+            sa.func.min(inner.c.step).label("step"),
+            *[sa.func.avg(inner.c[f]).label(f) for f in names],
+            *[sa.func.min(inner.c[f]).label(f"{f}_min") for f in names],
+            *[sa.func.max(inner.c[f]).label(f"{f}_max") for f in names],
+        )
+        .group_by(inner.c.attempt, inner.c.abandoned, inner.c.bucket)
+        .order_by(inner.c.attempt, sa.func.min(inner.c.step))
+    )
+    rows = [{**r, "abandoned": bool(r["abandoned"])} for r in session.execute(query).mappings()]
+    return CurveRows(rows, total, width, total - readable)
+
+
 def _row(m: Metric) -> dict[str, Any]:
     return {
         "step": m.step,
