@@ -199,6 +199,24 @@ class MetricRows:
     skipped: int  # stored rows in the range that could not be read (READABLE_TIME_*), left out
 
 
+def _stored_range(
+    session: Session, *, run_id: int, where: Sequence[sa.ColumnElement[bool]]
+) -> tuple[int, int, int, int]:
+    """The stored rows matching `where`: how many, their lowest and highest step, and how many of them
+    cannot be read (READABLE_TIME_*; logged)."""
+    stats = session.execute(
+        sa.select(sa.func.count(), sa.func.min(Metric.step), sa.func.max(Metric.step)).where(*where)
+    ).one()
+    total, lo, hi = int(stats[0]), stats[1], stats[2]
+    if total == 0:
+        return 0, 0, 0, 0
+    readable = int(session.scalar(sa.select(sa.func.count()).where(*where, readable_time())) or 0)
+    skipped = total - readable
+    if skipped:
+        log.warning("run %s: %d stored metric rows have an unreadable time and are left out", run_id, skipped)
+    return total, lo, hi, skipped
+
+
 def query_metrics(
     session: Session,
     *,
@@ -218,16 +236,9 @@ def query_metrics(
         where.append(Metric.step <= end_step)
     if attempt is not None:
         where.append(Metric.attempt == attempt)
-    stats = session.execute(
-        sa.select(sa.func.count(), sa.func.min(Metric.step), sa.func.max(Metric.step)).where(*where)
-    ).one()
-    total, lo, hi = int(stats[0]), stats[1], stats[2]
+    total, lo, hi, skipped = _stored_range(session, run_id=run_id, where=where)
     if total == 0:
         return MetricRows([], 0, 1, 0)
-    readable = int(session.scalar(sa.select(sa.func.count()).where(*where, readable_time())) or 0)
-    skipped = total - readable
-    if skipped:
-        log.warning("run %s: %d stored metric rows have an unreadable time and are left out", run_id, skipped)
     where.append(readable_time())
     if total <= max_points:
         rows = session.scalars(sa.select(Metric).where(*where).order_by(Metric.step, Metric.attempt)).all()
@@ -279,13 +290,9 @@ def metric_curves(
     -> the step after which its rows were recomputed), and each keeps its minimum and maximum besides the
     mean, so a one-step spike in a long run stays visible."""
     where = [Metric.run_id == run_id]
-    stats = session.execute(
-        sa.select(sa.func.count(), sa.func.min(Metric.step), sa.func.max(Metric.step)).where(*where)
-    ).one()
-    total, lo, hi = int(stats[0]), stats[1], stats[2]
+    total, lo, hi, skipped = _stored_range(session, run_id=run_id, where=where)
     if total == 0:
         return CurveRows([], 0, 1, 0)
-    readable = int(session.scalar(sa.select(sa.func.count()).where(*where, readable_time())) or 0)
     where.append(readable_time())
     width = 1 if total <= max_points else max(1, math.ceil((hi - lo + 1) / max_points))
     cutoffs = [(Metric.attempt == a, Metric.step > step) for a, step in sorted(abandoned_after.items())]
@@ -317,7 +324,7 @@ def metric_curves(
         .order_by(inner.c.attempt, sa.func.min(inner.c.step))
     )
     rows = [{**r, "abandoned": bool(r["abandoned"])} for r in session.execute(query).mappings()]
-    return CurveRows(rows, total, width, total - readable)
+    return CurveRows(rows, total, width, skipped)
 
 
 def _row(m: Metric) -> dict[str, Any]:
