@@ -141,14 +141,15 @@ def restore_choice(
     while an attempt runs, or after a clean end, what a divergence now would restore (labelled as such)."""
     last = attempts[-1] if attempts else None
     failure = None
-    if last is not None and last.ended_at is not None and last.exit_reason in FailureClass.__members__:
-        failure = FailureClass(last.exit_reason)
-    if failure is not None:
-        situation = f"restart after attempt {last.number}'s {failure.value}"  # type: ignore[union-attr]
-    elif last is not None and last.ended_at is None:
-        situation = f"if attempt {last.number} diverged now"
-    else:
+    if last is None:
         situation = "if the run diverged now"
+    elif last.ended_at is None:
+        situation = f"if attempt {last.number} diverged now"
+    elif last.exit_reason in FailureClass.__members__:
+        failure = FailureClass(last.exit_reason)
+        situation = f"restart after attempt {last.number}'s {failure.value}"
+    else:  # a clean end (completed, stopped): a start resumes; a divergence is the what-if that matters
+        situation = f"if the run diverged now (attempt {last.number} ended {last.exit_reason or 'cleanly'})"
     preview = restart_preview(session, run_id=run_id, failure=failure or FailureClass.divergence, cfg=cfg)
     step = preview.choice.checkpoint.step if preview.choice.checkpoint else None
     return RestoreChoice(situation=situation, step=step, reason=preview.choice.reason)
