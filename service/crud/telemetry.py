@@ -199,6 +199,24 @@ class MetricRows:
     skipped: int  # stored rows in the range that could not be read (READABLE_TIME_*), left out
 
 
+def _stored_range(
+    session: Session, *, run_id: int, where: Sequence[sa.ColumnElement[bool]]
+) -> tuple[int, int, int, int]:
+    """The stored rows matching `where`: how many, their lowest and highest step, and how many of them
+    cannot be read (READABLE_TIME_*; logged)."""
+    stats = session.execute(
+        sa.select(sa.func.count(), sa.func.min(Metric.step), sa.func.max(Metric.step)).where(*where)
+    ).one()
+    total, lo, hi = int(stats[0]), stats[1], stats[2]
+    if total == 0:
+        return 0, 0, 0, 0
+    readable = int(session.scalar(sa.select(sa.func.count()).where(*where, readable_time())) or 0)
+    skipped = total - readable
+    if skipped:
+        log.warning("run %s: %d stored metric rows have an unreadable time and are left out", run_id, skipped)
+    return total, lo, hi, skipped
+
+
 def query_metrics(
     session: Session,
     *,
@@ -218,16 +236,9 @@ def query_metrics(
         where.append(Metric.step <= end_step)
     if attempt is not None:
         where.append(Metric.attempt == attempt)
-    stats = session.execute(
-        sa.select(sa.func.count(), sa.func.min(Metric.step), sa.func.max(Metric.step)).where(*where)
-    ).one()
-    total, lo, hi = int(stats[0]), stats[1], stats[2]
+    total, lo, hi, skipped = _stored_range(session, run_id=run_id, where=where)
     if total == 0:
         return MetricRows([], 0, 1, 0)
-    readable = int(session.scalar(sa.select(sa.func.count()).where(*where, readable_time())) or 0)
-    skipped = total - readable
-    if skipped:
-        log.warning("run %s: %d stored metric rows have an unreadable time and are left out", run_id, skipped)
     where.append(readable_time())
     if total <= max_points:
         rows = session.scalars(sa.select(Metric).where(*where).order_by(Metric.step, Metric.attempt)).all()
@@ -253,6 +264,67 @@ def query_metrics(
             row["time"] = dt.datetime.fromisoformat(row["time"])
         out.append({**row, "values": None})
     return MetricRows(out, total, width, skipped)
+
+
+@dataclass(frozen=True)
+class CurveRows:
+    rows: list[
+        dict[str, Any]
+    ]  # attempt, abandoned, step, and per field its mean, `<field>_min`, `<field>_max`
+    total: int  # rows stored
+    bucket_steps: int  # steps per bucket; 1 = every stored step
+    skipped: int  # stored rows that could not be read (READABLE_TIME_*), left out
+
+
+def metric_curves(
+    session: Session,
+    *,
+    run_id: int,
+    fields: Sequence[str],
+    abandoned_after: Mapping[int, int],
+    max_points: int,
+) -> CurveRows:
+    """A run's curves per attempt, for charts: every stored step up to ``max_points`` rows, beyond that
+    equal step buckets (aligned across attempts) computed in the database. Buckets never mix attempts, nor
+    an attempt's surviving steps with those a later attempt rolled back past (``abandoned_after``: attempt
+    -> the step after which its rows were recomputed), and each keeps its minimum and maximum besides the
+    mean, so a one-step spike in a long run stays visible."""
+    where = [Metric.run_id == run_id]
+    total, lo, hi, skipped = _stored_range(session, run_id=run_id, where=where)
+    if total == 0:
+        return CurveRows([], 0, 1, 0)
+    where.append(readable_time())
+    width = 1 if total <= max_points else max(1, math.ceil((hi - lo + 1) / max_points))
+    cutoffs = [(Metric.attempt == a, Metric.step > step) for a, step in sorted(abandoned_after.items())]
+    abandoned = sa.case(*cutoffs, else_=sa.false()) if cutoffs else sa.false()
+    names = [f for f in fields if f in FLOAT_FIELDS]
+    # A subquery, so the outer GROUP BY names plain columns (PostgreSQL does not match two copies of an
+    # expression with bound parameters in SELECT and GROUP BY).
+    inner = (
+        sa.select(
+            Metric.attempt.label("attempt"),
+            abandoned.label("abandoned"),
+            ((Metric.step - lo) // width).label("bucket"),
+            Metric.step.label("step"),
+            *[getattr(Metric, f).label(f) for f in names],
+        )
+        .where(*where)
+        .subquery()
+    )
+    query = (
+        sa.select(
+            inner.c.attempt,
+            inner.c.abandoned,
+            sa.func.min(inner.c.step).label("step"),
+            *[sa.func.avg(inner.c[f]).label(f) for f in names],
+            *[sa.func.min(inner.c[f]).label(f"{f}_min") for f in names],
+            *[sa.func.max(inner.c[f]).label(f"{f}_max") for f in names],
+        )
+        .group_by(inner.c.attempt, inner.c.abandoned, inner.c.bucket)
+        .order_by(inner.c.attempt, sa.func.min(inner.c.step))
+    )
+    rows = [{**r, "abandoned": bool(r["abandoned"])} for r in session.execute(query).mappings()]
+    return CurveRows(rows, total, width, skipped)
 
 
 def _row(m: Metric) -> dict[str, Any]:

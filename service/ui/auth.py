@@ -78,14 +78,26 @@ def console_user(request: Request, session: Session, settings: Settings) -> Cons
     return ConsoleUser(principal=found, token=secret)
 
 
-def check_post(request: Request, user: ConsoleUser, form: dict[str, str], *, operator: bool) -> None:
-    """A change from a form: the CSRF token matches, the origin is ours, the role suffices."""
-    if not hmac.compare_digest(form.get("csrf", ""), user.csrf):
-        raise Forbidden("the form's CSRF token does not match this session; reload the page")
+def check_origin(request: Request, *, opaque_ok: bool = True) -> None:
+    """A post must come from the console's own origin when the browser says where from (Origin, else
+    Referer; and never a `Sec-Fetch-Site: cross-site` request). The login form has no session to bind a
+    CSRF token to, so this is its only check, and it also refuses an opaque origin (`null`: a sandboxed
+    frame of another site): another site's page must not sign a browser in under the attacker's token."""
+    if request.headers.get("sec-fetch-site") == "cross-site":
+        raise Forbidden("a post from another site is refused")
     origin = request.headers.get("origin") or request.headers.get("referer")
+    if origin == "null" and not opaque_ok:
+        raise Forbidden("a post from an opaque origin (null) is refused")
     if origin and origin != "null":
         parts = urlsplit(origin)
         if f"{parts.scheme}://{parts.netloc}" != f"{request.url.scheme}://{request.url.netloc}":
             raise Forbidden(f"a post from another origin ({parts.scheme}://{parts.netloc}) is refused")
+
+
+def check_post(request: Request, user: ConsoleUser, form: dict[str, str], *, operator: bool) -> None:
+    """A change from a form: the CSRF token matches, the origin is ours, the role suffices."""
+    if not hmac.compare_digest(form.get("csrf", ""), user.csrf):
+        raise Forbidden("the form's CSRF token does not match this session; reload the page")
+    check_origin(request)
     if operator and not user.can_operate:
         raise Forbidden(f"this needs the operator role; the token has {user.principal.role.value}")

@@ -28,6 +28,7 @@ from service.ui.auth import (
     ConsoleUser,
     Forbidden,
     NotSignedIn,
+    check_origin,
     check_post,
     console_user,
     principal_for,
@@ -36,6 +37,7 @@ from service.ui.auth import (
 HERE = Path(__file__).parent
 templates = Jinja2Templates(directory=HERE / "templates")
 templates.env.globals["evidence_text"] = views.evidence_text
+templates.env.globals["levers_text"] = views.levers_text
 router = APIRouter(prefix="/ui", include_in_schema=False)
 static = StaticFiles(directory=HERE / "static")
 MAX_FORM_BYTES = 16 * 1024
@@ -76,6 +78,7 @@ def login_form(request: Request, why: str | None = None, next: str | None = None
 
 @router.post("/login")
 def login(request: Request, form: Form, session: SessionDep, settings: SettingsDep) -> Response:
+    check_origin(request, opaque_ok=False)  # no session yet, so no CSRF token: the origin is the check
     token = form.get("token", "").strip()
     found = principal_for(session, settings, token) if token else TokenRefusal("no token given")
     if isinstance(found, TokenRefusal):
@@ -169,13 +172,17 @@ def answer(
     reason = form.get("reason", "").strip() or None
     if verdict == "reject" and not reason:
         raise Forbidden("a rejection says why")
+    overrides = _overrides(form)
+    action = decisions_crud.decision_action(decisions_crud.get_decision(session, decision_id=decision_id))
+    if overrides and action != decisions_crud.RELAUNCH:
+        raise Forbidden(f"levers apply to a relaunch; this decision is about {action}")
     decision = decisions_crud.answer_decision(
         session,
         decision_id=decision_id,
         verdict=DecisionStatus.approved if verdict == "approve" else DecisionStatus.rejected,
         author=user.principal.author,
         reason=reason,
-        overrides=_overrides(form),
+        overrides=overrides,
     )
     return RedirectResponse(f"/ui/runs/{decision.run_id}#decisions", status_code=303)
 

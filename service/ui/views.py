@@ -17,7 +17,7 @@ from service.crud.diagnostics import list_diagnostics
 from service.crud.logbook import list_logbook
 from service.crud.nodes import list_nodes
 from service.crud.runs import get_run, list_attempts, list_runs
-from service.crud.telemetry import query_metrics
+from service.crud.telemetry import metric_curves
 from service.models import Attempt, Checkpoint, Decision, Diagnostic, LogEntry, Node, Run
 from service.recovery.config import OrchestratorConfig
 from service.recovery.detect import FailureClass
@@ -25,7 +25,9 @@ from service.recovery.preview import restart_preview
 from service.statemachine import DecisionStatus, LogKind, NodeState, Severity
 from service.ui.charts import series, svg
 
-CURVE_POINTS = 500  # per chart: the database averages equal step buckets past this (crud.telemetry)
+CURVE_POINTS = (
+    500  # stored rows per chart; past this the database buckets steps (crud.telemetry.metric_curves)
+)
 CURVES = (
     ("loss", "loss"),
     ("loss scale", "loss_scale"),
@@ -76,12 +78,25 @@ class AttemptRow:
 
 
 @dataclass(frozen=True)
+class CheckpointRow:
+    checkpoint: Checkpoint
+    rolled_back_by: int | None  # the later attempt that restarted from an earlier step (an abandoned branch)
+
+
+@dataclass(frozen=True)
+class RestoreChoice:
+    situation: str  # what the choice is for: the failure the orchestrator is restarting after, or a what-if
+    step: int | None
+    reason: str
+
+
+@dataclass(frozen=True)
 class RunPage:
     run: Run
     attempts: list[AttemptRow]
-    checkpoints: list[Checkpoint]
-    restore_choice: str
-    restore_step: int | None
+    checkpoints: list[CheckpointRow]
+    checkpoints_total: int
+    restore: RestoreChoice
     charts: list[Markup]
     points: int
     bucket_steps: int
@@ -96,6 +111,50 @@ def _seconds(a: dt.datetime | None, b: dt.datetime | None) -> float | None:
     return (b - a).total_seconds() if a is not None and b is not None else None
 
 
+def abandoned_after(attempts: Sequence[Attempt]) -> dict[int, int]:
+    """attempt number -> the step after which a later attempt recomputed its steps (it restarted from an
+    earlier checkpoint): what it computed past that step is an abandoned branch, not the run's history (the
+    surviving history is, per step, the newest attempt that computed it, as `recovery.samples` reads it)."""
+    out: dict[int, int] = {}
+    later: int | None = None
+    for attempt in sorted(attempts, key=lambda a: a.number, reverse=True):
+        if later is not None:
+            out[attempt.number] = later
+        later = attempt.start_step if later is None else min(later, attempt.start_step)
+    return out
+
+
+def _rolled_back_by(checkpoint: Checkpoint, attempts: Sequence[Attempt]) -> int | None:
+    """The first later attempt that restarted from before this checkpoint, or None (it is on the history)."""
+    if checkpoint.attempt is None:
+        return None
+    return next(
+        (a.number for a in attempts if a.number > checkpoint.attempt and a.start_step < checkpoint.step), None
+    )
+
+
+def restore_choice(
+    session: Session, *, run_id: int, attempts: Sequence[Attempt], cfg: OrchestratorConfig
+) -> RestoreChoice:
+    """The checkpoint a restart would restore now, for the run's situation: after the last attempt's
+    failure, the orchestrator's rule for that failure class (`restart_preview`, the rule `decide` applies);
+    while an attempt runs, or after a clean end, what a divergence now would restore (labelled as such)."""
+    last = attempts[-1] if attempts else None
+    failure = None
+    if last is None:
+        situation = "if the run diverged now"
+    elif last.ended_at is None:
+        situation = f"if attempt {last.number} diverged now"
+    elif last.exit_reason in FailureClass.__members__:
+        failure = FailureClass(last.exit_reason)
+        situation = f"restart after attempt {last.number}'s {failure.value}"
+    else:  # a clean end (completed, stopped): a start resumes; a divergence is the what-if that matters
+        situation = f"if the run diverged now (attempt {last.number} ended {last.exit_reason or 'cleanly'})"
+    preview = restart_preview(session, run_id=run_id, failure=failure or FailureClass.divergence, cfg=cfg)
+    step = preview.choice.checkpoint.step if preview.choice.checkpoint else None
+    return RestoreChoice(situation=situation, step=step, reason=preview.choice.reason)
+
+
 def run_page(
     session: Session,
     *,
@@ -106,7 +165,7 @@ def run_page(
 ) -> RunPage:
     run = get_run(session, run_id=run_id)
     attempts = list_attempts(session, run_id=run_id)
-    checkpoints, _ = list_checkpoints(session, run_id=run_id, limit=100)
+    checkpoints, total_checkpoints = list_checkpoints(session, run_id=run_id, limit=100)
     steps = {c.id: c.step for c in checkpoints}
     rows = []
     for i, attempt in enumerate(attempts):
@@ -119,8 +178,13 @@ def run_page(
                 restored_step=steps.get(attempt.restored_from_checkpoint_id or -1),
             )
         )
-    preview = restart_preview(session, run_id=run_id, failure=FailureClass.divergence, cfg=cfg)
-    found = query_metrics(session, run_id=run_id, max_points=CURVE_POINTS)
+    found = metric_curves(
+        session,
+        run_id=run_id,
+        fields=[name for _, name in CURVES],
+        abandoned_after=abandoned_after(attempts),
+        max_points=CURVE_POINTS,
+    )
     charts = [svg(series(title, found.rows, name)) for title, name in CURVES]
     logbook, _ = list_logbook(
         session, run_id=run_id, kinds=kinds, min_severity=min_severity, limit=200, newest_first=True
@@ -129,9 +193,9 @@ def run_page(
     return RunPage(
         run=run,
         attempts=rows,
-        checkpoints=checkpoints,
-        restore_choice=preview.choice.reason,
-        restore_step=preview.choice.checkpoint.step if preview.choice.checkpoint else None,
+        checkpoints=[CheckpointRow(c, _rolled_back_by(c, attempts)) for c in checkpoints],
+        checkpoints_total=total_checkpoints,
+        restore=restore_choice(session, run_id=run_id, attempts=attempts, cfg=cfg),
         charts=charts,
         points=found.total,
         bucket_steps=found.bucket_steps,
@@ -149,3 +213,8 @@ def evidence_text(evidence: dict[str, Any] | None, limit: int = 600) -> str:
         return ""
     text = ", ".join(f"{k}={v}" for k, v in evidence.items())
     return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def levers_text(levers: dict[str, Any] | None) -> str:
+    """A proposal's or an operator's levers, those set (a standing LR of None is no lever)."""
+    return ", ".join(f"{k}={v}" for k, v in (levers or {}).items() if v is not None and v is not False)

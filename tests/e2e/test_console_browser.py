@@ -142,6 +142,9 @@ def test_an_operator_approves_a_rollback_in_the_browser_and_the_run_recovers(
         answered = settled(lambda: driver.find_element(By.ID, "decisions").text)  # type: ignore[attr-defined]
         assert "answered by user:oncall: rollback as OPT did" in answered
         assert "carried out by attempt 2" in answered
+        # the curves: attempt 2's recomputation its own line; attempt 1's steps past the restore point faded
+        source = driver.page_source  # type: ignore[attr-defined]
+        assert 'class="line kept attempt-2"' in source and 'class="line abandoned attempt-1"' in source
     finally:
         orchestrator.stop()
         thread.join(10)
