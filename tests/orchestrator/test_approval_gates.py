@@ -21,7 +21,7 @@ from service.orchestrator.decide import (
     SetPhase,
     decide,
 )
-from service.statemachine import DesiredState
+from service.statemachine import DesiredState, RunPhase
 from tests.orchestrator.test_orchestrator_decide import CFG, NOW, ckpt, ended, only, run
 
 NORMS = {s: 10.0 for s in range(1, 60)}
@@ -157,16 +157,17 @@ def test_an_operators_restart_or_stop_supersedes_the_open_proposal() -> None:
     assert acts[0] == CloseDecision(7, "superseded", "superseded: the run was asked to stop")
 
 
-def test_answered_retirements_are_carried_out_or_left_to_an_operator() -> None:
-    def retirement(status: str, **kw: Any) -> ObservedDecision:
-        return replace(
-            proposed(status, **kw),
-            id=9,
-            gates=("node_retirement",),
-            proposal={"action": "retire_hosts", "hosts": ["h3"]},
-            action="retire_hosts",
-        )
+def retirement(status: str, **kw: Any) -> ObservedDecision:
+    return replace(
+        proposed(status, **kw),
+        id=9,
+        gates=("node_retirement",),
+        proposal={"action": "retire_hosts", "hosts": ["h3"]},
+        action="retire_hosts",
+    )
 
+
+def test_answered_retirements_are_carried_out_or_left_to_an_operator() -> None:
     def carried(d: ObservedDecision) -> list[RetireHosts]:
         return [a for a in decide(run(open_retirements=(d,)), CFG) if isinstance(a, RetireHosts)]
 
@@ -183,3 +184,19 @@ def test_answered_retirements_are_carried_out_or_left_to_an_operator() -> None:
     assert not late.retire  # policy hold
     [late] = carried(retirement("pending", expires_at=NOW - 1, on_timeout="approve"))
     assert late.retire and late.close.note.startswith("unanswered in time; the policy retires them")
+
+
+def test_a_run_that_ended_closes_its_relaunch_question_but_still_retires_its_lemons() -> None:
+    # the run completed (or was stopped) while its questions waited: nothing is left to relaunch, but the
+    # lemon's fate does not depend on the run
+    approved = retirement("approved", decided_by="user:alice")
+    done = run(phase=RunPhase.completed, open_decision=proposed("pending"), open_retirements=(approved,))
+    acts = decide(done, CFG)
+    assert only(acts, RetireHosts).retire
+    assert only(acts, CloseDecision) == CloseDecision(7, "superseded", "superseded: the run completed")
+    stopped = replace(done, phase=RunPhase.stopped, desired=DesiredState.stopped)
+    acts = decide(stopped, CFG)
+    assert only(acts, RetireHosts).retire
+    assert only(acts, CloseDecision) == CloseDecision(
+        7, "superseded", "superseded: the run was asked to stop"
+    )
