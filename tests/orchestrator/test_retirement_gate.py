@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
 from service import migrate
-from service.crud.decisions import answer_decision, get_decision, list_decisions
+from service.crud.decisions import answer_decision, get_decision, list_decisions, propose_decision
 from service.crud.logbook import list_logbook
 from service.crud.nodes import get_node, record_offence, register_node
 from service.crud.runs import create_run, get_run, stop_run
@@ -159,6 +159,49 @@ def test_a_lemon_of_a_gated_run_is_cordoned_and_retired_only_once_approved(gated
     done = gated.decision(proposal.id)
     assert done.status is DecisionStatus.approved and done.consumed_at is not None
     assert any("approved by user:oncall: third Xid 79 this week; h0 retired" in m for m in gated.log())
+
+
+def test_a_second_lemon_joins_the_pending_retirement(tmp_path: Path) -> None:
+    # h0 fails past its lemon limit; the run relaunches on h1, which does the same before anyone answered
+    stack = gated_stack(tmp_path, hosts=("h0", "h1", "h2"), lemons=("h0", "h1"), on_timeout="hold")
+    paged: list[str] = []
+    stack.orchestrator.applier.pager = lambda _run, reason, _evidence: paged.append(reason)
+    stack.lemon("h0", attempt=1)
+    stack.orchestrator.reconcile_once()  # attempt 2 on h1
+    first = stack.pending()
+    stack.lemon("h1", attempt=2)
+    both = stack.pending()  # still one question, now naming both hosts
+    assert both.id == first.id and both.proposal["hosts"] == ["h0", "h1"]
+    assert both.expires_at >= first.expires_at
+    assert stack.node("h1") is NodeState.cordoned
+    assert f"decision {both.id} (still pending) now also retires h1" in "\n".join(stack.log())
+    assert "h1" in paged[-1] and f"decision {both.id} awaits approval" in paged[-1]
+
+    stack.answer(both.id, DecisionStatus.approved, "both keep throwing Xid 79")
+    stack.orchestrator.reconcile_once()
+    assert (stack.node("h0"), stack.node("h1")) == (NodeState.retired, NodeState.retired)
+    assert any("h0, h1 retired" in m for m in stack.log())
+
+
+def test_a_lemon_found_after_the_answer_gets_a_question_of_its_own(gated: Gated) -> None:
+    # h0's retirement was just approved, not yet carried out, when h1 passes its limit: h1 is not
+    # slipped into an answer nobody gave for it
+    first = gated.pending()
+    gated.answer(first.id, DecisionStatus.approved, "h0 is done")
+    with transaction(gated.factory) as session:
+        second = propose_decision(
+            session,
+            run_id=gated.run_id,
+            gates=["node_retirement"],
+            reason="retire h1: past the lemon limit",
+            proposal={"action": "retire_hosts", "hosts": ["h1"]},
+            evidence={},
+            timeout_s=600,
+            on_timeout="hold",
+            author="orchestrator",
+        ).id
+    assert second != first.id and gated.pending().proposal["hosts"] == ["h1"]
+    assert gated.decision(first.id).proposal["hosts"] == ["h0"]
 
 
 def test_an_approval_after_the_run_completed_still_retires_the_lemon(gated: Gated) -> None:
