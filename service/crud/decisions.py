@@ -274,3 +274,14 @@ def pending_decision_stats(session: Session, *, now: dt.datetime | None = None) 
     if oldest.tzinfo is None:
         oldest = oldest.replace(tzinfo=dt.UTC)
     return int(count), max(0.0, ((now or utcnow()) - oldest).total_seconds())
+
+
+def pending_decisions_by_run(session: Session) -> dict[str, int]:
+    """Per run name, how many of its decisions wait for a human (runs with none are left out)."""
+    rows = session.execute(
+        sa.select(Run.name, sa.func.count(Decision.id))
+        .join(Decision, Decision.run_id == Run.id)
+        .where(Decision.status == DecisionStatus.pending)
+        .group_by(Run.name)
+    )
+    return {name: int(count) for name, count in rows}
