@@ -215,6 +215,13 @@ def answered(proposal: ProposeDecision, status: str, **kw: Any) -> ObservedDecis
     )
 
 
+def rejected_for(proposal: ProposeDecision, reason: str, **levers: Any) -> ObservedDecision:
+    """Bob rejects the proposal, with his own levers or none (the run then holds)."""
+    return answered(
+        proposal, "rejected", decided_by="user:bob", decision_reason=reason, operator_overrides=levers or None
+    )
+
+
 CLIP_GATE = ApprovalGates(require=frozenset({"clip_change"}), timeout_s=600.0)
 SKIPPING = CFG.model_copy(
     update={"remediation": CFG.remediation.model_copy(update={"skip_spike_window": True})}
@@ -251,17 +258,11 @@ def test_a_gated_clip_change_waits_for_approval_then_launches_the_lowered_clip()
 
 def test_a_rejected_clip_change_keeps_the_clip() -> None:
     proposal = only(decide(diverged_twice(approvals=CLIP_GATE), CFG), ProposeDecision)
-    levers = answered(
-        proposal,
-        "rejected",
-        decided_by="user:bob",
-        decision_reason="keep 1.0",
-        operator_overrides={"lr_scale": 0.5},
-    )
+    levers = rejected_for(proposal, "keep 1.0", lr_scale=0.5)
     launch = only(decide(diverged_twice(approvals=CLIP_GATE, open_decision=levers), CFG), Launch)
     assert launch.overrides["clip"] is None and launch.overrides["lr_scale"] == 0.5
     assert "rejected by user:bob: keep 1.0" in launch.reason
-    bare = answered(proposal, "rejected", decided_by="user:bob", decision_reason="look first")
+    bare = rejected_for(proposal, "look first")
     [escalate] = [
         a
         for a in decide(diverged_twice(approvals=CLIP_GATE, open_decision=bare), CFG)
@@ -287,15 +288,9 @@ def test_a_gated_data_skip_waits_for_approval_then_skips_to_the_onset() -> None:
 
 def test_a_rejected_data_skip_replays_the_batches() -> None:
     proposal = only(decide(diverged(approvals=DATA_GATE), SKIPPING), ProposeDecision)
-    levers = answered(
-        proposal,
-        "rejected",
-        decided_by="user:bob",
-        decision_reason="the data is fine",
-        operator_overrides={"lr_scale": 0.5},
-    )
+    levers = rejected_for(proposal, "the data is fine", lr_scale=0.5)
     launch = only(decide(diverged(approvals=DATA_GATE, open_decision=levers), SKIPPING), Launch)
     assert not launch.overrides.get("skip_batches") and launch.overrides["lr_scale"] == 0.5
-    bare = answered(proposal, "rejected", decided_by="user:bob")
+    bare = rejected_for(proposal, "replay it all")
     acts = decide(diverged(approvals=DATA_GATE, open_decision=bare), SKIPPING)
     assert not [a for a in acts if isinstance(a, Launch)] and only(acts, Escalate).close_decision is not None

@@ -63,6 +63,14 @@ class Gated:
                 overrides=None,
             )
 
+    def settle(self, decision_id: int, verdict: DecisionStatus, reason: str) -> Decision:
+        """On-call answers; the next pass carries the answer out. Returns the decision as it ends."""
+        self.answer(decision_id, verdict, reason)
+        self.orchestrator.reconcile_once()
+        done = self.decision(decision_id)
+        assert done.status is verdict and done.consumed_at is not None
+        return done
+
     def node(self, host: str) -> NodeState:
         with transaction(self.factory) as session:
             return get_node(session, hostname=host).state
@@ -153,11 +161,8 @@ def test_a_lemon_of_a_gated_run_is_cordoned_and_retired_only_once_approved(gated
 
     gated.orchestrator.reconcile_once()  # pending: h0 stays cordoned while the run trains on h1
     assert gated.node("h0") is NodeState.cordoned
-    gated.answer(proposal.id, DecisionStatus.approved, "third Xid 79 this week")
-    gated.orchestrator.reconcile_once()
+    gated.settle(proposal.id, DecisionStatus.approved, "third Xid 79 this week")
     assert gated.node("h0") is NodeState.retired
-    done = gated.decision(proposal.id)
-    assert done.status is DecisionStatus.approved and done.consumed_at is not None
     assert any("approved by user:oncall: third Xid 79 this week; h0 retired" in m for m in gated.log())
 
 
@@ -177,8 +182,7 @@ def test_a_second_lemon_joins_the_pending_retirement(tmp_path: Path) -> None:
     assert f"decision {both.id} (still pending) now also retires h1" in "\n".join(stack.log())
     assert "h1" in paged[-1] and f"decision {both.id} awaits approval" in paged[-1]
 
-    stack.answer(both.id, DecisionStatus.approved, "both keep throwing Xid 79")
-    stack.orchestrator.reconcile_once()
+    stack.settle(both.id, DecisionStatus.approved, "both keep throwing Xid 79")
     assert (stack.node("h0"), stack.node("h1")) == (NodeState.retired, NodeState.retired)
     assert any("h0, h1 retired" in m for m in stack.log())
 
@@ -211,11 +215,8 @@ def test_an_approval_after_the_run_completed_still_retires_the_lemon(gated: Gate
     gated.orchestrator.reconcile_once()  # the completed run is still looked at: its decision is open
     assert gated.decision(proposal.id).status is DecisionStatus.pending
 
-    gated.answer(proposal.id, DecisionStatus.approved, "that host again")
-    gated.orchestrator.reconcile_once()
+    gated.settle(proposal.id, DecisionStatus.approved, "that host again")
     assert gated.node("h0") is NodeState.retired
-    done = gated.decision(proposal.id)
-    assert done.status is DecisionStatus.approved and done.consumed_at is not None
     assert any("approved by user:oncall: that host again; h0 retired" in m for m in gated.log())
 
 
@@ -230,11 +231,8 @@ def test_a_rejection_after_the_run_was_stopped_is_carried_out(gated: Gated) -> N
         assert get_run(session, run_id=gated.run_id).phase is RunPhase.stopped
     assert gated.decision(proposal.id).consumed_at is None  # the run's stop does not answer for the host
 
-    gated.answer(proposal.id, DecisionStatus.rejected, "the Xids were a driver bug")
-    gated.orchestrator.reconcile_once()
+    gated.settle(proposal.id, DecisionStatus.rejected, "the Xids were a driver bug")
     assert gated.node("h0") is NodeState.cordoned  # left to an operator, not retired
-    done = gated.decision(proposal.id)
-    assert done.status is DecisionStatus.rejected and done.consumed_at is not None
     assert any("h0 left cordoned for an operator" in m for m in gated.log())
 
 
