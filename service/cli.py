@@ -1040,9 +1040,14 @@ def decisions_list(
     """Proposals, newest first: what the orchestrator wants to do, why, and what was made of it."""
     params = {k: v for k, v in {"status": status, "run_id": run}.items() if v is not None}
     decisions = _all_pages(ApiClient(url, token), "/decisions", **params)
-    table = DataTable("id", "run", "status", "gates", "proposed", "expires", "answer", "proposal")
+    table = DataTable("id", "run", "status", "gates", "proposed", "expires", "answer", "proposal", "evidence")
     for d in decisions:
         proposal = d["proposal"]
+        what = (
+            f"retire {', '.join(proposal.get('hosts') or ())}"
+            if proposal.get("action") == "retire_hosts"
+            else f"from step {proposal.get('checkpoint_step')}"
+        )
         table.add_row(
             str(d["id"]),
             str(d["run_id"]),
@@ -1051,9 +1056,26 @@ def decisions_list(
             iso_time(d["created_at"]),
             f"{iso_time(d['expires_at'])} ({d['on_timeout']})",
             f"{d['decided_by'] or ''} {d['decision_reason'] or ''}".strip(),
-            f"from step {proposal.get('checkpoint_step')}; {d['reason']}",
+            f"{what}; {d['reason']}",
+            _evidence_brief(d.get("evidence") or {}),
         )
     _emit(decisions, as_json, table)
+
+
+def _evidence_brief(evidence: dict[str, Any], width: int = 100) -> str:
+    """A decision's evidence in a table cell: its facts as `key=value`, nested ones counted, cut at `width`
+    (`--json` and the API have all of it)."""
+    parts = []
+    for key, value in evidence.items():
+        if isinstance(value, list) and all(isinstance(v, str | int | float) for v in value):
+            if not value:
+                continue
+            value = "; ".join(map(str, value))
+        elif isinstance(value, list | dict):
+            value = f"{len(value)} item(s)"
+        parts.append(f"{key}={value}")
+    text = ", ".join(parts)
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def _decision_overrides(

@@ -324,6 +324,12 @@ DECISIONS_PENDING = _g(
     "trainops_decisions_pending",
     "Orchestrator proposals waiting for a human's approval (approval gates, docs/orchestrator.md).",
 )
+RUN_DECISIONS_PENDING = _g(
+    "trainops_run_decisions_pending",
+    "The run's proposals waiting for a human's approval (0 or more; exported for every exported run and "
+    "for any run with a pending decision). DecisionAwaitingApproval pages on it at once, per run.",
+    "run",
+)
 DECISION_OLDEST_PENDING_AGE = _g(
     "trainops_decision_oldest_pending_age_seconds",
     "Age of the oldest proposal waiting for a human (0 when none waits).",
@@ -379,6 +385,7 @@ COLLECTED: tuple[MetricSpec, ...] = (
     CELERY_QUEUE_LENGTH,
     ORCHESTRATORS,
     DECISIONS_PENDING,
+    RUN_DECISIONS_PENDING,
     DECISION_OLDEST_PENDING_AGE,
     FAILURE_DETECTION,
     FAILURE_RECOVERY,

@@ -22,7 +22,7 @@ from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
-from service.crud.decisions import pending_decision_stats
+from service.crud.decisions import pending_decision_stats, pending_decisions_by_run
 from service.crud.orchestrators import orchestrator_sessions
 from service.crud.telemetry import decode_stored_field, readable_time
 from service.metrics import (
@@ -51,6 +51,7 @@ from service.metrics import (
     RUN_BUDGETED_RESTARTS,
     RUN_CHECKPOINT_STEP,
     RUN_CHECKPOINT_TIME,
+    RUN_DECISIONS_PENDING,
     RUN_GOODPUT,
     RUN_HEARTBEAT_TIME,
     RUN_LAST_STEP_TIME,
@@ -146,11 +147,11 @@ class ControlPlaneCollector(Collector):
         try:
             with self.session_factory() as session:
                 now = dt.datetime.now(dt.UTC)
-                self._collect_runs(session, families, now)
+                exported_runs = self._collect_runs(session, families, now)
                 self._collect_failures(session, families)
                 self._collect_nodes(session, families, now)
                 self._collect_orchestrators(session, families)
-                self._collect_decisions(session, families, now)
+                self._collect_decisions(session, families, now, exported_runs)
         except sa.exc.SQLAlchemyError as exc:
             # A scrape must still answer (with database_up 0) so the outage itself is visible and alertable.
             log.warning("metrics: database read failed: %s", exc)
@@ -163,7 +164,8 @@ class ControlPlaneCollector(Collector):
 
     # -- runs -------------------------------------------------------------------------------------------
 
-    def _collect_runs(self, session: Session, families: dict[str, Any], now: dt.datetime) -> None:
+    def _collect_runs(self, session: Session, families: dict[str, Any], now: dt.datetime) -> set[str]:
+        """The runs' families; returns the names of the runs exported."""
         cutoff = now - FINISHED_RUN_RETENTION
         latest_step = (
             sa.select(sa.func.max(MetricRow.step)).where(MetricRow.run_id == Run.id).scalar_subquery()
@@ -174,7 +176,7 @@ class ControlPlaneCollector(Collector):
             )
         ).all()
         if not rows:
-            return
+            return set()
         runs = {run.id: run for run, _ in rows}
         names = {run.id: run.name for run in runs.values()}
         for run in runs.values():
@@ -190,6 +192,7 @@ class ControlPlaneCollector(Collector):
         self._collect_attempts(session, families, runs, now)
         self._collect_heartbeats(session, families, names)
         self._collect_checkpoints(session, families, names)
+        return set(names.values())
 
     def _collect_step_metrics(
         self, session: Session, families: dict[str, Any], names: dict[int, str], latest: dict[int, int]
@@ -421,10 +424,17 @@ class ControlPlaneCollector(Collector):
             families[ORCHESTRATORS.name].add_metric(["standby"], standbys)
 
     @staticmethod
-    def _collect_decisions(session: Session, families: dict[str, Any], now: dt.datetime) -> None:
+    def _collect_decisions(
+        session: Session, families: dict[str, Any], now: dt.datetime, exported_runs: set[str]
+    ) -> None:
         pending, oldest_age_s = pending_decision_stats(session, now=now)
         families[DECISIONS_PENDING.name].add_metric([], float(pending))
         families[DECISION_OLDEST_PENDING_AGE.name].add_metric([], oldest_age_s)
+        # per run, so the page names the run (Alertmanager groups by it); a run finished over a day ago
+        # still shows while a decision of its waits (a lemon's retirement outlives the run)
+        by_run = pending_decisions_by_run(session)
+        for name in sorted(exported_runs | set(by_run)):
+            families[RUN_DECISIONS_PENDING.name].add_metric([name], float(by_run.get(name, 0)))
 
     def _collect_queues(self, families: dict[str, Any]) -> None:
         if not self.broker_url or not self.broker_url.startswith(("redis://", "rediss://")):

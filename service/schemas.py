@@ -16,6 +16,7 @@ from pydantic import (
     Field,
     StringConstraints,
     TypeAdapter,
+    field_validator,
     model_validator,
 )
 from typing_extensions import TypedDict
@@ -267,6 +268,11 @@ Gate = Literal[
 ]
 
 
+# DecisionAwaitingApproval pages about a minute after a proposal (15 s scrape, 15 s evaluation, Alertmanager's
+# 30 s group_wait): a shorter timeout would let `on_timeout: approve` act before anyone is paged
+MIN_DECISION_TIMEOUT_S = 120.0
+
+
 class ApprovalPolicy(Strict):
     """Which of the orchestrator's risky actions wait for a human (docs/orchestrator.md, "Approval gates").
     The default requires none: the orchestrator acts alone, as it always did."""
@@ -283,13 +289,27 @@ class ApprovalPolicy(Strict):
         1000, ge=0, le=MAX_STEP, description="long_rollback: a restore more than this many steps back."
     )
     timeout_s: float = Field(
-        1800.0, ge=10, le=7 * 86_400, description="How long a proposal waits for a human."
+        1800.0,
+        le=7 * 86_400,
+        description=f"How long a proposal waits for a human (at least {MIN_DECISION_TIMEOUT_S:.0f} s: the "
+        "page must reach on-call before the timeout decides).",
     )
     on_timeout: Literal["approve", "hold"] = Field(
         "hold",
         description="approve: carry the proposal out; hold: the run needs attention (nothing risky "
         "happens without a human).",
     )
+
+    @field_validator("timeout_s")
+    @classmethod
+    def _time_to_be_paged(cls, value: float) -> float:
+        if value < MIN_DECISION_TIMEOUT_S:
+            raise ValueError(
+                f"must be at least {MIN_DECISION_TIMEOUT_S:.0f} s: a pending decision pages on-call through "
+                "Alertmanager about a minute after it is proposed, and the timeout must not decide before "
+                "anyone could have been paged"
+            )
+        return value
 
     @model_validator(mode="after")
     def _gates_once(self) -> ApprovalPolicy:

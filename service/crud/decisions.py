@@ -1,9 +1,10 @@
 """Approval gates: the decisions the orchestrator proposes, and what operators (or the timeout) make of them.
 
 A decision is *open* from its proposal until the orchestrator carries out its outcome (a launch, or the run
-held in needs_attention), which stamps it consumed; a run has at most one open decision. Its status leaves
-`pending` once (service/statemachine.py, DECISION_TRANSITIONS): two operators answering at once get one
-200 and one 409 naming who answered first.
+held in needs_attention), which stamps it consumed; a run has at most one open relaunch decision and at
+most one pending retirement (a later lemon joins it; once it is answered, a newer lemon gets its own). Its
+status leaves `pending` once (service/statemachine.py, DECISION_TRANSITIONS): two operators answering at
+once get one 200 and one 409 naming who answered first.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def decision_action(decision: Decision) -> str:
 
 
 def open_decisions(session: Session, *, run_id: int) -> list[Decision]:
-    """The run's decisions not yet carried out, oldest first (at most one per action)."""
+    """The run's decisions not yet carried out, oldest first."""
     return list(
         session.scalars(
             sa.select(Decision)
@@ -100,12 +101,22 @@ def propose_decision(
     author: str,
 ) -> Decision:
     """Record the orchestrator's proposal (idempotent per run and action: the open one is returned if
-    there is one)."""
+    there is one). A retirement of hosts the run's pending retirement does not name yet is added to it
+    (`_add_hosts`): every host cordoned for want of an answer is named by a decision."""
     get_run(session, run_id=run_id, for_update=True)  # one proposal at a time per run and action
-    existing = open_decision(session, run_id=run_id, action=str(proposal.get("action") or RELAUNCH))
-    if existing is not None:
-        return existing
+    action = str(proposal.get("action") or RELAUNCH)
+    existing = open_decision(session, run_id=run_id, action=action)
     now = utcnow()
+    if existing is not None and action == RETIRE_HOSTS:
+        if existing.status == DecisionStatus.pending:
+            return _add_hosts(
+                session, existing, proposal=proposal, evidence=evidence, timeout_s=timeout_s, author=author
+            )
+        # answered but not yet carried out: its hosts are settled; new ones get a question of their own
+        if not set(proposal.get("hosts") or ()) - set((existing.proposal or {}).get("hosts") or ()):
+            return existing
+    elif existing is not None:
+        return existing
     decision = Decision(
         run_id=run_id,
         status=DecisionStatus.pending,
@@ -128,6 +139,46 @@ def propose_decision(
         message=f"decision {decision.id} awaits approval ({', '.join(gates)}): {reason}; "
         f"unanswered in {timeout_s:.0f} s it is {'approved' if on_timeout == 'approve' else 'held'}",
         evidence={"decision": decision.id, "gates": list(gates), "proposal": proposal, **evidence},
+    )
+    return decision
+
+
+def _add_hosts(
+    session: Session,
+    decision: Decision,
+    *,
+    proposal: dict[str, Any],
+    evidence: dict[str, Any],
+    timeout_s: float,
+    author: str,
+) -> Decision:
+    """Another lemon of the run while its retirement waits: the pending decision names it too (one page,
+    one answer for all); its expiry moves out so the new host gets the policy's whole timeout."""
+    hosts = list((decision.proposal or {}).get("hosts") or ())
+    added = [h for h in proposal.get("hosts") or () if h not in hosts]
+    if not added:
+        return decision  # the same proposal again (a pass interrupted after its commit)
+    now = utcnow()
+    decision.proposal = {**(decision.proposal or {}), "hosts": hosts + added}  # a new dict: JSON change
+    decision.evidence = {
+        **(decision.evidence or {}),
+        "added": [*(decision.evidence or {}).get("added", []), {"hosts": added, **evidence}],
+    }
+    decision.reason = f"{decision.reason}; also {', '.join(added)}: {evidence.get('reason') or 'a lemon'}"
+    expires_at = (
+        decision.expires_at if decision.expires_at.tzinfo else decision.expires_at.replace(tzinfo=dt.UTC)
+    )
+    decision.expires_at = max(expires_at, now + dt.timedelta(seconds=timeout_s))
+    write_log(
+        session,
+        kind=LogKind.decision,
+        author=author,
+        run_id=decision.run_id,
+        severity=Severity.warning,
+        message=f"decision {decision.id} (still pending) now also retires {', '.join(added)}: past the lemon "
+        f"limit while the decision waited; it names {', '.join(hosts + added)}, answered by "
+        f"{decision.expires_at.isoformat(timespec='seconds')}",
+        evidence={"decision": decision.id, "added": added, "hosts": hosts + added, **evidence},
     )
     return decision
 
@@ -223,3 +274,14 @@ def pending_decision_stats(session: Session, *, now: dt.datetime | None = None) 
     if oldest.tzinfo is None:
         oldest = oldest.replace(tzinfo=dt.UTC)
     return int(count), max(0.0, ((now or utcnow()) - oldest).total_seconds())
+
+
+def pending_decisions_by_run(session: Session) -> dict[str, int]:
+    """Per run name, how many of its decisions wait for a human (runs with none are left out)."""
+    rows = session.execute(
+        sa.select(Run.name, sa.func.count(Decision.id))
+        .join(Decision, Decision.run_id == Run.id)
+        .where(Decision.status == DecisionStatus.pending)
+        .group_by(Run.name)
+    )
+    return {name: int(count) for name, count in rows}

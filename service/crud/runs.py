@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from service.crud.logbook import write_log
 from service.errors import Conflict, NotFound
-from service.models import Attempt, Checkpoint, Run, utcnow
+from service.models import Attempt, Checkpoint, Decision, Run, utcnow
 from service.statemachine import (
     ACTIVE_PHASES,
     TERMINAL_PHASES,
@@ -351,13 +351,17 @@ def busy_hosts_by_run(session: Session) -> dict[int, frozenset[str]]:
 
 def runs_to_reconcile(session: Session) -> list[int]:
     """The runs the orchestrator acts on: those with an attempt in progress, those meant to run and not
-    completed, and those meant to stop that have not settled yet. Those with an attempt in progress come
-    first, then those restarting after a failure, then the rest (each by id): a pass observes the running
-    attempts, and relaunches the failed ones, before it starts new runs."""
+    completed, those meant to stop that have not settled yet, and those with a decision not yet carried
+    out (a lemon's retirement waits for its answer or timeout however the run ended meanwhile). Those with
+    an attempt in progress come first, then those restarting after a failure, then the rest (each by id): a
+    pass observes the running attempts, and relaunches the failed ones, before it starts new runs."""
     active = sa.select(Attempt.run_id).where(Attempt.ended_at.is_(None))
+    # every decision leaves `pending` and is stamped consumed in one step (crud.decisions.close_decision)
+    undecided = sa.select(Decision.run_id).where(Decision.consumed_at.is_(None))
     query = sa.select(Run.id).where(
         sa.or_(
             Run.id.in_(active),
+            Run.id.in_(undecided),
             sa.and_(Run.desired_state == DesiredState.running, Run.phase != RunPhase.completed),
             sa.and_(Run.desired_state == DesiredState.stopped, Run.phase.not_in(list(TERMINAL_PHASES))),
         )

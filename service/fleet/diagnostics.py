@@ -14,7 +14,7 @@ from health.config import HealthConfig
 from service.config import Settings
 from service.crud.nodes import get_node
 from service.db import transaction
-from service.errors import BadRequest
+from service.errors import Unprocessable
 from service.fleet.sweep import run_sweep
 from service.fleet.tasks import trigger_sweep
 
@@ -87,7 +87,8 @@ def health_app_for(state: Any, settings: Settings) -> HealthCelery:
 def _validate_checks(checks: list[str] | None) -> None:
     unknown = sorted(set(checks or ()) - set(SELECTABLE_CHECKS))
     if unknown:
-        raise BadRequest(f"unknown checks: {', '.join(unknown)}; known: {', '.join(SELECTABLE_CHECKS)}")
+        # a request the schema would refuse, like an unknown level: 422 (the CLI's validation exit, 65)
+        raise Unprocessable(f"unknown checks: {', '.join(unknown)}; known: {', '.join(SELECTABLE_CHECKS)}")
 
 
 def diagnose(
@@ -101,7 +102,7 @@ def diagnose(
     deadline_s: float | None,
     author: str,
 ) -> SweepResult:
-    """Run (``wait``) or start a sweep for the API; unknown hosts are a 404, unknown checks a 400."""
+    """Run (``wait``) or start a sweep for the API; unknown hosts are a 404, unknown checks a 422."""
     _validate_checks(checks)
     if hosts is not None:
         with transaction(session_factory) as session:

@@ -467,12 +467,13 @@ class Applier:
                 on_timeout=action.on_timeout,
                 author=AUTHOR,
             )
-            decision_id = decision.id
+            # the decision as recorded: a retirement may have joined a pending one (it names every host)
+            decision_id, reason, proposal = decision.id, decision.reason, dict(decision.proposal or {})
         self.page(
             observed.run_id,
             f"run {observed.name}: decision {decision_id} awaits approval ({', '.join(action.gates)}): "
-            f"{action.reason}. Approve or reject: trainops decisions approve|reject {decision_id}",
-            {"decision": decision_id, "gates": list(action.gates), "proposal": dict(action.proposal)},
+            f"{reason}. Approve or reject: trainops decisions approve|reject {decision_id}",
+            {"decision": decision_id, "gates": list(action.gates), "proposal": proposal},
         )
 
     def retire_hosts(self, observed: ObservedRun, action: RetireHosts) -> None:

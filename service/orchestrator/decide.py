@@ -226,7 +226,8 @@ def decide(run: ObservedRun, cfg: OrchestratorConfig) -> list[Action]:
 
 
 def _retirements(run: ObservedRun) -> list[Action]:
-    """Lemons of this run kept cordoned under its `node_retirement` gate, once answered (or timed out)."""
+    """Lemons of this run kept cordoned under its `node_retirement` gate, once answered (or timed out):
+    whatever the run does meanwhile (it completes, or is stopped), the hosts' fate is the fleet's."""
     actions: list[Action] = []
     for d in run.open_retirements:
         timed_out = d.status == "pending" and run.now >= d.expires_at
@@ -248,6 +249,8 @@ def _decide_run(run: ObservedRun, cfg: OrchestratorConfig) -> list[Action]:
     if run.desired == DesiredState.stopped:
         return _decide_stopped(run)
     if run.phase == RunPhase.completed:
+        if run.open_decision is not None:  # nothing left to relaunch (its retirements still run above)
+            return [CloseDecision(run.open_decision.id, "superseded", "superseded: the run completed")]
         return []
     if run.attempt is not None:
         return _decide_active(run, cfg)

@@ -21,7 +21,7 @@ from service.orchestrator.decide import (
     SetPhase,
     decide,
 )
-from service.statemachine import DesiredState
+from service.statemachine import DesiredState, RunPhase
 from tests.orchestrator.test_orchestrator_decide import CFG, NOW, ckpt, ended, only, run
 
 NORMS = {s: 10.0 for s in range(1, 60)}
@@ -157,16 +157,17 @@ def test_an_operators_restart_or_stop_supersedes_the_open_proposal() -> None:
     assert acts[0] == CloseDecision(7, "superseded", "superseded: the run was asked to stop")
 
 
-def test_answered_retirements_are_carried_out_or_left_to_an_operator() -> None:
-    def retirement(status: str, **kw: Any) -> ObservedDecision:
-        return replace(
-            proposed(status, **kw),
-            id=9,
-            gates=("node_retirement",),
-            proposal={"action": "retire_hosts", "hosts": ["h3"]},
-            action="retire_hosts",
-        )
+def retirement(status: str, **kw: Any) -> ObservedDecision:
+    return replace(
+        proposed(status, **kw),
+        id=9,
+        gates=("node_retirement",),
+        proposal={"action": "retire_hosts", "hosts": ["h3"]},
+        action="retire_hosts",
+    )
 
+
+def test_answered_retirements_are_carried_out_or_left_to_an_operator() -> None:
     def carried(d: ObservedDecision) -> list[RetireHosts]:
         return [a for a in decide(run(open_retirements=(d,)), CFG) if isinstance(a, RetireHosts)]
 
@@ -183,3 +184,113 @@ def test_answered_retirements_are_carried_out_or_left_to_an_operator() -> None:
     assert not late.retire  # policy hold
     [late] = carried(retirement("pending", expires_at=NOW - 1, on_timeout="approve"))
     assert late.retire and late.close.note.startswith("unanswered in time; the policy retires them")
+
+
+def test_a_run_that_ended_closes_its_relaunch_question_but_still_retires_its_lemons() -> None:
+    # the run completed (or was stopped) while its questions waited: nothing is left to relaunch, but the
+    # lemon's fate does not depend on the run
+    approved = retirement("approved", decided_by="user:alice")
+    done = run(phase=RunPhase.completed, open_decision=proposed("pending"), open_retirements=(approved,))
+    acts = decide(done, CFG)
+    assert only(acts, RetireHosts).retire
+    assert only(acts, CloseDecision) == CloseDecision(7, "superseded", "superseded: the run completed")
+    stopped = replace(done, phase=RunPhase.stopped, desired=DesiredState.stopped)
+    acts = decide(stopped, CFG)
+    assert only(acts, RetireHosts).retire
+    assert only(acts, CloseDecision) == CloseDecision(
+        7, "superseded", "superseded: the run was asked to stop"
+    )
+
+
+def answered(proposal: ProposeDecision, status: str, **kw: Any) -> ObservedDecision:
+    """The decision the orchestrator recorded for `proposal`, as an operator left it."""
+    return ObservedDecision(
+        id=11,
+        status=status,
+        gates=proposal.gates,
+        proposal=proposal.proposal,
+        expires_at=NOW + 600,
+        on_timeout="hold",
+        **kw,
+    )
+
+
+def rejected_for(proposal: ProposeDecision, reason: str, **levers: Any) -> ObservedDecision:
+    """Bob rejects the proposal, with his own levers or none (the run then holds)."""
+    return answered(
+        proposal, "rejected", decided_by="user:bob", decision_reason=reason, operator_overrides=levers or None
+    )
+
+
+CLIP_GATE = ApprovalGates(require=frozenset({"clip_change"}), timeout_s=600.0)
+SKIPPING = CFG.model_copy(
+    update={"remediation": CFG.remediation.model_copy(update={"skip_spike_window": True})}
+)
+DATA_GATE = ApprovalGates(require=frozenset({"data_skip"}), timeout_s=600.0)
+
+
+def diverged_twice(**kw: Any) -> ObservedRun:
+    """The run's second divergence: OPT's remedy lowers the clip 1.0 -> 0.3 on top of the LR cut."""
+    return run(
+        history=(
+            replace(ended("divergence", number=1, ago=900, onset_step=28, newest=20), last_step=30),
+            replace(ended("divergence", number=2, onset_step=48, newest=50), last_step=52),
+        ),
+        checkpoints=(ckpt(20), ckpt(40), ckpt(50)),
+        act_norms=NORMS,
+        **kw,
+    )
+
+
+def test_a_gated_clip_change_waits_for_approval_then_launches_the_lowered_clip() -> None:
+    assert only(decide(diverged_twice(), CFG), Launch).overrides["clip"] == 0.3  # ungated: at once
+    proposal = only(decide(diverged_twice(approvals=CLIP_GATE), CFG), ProposeDecision)
+    assert proposal.gates == ("clip_change",)  # the LR cut and the loss-scale reset are not listed
+    assert proposal.proposal["overrides"]["clip"] == 0.3 and "gradient clipping 1 -> 0.3" in proposal.reason
+    # a first divergence keeps the clip: nothing to approve, it launches at once
+    assert only(decide(diverged(approvals=CLIP_GATE), CFG), Launch).close_decision is None
+
+    yes = answered(proposal, "approved", decided_by="user:alice")
+    launch = only(decide(diverged_twice(approvals=CLIP_GATE, open_decision=yes), CFG), Launch)
+    assert launch.overrides["clip"] == 0.3 and launch.overrides["lr_scale"] == 0.5
+    assert launch.close_decision == CloseDecision(11, "timed_out", "approved by user:alice")
+
+
+def test_a_rejected_clip_change_keeps_the_clip() -> None:
+    proposal = only(decide(diverged_twice(approvals=CLIP_GATE), CFG), ProposeDecision)
+    levers = rejected_for(proposal, "keep 1.0", lr_scale=0.5)
+    launch = only(decide(diverged_twice(approvals=CLIP_GATE, open_decision=levers), CFG), Launch)
+    assert launch.overrides["clip"] is None and launch.overrides["lr_scale"] == 0.5
+    assert "rejected by user:bob: keep 1.0" in launch.reason
+    bare = rejected_for(proposal, "look first")
+    [escalate] = [
+        a
+        for a in decide(diverged_twice(approvals=CLIP_GATE, open_decision=bare), CFG)
+        if isinstance(a, Escalate)
+    ]
+    assert "rejected by user:bob: look first; the run holds" in escalate.reason
+
+
+def test_a_gated_data_skip_waits_for_approval_then_skips_to_the_onset() -> None:
+    assert only(decide(diverged(), SKIPPING), Launch).overrides["skip_batches"] == 8  # ungated: at once
+    proposal = only(decide(diverged(approvals=DATA_GATE), SKIPPING), ProposeDecision)
+    assert proposal.gates == ("data_skip",)
+    assert proposal.proposal["overrides"]["skip_batches"] == 8  # restored at 40, onset at 48
+    assert "skipping the 8 batches up to the onset" in proposal.reason
+    assert only(decide(diverged(approvals=DATA_GATE), CFG), Launch)  # no skip planned: no question
+
+    yes = answered(proposal, "approved", decided_by="user:alice")
+    launch = only(decide(diverged(approvals=DATA_GATE, open_decision=yes), SKIPPING), Launch)
+    assert launch.overrides["skip_batches"] == 8 and launch.checkpoint is not None
+    assert launch.checkpoint.step == 40
+    assert launch.close_decision == CloseDecision(11, "timed_out", "approved by user:alice")
+
+
+def test_a_rejected_data_skip_replays_the_batches() -> None:
+    proposal = only(decide(diverged(approvals=DATA_GATE), SKIPPING), ProposeDecision)
+    levers = rejected_for(proposal, "the data is fine", lr_scale=0.5)
+    launch = only(decide(diverged(approvals=DATA_GATE, open_decision=levers), SKIPPING), Launch)
+    assert not launch.overrides.get("skip_batches") and launch.overrides["lr_scale"] == 0.5
+    bare = rejected_for(proposal, "replay it all")
+    acts = decide(diverged(approvals=DATA_GATE, open_decision=bare), SKIPPING)
+    assert not [a for a in acts if isinstance(a, Launch)] and only(acts, Escalate).close_decision is not None

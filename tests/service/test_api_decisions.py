@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import re
 import threading
 
 import httpx
@@ -10,6 +12,7 @@ from fastapi.testclient import TestClient
 from service.config import Settings
 from service.crud.decisions import propose_decision
 from service.db import make_engine, make_session_factory, transaction
+from service.models import Decision, utcnow
 from tests.conftest import ADMIN_HEADERS, make_run, make_token
 from tests.livesrv import LiveServer
 
@@ -47,9 +50,14 @@ def test_viewers_read_operators_answer_once_and_bad_answers_are_refused(
     assert admin.post("/api/v1/decisions/999/approve", json={}).status_code == 404
     assert admin.get("/api/v1/decisions", params={"status": "maybe"}).status_code == 422
 
+    with transaction(make_session_factory(make_engine(settings.resolved_database_url))) as session:
+        # proposed five minutes ago, still unanswered
+        session.get(Decision, decision_id).created_at = utcnow() - dt.timedelta(seconds=300)  # type: ignore[union-attr]
     scrape = admin.get("/metrics").text
     assert "trainops_decisions_pending 1.0" in scrape
-    assert "trainops_decision_oldest_pending_age_seconds" in scrape
+    assert 'trainops_run_decisions_pending{run="opt-gated"} 1.0' in scrape  # what the page names
+    (age,) = re.findall(r"^trainops_decision_oldest_pending_age_seconds (\S+)$", scrape, re.MULTILINE)
+    assert 300 <= float(age) < 3600  # seconds, since the proposal
 
     operator = make_token(admin, "operator", name="oncall")
     body = {"reason": "too aggressive", "overrides": {"lr_scale": 0.8, "clip": 0.3}}
@@ -93,3 +101,12 @@ def test_ten_operators_answer_at_once_one_wins(tmp_path: object) -> None:
         assert sorted(codes) == [200] + [409] * 9
     finally:
         srv.stop()
+
+
+def test_a_timeout_shorter_than_the_page_takes_is_refused(admin: TestClient) -> None:
+    # with on_timeout: approve, 30 s would carry out the LR cut before Alertmanager's page reached anyone
+    cfg = {"target_steps": 10, "approvals": {"require": ["lr_cut"], "timeout_s": 30, "on_timeout": "approve"}}
+    r = admin.post("/api/v1/runs", json={"name": "opt-hasty", "owner": "a", "config": cfg})
+    assert r.status_code == 422
+    assert "approvals" in r.text and "timeout_s" in r.text and "at least 120 s" in r.text
+    assert make_run(admin, "opt-patient", approvals={"require": ["lr_cut"], "timeout_s": 120})["id"]

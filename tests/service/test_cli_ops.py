@@ -17,6 +17,7 @@ import pytest
 
 from service.cli import ExitCode
 from service.config import DEFAULT_BOOTSTRAP_TOKEN
+from service.crud.decisions import propose_decision
 from service.crud.runs import active_attempt, create_attempt, end_attempt, get_run, set_run_phase
 from service.db import make_engine, make_session_factory, transaction
 from service.statemachine import RunPhase
@@ -264,6 +265,46 @@ def test_diagnostics_list_and_sweep(server: LiveServer) -> None:
     r = server.cli("diagnostics", "sweep", "--host", "ghost", check=False)
     assert r.returncode == ExitCode.not_found and "ghost" in r.stderr
     r = server.cli("diagnostics", "sweep", "--check", "no_such_check", check=False)
-    assert r.returncode == ExitCode.error and "unknown checks" in r.stderr
+    assert r.returncode == ExitCode.validation and "unknown checks" in r.stderr  # 65, like a bad --level
     started = json.loads(server.cli("diagnostics", "sweep", "--json").stdout)
     assert started["finished"] is False and started["task_id"]
+
+
+def test_decisions_list_shows_each_proposals_evidence(server: LiveServer) -> None:
+    # on-call, paged, looks at the pending decision from the terminal: what it proposes, and why
+    run = httpx.post(
+        f"{server.url}/api/v1/runs",
+        json={"name": "opt-gated", "owner": "a", "config": {"target_steps": 10}},
+        headers=ADMIN,
+    ).json()
+    engine = make_engine(f"sqlite:///{server.home / 'trainops.db'}")
+    try:
+        with transaction(make_session_factory(engine)) as session:
+            propose_decision(
+                session,
+                run_id=run["id"],
+                gates=["lr_cut"],
+                reason="restart after divergence: LR scale 1 -> 0.5",
+                proposal={"checkpoint_id": None, "checkpoint_step": 40, "overrides": {"lr_scale": 0.5}},
+                evidence={
+                    "failure": "divergence",
+                    "remediation": ["LR scale 1 -> 0.5"],
+                    "rejected_checkpoints": [[50, "after the onset"]],
+                },
+                timeout_s=600,
+                on_timeout="hold",
+                author="system:orchestrator",
+            )
+    finally:
+        engine.dispose()
+    wide = {**server.env, "COLUMNS": "300"}  # a wide terminal: one line per row
+    out = subprocess.run(
+        [sys.executable, "-m", "service.cli", "decisions", "list", "--status", "pending"],
+        env=wide,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    assert "evidence" in out
+    assert "failure=divergence, remediation=LR scale 1 -> 0.5, rejected_checkpoints=1 item(s)" in out

@@ -63,7 +63,7 @@ def test_a_fleet_sweep_runs_in_the_background_and_bad_requests_are_refused(
     assert admin.get(f"{API}/nodes/good").json()["state"] == "healthy"
 
     assert admin.post(f"{API}/nodes/nosuch/diagnostics", json={}).status_code == 404
-    assert admin.post(f"{API}/diagnostics/sweep", json={"checks": ["nvml.magic"]}).status_code == 400
+    assert admin.post(f"{API}/diagnostics/sweep", json={"checks": ["nvml.magic"]}).status_code == 422
     assert admin.post(f"{API}/diagnostics/sweep", json={"level": "extreme"}).status_code == 422
     viewer = make_token(admin, "viewer", name=f"v-{uuid.uuid4().hex[:6]}")
     assert admin.post(f"{API}/diagnostics/sweep", json={}, headers=viewer).status_code == 403

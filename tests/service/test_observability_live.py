@@ -87,8 +87,9 @@ RULE_EXPECTATIONS: dict[str, tuple[list[dict[str, str]], str, set[str]]] = {
     "OrchestratorPassesFailing": ([], "trainops_orchestrator_failed_passes_total", set()),
     # the stand-in orchestrator holds no lock on the SQLite database: nobody leads, the alert fires
     "OrchestratorLeaderMissing": ([{}], "trainops_orchestrators", set()),
+    # no proposal waits: quiet, though every run shows its (zero) count
+    "DecisionAwaitingApproval": ([], "trainops_run_decisions_pending", {HEALTHY, STALLED, ATTENTION}),
     # the stand-in orchestrator finishes passes and does not lead: quiet
-    "DecisionAwaitingApproval": ([], "trainops_decisions_pending", set()),
     "OrchestratorLoopStalled": ([], "trainops_orchestrator_loop_duration_seconds_count", set()),
     "ControlPlaneDatabaseDown": ([], "trainops_control_plane_database_up", set()),
 }
