@@ -105,10 +105,23 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _payload_files(path: Path) -> list[Path]:
-    return sorted(
-        p for p in path.rglob("*") if p.is_file() and p.relative_to(path).as_posix() not in _UNLISTED
-    )
+def payload_sizes(path: Path) -> dict[str, int]:
+    """Every payload file's size by its manifest name, in one walk: one directory read per directory and
+    one stat per file. At 8,192 ranks a checkpoint holds ~16,000 files and the metadata check runs before
+    every relaunch, on a shared filesystem where each stat is a round trip: `rglob` + `is_file` + `stat`
+    cost three per file (measured: seconds per check at 8,192 ranks)."""
+    sizes: dict[str, int] = {}
+    pending = [(path, "")]
+    while pending:
+        directory, prefix = pending.pop()
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                rel = prefix + entry.name
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append((Path(entry.path), rel + "/"))
+                elif entry.is_file() and rel not in _UNLISTED:
+                    sizes[rel] = entry.stat().st_size
+    return dict(sorted(sizes.items()))
 
 
 @dataclass(frozen=True)
@@ -169,13 +182,13 @@ def write_manifest(
     for rank, digests in sorted(reported.items()):
         for rel, digest in digests.items():
             files[rel] = {"size": digest.size, "sha256": digest.sha256, "rank": rank}
-    present = {p.relative_to(path).as_posix(): p for p in _payload_files(path)}
+    present = payload_sizes(path)
     if gone := sorted(set(files) - set(present)):
         raise ValueError(f"reported files missing from {path}: {', '.join(gone)}")
-    if resized := sorted(rel for rel, e in files.items() if present[rel].stat().st_size != e["size"]):
+    if resized := sorted(rel for rel, e in files.items() if present[rel] != e["size"]):
         raise ValueError(f"reported files whose size changed since they were hashed: {', '.join(resized)}")
     started = time.perf_counter()
-    leftovers = hash_files(path, [p for rel, p in sorted(present.items()) if rel not in files])
+    leftovers = hash_files(path, [path / rel for rel in present if rel not in files])
     for rel, digest in leftovers.items():
         files[rel] = {"size": digest.size, "sha256": digest.sha256, "rank": 0}
     seconds[0] = seconds.get(0, 0.0) + (time.perf_counter() - started)
@@ -255,16 +268,15 @@ def verify_checkpoint(path: str | Path, *, deep: bool = True) -> tuple[bool, str
     if problem := _digest_problem(manifest, files):
         return False, f"incomplete manifest: {problem}"
     try:
-        present = {p.relative_to(path).as_posix() for p in _payload_files(path)}
-        if missing := sorted(set(files) - present):
+        present = payload_sizes(path)
+        if missing := sorted(set(files) - set(present)):
             return False, f"missing files: {', '.join(missing)}"
-        if extra := sorted(present - set(files)):
+        if extra := sorted(set(present) - set(files)):
             return False, f"files not in manifest: {', '.join(extra)}"
         for rel, entry in files.items():
-            f = path / rel
-            if f.stat().st_size != entry["size"]:
+            if present[rel] != entry["size"]:
                 return False, f"size mismatch: {rel}"
-            if deep and _sha256(f) != entry["sha256"]:
+            if deep and _sha256(path / rel) != entry["sha256"]:
                 return False, f"checksum mismatch: {rel}"
     except OSError as e:  # deleted by retention (or the disk) while we read it
         return False, f"unreadable: {e.strerror or e}"

@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FuturesTimeout
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -168,6 +169,57 @@ class DeepChecks:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
+class RestorePointChecks:
+    """The metadata check of a relaunch's restore point, on worker threads of their own.
+
+    It reads no file content, but it stats every file: about 16,000 at 8,192 ranks, each a round trip on a
+    shared filesystem (seconds per check, docs/benchmarks.md). A launch waits for its check at most for
+    what is left of the pass's launch budget: a small checkpoint's check (milliseconds) finishes within
+    it and the launch goes on in the same pass; a large one's goes on off the pass, and the launch waits
+    for it pass after pass while every other run is reconciled. One check per run: when decide() picks
+    another checkpoint meanwhile, the old check's verdict no longer matters."""
+
+    def __init__(self, *, workers: int = 2) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="trainops-restore-check")
+        self._jobs: dict[int, tuple[str, Future[tuple[bool, str]]]] = {}
+
+    def poll(self, run_id: int, path: str, *, wait_s: float) -> tuple[bool, str] | None:
+        """(ok, why) once the check of `path` finished, else None. The poll that starts a check waits up to
+        `wait_s` for it; later polls do not wait (a check that outlived one pass's budget would otherwise
+        take every pass's budget, and the launches after it in the pass would never get a turn). A check
+        that raised raises here, once (the pass fails and is retried; the next poll starts a new check)."""
+        job = self._jobs.get(run_id)
+        if job is not None and job[0] != path:
+            job[1].cancel()  # another checkpoint was chosen: a check still queued is not run
+            job = None
+        started_now = job is None
+        if job is None:
+            job = (path, self._pool.submit(verify_checkpoint, path, deep=False))
+            self._jobs[run_id] = job
+        try:
+            verdict = job[1].result(timeout=max(0.0, wait_s) if started_now else 0.0)
+        except FuturesTimeout:
+            return None
+        finally:
+            if job[1].done():
+                del self._jobs[run_id]
+        return verdict
+
+    def pending(self) -> dict[int, str]:
+        """The checks still running, by run: the checkpoint each is for."""
+        return {run_id: path for run_id, (path, future) in self._jobs.items() if not future.done()}
+
+    def forget(self) -> None:
+        """Another orchestrator leads: the checks it needs it starts itself."""
+        for _, future in self._jobs.values():
+            future.cancel()
+        self._jobs.clear()
+
+    def shutdown(self) -> None:
+        self.forget()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
 class Applier:
     """The apply step of the reconcile loop: `apply(observed, actions)` runs each action's handler."""
 
@@ -194,6 +246,9 @@ class Applier:
         self.waiting_since: dict[int, float] = {}
         """Per run, since when it waits for healthy hosts (logged once per wait; decide() reads it)."""
         self.deep_checks = DeepChecks(health)
+        self.restore_checks = RestorePointChecks()
+        self._launch_deadline = 0.0
+        """Monotonic time by which the launch under way must give the pass back (its share of the budget)."""
         self.launch_spent_s = 0.0
         """Time this pass spent launching (`launch_budget_s`); `new_pass` resets it."""
         self.launched = 0
@@ -508,6 +563,7 @@ class Applier:
             ORCHESTRATOR_LAUNCHES_DEFERRED.inc()
             return
         started = time.monotonic()
+        self._launch_deadline = started + max(0.0, self.cfg.launch_budget_s - self.launch_spent_s)
         try:
             self._launch(observed, action)
         finally:
@@ -518,7 +574,7 @@ class Applier:
         if action.deep_check and not self._hosts_pass_deep_check(observed, action):
             return  # the next pass sees their new states and picks other hosts
         if action.checkpoint is not None and not self._restore_point_intact(observed, action):
-            return  # the next pass chooses again without it
+            return  # still being checked (the next pass looks again), or failed: the next pass chooses again
         recorded = self._record_attempt(observed, action)
         if recorded is None:
             return  # an attempt is already in progress
@@ -562,18 +618,31 @@ class Applier:
         return not unfit
 
     def _restore_point_intact(self, observed: ObservedRun, action: Launch) -> bool:
-        """The chosen checkpoint's metadata check: marker, manifest, every file present with its recorded
-        size, every rank's digests present. No file content is read here: re-hashing a 2.5 TB checkpoint
-        in the loop would stall every other run's detection for tens of minutes; the full re-hash runs off
-        the loop (`checkpoint_verify.py`) and marks a checkpoint whose bytes do not match `corrupt`, which
-        is never a candidate. A checkpoint failing the metadata check is marked corrupt."""
+        """True once the chosen checkpoint passed its metadata check: marker, manifest, every file present
+        with its recorded size, every rank's digests present. No file content is read: re-hashing a 2.5 TB
+        checkpoint in the loop would stall every other run's detection for tens of minutes; the full
+        re-hash runs off the loop (`checkpoint_verify.py`) and marks a checkpoint whose bytes do not match
+        `corrupt`, which is never a candidate. The metadata check itself runs on `restore_checks`' threads
+        (a pass waits for it only within its launch budget). A checkpoint failing it is marked corrupt."""
         assert action.checkpoint is not None
         # Catalogued before the API confined paths, or found by some other route: never restore files from
         # outside this run's own checkpoint directory.
         outside = checkpoint_path_problem(
             action.checkpoint.path, checkpoint_dir=checkpoints_dir(self.runs_dir / observed.name)
         )
-        ok, why = (False, outside) if outside else verify_checkpoint(action.checkpoint.path, deep=False)
+        if outside:
+            ok, why = False, outside
+        else:
+            wait_s = self._launch_deadline - time.monotonic()
+            verdict = self.restore_checks.poll(observed.run_id, action.checkpoint.path, wait_s=wait_s)
+            if verdict is None:
+                log.info(
+                    "run %s: the metadata check of %s goes on off the pass; the relaunch waits for it",
+                    observed.name,
+                    action.checkpoint.path,
+                )
+                return False
+            ok, why = verdict
         if not ok:
             with transaction(self.factory) as session:
                 mark_checkpoint(

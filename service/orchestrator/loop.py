@@ -193,6 +193,7 @@ class Orchestrator:
         self.failing_passes.forget_except(set())
         self.applier.waiting_since.clear()
         self.applier.deep_checks.forget()
+        self.applier.restore_checks.forget()
         if not change.acquired:
             log.warning("orchestrator %s lost the lead (%s); standing by", change.holder, change.reason)
             return
@@ -225,6 +226,7 @@ class Orchestrator:
         self._stop.set()
         self.checkpoint_verifier.shutdown()
         self.applier.deep_checks.shutdown()
+        self.applier.restore_checks.shutdown()
         self._wake.set()
 
     # ---- one pass over every run --------------------------------------------------------------------

@@ -317,3 +317,123 @@ def test_a_slow_verification_of_one_run_never_delays_another_runs_crash_detectio
         messages = [e.message for e in list_logbook(session, run_id=small)[0]]
     assert any("state committed -> corrupt" in m and "bytes do not match its manifest" in m for m in messages)
     assert any("state committed -> verified" in m and "full verification" in m for m in messages)
+
+
+@pytest.mark.postgres
+def test_a_slow_metadata_check_before_one_runs_relaunch_never_holds_up_another_runs_relaunch(
+    postgres_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At 8,192 ranks a restore point has ~16,000 files and its metadata check stats each one: seconds on
+    a shared filesystem. The big run's relaunch waits for that check off the pass; the small run, which
+    crashes meanwhile, is detected and relaunched from its own checkpoint, and the big run is relaunched
+    exactly once when its check is done."""
+    from service.orchestrator import apply as apply_module
+
+    migrate.upgrade(postgres_url)
+    factory = make_session_factory(make_engine(postgres_url))
+    runs_dir = tmp_path / "runs"
+    with transaction(factory) as session:
+        for host in ("h1", "h2", "h3", "h4"):
+            register_node(session, hostname=host, author="test")
+        config = {"preset": "tiny", "target_steps": 1000, "host_count": 1, "launcher": "scripted"}
+        big = create_run(session, name="big", owner="test", config=config, start=True, author="test").id
+        small = create_run(session, name="small", owner="test", config=config, start=True, author="test").id
+
+    checking = threading.Event()  # the big checkpoint's metadata check has begun
+    release = threading.Event()  # ... and may finish
+    metadata_check = apply_module.verify_checkpoint
+
+    def slow_for_the_big_run(path: str | Path, *, deep: bool = True) -> tuple[bool, str]:
+        if Path(path).parent.parent.name == "big":
+            checking.set()
+            release.wait(60)
+        return metadata_check(path, deep=deep)
+
+    monkeypatch.setattr(apply_module, "verify_checkpoint", slow_for_the_big_run)
+    cfg = OrchestratorConfig(
+        loop_interval_s=0.05,
+        runs_dir=str(runs_dir),
+        launch_budget_s=0.2,
+        remediation={"backoff_base_s": 0.0, "backoff_max_s": 0.0},
+    )
+    launcher = ExitOnCue()
+    orch = Orchestrator(factory, cfg, launchers={"scripted": launcher}, health=SweepHealthGateway(factory))
+    thread = threading.Thread(target=orch.run_forever, daemon=True)
+    thread.start()
+    try:
+
+        def attempts(run_id: int) -> list[Attempt]:
+            with transaction(factory) as session:
+                rows = session.scalars(
+                    sa.select(Attempt).where(Attempt.run_id == run_id).order_by(Attempt.number)
+                )
+                return list(rows)
+
+        def checkpoint(run_id: int, step: int) -> Checkpoint | None:
+            with transaction(factory) as session:
+                return session.scalar(
+                    sa.select(Checkpoint).where(Checkpoint.run_id == run_id, Checkpoint.step == step)
+                )
+
+        big_attempt = wait_for(lambda: attempts(big))[0]
+        small_attempt = wait_for(lambda: attempts(small))[0]
+        save_checkpoint(runs_dir / "big", 10, shard_bytes=64 * 1024)
+        save_checkpoint(runs_dir / "small", 10, shard_bytes=64 * 1024)
+        big_ckpt = wait_for(lambda: checkpoint(big, 10))
+        small_ckpt = wait_for(lambda: checkpoint(small, 10))
+
+        launcher.exits[big_attempt.launcher["tag"]] = 1
+        assert checking.wait(20), "the big run's relaunch never checked its restore point"
+        wait_for(lambda: big in orch.applier.restore_checks.pending())
+
+        # the small run crashes while the big run's restore point is still being checked
+        launcher.exits[small_attempt.launcher["tag"]] = 1
+        relaunch = wait_for(lambda: len(a := attempts(small)) == 2 and a[1])
+        assert relaunch.restored_from_checkpoint_id == small_ckpt.id
+        assert len(attempts(big)) == 1 and big in orch.applier.restore_checks.pending()
+
+        release.set()
+        big_relaunch = wait_for(lambda: len(a := attempts(big)) == 2 and a[1])
+        assert big_relaunch.restored_from_checkpoint_id == big_ckpt.id
+        wait_for(lambda: not orch.applier.restore_checks.pending())
+        time.sleep(0.5)  # passes go on: the finished check is not consumed twice
+        assert len(attempts(big)) == 2
+    finally:
+        release.set()
+        orch.stop()
+        thread.join(10)
+
+
+def test_a_restore_points_metadata_check_answers_in_the_pass_when_quick_and_waits_only_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from service.orchestrator import apply as apply_module
+
+    checks = apply_module.RestorePointChecks()
+    release = threading.Event()
+    try:
+        intact = save_checkpoint(tmp_path / "run", 10, shard_bytes=4096)
+        # a small checkpoint's check takes milliseconds: the launch goes on in the same pass
+        assert checks.poll(1, str(intact), wait_s=10.0) == (True, "ok")
+        assert not checks.pending()
+        (intact / "rng_rank0.pt").unlink()
+        assert checks.poll(1, str(intact), wait_s=10.0) == (False, "missing files: rng_rank0.pt")
+
+        metadata_check = apply_module.verify_checkpoint
+
+        def slow(path: str | Path, *, deep: bool = True) -> tuple[bool, str]:
+            release.wait(20)  # a verdict comes only after 20 s, or once released
+            return metadata_check(path, deep=deep)
+
+        monkeypatch.setattr(apply_module, "verify_checkpoint", slow)
+        assert checks.poll(2, str(intact), wait_s=0.2) is None  # the poll that starts it waits its budget
+        # a later poll does not wait: with 60 s it would have had the verdict
+        assert checks.poll(2, str(intact), wait_s=60.0) is None
+        assert checks.pending() == {2: str(intact)}
+        release.set()
+        verdict = wait_for(lambda: checks.poll(2, str(intact), wait_s=0.0))
+        assert verdict == (False, "missing files: rng_rank0.pt")
+        assert not checks.pending()
+    finally:
+        release.set()
+        checks.shutdown()
