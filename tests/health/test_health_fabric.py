@@ -113,6 +113,9 @@ BASELINE_GBPS = "0.03"
 delayed 100 ms per round trip runs at about 0.005 GB/s."""
 
 
+# Its bandwidth baseline and 4 s join deadline hold on an otherwise idle machine (CI under a load of 11 saw
+# every host join late and turn suspect).
+@pytest.mark.serial
 def test_embedded_deep_sweep_cordons_the_host_with_a_broken_link(sqlite_url: str, tmp_path: Path) -> None:
     fleet = Fleet(tmp_path, 3)
     h = fleet.hosts

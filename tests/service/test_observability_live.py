@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -247,6 +247,13 @@ def _attempt(session: Any, run: Run, *, end_reason: str | None = None) -> None:
         attempt.detected_at = now - dt.timedelta(seconds=10)
 
 
+def _until(condition: Callable[[], object], *, what: str, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
+
+
 def _query(prom: str, expr: str) -> list[dict[str, Any]]:
     reply = httpx.get(f"{prom}/api/v1/query", params={"query": expr}, timeout=10).json()
     assert reply["status"] == "success", f"{expr}: {reply}"
@@ -450,7 +457,9 @@ def test_every_dashboard_query_and_rule_through_prometheus(tmp_path: Path, broke
 
         # History for the range functions: a flat activation norm, then a runaway; a restart mid-way.
         # The flat part is the longer, so the runaway stays above twice the median while rules are checked.
-        time.sleep(10)
+        # Counted in scraped samples, not seconds: on a loaded machine scrapes come late.
+        norm = f'trainops_run_final_layer_activation_norm{{run="{ATTENTION}"}}'
+        _until(lambda: _query(prom, f"count_over_time({norm}[6h]) >= 6"), what="six flat activation norms")
         with transaction(seeded["factory"]) as session:
             healthy = runs_crud.get_run(session, run_id=healthy_id)
             current = runs_crud.active_attempt(session, run_id=healthy_id)
@@ -466,7 +475,8 @@ def test_every_dashboard_query_and_rule_through_prometheus(tmp_path: Path, broke
             )
             _attempt(session, healthy)
         feeders[1].act_norm = 400.0
-        time.sleep(5)
+        # scraped after the restart too: the restart's counters have their before and after samples
+        _until(lambda: _query(prom, f"{norm} == 400"), what="the runaway activation norm scraped")
         for feeder in feeders:
             assert not feeder.errors, feeder.errors[:3]
 
