@@ -176,11 +176,11 @@ class GradientStats:
     Definitions are metaseq's (`metaseq/trainer.py`, `Trainer._reduce_and_log_stats`): `gnorm` the L2 norm,
     `gmax` the largest element (signed: `g.max()`), `gzero` the share of elements within
     2 x `torch.finfo(dtype).tiny` of zero (dtype: the gradient's, fp16 in the fp16 format; compared after
-    unscaling, so the share does not move with the loss scale). metaseq reads them per FSDP unit on rank 0's own shard after the
-    optimizer step (the gradient scaled by the clip coefficient); trainops measures the unscaled gradient
-    before clipping, over every rank's shard, so the groups' norms combine to the step's `gnorm`
-    (square root of the sum of their squares) and are the same at any world size. `param_norm` is the L2
-    norm of all parameters the step's loss was computed with (metaseq logs `pnorm` per unit).
+    unscaling, so the share does not move with the loss scale). metaseq reads them per FSDP unit on rank 0's
+    own shard after the optimizer step (the gradient scaled by the clip coefficient); trainops measures the
+    unscaled gradient before clipping, over every rank's shard, so the groups' norms combine to the step's
+    `gnorm` (square root of the sum of their squares) and are the same at any world size. `param_norm` is the
+    L2 norm of all parameters the step's loss was computed with (metaseq logs `pnorm` per unit).
 
     `detailed=False` (telemetry off) measures only the gradient's squared norm per group: the clip and the
     overflow verdict need it, nothing else does.
