@@ -312,16 +312,26 @@ def test_training_signals_match_a_single_process_reference(tmp_path: Path) -> No
 
     # the tiny preset has 2 blocks: block 0 is the lower half, block 1 the upper
     groups = {"embed": ("embed_",), "lower": ("layers.0.",), "upper": ("layers.1.",), "head": ("final_",)}
+    # The key bias's gradient is zero in exact arithmetic (a bias on every key shifts each query's scores
+    # by one constant, which softmax removes): in fp32 it is rounding noise around 0, exactly 0 or not
+    # depending on the summation order (threads, ranks). Those elements may count either way.
+    d_model = 64
+    key_bias = {f"layers.{i}.attn.qkv.bias": slice(d_model, 2 * d_model) for i in (0, 1)}
     for group, prefixes in groups.items():
-        grads = [p.grad.double().flatten() for n, p in model.named_parameters() if n.startswith(prefixes)]
-        flat = torch.cat(grads)
-        near_zero = (flat.abs() < 2 * torch.finfo(torch.float32).tiny).sum().item() / flat.numel()
+        named = [(n, p.grad.double().clone()) for n, p in model.named_parameters() if n.startswith(prefixes)]
+        flat = torch.cat([g.flatten() for _, g in named])
+        for name, grad in named:
+            if name in key_bias:
+                grad[key_bias[name]] = 1.0  # never near zero: counted apart
+        undecided = sum(d_model for name, _ in named if name in key_bias)
+        sure = (torch.cat([g.flatten() for _, g in named]).abs() < 2 * torch.finfo(torch.float32).tiny).sum()
         assert values[f"gnorm_{group}"] == pytest.approx(flat.norm().item(), rel=1e-4), group
         assert values[f"gmax_{group}"] == pytest.approx(flat.max().item(), rel=1e-4), group
-        assert values[f"gzero_{group}"] == pytest.approx(near_zero, abs=1e-9), group
+        zero_count = round(values[f"gzero_{group}"] * flat.numel())
+        assert sure.item() <= zero_count <= sure.item() + undecided, group
     # the embedding's only zero gradients: the position table's two rows no position reads (OPT's layout;
     # every token row gets some through the tied output projection)
-    d_model, embed_rows = 64, 2048 + 128 + 2
+    embed_rows = 2048 + 128 + 2
     assert values["gzero_embed"] * d_model * embed_rows == pytest.approx(2 * d_model)
     # the groups' norms make up the whole gradient's
     assert math.hypot(*(values[f"gnorm_{g}"] for g in groups)) == pytest.approx(reported["grad_norm"])
