@@ -39,7 +39,8 @@ from itertools import chain
 from typing import Any
 
 import torch
-from torch.distributed.fsdp import MixedPrecisionPolicy
+from torch import nn
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy
 
 PRECISIONS = ("fp16", "fp16-mixed", "bf16", "fp32")
 SCALED_PRECISIONS = frozenset({"fp16", "fp16-mixed"})
@@ -75,6 +76,29 @@ def mixed_precision_policy(precision: str) -> MixedPrecisionPolicy:
         # parameters are fp16 already (no cast); gradients reduce-scattered in fp16, pre/post-divided by FSDP2
         return MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float16)
     return MixedPrecisionPolicy(param_dtype=COMPUTE_DTYPES[precision], reduce_dtype=torch.float32)
+
+
+def fsdp_formats(model: nn.Module) -> str:
+    """The dtypes FSDP2 stores the sharded parameters in and reduce-scatters their gradients in, as FSDP2
+    resolved them (after the first forward), for the log: the evidence that `--precision fp16` reduces in
+    fp16 (the policy alone does not say: FSDP2 drops a reduce dtype equal to the compute dtype and reduces
+    in the gradient's own). Reads FSDP2's per-parameter state, which has no public accessor."""
+    stored: set[str] = set()
+    reduced: set[str] = set()
+    for module in model.modules():
+        if not isinstance(module, FSDPModule):
+            continue
+        for group in module._get_fsdp_state()._fsdp_param_groups:
+            for fsdp_param in group.fsdp_params:
+                stored.add(str(fsdp_param.orig_dtype).removeprefix("torch."))
+                # gradients come in the compute dtype (param_dtype, None = the stored one) and are
+                # reduce-scattered in reduce_dtype when set (foreach_reduce: `reduce_dtype or grad_dtype`)
+                dtype = fsdp_param.reduce_dtype or fsdp_param.param_dtype or fsdp_param.orig_dtype
+                reduced.add(str(dtype).removeprefix("torch."))
+    return (
+        f"fsdp: parameters stored in {', '.join(sorted(stored))}, "
+        f"gradients reduce-scattered in {', '.join(sorted(reduced))}"
+    )
 
 
 def opt_predivide_factors(world: int) -> tuple[float, float]:

@@ -159,16 +159,28 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
+def _near_zero(grad: torch.Tensor, unscale: float) -> torch.Tensor:
+    """Mask of the elements of the unscaled gradient `grad` x `unscale` within 2 x the smallest normal of
+    `grad`'s dtype of zero (metaseq's `gzero`, on the gradient the optimizer applies). The fp16 format's
+    gradients are still scaled by the loss scale: they are unscaled in fp32 first, so the share does not
+    move with the loss scale (fp16 itself would underflow)."""
+    threshold = 2 * torch.finfo(grad.dtype).tiny
+    if unscale == 1.0:
+        return grad.abs().lt_(threshold)
+    return grad.abs().float().mul_(unscale).lt_(threshold)
+
+
 class GradientStats:
     """A rank's share of the gradient and parameter statistics of a step, per layer group.
 
     Definitions are metaseq's (`metaseq/trainer.py`, `Trainer._reduce_and_log_stats`): `gnorm` the L2 norm,
     `gmax` the largest element (signed: `g.max()`), `gzero` the share of elements within
-    2 x `torch.finfo(dtype).tiny` of zero. metaseq reads them per FSDP unit on rank 0's own shard after the
-    optimizer step (the gradient scaled by the clip coefficient); trainops measures the unscaled gradient
-    before clipping, over every rank's shard, so the groups' norms combine to the step's `gnorm`
-    (square root of the sum of their squares) and are the same at any world size. `param_norm` is the L2
-    norm of all parameters the step's loss was computed with (metaseq logs `pnorm` per unit).
+    2 x `torch.finfo(dtype).tiny` of zero (dtype: the gradient's, fp16 in the fp16 format; compared after
+    unscaling, so the share does not move with the loss scale). metaseq reads them per FSDP unit on rank 0's
+    own shard after the optimizer step (the gradient scaled by the clip coefficient); trainops measures the
+    unscaled gradient before clipping, over every rank's shard, so the groups' norms combine to the step's
+    `gnorm` (square root of the sum of their squares) and are the same at any world size. `param_norm` is the
+    L2 norm of all parameters the step's loss was computed with (metaseq logs `pnorm` per unit).
 
     `detailed=False` (telemetry off) measures only the gradient's squared norm per group: the clip and the
     overflow verdict need it, nothing else does.
@@ -206,11 +218,13 @@ class GradientStats:
             out[:n].index_add_(0, idx, norms.square())
             if self.detailed:
                 # exact integer counts: a float sum of ones stops counting at 2**24 elements
-                zeros = [torch.count_nonzero(g.abs().lt_(2 * torch.finfo(g.dtype).tiny)) for g in local]
+                zeros = [torch.count_nonzero(_near_zero(g, unscale)) for g in local]
                 out[n : 2 * n].index_add_(0, idx, torch.stack(zeros).double())
         if self.detailed:
+            # fp32 accumulation and result: an fp16 parameter's norm in fp16 keeps 3 digits (and passes
+            # 65504, fp16's largest value, on a large enough tensor)
             params = [_local(p.detach()) for p in self.params]
-            out[2 * n] = torch.stack(torch._foreach_norm(params)).double().square().sum()
+            out[2 * n] = torch.stack(torch._foreach_norm(params, dtype=torch.float32)).double().square().sum()
         return out
 
     def local_maxima(self, *, unscale: float = 1.0) -> torch.Tensor:

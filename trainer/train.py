@@ -62,6 +62,7 @@ from trainer.model import PRESETS, OPTModel, build_model, flops_per_token, init_
 from trainer.precision import (
     DynamicLossScaler,
     FP16ParamAdam,
+    fsdp_formats,
     mixed_precision_policy,
     opt_predivide_factors,
     stores_fp16_params,
@@ -471,6 +472,8 @@ def train(cfg: TrainConfig) -> int:
                 (loss * (scale * loss_multiplier / accum)).backward()
             loss_sum += loss.detach()
         faults.after_backward(step, model)
+        if step == first_step:  # FSDP2 resolves its formats lazily, at the first forward
+            log(fsdp_formats(model))
 
         # One all_reduce for loss, activation, gradient and parameter statistics (and one of maxima when
         # telemetry measures them), of the unscaled gradient. fp16: the gradients stay scaled (unscaling in
@@ -496,8 +499,9 @@ def train(cfg: TrainConfig) -> int:
         if overflow or not math.isfinite(loss_value):
             optimizer.zero_grad(set_to_none=True)
         elif isinstance(optimizer, FP16ParamAdam):
-            # metaseq's clip: the clip coefficient joins the unscale factor, applied to the fp32 gradient
-            clip_factor = clip / grad_norm if grad_norm > clip else 1.0
+            # metaseq's clip: the clip coefficient (its max_norm / (norm + 1e-6), at most 1) joins the unscale
+            # factor, applied to the fp32 gradient
+            clip_factor = min(1.0, clip / (grad_norm + 1e-6))
             optimizer.step(grad_multiplier=grad_unscale * clip_factor)
             optimizer.zero_grad(set_to_none=True)
         else:
