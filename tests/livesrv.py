@@ -42,7 +42,9 @@ class LiveServer:
             self.env["TRAINOPS_DATABASE_URL"] = database_url
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 30.0) -> LiveServer:
+    def start(self, timeout: float = 120.0) -> LiveServer:
+        # A deadline, not a measurement: a control plane that starts in 3 s idle took over 30 s in a CI run
+        # with a load of 11, and its tests failed before they began.
         log = open(self.home / "api.log", "ab")  # noqa: SIM115 - owned by the child process
         # The API alone: tests that need the orchestrator or the health beat run their own.
         command = [sys.executable, "-m", "service.cli", "up", "--no-orchestrator", "--quick-interval", "0"]
