@@ -41,6 +41,8 @@ from typing import Any
 import torch
 from torch.distributed.fsdp import MixedPrecisionPolicy
 
+from trainer.contract import OPT_MIN_LOSS_SCALE
+
 PRECISIONS = ("fp16", "fp16-mixed", "bf16", "fp32")
 SCALED_PRECISIONS = frozenset({"fp16", "fp16-mixed"})
 COMPUTE_DTYPES = {
@@ -56,7 +58,6 @@ COMPUTE_DTYPES = {
 # 256, lowered the minimum to 2^-5 and clamped there instead of stopping; trainops follows the 175B code.
 OPT_INITIAL_LOSS_SCALE = 4.0
 OPT_SCALE_WINDOW_NUMERATOR = 2**14
-OPT_MIN_LOSS_SCALE = 1e-4
 # fp16-mixed (trainops's earlier behaviour, kept under its own name)
 MIXED_INITIAL_LOSS_SCALE = 65536.0
 MIXED_SCALE_WINDOW = 1000
