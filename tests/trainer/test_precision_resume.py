@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
-from tests.trainer_helpers import REPO, explain, metrics, trainer_env
+from tests.trainer_helpers import explain, metrics, train_one_process
 from trainer.checkpoint import checkpoint_dirs, checkpoint_precision, read_meta, write_manifest
 
 
@@ -20,18 +19,7 @@ def test_a_checkpoint_written_before_fp16_became_opts_format_is_not_resumed_as_i
     run_dir = tmp_path / "run"
 
     def train(precision: str, *flags: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [
-                *(sys.executable, "-m", "trainer.train", "--preset", "tiny", "--precision", precision),
-                *("--micro-batch-size", "2", "--global-batch-tokens", "256", "--threads", "1"),
-                *("--run-dir", str(run_dir), "--checkpoint-interval", "2", "--val-interval", "0", *flags),
-            ],
-            cwd=REPO,
-            env=trainer_env(),
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        return train_one_process(run_dir, precision, "--val-interval", "0", *flags)
 
     first = train("fp16-mixed", "--max-steps", "2")
     assert first.returncode == 0, explain(first)
