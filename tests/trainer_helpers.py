@@ -34,6 +34,22 @@ def trainer_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def train_one_process(run_dir: Path, precision: str, *flags: str) -> subprocess.CompletedProcess[str]:
+    """One rank of the tiny preset (`trainer.train`, no torchrun), 256-token batches, saving every 2 steps."""
+    return subprocess.run(
+        [
+            *(sys.executable, "-m", "trainer.train", "--preset", "tiny", "--precision", precision),
+            *("--micro-batch-size", "2", "--global-batch-tokens", "256", "--threads", "1"),
+            *("--run-dir", str(run_dir), "--checkpoint-interval", "2", *flags),
+        ],
+        cwd=REPO,
+        env=trainer_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
 def launch_command(run_dir: Path, *flags: str, nproc: int = 2) -> list[str]:
     return [
         sys.executable,

@@ -326,6 +326,21 @@ class CheckpointInfo:
         return self.meta.get("loss_scale")
 
 
+def checkpoint_precision(path: str | Path, meta: dict[str, Any]) -> str | None:
+    """The number format a checkpoint was written in, from its meta.json (`meta`): its `precision`, except
+    that `fp16` from before fp16 became OPT's format meant what fp16-mixed means now; such a checkpoint holds
+    fp32 weights, and DCP's index (`.metadata`, no tensor read) says so. None when the meta names none."""
+    recorded = meta.get("precision")
+    if recorded != "fp16":
+        return recorded
+    import torch
+    from torch.distributed.checkpoint import FileSystemReader
+
+    index = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    weights = {getattr(m.properties, "dtype", None) for k, m in index.items() if k.startswith("model.")}
+    return "fp16-mixed" if torch.float32 in weights else "fp16"
+
+
 def checkpoint_dirs(checkpoint_dir: str | Path) -> list[tuple[int, Path]]:
     """Every `step_*` directory as (step, path), oldest first, nothing verified or read."""
     root = Path(checkpoint_dir)

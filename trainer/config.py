@@ -96,6 +96,10 @@ class TrainConfig:
     """Seed of the weight init, data order and dropout streams."""
     resume_from: str | None = None
     """`latest` (newest valid checkpoint, fresh start if none) or a checkpoint directory."""
+    allow_precision_change: bool = False
+    """Resume a checkpoint written in another `precision` (converting its weights: fp32 master weights cast
+    to fp16, or back) instead of refusing it with exit 2. A checkpoint saved as `fp16` with fp32 weights was
+    written before fp16 became OPT's format and counts as fp16-mixed (`checkpoint.checkpoint_precision`)."""
     skip_batches: int = 0
     """Advance the data position by this many global batches before training (skip a bad stretch)."""
     checkpoint_interval: int = 100

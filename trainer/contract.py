@@ -43,6 +43,9 @@ EXIT_DIVERGED = 42  # non-finite loss on some rank (metrics flushed first)
 # first. The orchestrator treats it as a divergence, like EXIT_DIVERGED.
 EXIT_LOSS_SCALE_FLOOR = 43
 LOSS_SCALE_FLOOR_VALUE = "loss_scale_floor"  # the `values` name of that event in the step's metric point
+# precision fp16's --min-loss-scale when a run leaves it unset (metaseq's `min_loss_scale` when OPT-175B
+# trained); the control plane reads it to know where a run's trainer stops (service/recovery/config.py)
+OPT_MIN_LOSS_SCALE = 1e-4
 # anything else is a crash; 128 + N (or -N from Popen) is death by signal N
 
 

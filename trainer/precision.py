@@ -42,6 +42,8 @@ import torch
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy
 
+from trainer.contract import OPT_MIN_LOSS_SCALE
+
 PRECISIONS = ("fp16", "fp16-mixed", "bf16", "fp32")
 SCALED_PRECISIONS = frozenset({"fp16", "fp16-mixed"})
 COMPUTE_DTYPES = {
@@ -57,7 +59,6 @@ COMPUTE_DTYPES = {
 # 256, lowered the minimum to 2^-5 and clamped there instead of stopping; trainops follows the 175B code.
 OPT_INITIAL_LOSS_SCALE = 4.0
 OPT_SCALE_WINDOW_NUMERATOR = 2**14
-OPT_MIN_LOSS_SCALE = 1e-4
 # fp16-mixed (trainops's earlier behaviour, kept under its own name)
 MIXED_INITIAL_LOSS_SCALE = 65536.0
 MIXED_SCALE_WINDOW = 1000

@@ -36,6 +36,7 @@ from trainer.checkpoint import (
     Checkpointer,
     CheckpointInfo,
     catalog_record,
+    checkpoint_precision,
     read_meta,
 )
 from trainer.config import ConfigError, TrainConfig, parse_args
@@ -387,7 +388,8 @@ def train(cfg: TrainConfig) -> int:
         if ckpt_path is None:
             log("resume_from=latest: no committed checkpoint yet, starting fresh")
         else:
-            trained_on = read_meta(ckpt_path).get("data_key")
+            saved_meta = read_meta(ckpt_path)
+            trained_on = saved_meta.get("data_key")
             if trained_on is not None and trained_on != data_key:
                 dist.barrier()  # every rank reads the same meta and key: leave together (see above)
                 dist.destroy_process_group()
@@ -396,6 +398,16 @@ def train(cfg: TrainConfig) -> int:
                     f"tokenizer and tokenization give {data_key}: resuming would train on other token ids "
                     "at the same data position. Resume with the corpus and tokenizer it was trained with, "
                     "or start a new run"
+                )
+            written_in = checkpoint_precision(ckpt_path, saved_meta)
+            if written_in is not None and written_in != cfg.precision and not cfg.allow_precision_change:
+                dist.barrier()  # the same verdict on every rank (same files): leave together
+                dist.destroy_process_group()
+                raise ConfigError(
+                    f"checkpoint {ckpt_path} was written in precision {written_in} and this run is "
+                    f"configured for {cfg.precision}: resuming would convert its weights and keep its "
+                    f"loss-scaler state (scale {saved_meta.get('loss_scale')}). Resume with --precision "
+                    f"{written_in}, or pass --allow-precision-change to convert it (docs/trainer.md)"
                 )
             meta, rng = checkpointer.load(ckpt_path, model, optimizer)
             apply_optimizer_config(optimizer, cfg)

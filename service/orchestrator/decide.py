@@ -14,7 +14,7 @@ from typing import Any
 
 from service.orchestrator.launchers.base import ProcessStatus
 from service.orchestrator.policy import FailureRecord, plan_remediation
-from service.recovery.config import OrchestratorConfig
+from service.recovery.config import DivergenceConfig, OrchestratorConfig
 from service.recovery.detect import (
     EXIT_LOSS_SCALE_FLOOR,
     DivergenceFinding,
@@ -117,6 +117,9 @@ class ObservedRun:
     step_times: tuple[float, ...] = ()  # the run's newest step times (any attempt), oldest first
     hang_overrides: Mapping[str, float] = field(default_factory=dict)  # the run's `RunConfig.hang`
     checkpoint_interval: int = 0  # the run's steps between checkpoints (its restart rule's course spans it)
+    divergence: DivergenceConfig | None = (
+        None  # the run's own divergence rules (divergence_for_run); None: cfg's
+    )
     approvals: ApprovalGates = field(default_factory=ApprovalGates)
     open_decision: ObservedDecision | None = None  # about the next relaunch
     open_retirements: tuple[ObservedDecision, ...] = ()  # lemons of this run waiting to be retired
@@ -222,7 +225,12 @@ Action = (
 
 
 def decide(run: ObservedRun, cfg: OrchestratorConfig) -> list[Action]:
-    return _retirements(run) + _decide_run(run, cfg)
+    return _retirements(run) + _decide_run(run, _for_run(run, cfg))
+
+
+def _for_run(run: ObservedRun, cfg: OrchestratorConfig) -> OrchestratorConfig:
+    """The config with the run's own divergence rules (its loss-scale threshold follows its number format)."""
+    return cfg if run.divergence is None else cfg.model_copy(update={"divergence": run.divergence})
 
 
 def _retirements(run: ObservedRun) -> list[Action]:
@@ -583,15 +591,20 @@ def _first_nonfinite(samples: Sequence[MetricSample], fallback: int) -> int:
 
 
 def _scale_collapse_onset(samples: Sequence[MetricSample], fallback: int) -> int:
-    """Where the loss scale's final fall to its floor began: the first step of the trailing stretch in which
-    it only went down, at its first drop (the attempt's last step + 1 when the samples do not show one)."""
+    """Where the overflows that took the loss scale to its floor began (exit 43): the first drop of the
+    trailing run of steps that each halved it (the step that met the floor leaves the scale as it was, as
+    metaseq did); the attempt's last step + 1 when the samples do not show one. Earlier drops with clean
+    steps after them are the transient overflows a healthy run meets, and at OPT's window (2^14 /
+    (data-parallel size x accumulation) steps) their halvings last for thousands of steps, so "since the
+    scale last rose" would reach back to the first of them (tests/data/floored_fp16_tiny_seed7_at111.json)."""
     scales = [(s.step, s.loss_scale) for s in sorted(samples, key=lambda s: s.step) if _finite(s.loss_scale)]
+    if len(scales) >= 2 and scales[-1][1] == scales[-2][1]:
+        scales = scales[:-1]  # the floor step: the overflow that would have crossed the floor halved nothing
     onset = None
-    for (_, before), (step, after) in zip(reversed(scales[:-1]), reversed(scales), strict=False):
-        if before is None or after is None or after > before:
+    for (before_step, before), (step, after) in zip(reversed(scales[:-1]), reversed(scales), strict=False):
+        if step != before_step + 1 or before is None or after is None or not after < before:
             break
-        if after < before:
-            onset = step
+        onset = step
     return onset if onset is not None else fallback + 1
 
 
@@ -915,6 +928,7 @@ def operator_default_checkpoint(
     """The checkpoint an operator's restart without `from_checkpoint_id` restores: the choice the
     orchestrator makes for a divergence with no onset in sight (OPT's rule: the newest healthy checkpoint),
     else the newest intact one, saying so. Returns (checkpoint, the choice in words, rejected newer ones)."""
+    cfg = _for_run(run, cfg)
     choice = pick_restart_checkpoint(
         run.checkpoints,
         failure=FailureClass.divergence,

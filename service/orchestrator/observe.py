@@ -32,7 +32,7 @@ from service.orchestrator.decide import (
     ObservedRun,
 )
 from service.orchestrator.launchers.base import HEARTBEAT_INTERVAL_KEY, Launcher, ProcessStatus, launcher_for
-from service.recovery.config import OrchestratorConfig
+from service.recovery.config import OrchestratorConfig, divergence_for_run
 from service.recovery.detect import RankBeat, Section
 from service.recovery.samples import (
     act_norm_lineage,
@@ -141,6 +141,7 @@ def observe_run(
         phase=run.phase,
         target_steps=int(config.get("target_steps", 1)),
         checkpoint_interval=int(config.get("checkpoint_interval") or 0),
+        divergence=divergence_for_run(cfg.divergence, run_config=config),
         host_count=int(config.get("host_count", 1)),
         max_restarts=int(config.get("max_restarts", cfg.remediation.max_restarts)),
         lr_scale=run.lr_scale,

@@ -6,6 +6,7 @@ document for restart-preview and the runs directory, so the loader lives here, b
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -13,6 +14,7 @@ from pydantic_settings import SettingsConfigDict
 
 from health.config import LayeredSettings
 from service.config import Settings
+from trainer.contract import OPT_MIN_LOSS_SCALE
 
 ORCHESTRATOR_ENV_PREFIX = "TRAINOPS_ORCHESTRATOR_"
 
@@ -34,7 +36,10 @@ class DivergenceConfig(_Section):
     loss_spike_patience: int = 3
     """Consecutive spiking steps before it counts as a divergence (OPT saw many spikes that recovered)."""
     min_loss_scale: float = 1.0
-    """A dynamic loss scale below this is a divergence signal (OPT restarted from checkpoints >= 1.0)."""
+    """A dynamic loss scale below this is a divergence signal, and a checkpoint saved under it unhealthy, in a
+    run of precision fp16-mixed (scale from 65536, window 1000: its healthy recordings never left
+    32768-65536; OPT restarted from checkpoints >= 1.0). A precision fp16 run is judged against its own floor
+    instead (`divergence_for_run`)."""
     act_norm_window: int = 20
     """Trailing steps whose maximum is the activation norm's baseline (the window ends `act_norm_patience`
     steps back, so a jump that then holds its level still counts for every step of the patience)."""
@@ -62,6 +67,26 @@ class DivergenceConfig(_Section):
         if self.min_points > min(self.loss_spike_window, self.act_norm_window):
             raise ValueError("min_points must not exceed the trailing windows")
         return self
+
+
+def divergence_for_run(cfg: DivergenceConfig, *, run_config: Mapping[str, Any] | None) -> DivergenceConfig:
+    """The divergence rules for one run (its stored `RunConfig`): the loss-scale threshold follows its format.
+
+    precision fp16 (OPT's format) starts the scale at 4 and doubles it only after 2^14 / (data-parallel size x
+    accumulation steps) clean steps: 8192 on 2 ranks, 132 on OPT-175B's 124. Each overflow halves it, so a
+    healthy run that met three sits at 0.5 for thousands of steps (tests/data/healthy_fp16_*), and how low a
+    healthy scale goes depends on the run's parallelism: no fixed level separates healthy from diverging.
+    What the format does define is its floor: the trainer stops with exit 43 when an overflow would take the
+    scale to or below `min_loss_scale` (1e-4 unless the run's hyperparameters set it), as metaseq stopped
+    OPT. The threshold is that floor: a healthy fp16 attempt never reports a scale below it, and exit 43 is
+    the divergence verdict (`classify_exit`). Other formats keep `cfg.min_loss_scale`."""
+    config = run_config or {}
+    if config.get("precision", "fp16") != "fp16":
+        return cfg
+    floor = (config.get("hyperparameters") or {}).get("min_loss_scale")
+    return cfg.model_copy(
+        update={"min_loss_scale": float(floor) if floor is not None else OPT_MIN_LOSS_SCALE}
+    )
 
 
 class RestartPointConfig(_Section):

@@ -15,8 +15,8 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from service.crud.runs import get_run
-from service.models import Attempt, Checkpoint
-from service.recovery.config import OrchestratorConfig
+from service.models import Attempt, Checkpoint, Run
+from service.recovery.config import OrchestratorConfig, divergence_for_run
 from service.recovery.detect import FailureClass, detect_divergence
 from service.recovery.restart_point import (
     CheckpointCandidate,
@@ -85,7 +85,9 @@ def current_divergence_onset(
             upto=newest.start_step or 0,
             divergence=cfg.divergence,
         )
-        found = detect_divergence(samples, cfg.divergence, history=history)
+        run = session.get(Run, run_id)
+        rules = divergence_for_run(cfg.divergence, run_config=run.config if run else None)
+        found = detect_divergence(samples, rules, history=history)
         if found is None:
             return None
         return DivergenceOnset(found.onset_step, f"attempt {newest.number}'s metrics (running)")
@@ -115,7 +117,7 @@ def restart_preview(
         ),
         divergence_onset=onset.step if onset else None,
         act_norms=norms,
-        min_loss_scale=cfg.divergence.min_loss_scale,
+        min_loss_scale=divergence_for_run(cfg.divergence, run_config=run.config).min_loss_scale,
         runaway_multiple=cfg.divergence.act_norm_multiple,
     )
     chosen = session.get(Checkpoint, choice.checkpoint.id) if choice.checkpoint else None

@@ -38,7 +38,7 @@ from service.config import Settings
 from service.crud.checkpoints import AUTO_PIN_AUTHOR, mark_vanished_checkpoints
 from service.crud.logbook import jsonable, write_log
 from service.models import Attempt, Checkpoint, Metric, Run, utcnow
-from service.recovery.config import OrchestratorConfig, load_orchestrator_config
+from service.recovery.config import OrchestratorConfig, divergence_for_run, load_orchestrator_config
 from service.recovery.detect import FailureClass
 from service.recovery.restart_point import (
     CheckpointVerdict,
@@ -238,7 +238,9 @@ def judge_catalogued(
         loss_scale=row.loss_scale,
         norms=course.norms,
         cfg=rule,
-        min_loss_scale=cfg.divergence.min_loss_scale,
+        min_loss_scale=divergence_for_run(
+            cfg.divergence, run_config=run.config if run else None
+        ).min_loss_scale,
         runaway_multiple=cfg.divergence.act_norm_multiple,
         until_step=until,
         losses=course.losses,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,7 +23,7 @@ from service.orchestrator.decide import (
     failure_of,
 )
 from service.orchestrator.launchers.base import ProcessStatus
-from service.recovery.config import OrchestratorConfig, RemediationConfig
+from service.recovery.config import OrchestratorConfig, RemediationConfig, divergence_for_run
 from service.recovery.detect import MetricSample, RankBeat
 from service.recovery.restart_point import CheckpointCandidate
 from service.statemachine import DesiredState, NodeState, RunPhase, check_run_transition
@@ -183,6 +185,40 @@ def test_the_loss_scale_floor_exit_is_a_divergence_from_where_the_scale_began_to
     # no metrics at all: the step after the last one
     end = only(decide(run(attempt=attempt("exited", 43, last_step=30)), cfg), EndAttempt)
     assert end.outcome == "divergence" and end.evidence["onset_step"] == 31
+
+
+def test_an_fp16_run_stopped_at_its_floor_restarts_from_before_the_collapse_not_before_every_overflow() -> (
+    None
+):
+    """A recorded fp16 run in OPT's format (tests/data/floored_fp16_tiny_seed7_at111.json): transient
+    overflows at steps 40, 70 and 100 leave the scale at 0.5 (it would double back after 8192 clean steps),
+    then one at every step from 111 until the trainer stops at its floor (exit 43). The run's own rules see
+    no signal in the metrics (0.5 is healthy in this format); the divergence starts at the collapse, step
+    111, not at the first transient overflow, and the restart takes the checkpoint before it."""
+    data = json.loads((Path(__file__).parents[1] / "data" / "floored_fp16_tiny_seed7_at111.json").read_text())
+    pts = data["points"]
+    samples = tuple(
+        MetricSample(p["step"], p["loss"], p["loss_scale"], p["act_norm"], p["actv_norm"]) for p in pts
+    )
+    own = divergence_for_run(CFG.divergence, run_config={"precision": "fp16"})
+    exited = attempt("exited", data["exit_code"], samples=samples, last_step=pts[-1]["step"])
+    end = only(decide(run(attempt=exited, divergence=own), CFG), EndAttempt)
+    assert end.outcome == "divergence" and end.exit_code == 43 and "signals" not in end.evidence
+    assert end.evidence["onset_step"] == 111
+    checkpoints = tuple(ckpt(p["step"], loss_scale=p["loss_scale"]) for p in pts if p["step"] % 5 == 0)
+    relaunch = run(
+        phase=RunPhase.restarting,
+        history=(ended("divergence", onset_step=111),),
+        checkpoints=checkpoints,
+        act_norms={p["step"]: p["actv_norm"] for p in pts},
+        divergence=own,
+    )
+    launch = only(decide(relaunch, CFG), Launch)
+    # 105's course to the onset's margin is too short to judge; 100 is the newest healthy one
+    assert launch.checkpoint.step == 100 and launch.checkpoint.loss_scale == 0.5, launch.reason
+    # the threshold of the 65536 era (1.0) rejects every checkpoint after the third transient overflow
+    fixed = only(decide(replace(relaunch, divergence=None), CFG), Launch)
+    assert fixed.checkpoint.step == 95 and fixed.checkpoint.loss_scale == 1.0, fixed.reason
 
 
 def test_first_step_moves_starting_to_running() -> None:

@@ -5,6 +5,12 @@ fault's first step. The twin's course is what a restart from a checkpoint before
 "the chosen checkpoint's later course is bounded" is checked on it, not assumed.
 Re-record with `tests/data/record_curves.py`.
 
+Each recording names its `precision`. The fp16-mixed ones (scale from 65536, window 1000) were made before
+`--precision fp16` became OPT's format; the fp16 ones (healthy_fp16_*, diverged_fp16_*, floored_fp16_*) in
+that format: scale from 4, window 2^14 / (2 ranks x 1) = 8192 steps, three transient overflows that leave the
+healthy runs' scale at 0.5, and one run that overflows at every step until its trainer stops at the floor
+(exit 43). Each is judged by the rules of a run in its format (`divergence_for_run`).
+
 The rules read the final layer's activation norm as metaseq defines it (`actv_norm`, the mean per-token L2
 norm); every test runs on both definitions, since a run's rows from before migration 0009 have only
 trainops' RMS (`act_norm`). healthy_tiny_run and diverged_tiny_run were recorded then, and carry the RMS only.
@@ -24,33 +30,53 @@ from typing import Any
 
 import pytest
 
-from service.recovery.config import DivergenceConfig, RestartPointConfig
-from service.recovery.detect import FailureClass, MetricSample, detect_divergence
+from service.recovery.config import DivergenceConfig, RestartPointConfig, divergence_for_run
+from service.recovery.detect import FailureClass, MetricSample, classify_exit, detect_divergence
 from service.recovery.restart_point import (
     CheckpointCandidate,
     Verdict,
     judge_checkpoint,
     pick_restart_checkpoint,
 )
+from trainer.contract import EXIT_LOSS_SCALE_FLOOR, OPT_MIN_LOSS_SCALE
 
 DATA = Path(__file__).parents[1] / "data"
 CHECKPOINT_INTERVAL = 5
 DIVERGENCE = DivergenceConfig()
 RESTART = RestartPointConfig()
 
-HEALTHY = ("healthy_tiny_run", "healthy_tiny_seed7", "healthy_tiny_seed99", "healthy_small_seed5")
+HEALTHY = (
+    "healthy_tiny_run",
+    "healthy_tiny_seed7",
+    "healthy_tiny_seed99",
+    "healthy_small_seed5",
+    "healthy_fp16_tiny_seed7",
+    "healthy_fp16_small_seed5",
+)
 # (diverged recording, its healthy twin, the step from which the fault multiplied the LR)
 DIVERGED = (
     ("diverged_tiny_run", "healthy_tiny_run", 30),
     ("diverged_tiny_seed7_at60", "healthy_tiny_seed7", 60),
     ("diverged_tiny_seed99_at110", "healthy_tiny_seed99", 110),
     ("diverged_small_seed5_at50", "healthy_small_seed5", 50),
+    ("diverged_fp16_tiny_seed7_at110", "healthy_fp16_tiny_seed7", 110),
+    ("diverged_fp16_small_seed5_at60", "healthy_fp16_small_seed5", 60),
 )
+FLOORED = ("floored_fp16_tiny_seed7_at111", "healthy_fp16_tiny_seed7", 111)  # overflows from step 111 on
 
 
 @cache
+def recording(name: str) -> dict[str, Any]:
+    return json.loads((DATA / f"{name}.json").read_text())
+
+
 def points(name: str) -> tuple[dict[str, Any], ...]:
-    return tuple(json.loads((DATA / f"{name}.json").read_text())["points"])
+    return tuple(recording(name)["points"])
+
+
+def rules(name: str) -> DivergenceConfig:
+    """The divergence rules of a run in the recording's number format."""
+    return divergence_for_run(DIVERGENCE, run_config={"precision": recording(name)["precision"]})
 
 
 # The activation-norm definitions a recording is read in: metaseq's mean, as a run reports it now, and the RMS
@@ -98,7 +124,7 @@ def checkpoints(name: str) -> list[CheckpointCandidate]:
 def test_the_recordings_are_what_the_table_says() -> None:
     for name in HEALTHY:
         assert len(points(name)) >= 90, name
-    for diverged, twin, fault in DIVERGED:
+    for diverged, twin, fault in (*DIVERGED, FLOORED):
         before = [p for p in points(diverged) if p["step"] < fault]
         assert len(before) == fault - 1, diverged
         # same preset and seed: identical up to the fault (the twin is the course without it)
@@ -108,6 +134,13 @@ def test_the_recordings_are_what_the_table_says() -> None:
         assert len(points(diverged)) >= fault + 3, diverged
     presets = {json.loads((DATA / f"{n}.json").read_text())["source"].split(" preset")[0] for n in HEALTHY}
     assert {"the tiny", "the small"} <= presets
+    # each says its format, and its scaler shows it: 65536 for fp16-mixed, OPT's 4 for fp16
+    initial = {"fp16-mixed": 65536.0, "fp16": 4.0}
+    for name in {*HEALTHY, *(d for d, _, _ in DIVERGED), FLOORED[0]}:
+        precision = recording(name)["precision"]
+        assert f"({precision}" in recording(name)["source"], name
+        assert points(name)[0]["loss_scale"] == initial[precision], name
+    assert {recording(n)["precision"] for n in HEALTHY} == {"fp16-mixed", "fp16"}
 
 
 def test_the_recordings_made_by_record_curves_carry_both_definitions() -> None:
@@ -120,13 +153,51 @@ def test_the_recordings_made_by_record_curves_carry_both_definitions() -> None:
 @DEFINITIONS
 @pytest.mark.parametrize("name", HEALTHY)
 def test_a_healthy_run_gets_no_divergence_verdict(name: str, definition: str) -> None:
-    assert detect_divergence(samples(name, definition), DIVERGENCE) is None
+    assert detect_divergence(samples(name, definition), rules(name)) is None
     # and none of its checkpoints is judged unhealthy: a young model's growing norm is bounded growth
     for c in checkpoints(name):
         verdict = judge_checkpoint(
-            step=c.step, loss_scale=c.loss_scale, norms=norms(name, definition), cfg=RESTART
+            step=c.step,
+            loss_scale=c.loss_scale,
+            norms=norms(name, definition),
+            cfg=RESTART,
+            min_loss_scale=rules(name).min_loss_scale,
         )
         assert verdict.verdict != Verdict.unhealthy, (name, c.step, verdict.reason)
+
+
+@pytest.mark.parametrize("name", [n for n in HEALTHY if recording(n)["precision"] == "fp16"])
+def test_a_fixed_scale_threshold_calls_a_healthy_fp16_run_diverged(name: str) -> None:
+    """The threshold set when runs started at 65536 (1.0, OPT's "healthy" scale) on a run in OPT's format:
+    three transient overflows halve 4 to 0.5, and at 2 ranks the scale would double back only after 8192
+    clean steps, so the detector ends a healthy attempt and the restart rule rejects every later
+    checkpoint. Judged against its own floor (the trainer's exit 43 is the verdict), the run is healthy."""
+    fixed = detect_divergence(samples(name), DIVERGENCE)
+    assert fixed is not None and list(fixed.evidence["onsets"]) == ["loss_scale"], fixed
+    assert "loss scale 0.5 < 1" in fixed.detail
+    third_overflow = min(p["step"] for p in points(name) if p["loss_scale"] == 0.5)
+    assert fixed.onset_step == third_overflow
+    later = [c for c in checkpoints(name) if c.step >= third_overflow]
+    assert later and all(
+        judge_checkpoint(step=c.step, loss_scale=c.loss_scale, norms=norms(name), cfg=RESTART).verdict
+        == Verdict.unhealthy
+        for c in later
+    )
+    assert detect_divergence(samples(name), rules(name)) is None
+    assert rules(name).min_loss_scale == OPT_MIN_LOSS_SCALE
+
+
+def test_an_fp16_run_at_its_floor_is_stopped_by_its_trainer_not_by_the_metrics() -> None:
+    """Overflows at every step from 111 halve the scale 13 times; the next would cross the floor (1e-4), and
+    the trainer stops with exit 43, a divergence to the orchestrator. The scale it reported never went below
+    the floor, so the metric rule says nothing of its own: the exit is the event (tests/orchestrator/
+    test_orchestrator_decide.py takes its onset from the recording)."""
+    name, _, _ = FLOORED
+    assert recording(name)["exit_code"] == EXIT_LOSS_SCALE_FLOOR
+    assert classify_exit(EXIT_LOSS_SCALE_FLOOR).outcome == FailureClass.divergence
+    last = points(name)[-1]["loss_scale"]
+    assert last > OPT_MIN_LOSS_SCALE >= last / 2
+    assert detect_divergence(samples(name), rules(name)) is None
 
 
 @DEFINITIONS
@@ -134,7 +205,7 @@ def test_a_healthy_run_gets_no_divergence_verdict(name: str, definition: str) ->
 def test_a_diverged_run_is_caught_and_restarts_from_a_checkpoint_whose_course_is_bounded(
     name: str, twin: str, fault: int, definition: str
 ) -> None:
-    found = detect_divergence(samples(name, definition), DIVERGENCE)
+    found = detect_divergence(samples(name, definition), rules(name))
     assert found is not None, name
     read = definition if has_mean(name) else RMS_ONLY
     assert found.evidence["act_norm_definition"] == read
@@ -146,7 +217,7 @@ def test_a_diverged_run_is_caught_and_restarts_from_a_checkpoint_whose_course_is
         cfg=RESTART,
         divergence_onset=found.onset_step,
         act_norms=norms(name, definition),
-        min_loss_scale=DIVERGENCE.min_loss_scale,
+        min_loss_scale=rules(name).min_loss_scale,
         runaway_multiple=DIVERGENCE.act_norm_multiple,
     )
     assert choice.checkpoint is not None, (name, choice.reason, choice.rejected)
@@ -160,6 +231,7 @@ def test_a_diverged_run_is_caught_and_restarts_from_a_checkpoint_whose_course_is
         loss_scale=choice.checkpoint.loss_scale,
         norms=norms(twin, definition),
         cfg=RESTART,
+        min_loss_scale=rules(twin).min_loss_scale,
         runaway_multiple=DIVERGENCE.act_norm_multiple,
     )
     assert later.verdict == Verdict.healthy, later.reason
@@ -171,6 +243,7 @@ def test_a_diverged_run_is_caught_and_restarts_from_a_checkpoint_whose_course_is
         cfg=RestartPointConfig(
             act_norm_trend_window=max(s for s in norms(name, definition)) - choice.checkpoint.step
         ),
+        min_loss_scale=rules(name).min_loss_scale,
         runaway_multiple=DIVERGENCE.act_norm_multiple,
     )
     assert after.verdict == Verdict.unhealthy and math.isfinite(after.numbers["growth"]), after.reason
@@ -217,7 +290,7 @@ def test_both_definitions_give_the_same_onset_and_restart_point(name: str, twin:
     metaseq's definition changes no verdict."""
     decided = []
     for definition in (MEAN, RMS_ONLY):
-        found = detect_divergence(samples(name, definition), DIVERGENCE)
+        found = detect_divergence(samples(name, definition), rules(name))
         assert found is not None
         choice = pick_restart_checkpoint(
             checkpoints(name),
@@ -225,7 +298,7 @@ def test_both_definitions_give_the_same_onset_and_restart_point(name: str, twin:
             cfg=RESTART,
             divergence_onset=found.onset_step,
             act_norms=norms(name, definition),
-            min_loss_scale=DIVERGENCE.min_loss_scale,
+            min_loss_scale=rules(name).min_loss_scale,
             runaway_multiple=DIVERGENCE.act_norm_multiple,
         )
         assert choice.checkpoint is not None

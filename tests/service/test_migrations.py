@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import re
 from pathlib import Path
@@ -10,7 +11,8 @@ import pytest
 import sqlalchemy as sa
 
 from service import migrate
-from service.db import make_engine
+from service.db import make_engine, make_session_factory, transaction
+from service.models import LogEntry, Metric, Run
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -146,3 +148,67 @@ def test_dashboards_read_as_the_read_only_role_which_can_change_nothing(postgres
             conn.execute(sa.text("SELECT name FROM runs"))
     finally:
         reader.dispose()
+
+
+def test_runs_that_trained_in_the_old_fp16_are_renamed_fp16_mixed(db_url: str) -> None:
+    """An operator upgrades a control plane whose runs were created when `precision: fp16` meant fp16 compute
+    over fp32 master weights (scale from 65536). Left as fp16, such a run's next relaunch would resume its
+    checkpoints in OPT's format, which the trainer refuses (exit 2), and fail for good. Migration 0011
+    renames the runs whose metrics prove the old meaning, each with a logbook entry; no others."""
+    migrate.upgrade(db_url, "0010")
+    engine = make_engine(db_url)
+    first_scales = {"old": 65536.0, "old-default": 32768.0, "opt": 4.0, "own-scale": 65536.0, "bf16": 1.0}
+    configs = {
+        "old": {"precision": "fp16"},
+        "old-default": {},  # precision unset: fp16, the default then and now
+        "opt": {"precision": "fp16"},
+        "own-scale": {"precision": "fp16", "hyperparameters": {"initial_loss_scale": 65536.0}},
+        "bf16": {"precision": "bf16"},
+        "never-ran": {"precision": "fp16"},
+    }
+    try:
+        with transaction(make_session_factory(engine)) as session:
+            for name, config in configs.items():
+                run = Run(name=name, owner="alice", config=config)
+                session.add(run)
+                session.flush()
+                if name in first_scales:
+                    for step, scale in ((1, first_scales[name]), (2, first_scales[name] / 2)):
+                        session.add(
+                            Metric(
+                                run_id=run.id,
+                                attempt=1,
+                                step=step,
+                                time=dt.datetime.now(dt.UTC),
+                                loss_scale=scale,
+                            )
+                        )
+    finally:
+        engine.dispose()
+
+    migrate.upgrade(db_url)
+    engine = make_engine(db_url)
+    try:
+        with transaction(make_session_factory(engine)) as session:
+            precision = {r.name: r.config.get("precision") for r in session.scalars(sa.select(Run))}
+            entries = {e.run_id: e for e in session.scalars(sa.select(LogEntry))}
+            ids = {r.name: r.id for r in session.scalars(sa.select(Run))}
+    finally:
+        engine.dispose()
+    assert precision == {
+        "old": "fp16-mixed",
+        "old-default": "fp16-mixed",
+        "opt": "fp16",
+        "own-scale": "fp16",
+        "bf16": "bf16",
+        "never-ran": "fp16",
+    }
+    assert set(entries) == {ids["old"], ids["old-default"]}
+    entry = entries[ids["old"]]
+    assert entry.author == "migration 0011" and "fp16 -> fp16-mixed" in entry.message
+    assert entry.evidence == {
+        "first_loss_scale": 65536.0,
+        "attempt": 1,
+        "step": 1,
+        "configured_precision": "fp16",
+    }

@@ -179,3 +179,30 @@ def test_with_none_healthy_yet_it_takes_the_newest_intact_and_says_so() -> None:
     assert launch.checkpoint is not None and launch.checkpoint.step == 50
     assert "no checkpoint is healthy yet under the OPT rule; the newest intact one, step 50" in launch.reason
     assert launch_of(observed((), norms)).checkpoint is None
+
+
+def test_preview_judges_the_loss_scale_by_the_runs_number_format(
+    admin: TestClient, settings: Settings
+) -> None:
+    """The same recorded metrics (OPT's fp16 format: three transient overflows left the scale at 0.5) in two
+    runs. Stored as precision fp16 the run is healthy, its trainer stops itself at its floor, and the
+    checkpoint saved at 0.5 is the one to restore; stored as fp16-mixed (whose scale starts at 65536) the same
+    0.5 is a collapse: a divergence from step 100, the checkpoint after it rejected."""
+    points = recorded("healthy_fp16_tiny_seed7.json")[:120]
+    previews = {}
+    for precision in ("fp16", "fp16-mixed"):
+        run = make_run(admin, name=f"scale-{precision}", precision=precision)
+        seed(settings.resolved_database_url, run["id"], points=points, active=True)
+        ckpt_dir = settings.home / "runs" / f"scale-{precision}" / "checkpoints"
+        for step in (95, 105):
+            scale = next(p["loss_scale"] for p in points if p["step"] == step)
+            body = record_of(save_checkpoint(ckpt_dir, step, attempt=1, loss_scale=scale))
+            assert admin.post(f"/api/v1/runs/{run['id']}/checkpoints", json=body).status_code == 201
+        previews[precision] = admin.get(f"/api/v1/runs/{run['id']}/restart-preview").json()
+    fidelity, mixed = previews["fp16"], previews["fp16-mixed"]
+    assert fidelity["divergence_onset"] is None and not fidelity["needs_attention"]
+    assert fidelity["checkpoint"]["step"] == 105 and "loss scale 0.5 (>= 0.0001)" in fidelity["reason"]
+    assert mixed["divergence_onset"] == 100
+    assert (
+        mixed["rejected"][0]["step"] == 105 and "after the divergence began" in mixed["rejected"][0]["reason"]
+    )

@@ -16,7 +16,7 @@ import regex
 import torch
 from tokenizers import Tokenizer
 
-from tests.trainer_helpers import REPO, explain, metrics, trainer_env
+from tests.trainer_helpers import REPO, explain, metrics, train_one_process, trainer_env
 from trainer.config import ConfigError, TrainConfig, parse_args
 from trainer.data import (
     END_OF_DOCUMENT_ID,
@@ -331,18 +331,7 @@ def test_a_checkpoint_resumed_on_other_data_is_refused(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
 
     def train(*flags: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [
-                *(sys.executable, "-m", "trainer.train", "--preset", "tiny", "--precision", "fp32"),
-                *("--micro-batch-size", "2", "--global-batch-tokens", "256", "--threads", "1"),
-                *("--run-dir", str(run_dir), "--checkpoint-interval", "2", *flags),
-            ],
-            cwd=REPO,
-            env=trainer_env(),
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        return train_one_process(run_dir, "fp32", *flags)
 
     first = train("--max-steps", "2", "--corpus", str(corpus))
     assert first.returncode == 0, explain(first)
