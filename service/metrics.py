@@ -330,6 +330,13 @@ RUN_DECISIONS_PENDING = _g(
     "for any run with a pending decision). DecisionAwaitingApproval pages on it at once, per run.",
     "run",
 )
+RUN_LOSS_SCALE_THRESHOLD = _g(
+    "trainops_run_loss_scale_threshold",
+    "Loss scale below which the control plane calls the run diverging, by its format (divergence_for_run): "
+    "min_loss_scale (1) for fp16-mixed; the run's own floor for OPT's fp16, which starts at 4 and may sit "
+    "below 1 while healthy. LossScaleCollapse compares trainops_run_loss_scale with it.",
+    "run",
+)
 DECISION_OLDEST_PENDING_AGE = _g(
     "trainops_decision_oldest_pending_age_seconds",
     "Age of the oldest proposal waiting for a human (0 when none waits).",
@@ -386,6 +393,7 @@ COLLECTED: tuple[MetricSpec, ...] = (
     ORCHESTRATORS,
     DECISIONS_PENDING,
     RUN_DECISIONS_PENDING,
+    RUN_LOSS_SCALE_THRESHOLD,
     DECISION_OLDEST_PENDING_AGE,
     FAILURE_DETECTION,
     FAILURE_RECOVERY,

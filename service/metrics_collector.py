@@ -55,6 +55,7 @@ from service.metrics import (
     RUN_GOODPUT,
     RUN_HEARTBEAT_TIME,
     RUN_LAST_STEP_TIME,
+    RUN_LOSS_SCALE_THRESHOLD,
     RUN_PHASE,
     RUN_RESTART_BUDGET,
     RUN_RESTARTS,
@@ -63,6 +64,7 @@ from service.metrics import (
 from service.models import Attempt, Checkpoint, Diagnostic, Gpu, Heartbeat, Node, Run
 from service.models import Metric as MetricRow
 from service.readmodels.goodput import compute_goodput, failure_timing
+from service.recovery.config import DivergenceConfig, divergence_for_run
 from service.statemachine import TERMINAL_PHASES, CheckpointState, DiagnosticStatus, NodeState, RunPhase
 
 log = logging.getLogger("trainops.metrics")
@@ -124,10 +126,13 @@ class ControlPlaneCollector(Collector):
         session_factory: sessionmaker[Session],
         broker_url: str | None = None,
         cache: ScrapeCache | None = None,
+        divergence: DivergenceConfig | None = None,
     ) -> None:
         self.session_factory = session_factory
         self.broker_url = broker_url
         self.cache = cache
+        self.divergence = divergence or DivergenceConfig()
+        """The orchestrator's divergence rules: each run's loss-scale threshold is the one it acts on."""
 
     def describe(self) -> Iterable[Metric]:
         # Registering must not touch the database; the names are known statically.
@@ -186,6 +191,8 @@ class ControlPlaneCollector(Collector):
             budget = (run.config or {}).get("max_restarts")
             if isinstance(budget, int | float):
                 families[RUN_RESTART_BUDGET.name].add_metric([run.name], float(budget))
+            rules = divergence_for_run(self.divergence, run_config=run.config)
+            families[RUN_LOSS_SCALE_THRESHOLD.name].add_metric([run.name], rules.min_loss_scale)
 
         latest_steps = {run.id: step for run, step in rows if step is not None}
         self._collect_step_metrics(session, families, names, latest_steps)

@@ -24,6 +24,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.metrics_collector import ControlPlaneCollector, ScrapeCache
+from service.recovery.config import DivergenceConfig
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -49,13 +50,14 @@ def registry_for_scrape(
     session_factory: sessionmaker[Session] | None = None,
     broker_url: str | None = None,
     cache: ScrapeCache | None = None,
+    divergence: DivergenceConfig | None = None,
 ) -> CollectorRegistry:
     """What the API's /metrics exposes: the instruments plus, given a database, the per-run/node gauges
     (read through ``cache`` when given: the process's instruments are always current, the database's
     gauges at most the cache's TTL old)."""
     registry = process_registry()
     if session_factory is not None:
-        registry.register(ControlPlaneCollector(session_factory, broker_url, cache))
+        registry.register(ControlPlaneCollector(session_factory, broker_url, cache, divergence))
     return registry
 
 

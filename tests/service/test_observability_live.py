@@ -281,7 +281,8 @@ def _prometheus_config(tmp_path: Path, ports: dict[str, int]) -> Path:
 def _seed(url: str, db_url: str, runs_dir: Path) -> dict[str, Any]:
     api = httpx.Client(base_url=url, headers=ADMIN_HEADERS, timeout=10)
     healthy_id, healthy_token = _create_run(api, HEALTHY)
-    stalled_id, stalled_token = _create_run(api, STALLED)
+    # fp16-mixed: its scale starts at 65536, so 0.5 is a collapse (OPT's fp16 may sit there healthy)
+    stalled_id, stalled_token = _create_run(api, STALLED, precision="fp16-mixed")
     attention_id, attention_token = _create_run(api, ATTENTION, max_restarts=3)
     for host in ("node-1", "node-2", "node-3"):
         gpus = [{"index": i, "uuid": f"GPU-{host}-{i}", "model": "A100", "memory_mb": 81920} for i in (0, 1)]

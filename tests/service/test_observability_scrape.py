@@ -126,3 +126,15 @@ def test_the_metrics_token_guards_the_scrape_when_set(migrated_url: str, tmp_pat
 
 def test_without_a_metrics_token_the_scrape_is_public(client: TestClient) -> None:
     assert client.get("/metrics").status_code == 200
+
+
+def test_each_run_exports_the_loss_scale_threshold_its_format_is_judged_by(client: TestClient) -> None:
+    """LossScaleCollapse compares a run's scale with this: OPT's fp16 starts at 4 and may sit at 0.5 for
+    thousands of healthy steps, so its threshold is its floor; fp16-mixed (65536 at start) keeps 1."""
+    make_run(client, "opt-fp16")
+    make_run(client, "opt-fp16-floor", hyperparameters={"min_loss_scale": 0.01})
+    make_run(client, "opt-mixed", precision="fp16-mixed")
+    scrape = client.get("/metrics").text
+    assert 'trainops_run_loss_scale_threshold{run="opt-fp16"} 0.0001' in scrape
+    assert 'trainops_run_loss_scale_threshold{run="opt-fp16-floor"} 0.01' in scrape
+    assert 'trainops_run_loss_scale_threshold{run="opt-mixed"} 1.0' in scrape

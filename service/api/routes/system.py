@@ -15,6 +15,7 @@ from pydantic import BaseModel
 from service.api.errors import SafeJSONResponse
 from service.api.responses import ErrorBody
 from service.observability import registry_for_scrape
+from service.recovery.config import load_orchestrator_config
 
 router = APIRouter(tags=["system"])
 
@@ -87,7 +88,11 @@ def metrics(request: Request) -> Response:
             headers={"WWW-Authenticate": "Bearer"},
         )
     registry = registry_for_scrape(
-        request.app.state.session_factory, settings.broker_url, request.app.state.scrape_cache
+        request.app.state.session_factory,
+        settings.broker_url,
+        request.app.state.scrape_cache,
+        # the orchestrator's own rules (its config file and environment): the loss-scale threshold per run
+        divergence=load_orchestrator_config(settings).divergence,
     )
     return PrometheusResponse(generate_latest(registry))
 
