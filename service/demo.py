@@ -30,10 +30,13 @@ GPUS_PER_HOST = 2
 TARGET_STEPS = 120
 GPU_FAULT_AFTER_STEP = 30  # plant the ECC error once attempt 2 has trained past this step
 # Attempt-scoped faults (see service.orchestrator.apply.parse_faults): each fires once, in its attempt.
+# Attempts 3 and 4 count from their restore points (`step=+N`): where attempt 3 starts depends on how far
+# attempt 2 trained before its GPU fault was found (a quick sweep every 3 s at 7-10 steps a second: CI once
+# saw it reach step 73, past a fixed hang at 62, which then never fired).
 FAULTS = (
     "1:crash:step=14,rank=1,signal=KILL",  # a rank killed (OOM killer, preempted process)
-    "3:hang:step=62,rank=1",  # a rank stuck in a collective
-    "4:diverge:step=96,factor=100",  # the LR blows up: loss spike, activation norm runaway
+    "3:hang:step=+10,rank=1",  # a rank stuck in a collective
+    "4:diverge:step=+20,factor=100",  # the LR blows up: loss spike, activation norm runaway
 )
 
 

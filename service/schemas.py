@@ -349,7 +349,10 @@ class RunConfig(Strict):
     )
     slurm: SlurmConfig | None = None
     faults: list[ShortText] = Field(
-        default_factory=list, max_length=64, description="Fault injection specs (tests and demo)."
+        default_factory=list,
+        max_length=64,
+        description="Fault injection specs (tests and demo): `ATTEMPT:SPEC` injects SPEC into that attempt "
+        "only (a bare SPEC: attempt 1); `step=+N` counts N steps from the attempt's restore point.",
     )
     hang: HangOverrides | None = Field(
         None, description="Per-run hang limits (14 s steps, 2-minute saves); unset = the orchestrator's."

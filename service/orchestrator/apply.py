@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -93,9 +94,11 @@ def _datetime(value: float | None) -> dt.datetime | None:
     return dt.datetime.fromtimestamp(value, dt.UTC) if value is not None else None
 
 
-def parse_faults(specs: Sequence[str], attempt: int) -> list[str]:
+def parse_faults(specs: Sequence[str], attempt: int, *, start_step: int = 0) -> list[str]:
     """Run-config fault specs are `ATTEMPT:SPEC` (inject SPEC into that attempt only) or a bare SPEC
-    (attempt 1 only), so a fault does not fire again on the restarted attempt."""
+    (attempt 1 only), so a fault does not fire again on the restarted attempt. `step=+N` is N steps after
+    the attempt's restore point (`start_step`): where an attempt starts depends on how far the one before
+    it trained before its failure was detected, so a fixed step may lie behind it and never fire."""
     chosen = []
     for spec in specs:
         head, sep, rest = spec.partition(":")
@@ -104,7 +107,7 @@ def parse_faults(specs: Sequence[str], attempt: int) -> list[str]:
                 chosen.append(rest)
         elif attempt == 1:
             chosen.append(spec)
-    return chosen
+    return [re.sub(r"\bstep=\+(\d+)", lambda m: f"step={start_step + int(m[1])}", spec) for spec in chosen]
 
 
 def launch_overrides(action: Launch) -> dict[str, Any]:
@@ -674,6 +677,7 @@ class Applier:
         number: int,
         hosts: tuple[str, ...],
         resume_from: str | None,
+        start_step: int,
         overrides: dict[str, Any],
         token: str,
         heartbeat_interval_s: float,
@@ -693,7 +697,7 @@ class Applier:
                     run_dir=run_dir,
                     resume_from=resume_from,
                     overrides=overrides,
-                    faults=parse_faults(config.get("faults") or [], number),
+                    faults=parse_faults(config.get("faults") or [], number, start_step=start_step),
                 )
             ),
             env={
@@ -732,6 +736,7 @@ class Applier:
                 number=number,
                 hosts=action.hosts,
                 resume_from=action.checkpoint.path if action.checkpoint else None,
+                start_step=action.checkpoint.step if action.checkpoint else 0,
                 overrides=overrides,
                 token=token,
                 heartbeat_interval_s=interval,
@@ -881,6 +886,7 @@ class Applier:
                 number=attempt.number,
                 hosts=tuple(attempt.hosts),
                 resume_from=restore.path if restore is not None else None,
+                start_step=restore.step if restore is not None else 0,
                 overrides=dict(attempt.overrides or {}),
                 token=token,
                 heartbeat_interval_s=recorded_heartbeat_interval(info) or self.cfg.heartbeat_interval_s,

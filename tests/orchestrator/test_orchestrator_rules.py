@@ -385,3 +385,14 @@ def test_a_stored_metric_row_reads_back_as_the_detector_expects() -> None:
     for odd in ({"nan": 1}, {"nan": "loss"}, {"nan": None}, None, [1, 2]):
         sample = stored_metric_sample(row(odd))
         assert sample.loss is None and (sample.act_norm, sample.actv_norm) == (2.0, 1.9)
+
+
+def test_a_fault_can_count_from_its_attempts_restore_point() -> None:
+    """A chaos run's later faults must fire wherever the attempt before stopped: attempt 3 restored from
+    step 70 hangs at 80 with `step=+10`, where a fixed `step=62` would lie behind it and never fire."""
+    from service.orchestrator.apply import parse_faults
+
+    specs = ["1:crash:step=14,rank=1", "3:hang:step=+10,rank=1", "3:slow:rank=0,step=62", "hang:step=5"]
+    assert parse_faults(specs, 1) == ["crash:step=14,rank=1", "hang:step=5"]
+    assert parse_faults(specs, 3, start_step=70) == ["hang:step=80,rank=1", "slow:rank=0,step=62"]
+    assert parse_faults(specs, 2, start_step=70) == []
