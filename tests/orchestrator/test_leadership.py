@@ -13,7 +13,9 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -22,9 +24,15 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 from typer.testing import CliRunner
 
+from service import migrate
 from service.cli import app
+from service.crud.nodes import register_node
 from service.crud.orchestrators import LEADER_SESSION_SQL, orchestrator_sessions
+from service.crud.runs import create_run
 from service.db import make_engine, make_session_factory, transaction
+from service.fleet.gateway import SweepHealthGateway
+from service.models import Attempt, Run
+from service.orchestrator.launchers.base import LaunchSpec
 from service.orchestrator.leadership import (
     Holder,
     LeadershipLost,
@@ -34,7 +42,10 @@ from service.orchestrator.leadership import (
     fenced,
     fenced_sessions,
 )
-from service.recovery.config import OrchestratorConfig
+from service.orchestrator.loop import Orchestrator
+from service.recovery.config import OrchestratorConfig, RemediationConfig
+from service.statemachine import RunPhase
+from tests.orchestrator.test_trainer_token_expiry import ScriptedLauncher
 
 WRITES = sa.Table("fenced_writes", sa.MetaData(), sa.Column("what", sa.String(40)))
 
@@ -294,3 +305,82 @@ def test_a_leader_whose_process_stops_loses_the_lock_within_the_lease(
         leader.kill()
         leader.wait()
         standby.release()
+
+
+@dataclass
+class LockLosingLauncher(ScriptedLauncher):
+    """A launcher during whose `prepare` (inside the transaction that records the attempt) the leader's lock
+    session is dropped, as a network blip or the database's restart of that backend would drop it."""
+
+    engine: Engine | None = None
+    prepared: list[int] = field(default_factory=list)
+
+    def prepare(self, spec: LaunchSpec) -> dict[str, Any]:
+        self.prepared.append(spec.attempt)
+        if self.engine is not None:
+            kill_leader_session(self.engine)
+            self.engine = None  # once: the next leader prepares in peace
+        return super().prepare(spec)
+
+
+@pytest.mark.postgres
+def test_a_leader_deposed_while_it_records_a_launch_commits_nothing_and_its_successor_launches_once(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    """The applier's transactions are fenced too: the attempt row, its token and the run's move to
+    `starting` are one transaction, which the deposed leader may not commit."""
+    migrate.upgrade(postgres_url)
+    engine = make_engine(postgres_url, pool_size=4)
+    factory = make_session_factory(engine)
+    with transaction(factory) as session:
+        for host in ("h1", "h2"):
+            register_node(session, hostname=host, author="test")
+        run_id = create_run(
+            session,
+            name="fenced-launch",
+            owner="test",
+            config={"preset": "tiny", "target_steps": 10, "host_count": 2, "launcher": "fake"},
+            start=True,
+            author="test",
+        ).id
+    cfg = OrchestratorConfig(
+        loop_interval_s=0.5,
+        leader_lease_s=2.0,
+        runs_dir=str(tmp_path / "runs"),
+        remediation=RemediationConfig(backoff_base_s=0.0, deep_check_before_relaunch=False),
+    )
+    launcher = LockLosingLauncher(engine=engine)
+
+    def orchestrator(holder: Holder) -> Orchestrator:
+        return Orchestrator(
+            factory,
+            cfg,
+            launchers={"fake": launcher},
+            health=SweepHealthGateway(factory),
+            leadership=PostgresLeadership(engine, lease_s=cfg.leader_lease_s, holder=holder),
+        )
+
+    def state() -> tuple[RunPhase, list[int]]:
+        with transaction(factory) as session:
+            phase = session.scalars(sa.select(Run.phase).where(Run.id == run_id)).one()
+            return phase, list(session.scalars(sa.select(Attempt.number)))
+
+    first, second = orchestrator(Holder("host-a", 101)), orchestrator(Holder("host-b", 202))
+    try:
+        assert first.leads() and not second.leads()
+        with pytest.raises(LeadershipLost, match="no longer this orchestrator's"):
+            first.reconcile_once()
+        assert launcher.prepared == [1]  # it got as far as preparing attempt 1 ...
+        assert state() == (RunPhase.pending, [])  # ... and recorded none of it
+
+        assert not first.leads()  # its next poll says it lost; the standby takes over and launches once
+        assert second.leads()
+        second.reconcile_once()
+        assert state() == (RunPhase.starting, [1])
+        assert launcher.prepared == [1, 1]
+    finally:
+        first.stop()
+        second.stop()
+        first.step_down()
+        second.step_down()
+        engine.dispose()
