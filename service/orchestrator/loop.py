@@ -196,6 +196,7 @@ class Orchestrator:
         self.failing_passes.forget_except(set())
         self.applier.waiting_since.clear()
         self.applier.deep_checks.forget()
+        self.checkpoint_verifier.forget()
         if not change.acquired:
             log.warning("orchestrator %s lost the lead (%s); standing by", change.holder, change.reason)
             return
