@@ -62,15 +62,16 @@ from service.crud.orchestrators import (
 
 log = logging.getLogger("trainops.orchestrator")
 
-_FENCE_LEASE = sa.text(
+_FENCE_SHARED = sa.text(
     "SELECT set_config('idle_in_transaction_session_timeout', :timeout, true),"
     " set_config('tcp_user_timeout', :timeout, true),"
     " set_config('tcp_keepalives_idle', :idle, true),"
     " set_config('tcp_keepalives_interval', :interval, true),"
-    " set_config('tcp_keepalives_count', :count, true)"
+    " set_config('tcp_keepalives_count', :count, true),"
+    f" pg_advisory_xact_lock_shared({LOCK_NAMESPACE}, {FENCE_LOCK})"
 )
-"""The lock session's lease, for the fence's transaction only (`set_config(..., is_local => true)`)."""
-_FENCE_SHARED = sa.text(f"SELECT pg_advisory_xact_lock_shared({LOCK_NAMESPACE}, {FENCE_LOCK})")
+"""The shared fence, its session given the lock session's lease for this transaction only (`set_config`'s
+`is_local`); one round trip, as every fenced write pays it."""
 _FENCE_HOLDERS_SQL = f"""
     SELECT a.pid, a.application_name, host(a.client_addr) AS client, a.state, a.backend_start, a.query
     FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
@@ -158,8 +159,9 @@ class Leadership(Protocol):
 
 def fenced(leadership: Leadership | None, engine: Engine, what: str) -> AbstractContextManager[None]:
     """A side effect outside the database (launch, kill, cordon) runs inside this block only while this
-    process leads; a new leader waits for the block to end. Nothing inside may open a fenced transaction
-    of its own (it would queue behind a waiting new leader that waits for this block)."""
+    process leads; a new leader waits for the block to end (at most the lease: then it ends the block's
+    session, `_wait_out_fence`). Nothing inside may open a fenced transaction of its own (it would queue
+    behind a waiting new leader that waits for this block)."""
     if leadership is None:
         return nullcontext()
     return _fenced_block(leadership, engine, what)
@@ -395,7 +397,7 @@ class PostgresLeadership:
         # process stopped or cut off inside a fenced step must not keep a new leader waiting past it.
         k = self._keepalive()
         connection.execute(
-            _FENCE_LEASE,
+            _FENCE_SHARED,
             {
                 "timeout": str(self.lease_ms),
                 "idle": str(k["idle"]),
@@ -403,7 +405,6 @@ class PostgresLeadership:
                 "count": str(k["count"]),
             },
         )
-        connection.execute(_FENCE_SHARED)
         held = connection.execute(_FENCE_CHECK, {"pid": session[0], "backend_start": session[1]}).scalar()
         if not held:
             raise LeadershipLost(f"the leader lock is no longer this orchestrator's: {what} not done")
