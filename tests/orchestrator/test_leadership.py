@@ -27,9 +27,7 @@ from typer.testing import CliRunner
 
 from service import migrate
 from service.cli import app
-from service.crud.nodes import register_node
 from service.crud.orchestrators import FENCE_LOCK, LEADER_SESSION_SQL, LOCK_NAMESPACE, orchestrator_sessions
-from service.crud.runs import create_run
 from service.db import make_engine, make_session_factory, transaction
 from service.fleet.gateway import SweepHealthGateway
 from service.models import Attempt, Run
@@ -47,6 +45,7 @@ from service.orchestrator.leadership import (
 from service.orchestrator.loop import Orchestrator
 from service.recovery.config import OrchestratorConfig, RemediationConfig
 from service.statemachine import RunPhase
+from tests.orchestrator.test_interrupted_launch import two_hosts_and_a_run
 from tests.orchestrator.test_pass_scaling import wait_until
 from tests.orchestrator.test_trainer_token_expiry import ScriptedLauncher
 
@@ -335,17 +334,7 @@ def test_a_leader_deposed_while_it_records_a_launch_commits_nothing_and_its_succ
     migrate.upgrade(postgres_url)
     engine = make_engine(postgres_url, pool_size=4)
     factory = make_session_factory(engine)
-    with transaction(factory) as session:
-        for host in ("h1", "h2"):
-            register_node(session, hostname=host, author="test")
-        run_id = create_run(
-            session,
-            name="fenced-launch",
-            owner="test",
-            config={"preset": "tiny", "target_steps": 10, "host_count": 2, "launcher": "fake"},
-            start=True,
-            author="test",
-        ).id
+    run_id = two_hosts_and_a_run(factory, name="fenced-launch")
     cfg = OrchestratorConfig(
         loop_interval_s=0.5,
         leader_lease_s=2.0,
