@@ -264,6 +264,7 @@ class CheckpointVerifier:
         """Throughput of the last large verifications (exponentially weighted), once there was one."""
         self.in_flight: dict[int, tuple[VerifyJob, Future[VerifyResult]]] = {}
         self._cancelled = threading.Event()
+        """Set to stop the jobs submitted so far (`forget`, `shutdown`); later jobs get a new one."""
         self._pool: _DaemonPool | None = None  # started with the first job: most tests never hash
 
     def step(self, run_ids: Sequence[int]) -> list[VerifyResult]:
@@ -337,7 +338,9 @@ class CheckpointVerifier:
             self.in_flight[row.id] = (
                 job,
                 self._pool.submit(
-                    lambda job=job: hash_checkpoint(job, cfg=self.cfg, cancelled=self._cancelled)
+                    lambda job=job, cancelled=self._cancelled: hash_checkpoint(
+                        job, cfg=self.cfg, cancelled=cancelled
+                    )
                 ),
             )
             free -= 1
@@ -351,6 +354,17 @@ class CheckpointVerifier:
         rate = result.hashed_bytes / result.elapsed_s
         previous = self.measured_bytes_per_s
         self.measured_bytes_per_s = rate if previous is None else 0.5 * (previous + rate)
+
+    def forget(self) -> None:
+        """Another orchestrator leads: it verifies the checkpoints itself. Jobs still queued are dropped and
+        those hashing stop at their next chunk (a deposed leader could not record their results anyway:
+        its writes are fenced, and its disk reads would only slow the new leader's); nothing in flight is
+        kept, so leading again starts afresh."""
+        self._cancelled.set()
+        self._cancelled = threading.Event()
+        for _, future in self.in_flight.values():
+            future.cancel()
+        self.in_flight.clear()
 
     def shutdown(self) -> None:
         """Stop the workers at their next chunk; what they were verifying is verified again next start."""

@@ -17,6 +17,14 @@ leader had in flight, and any step it begins afterwards fails its check. So a de
 run state, launches or kills after another took over (`LeadershipLost` aborts its pass), and no schema
 change is needed.
 
+The fence is held on pooled connections, so it gets the lock session's lease for as long as it is held
+(`fence` sets them in its transaction): TCP keepalives and `tcp_user_timeout` from the lease, and
+`idle_in_transaction_session_timeout` = the lease, which a fenced side effect renews from a thread
+(`keep_fence`) while its process runs. A leader stopped (SIGSTOP) or cut off inside a fenced step thus frees
+the fence within the lease, as it frees the leader lock. Should a fence holder outlive that anyway (a
+statement stuck mid-flight, an older orchestrator), the new leader waits for it at most the lease
+(`lock_timeout`), then ends its session (`pg_terminate_backend`) and says so in its takeover's evidence.
+
 SQLite (embedded mode) supports one orchestrator: `SqliteLeadership` holds an OS file lock next to the
 database file and a second orchestrator refuses to start (`LeadershipRefused`) naming the one that runs.
 """
@@ -54,7 +62,24 @@ from service.crud.orchestrators import (
 
 log = logging.getLogger("trainops.orchestrator")
 
-_FENCE_SHARED = sa.text(f"SELECT pg_advisory_xact_lock_shared({LOCK_NAMESPACE}, {FENCE_LOCK})")
+_FENCE_SHARED = sa.text(
+    "SELECT set_config('idle_in_transaction_session_timeout', :timeout, true),"
+    " set_config('tcp_user_timeout', :timeout, true),"
+    " set_config('tcp_keepalives_idle', :idle, true),"
+    " set_config('tcp_keepalives_interval', :interval, true),"
+    " set_config('tcp_keepalives_count', :count, true),"
+    f" pg_advisory_xact_lock_shared({LOCK_NAMESPACE}, {FENCE_LOCK})"
+)
+"""The shared fence, its session given the lock session's lease for this transaction only (`set_config`'s
+`is_local`); one round trip, as every fenced write pays it."""
+_FENCE_HOLDERS_SQL = f"""
+    SELECT a.pid, a.application_name, host(a.client_addr) AS client, a.state, a.backend_start, a.query
+    FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+    WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 AND l.pid <> pg_backend_pid()
+      AND l.classid::bigint = {LOCK_NAMESPACE} AND l.objid::bigint = {FENCE_LOCK}
+      AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+"""
+"""The other sessions holding the fence: a (deposed) leader's fenced steps."""
 _FENCE_CHECK = sa.text(
     f"SELECT EXISTS ({LEADER_SESSION_SQL} AND a.pid = :pid AND a.backend_start = :backend_start)"
 )
@@ -122,6 +147,11 @@ class Leadership(Protocol):
         a new leader from starting until the transaction ends."""
         ...
 
+    def keep_fence(self, connection: Connection) -> AbstractContextManager[None]:
+        """While a fenced side effect runs: keep the fence's session from timing out as long as this
+        process runs (a stopped or vanished one frees the fence within the lease)."""
+        ...
+
     def release(self) -> None:
         """Step down (at shutdown): a standby takes over at its next poll."""
         ...
@@ -129,8 +159,9 @@ class Leadership(Protocol):
 
 def fenced(leadership: Leadership | None, engine: Engine, what: str) -> AbstractContextManager[None]:
     """A side effect outside the database (launch, kill, cordon) runs inside this block only while this
-    process leads; a new leader waits for the block to end. Nothing inside may open a fenced transaction
-    of its own (it would queue behind a waiting new leader that waits for this block)."""
+    process leads; a new leader waits for the block to end (at most the lease: then it ends the block's
+    session, `_wait_out_fence`). Nothing inside may open a fenced transaction of its own (it would queue
+    behind a waiting new leader that waits for this block)."""
     if leadership is None:
         return nullcontext()
     return _fenced_block(leadership, engine, what)
@@ -140,7 +171,8 @@ def fenced(leadership: Leadership | None, engine: Engine, what: str) -> Abstract
 def _fenced_block(leadership: Leadership, engine: Engine, what: str) -> Iterator[None]:
     with engine.connect() as connection, connection.begin():
         leadership.fence(connection, what)
-        yield
+        with leadership.keep_fence(connection):
+            yield
 
 
 def fenced_sessions(factory: sessionmaker[Session], leadership: Leadership) -> sessionmaker[Session]:
@@ -200,6 +232,10 @@ class PostgresLeadership:
     def is_leader(self) -> bool:
         return self._session is not None
 
+    @property
+    def lease_ms(self) -> int:
+        return int(self.lease_s * 1000)
+
     def _keepalive(self) -> dict[str, int]:
         """TCP keepalive settings that notice a vanished peer within about the lease."""
         idle = max(1, math.ceil(self.lease_s / 2))
@@ -225,12 +261,12 @@ class PostgresLeadership:
             conn.execute(f"SET tcp_keepalives_idle = {k['idle']}")
             conn.execute(f"SET tcp_keepalives_interval = {k['interval']}")
             conn.execute(f"SET tcp_keepalives_count = {k['count']}")
-            conn.execute(f"SET tcp_user_timeout = {int(self.lease_s * 1000)}")
+            conn.execute(f"SET tcp_user_timeout = {self.lease_ms}")
             # A leader whose process stops (SIGSTOP, a VM paused, a swap storm) still answers keepalives
             # from its kernel: the session must also end when it stays silent for the lease. The leader
             # renews it from a thread of its own (`_renew`), so a long pass does not end it.
             try:
-                conn.execute(f"SET idle_session_timeout = {int(self.lease_s * 1000)}")
+                conn.execute(f"SET idle_session_timeout = {self.lease_ms}")
             except psycopg.errors.UndefinedObject:  # PostgreSQL < 14: keepalives only (docs: Failover)
                 log.warning("PostgreSQL has no idle_session_timeout: a stopped leader keeps the lock")
             self._conn = conn
@@ -273,10 +309,8 @@ class PostgresLeadership:
             return None
 
     def _take_over(self, conn: psycopg.Connection[Any]) -> LeadershipChange:
-        # Wait out the previous leader's fenced steps still in flight (none once its process is dead).
         waited = time.monotonic()
-        conn.execute("SELECT pg_advisory_lock(%s, %s)", (LOCK_NAMESPACE, FENCE_LOCK))
-        conn.execute("SELECT pg_advisory_unlock(%s, %s)", (LOCK_NAMESPACE, FENCE_LOCK))
+        terminated = self._wait_out_fence(conn)
         waited_s = time.monotonic() - waited
         row = conn.execute(
             "SELECT pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()"
@@ -298,8 +332,44 @@ class PostgresLeadership:
                 "backend_pid": self._session[0],
                 "fence_wait_s": round(waited_s, 3),
                 "leader_lease_s": self.lease_s,
+                **({"fence_holders_terminated": terminated} if terminated else {}),
             },
         )
+
+    def _wait_out_fence(self, conn: psycopg.Connection[Any]) -> list[dict[str, Any]]:
+        """Take the fence exclusively for a moment: wait out the previous leader's fenced steps still in
+        flight (none once its process is dead). A step that keeps the fence past the lease (its session
+        should have timed out by then: `fence`) is ended with its session, so that a stopped or cut-off
+        leader cannot hold off the takeover; returns the sessions ended (empty: none)."""
+        lock = "SELECT pg_advisory_lock(%s, %s)"
+        terminated: list[dict[str, Any]] = []
+        conn.execute(f"SET lock_timeout = {self.lease_ms}")
+        try:
+            try:
+                conn.execute(lock, (LOCK_NAMESPACE, FENCE_LOCK))
+            except psycopg.errors.LockNotAvailable:
+                for pid, application, client, state, started, query in conn.execute(_FENCE_HOLDERS_SQL):
+                    holder = {
+                        "pid": pid,
+                        "application_name": application,
+                        "client": client,
+                        "state": state,
+                        "backend_start": started.isoformat() if started else None,
+                        "query": (query or "")[:200],
+                    }
+                    log.warning(
+                        "the previous leader's fenced step held the fence for longer than the lease "
+                        "(%.1f s): ending its session %s",
+                        self.lease_s,
+                        holder,
+                    )
+                    conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+                    terminated.append(holder)
+                conn.execute(lock, (LOCK_NAMESPACE, FENCE_LOCK))  # its end frees the fence: a moment
+            conn.execute("SELECT pg_advisory_unlock(%s, %s)", (LOCK_NAMESPACE, FENCE_LOCK))
+        finally:
+            conn.execute("SET lock_timeout = 0")
+        return terminated
 
     def _renew(self, conn: psycopg.Connection[Any]) -> None:
         """Keep the leader's lock session from going idle for the lease while this process runs; stops
@@ -323,10 +393,44 @@ class PostgresLeadership:
         session = self._session
         if session is None:
             raise LeadershipLost(f"not the leader: {what} not done")
-        connection.execute(_FENCE_SHARED)
+        # The fence's session (a pooled one) gets the lock session's lease while it holds the fence: a
+        # process stopped or cut off inside a fenced step must not keep a new leader waiting past it.
+        k = self._keepalive()
+        connection.execute(
+            _FENCE_SHARED,
+            {
+                "timeout": str(self.lease_ms),
+                "idle": str(k["idle"]),
+                "interval": str(k["interval"]),
+                "count": str(k["count"]),
+            },
+        )
         held = connection.execute(_FENCE_CHECK, {"pid": session[0], "backend_start": session[1]}).scalar()
         if not held:
             raise LeadershipLost(f"the leader lock is no longer this orchestrator's: {what} not done")
+
+    @contextmanager
+    def keep_fence(self, connection: Connection) -> Iterator[None]:
+        """Renew the fence's session every lease/4 while the side effect runs (its transaction would
+        otherwise end after the lease idle: `fence`). Thread-safe: psycopg serializes a connection's use,
+        and the block's own thread does not use it until the renewals stopped."""
+        driver = connection.connection.driver_connection
+        done = threading.Event()
+
+        def renew() -> None:
+            while not done.wait(self.lease_s / 4):
+                try:
+                    driver.execute("SELECT 1")
+                except psycopg.Error:  # the session ended: the block's commit fails and says so
+                    return
+
+        renewal = threading.Thread(target=renew, name="trainops-fence-renewal", daemon=True)
+        renewal.start()
+        try:
+            yield
+        finally:
+            done.set()
+            renewal.join()
 
     def release(self) -> None:
         self._renewing.clear()
@@ -395,6 +499,9 @@ class SqliteLeadership:
     def fence(self, connection: Connection, what: str) -> None:
         if not self._leading:
             raise LeadershipLost(f"not the leader: {what} not done")
+
+    def keep_fence(self, connection: Connection) -> AbstractContextManager[None]:
+        return nullcontext()  # one orchestrator per SQLite database: nobody waits for its fence
 
     def release(self) -> None:
         if self._file is not None:

@@ -100,8 +100,11 @@ class Orchestrator:
         self.launchers = dict(launchers)
         self.health = health
         self.runs_dir = Path(cfg.runs_dir).resolve()
+        # The applier's transactions are fenced like the loop's (a deposed leader records no attempt, no
+        # phase); its side effects are fenced on the raw engine: nothing inside a `fenced` block may open a
+        # fenced transaction (leadership.fenced), and the gateway's own writes there go through its factory.
         self.applier = Applier(
-            session_factory,
+            self.factory,
             cfg,
             runs_dir=self.runs_dir,
             launchers=self.launchers,
@@ -194,6 +197,7 @@ class Orchestrator:
         self.applier.waiting_since.clear()
         self.applier.deep_checks.forget()
         self.applier.restore_checks.forget()
+        self.checkpoint_verifier.forget()
         if not change.acquired:
             log.warning("orchestrator %s lost the lead (%s); standing by", change.holder, change.reason)
             return

@@ -11,6 +11,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ from service.orchestrator.checkpoint_verify import (
     verification_deadline_s,
 )
 from service.orchestrator.launchers.base import LaunchSpec, ProcessStatus
+from service.orchestrator.leadership import Holder, LeadershipChange, LeadershipLost
 from service.orchestrator.loop import Orchestrator
 from service.recovery.config import CheckpointVerifyConfig, OrchestratorConfig
 from service.statemachine import CheckpointState
@@ -437,3 +439,84 @@ def test_a_restore_points_metadata_check_answers_in_the_pass_when_quick_and_wait
     finally:
         release.set()
         checks.shutdown()
+
+
+@dataclass
+class HandedOver:
+    """A leadership that another orchestrator takes from this one when the test says so (the fence lets
+    this process act only while it leads, as PostgreSQL's does)."""
+
+    is_leader: bool = True
+    lost: bool = False
+
+    def poll(self) -> LeadershipChange | None:
+        if self.lost and self.is_leader:
+            self.is_leader = False
+            return LeadershipChange(acquired=False, holder=Holder("host-a", 101), reason="lock lost")
+        return None
+
+    def fence(self, connection: Any, what: str) -> None:
+        if not self.is_leader:
+            raise LeadershipLost(f"not the leader: {what} not done")
+
+    def keep_fence(self, connection: Any) -> AbstractContextManager[None]:
+        return nullcontext()
+
+    def release(self) -> None:
+        self.is_leader = False
+
+
+def test_a_deposed_leader_stops_hashing_checkpoints_and_a_new_lead_verifies_them_afresh(
+    tmp_path: Path,
+) -> None:
+    """Its verifications' results could not be recorded (fenced) and its reads would slow the new leader's
+    own: on losing the lead the verifier drops what it had in flight and stops its hashes."""
+    url = f"sqlite:///{tmp_path / 'trainops.db'}"
+    migrate.upgrade(url)
+    engine = make_engine(url)
+    factory = make_session_factory(engine)
+    with transaction(factory) as session:
+        run_id = create_run(
+            session, name="big", owner="test", config={"target_steps": 5}, start=False, author="t"
+        ).id
+    ids = [
+        catalogue(factory, run_id, save_checkpoint(tmp_path / "runs" / "big", step, shard_bytes=8 * MB))
+        for step in (10, 20)
+    ]
+    leadership = HandedOver()
+    orch = Orchestrator(
+        factory,
+        OrchestratorConfig(
+            runs_dir=str(tmp_path / "runs"),
+            # throttled to 16 s a checkpoint: both are mid-hash when the lead goes
+            checkpoint_verify={"workers": 2, "read_limit_mb_s": 0.5, "deadline_floor_s": 600},
+        ),
+        launchers={},
+        health=SweepHealthGateway(factory),
+        leadership=leadership,
+    )
+    verifier = orch.checkpoint_verifier
+    try:
+        assert orch.leads()
+        verifier.step([run_id])
+        futures = [future for _, future in verifier.in_flight.values()]
+        assert sorted(verifier.in_flight) == sorted(ids) and not any(f.done() for f in futures)
+
+        leadership.lost = True
+        assert not orch.leads()
+        assert verifier.in_flight == {}
+        wait_for(lambda: all(f.done() for f in futures))  # stopped at their next chunk, not after 16 s
+        assert all(f.cancelled() or f.exception() is not None for f in futures)
+        with transaction(factory) as session:
+            rows = [session.get(Checkpoint, i) for i in ids]
+            assert all(r.state == CheckpointState.committed and VERIFICATION_KEY not in r.meta for r in rows)
+
+        # leading again (the lock came back): its verifications start afresh, unthrottled, and finish
+        leadership.is_leader, leadership.lost = True, False
+        verifier.cfg = verifier.cfg.model_copy(update={"read_limit_mb_s": None})
+        settle(verifier, [run_id])
+        with transaction(factory) as session:
+            assert all(session.get(Checkpoint, i).state == CheckpointState.verified for i in ids)
+    finally:
+        orch.stop()
+        engine.dispose()

@@ -90,23 +90,28 @@ class Stack:
             return list(session.scalars(sa.select(LogEntry.message).order_by(LogEntry.id)))
 
 
+def two_hosts_and_a_run(factory: sessionmaker[Session], *, name: str) -> int:
+    """Hosts h1 and h2, and a started two-host run on the `fake` launcher; returns the run's id."""
+    with transaction(factory) as session:
+        for host in ("h1", "h2"):
+            register_node(session, hostname=host, author="test")
+        return create_run(
+            session,
+            name=name,
+            owner="test",
+            config={"preset": "tiny", "target_steps": 10, "host_count": 2, "launcher": "fake"},
+            start=True,
+            author="test",
+        ).id
+
+
 @pytest.fixture
 def stack(tmp_path: Path) -> Iterator[Stack]:
     url = f"sqlite:///{tmp_path / 'trainops.db'}"
     migrate.upgrade(url)
     engine = make_engine(url)
     factory = make_session_factory(engine)
-    with transaction(factory) as session:
-        for host in ("h1", "h2"):
-            register_node(session, hostname=host, author="test")
-        run_id = create_run(
-            session,
-            name="interrupted",
-            owner="test",
-            config={"preset": "tiny", "target_steps": 10, "host_count": 2, "launcher": "fake"},
-            start=True,
-            author="test",
-        ).id
+    run_id = two_hosts_and_a_run(factory, name="interrupted")
     cfg = OrchestratorConfig(
         loop_interval_s=0.01,
         runs_dir=str(tmp_path / "runs"),

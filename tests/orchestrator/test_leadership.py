@@ -13,8 +13,11 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import psycopg
 import pytest
 import sqlalchemy as sa
 from pydantic import ValidationError
@@ -22,11 +25,16 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 from typer.testing import CliRunner
 
+from service import migrate
 from service.cli import app
-from service.crud.orchestrators import LEADER_SESSION_SQL, orchestrator_sessions
+from service.crud.orchestrators import FENCE_LOCK, LEADER_SESSION_SQL, LOCK_NAMESPACE, orchestrator_sessions
 from service.db import make_engine, make_session_factory, transaction
+from service.fleet.gateway import SweepHealthGateway
+from service.models import Attempt, Run
+from service.orchestrator.launchers.base import LaunchSpec
 from service.orchestrator.leadership import (
     Holder,
+    LeadershipChange,
     LeadershipLost,
     LeadershipRefused,
     PostgresLeadership,
@@ -34,7 +42,12 @@ from service.orchestrator.leadership import (
     fenced,
     fenced_sessions,
 )
-from service.recovery.config import OrchestratorConfig
+from service.orchestrator.loop import Orchestrator
+from service.recovery.config import OrchestratorConfig, RemediationConfig
+from service.statemachine import RunPhase
+from tests.orchestrator.test_interrupted_launch import two_hosts_and_a_run
+from tests.orchestrator.test_pass_scaling import wait_until
+from tests.orchestrator.test_trainer_token_expiry import ScriptedLauncher
 
 WRITES = sa.Table("fenced_writes", sa.MetaData(), sa.Column("what", sa.String(40)))
 
@@ -294,3 +307,184 @@ def test_a_leader_whose_process_stops_loses_the_lock_within_the_lease(
         leader.kill()
         leader.wait()
         standby.release()
+
+
+@dataclass
+class LockLosingLauncher(ScriptedLauncher):
+    """A launcher during whose `prepare` (inside the transaction that records the attempt) the leader's lock
+    session is dropped, as a network blip or the database's restart of that backend would drop it."""
+
+    engine: Engine | None = None
+    prepared: list[int] = field(default_factory=list)
+
+    def prepare(self, spec: LaunchSpec) -> dict[str, Any]:
+        self.prepared.append(spec.attempt)
+        if self.engine is not None:
+            kill_leader_session(self.engine)
+            self.engine = None  # once: the next leader prepares in peace
+        return super().prepare(spec)
+
+
+@pytest.mark.postgres
+def test_a_leader_deposed_while_it_records_a_launch_commits_nothing_and_its_successor_launches_once(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    """The applier's transactions are fenced too: the attempt row, its token and the run's move to
+    `starting` are one transaction, which the deposed leader may not commit."""
+    migrate.upgrade(postgres_url)
+    engine = make_engine(postgres_url, pool_size=4)
+    factory = make_session_factory(engine)
+    run_id = two_hosts_and_a_run(factory, name="fenced-launch")
+    cfg = OrchestratorConfig(
+        loop_interval_s=0.5,
+        leader_lease_s=2.0,
+        runs_dir=str(tmp_path / "runs"),
+        remediation=RemediationConfig(backoff_base_s=0.0, deep_check_before_relaunch=False),
+    )
+    launcher = LockLosingLauncher(engine=engine)
+
+    def orchestrator(holder: Holder) -> Orchestrator:
+        return Orchestrator(
+            factory,
+            cfg,
+            launchers={"fake": launcher},
+            health=SweepHealthGateway(factory),
+            leadership=PostgresLeadership(engine, lease_s=cfg.leader_lease_s, holder=holder),
+        )
+
+    def state() -> tuple[RunPhase, list[int]]:
+        with transaction(factory) as session:
+            phase = session.scalars(sa.select(Run.phase).where(Run.id == run_id)).one()
+            return phase, list(session.scalars(sa.select(Attempt.number)))
+
+    first, second = orchestrator(Holder("host-a", 101)), orchestrator(Holder("host-b", 202))
+    try:
+        assert first.leads() and not second.leads()
+        with pytest.raises(LeadershipLost, match="no longer this orchestrator's"):
+            first.reconcile_once()
+        assert launcher.prepared == [1]  # it got as far as preparing attempt 1 ...
+        assert state() == (RunPhase.pending, [])  # ... and recorded none of it
+
+        assert not first.leads()  # its next poll says it lost; the standby takes over and launches once
+        assert second.leads()
+        second.reconcile_once()
+        assert state() == (RunPhase.starting, [1])
+        assert launcher.prepared == [1, 1]
+    finally:
+        first.stop()
+        second.stop()
+        first.step_down()
+        second.step_down()
+        engine.dispose()
+
+
+FENCED_STEP_LEADER = """
+import sys, time
+from service.db import make_engine
+from service.orchestrator.leadership import Holder, PostgresLeadership, fenced
+engine = make_engine(sys.argv[1])
+leadership = PostgresLeadership(engine, lease_s=2, holder=Holder("host-a", 101))
+assert leadership.poll() is not None
+with fenced(leadership, engine, "start attempt 1"):
+    print("inside", flush=True)
+    time.sleep(600)
+"""
+
+
+def fence_holders(engine: Engine) -> int:
+    """How many sessions hold the fence (a leader's fenced steps)."""
+    with engine.connect() as conn:
+        return conn.execute(
+            sa.text(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 2"
+                " AND classid::bigint = :namespace AND objid::bigint = :fence"
+            ),
+            {"namespace": LOCK_NAMESPACE, "fence": FENCE_LOCK},
+        ).scalar_one()
+
+
+def stopped(pid: int) -> bool:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
+
+
+@pytest.mark.postgres
+def test_a_leader_stopped_inside_a_fenced_launch_does_not_hold_off_the_standby(
+    pg: tuple[Engine, sessionmaker[Session]], postgres_url: str
+) -> None:
+    """SIGSTOP mid-launch: the stopped leader's fence (on a pooled connection) must go within the lease like
+    its leader lock, or the standby, having taken the lock, would wait for the fence as long as TCP lets the
+    stopped process's kernel answer for it."""
+    engine, _ = pg
+    interval_s = 0.5
+    leader = subprocess.Popen(
+        [sys.executable, "-c", FENCED_STEP_LEADER, postgres_url],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    standby = PostgresLeadership(engine, lease_s=2, holder=Holder("host-b", 202))
+    taken: list[LeadershipChange] = []
+    quit_polling = threading.Event()
+
+    def stand_by() -> None:  # the standby's loop: one poll per interval
+        while not quit_polling.is_set() and not taken:
+            change = standby.poll()
+            if change is not None:
+                taken.append(change)
+            quit_polling.wait(interval_s)
+
+    poller = threading.Thread(target=stand_by)
+    try:
+        assert leader.stdout is not None and leader.stdout.readline().strip() == "inside"
+        time.sleep(3)  # longer than the lease: a running leader's fenced launch keeps lock and fence
+        assert standby.poll() is None and fence_holders(engine) == 1
+        os.kill(leader.pid, signal.SIGSTOP)
+        poller.start()
+        wait_until(lambda: bool(taken), timeout_s=60)  # bound: 2 x interval + lease; generous here
+        assert taken[0].acquired and taken[0].previous == Holder("host-a", 101)
+        assert stopped(leader.pid)  # it led while the old leader was still stopped mid-launch
+        assert fence_holders(engine) == 0
+    finally:
+        quit_polling.set()
+        leader.kill()  # its sockets close: an old standby stuck waiting for the fence gets it now
+        leader.wait()
+        if poller.is_alive() or poller.ident is not None:
+            poller.join(30)
+        standby.release()
+
+
+@pytest.mark.postgres
+def test_a_fence_held_past_the_lease_is_ended_and_named_in_the_takeover(
+    pg: tuple[Engine, sessionmaker[Session]], postgres_url: str
+) -> None:
+    """A fenced step whose session the server cannot time out (busy in a statement that never returns, or
+    an orchestrator from before fences had a lease) holds the fence: the new leader waits the lease for it,
+    then ends that session, and its takeover's evidence (the logbook entry) names it."""
+    engine, _ = pg
+    holder = psycopg.connect(postgres_url.replace("postgresql+psycopg://", "postgresql://"))
+    holder.execute("SELECT pg_advisory_xact_lock_shared(%s, %s)", (LOCK_NAMESPACE, FENCE_LOCK))
+    pid = holder.info.backend_pid
+    errors: list[BaseException] = []
+
+    def stuck() -> None:
+        try:
+            holder.execute("SELECT pg_sleep(60)")
+            holder.rollback()
+        except psycopg.Error as error:
+            errors.append(error)
+
+    worker = threading.Thread(target=stuck)
+    worker.start()
+    standby = PostgresLeadership(engine, lease_s=2, holder=Holder("host-b", 202))
+    try:
+        wait_until(lambda: fence_holders(engine) == 1)
+        taken = standby.poll()
+        assert taken is not None and taken.acquired
+        (ended,) = taken.evidence["fence_holders_terminated"]
+        assert ended["pid"] == pid and "pg_sleep" in ended["query"]
+        worker.join(30)
+        assert errors and isinstance(errors[0], psycopg.errors.AdminShutdown)
+    finally:
+        standby.release()
+        worker.join(60)
+        holder.close()
