@@ -26,7 +26,9 @@ ADMIN = {"Authorization": f"Bearer {DEFAULT_BOOTSTRAP_TOKEN}"}
 
 def test_a_gated_rollback_waits_for_the_operator_who_approves_it_from_the_cli(stack: Stack) -> None:  # noqa: F811
     run_id = stack.create_run(
-        target_steps=32,
+        # 28 steps after the LR blow-up: at 7-10 steps a second a loaded CI saw attempt 1 reach a 32-step
+        # target before its diverging metrics were judged (it then ends `completed`, nothing to approve)
+        target_steps=48,
         faults=["1:diverge:step=20,factor=100"],
         approvals={"require": ["lr_cut"], "timeout_s": 600, "on_timeout": "hold"},
     )
