@@ -16,8 +16,9 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FuturesTimeout
 from contextlib import AbstractContextManager, nullcontext
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -128,99 +129,98 @@ def newest_attempt_that_trained(session: Session, *, before: Attempt | None) -> 
     return attempt
 
 
-class DeepChecks:
+_Key = TypeVar("_Key")
+_Verdict = TypeVar("_Verdict")
+
+
+class _OffPassChecks(Generic[_Key, _Verdict]):
+    """Checks a launch needs, on worker threads of their own, one per run, keyed by what is checked (hosts,
+    a checkpoint): when decide() picks another key meanwhile, the old check's verdict no longer matters."""
+
+    def __init__(self, *, workers: int, name: str) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name)
+        self._jobs: dict[int, tuple[_Key, Future[_Verdict]]] = {}
+
+    def _job(self, run_id: int, key: _Key, check: Callable[[], _Verdict]) -> tuple[bool, Future[_Verdict]]:
+        """(started now, the run's check of `key`), starting it unless it runs already."""
+        job = self._jobs.get(run_id)
+        if job is not None and job[0] == key:
+            return False, job[1]
+        if job is not None:
+            job[1].cancel()  # another key was chosen: a check still queued is not run
+        future = self._pool.submit(check)
+        self._jobs[run_id] = (key, future)
+        return True, future
+
+    def _done(self, run_id: int) -> None:
+        del self._jobs[run_id]
+
+    def pending(self) -> dict[int, _Key]:
+        """The checks still running, by run: what each is checking."""
+        return {run_id: key for run_id, (key, future) in self._jobs.items() if not future.done()}
+
+    def forget(self) -> None:
+        """Another orchestrator leads: the checks it needs it starts itself."""
+        for _, future in self._jobs.values():
+            future.cancel()
+        self._jobs.clear()
+
+    def shutdown(self) -> None:
+        self.forget()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class DeepChecks(_OffPassChecks[tuple[str, ...], dict[str, bool]]):
     """Deep diagnostics of a relaunch's hosts, on worker threads of their own.
 
     A deep sweep takes up to `deep_check_deadline_s` (120 s by default: GEMM, memory and all-reduce tests on
     every GPU). Run inside the pass, as before, it held up the detection of every other run for that long,
     which at fleet scale (a hardware failure a day per 1,000 hosts) is every run, every day. Now a launch
-    that needs one starts it and waits pass after pass; the other runs are reconciled meanwhile. One check
-    per run: when decide() picks other hosts meanwhile, the old check's verdict no longer matters."""
+    that needs one starts it and waits pass after pass; the other runs are reconciled meanwhile."""
 
     def __init__(self, health: HealthGateway, *, workers: int = 4) -> None:
+        super().__init__(workers=workers, name="trainops-deep-check")
         self.health = health
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="trainops-deep-check")
-        self._jobs: dict[int, tuple[tuple[str, ...], Future[dict[str, bool]]]] = {}
 
     def poll(
         self, run_id: int, hosts: tuple[str, ...], *, deadline_s: float
     ) -> tuple[bool, dict[str, bool] | None]:
         """(started now, the verdict per host once the check finished, else None). A check that raised
         raises here, once (the pass fails and is retried; the next poll starts a new check)."""
-        job = self._jobs.get(run_id)
-        if job is not None and job[0] != hosts:
-            job[1].cancel()  # other hosts were chosen: a check still queued is not run
-            del self._jobs[run_id]
-            job = None
-        if job is None:
-            future = self._pool.submit(self.health.deep_check, hosts, deadline_s=deadline_s)
-            self._jobs[run_id] = (hosts, future)
-            return True, None
-        if not job[1].done():
-            return False, None
-        del self._jobs[run_id]
-        return False, job[1].result()
-
-    def forget(self) -> None:
-        """Another orchestrator leads: the checks it needs it starts itself."""
-        for _, future in self._jobs.values():
-            future.cancel()
-        self._jobs.clear()
-
-    def shutdown(self) -> None:
-        self.forget()
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        check = partial(self.health.deep_check, hosts, deadline_s=deadline_s)
+        started, future = self._job(run_id, hosts, check)
+        if started or not future.done():
+            return started, None
+        self._done(run_id)
+        return False, future.result()
 
 
-class RestorePointChecks:
+class RestorePointChecks(_OffPassChecks[str, tuple[bool, str]]):
     """The metadata check of a relaunch's restore point, on worker threads of their own.
 
     It reads no file content, but it stats every file: about 16,000 at 8,192 ranks, each a round trip on a
-    shared filesystem (seconds per check, docs/benchmarks.md). A launch waits for its check at most for
-    what is left of the pass's launch budget: a small checkpoint's check (milliseconds) finishes within
-    it and the launch goes on in the same pass; a large one's goes on off the pass, and the launch waits
-    for it pass after pass while every other run is reconciled. One check per run: when decide() picks
-    another checkpoint meanwhile, the old check's verdict no longer matters."""
+    shared filesystem (0.2-6 s a check here, docs/benchmarks.md). A launch waits for its check once, at most
+    for what is left of the pass's launch budget: a small checkpoint's check (milliseconds) finishes within
+    it and the launch goes on in the same pass; a large one's goes on off the pass, and the launch waits for
+    it pass after pass while every other run is reconciled and launched."""
 
     def __init__(self, *, workers: int = 2) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="trainops-restore-check")
-        self._jobs: dict[int, tuple[str, Future[tuple[bool, str]]]] = {}
+        super().__init__(workers=workers, name="trainops-restore-check")
 
     def poll(self, run_id: int, path: str, *, wait_s: float) -> tuple[bool, str] | None:
         """(ok, why) once the check of `path` finished, else None. The poll that starts a check waits up to
         `wait_s` for it; later polls do not wait (a check that outlived one pass's budget would otherwise
         take every pass's budget, and the launches after it in the pass would never get a turn). A check
         that raised raises here, once (the pass fails and is retried; the next poll starts a new check)."""
-        job = self._jobs.get(run_id)
-        if job is not None and job[0] != path:
-            job[1].cancel()  # another checkpoint was chosen: a check still queued is not run
-            job = None
-        started_now = job is None
-        if job is None:
-            job = (path, self._pool.submit(verify_checkpoint, path, deep=False))
-            self._jobs[run_id] = job
+        started, future = self._job(run_id, path, lambda: verify_checkpoint(path, deep=False))
         try:
-            verdict = job[1].result(timeout=max(0.0, wait_s) if started_now else 0.0)
+            verdict = future.result(timeout=max(0.0, wait_s) if started else 0.0)
         except FuturesTimeout:
             return None
         finally:
-            if job[1].done():
-                del self._jobs[run_id]
+            if future.done():
+                self._done(run_id)
         return verdict
-
-    def pending(self) -> dict[int, str]:
-        """The checks still running, by run: the checkpoint each is for."""
-        return {run_id: path for run_id, (path, future) in self._jobs.items() if not future.done()}
-
-    def forget(self) -> None:
-        """Another orchestrator leads: the checks it needs it starts itself."""
-        for _, future in self._jobs.values():
-            future.cancel()
-        self._jobs.clear()
-
-    def shutdown(self) -> None:
-        self.forget()
-        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 class Applier:

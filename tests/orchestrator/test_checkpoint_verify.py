@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -231,6 +232,20 @@ class ExitOnCue:
         return None
 
 
+def attempts_of(factory: sessionmaker[Session], run_id: int) -> list[Attempt]:
+    with transaction(factory) as session:
+        return list(
+            session.scalars(sa.select(Attempt).where(Attempt.run_id == run_id).order_by(Attempt.number))
+        )
+
+
+def checkpoint_of(factory: sessionmaker[Session], run_id: int, step: int) -> Checkpoint | None:
+    with transaction(factory) as session:
+        return session.scalar(
+            sa.select(Checkpoint).where(Checkpoint.run_id == run_id, Checkpoint.step == step)
+        )
+
+
 def wait_for(what: Callable[[], Any], *, timeout_s: float = 20.0) -> Any:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -265,19 +280,8 @@ def test_a_slow_verification_of_one_run_never_delays_another_runs_crash_detectio
     thread = threading.Thread(target=orch.run_forever, daemon=True)
     thread.start()
     try:
-
-        def attempts(run_id: int) -> list[Attempt]:
-            with transaction(factory) as session:
-                rows = session.scalars(
-                    sa.select(Attempt).where(Attempt.run_id == run_id).order_by(Attempt.number)
-                )
-                return list(rows)
-
-        def checkpoint(run_id: int, step: int) -> Checkpoint | None:
-            with transaction(factory) as session:
-                return session.scalar(
-                    sa.select(Checkpoint).where(Checkpoint.run_id == run_id, Checkpoint.step == step)
-                )
+        attempts = partial(attempts_of, factory)
+        checkpoint = partial(checkpoint_of, factory)
 
         small_attempt = wait_for(lambda: attempts(small))[0]
         wait_for(lambda: attempts(big))
@@ -363,19 +367,8 @@ def test_a_slow_metadata_check_before_one_runs_relaunch_never_holds_up_another_r
     thread = threading.Thread(target=orch.run_forever, daemon=True)
     thread.start()
     try:
-
-        def attempts(run_id: int) -> list[Attempt]:
-            with transaction(factory) as session:
-                rows = session.scalars(
-                    sa.select(Attempt).where(Attempt.run_id == run_id).order_by(Attempt.number)
-                )
-                return list(rows)
-
-        def checkpoint(run_id: int, step: int) -> Checkpoint | None:
-            with transaction(factory) as session:
-                return session.scalar(
-                    sa.select(Checkpoint).where(Checkpoint.run_id == run_id, Checkpoint.step == step)
-                )
+        attempts = partial(attempts_of, factory)
+        checkpoint = partial(checkpoint_of, factory)
 
         big_attempt = wait_for(lambda: attempts(big))[0]
         small_attempt = wait_for(lambda: attempts(small))[0]
