@@ -295,6 +295,11 @@ def _decide_active(run: ObservedRun, cfg: OrchestratorConfig) -> list[Action]:
         finding = classify_exit(code)
         last = attempt.last_step or 0
         if finding.outcome == "completed":
+            if last >= run.target_steps and (diverged := _divergence(attempt, cfg)) is not None:
+                # The last steps before the target diverged, faster than a pass could see (a short run, or
+                # metrics flushed at exit): the final weights are the diverged ones, and "completed" would
+                # hand them over. Rolled back past the onset and remediated like any divergence.
+                return [_end_for_divergence(diverged, attempt, also="exited 0 at the target", exit_code=code)]
             if last >= run.target_steps:
                 return [
                     EndAttempt(

@@ -544,3 +544,17 @@ def test_a_hang_blames_the_lagging_hosts_only_as_far_as_the_pool_can_replace_the
     # one host behind is blamed even with no spare (the run waits for one deep check); two are not
     assert _hang_on(hosts, {"h7"}, pool=16).blame_hosts == ("h7",)
     assert _hang_on(hosts, {"h7", "h9"}, pool=16).blame_hosts == ()
+
+
+def test_a_run_that_diverged_in_its_last_steps_is_not_handed_over_as_completed() -> None:
+    """The LR blew up at step 30 of a 33-step run; the trainer reached the target and exited 0 before a pass
+    judged those steps. Its final weights are the diverged ones: the attempt ends as a divergence (rolled
+    back past the onset, remediated), not `completed`. Clean final metrics still complete the run."""
+    diverged = attempt("exited", 0, samples=flat_then_blowup(30), last_step=33)
+    acts = decide(run(attempt=diverged, target_steps=33), CFG)
+    end = only(acts, EndAttempt)
+    assert end.outcome == "divergence" and end.evidence["onset_step"] == 30
+    assert end.evidence["also"] == "exited 0 at the target" and not any(isinstance(a, SetPhase) for a in acts)
+    clean = attempt("exited", 0, samples=flat_then_blowup(30)[:25], last_step=25)
+    acts = decide(run(attempt=clean, target_steps=25), CFG)
+    assert only(acts, EndAttempt).outcome == "completed" and only(acts, SetPhase).target == RunPhase.completed
