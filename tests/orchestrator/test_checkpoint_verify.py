@@ -10,8 +10,8 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -255,19 +255,40 @@ def wait_for(what: Callable[[], Any], *, timeout_s: float = 20.0) -> Any:
     raise AssertionError("timed out")
 
 
+def big_and_small_runs(postgres_url: str, hosts: int) -> tuple[sessionmaker[Session], int, int]:
+    """A fresh database with `hosts` hosts and two started one-host runs, "big" and "small"."""
+    migrate.upgrade(postgres_url)
+    factory = make_session_factory(make_engine(postgres_url))
+    with transaction(factory) as session:
+        for i in range(1, hosts + 1):
+            register_node(session, hostname=f"h{i}", author="test")
+        config = {"preset": "tiny", "target_steps": 1000, "host_count": 1, "launcher": "scripted"}
+        big = create_run(session, name="big", owner="test", config=config, start=True, author="test").id
+        small = create_run(session, name="small", owner="test", config=config, start=True, author="test").id
+    return factory, big, small
+
+
+@contextmanager
+def orchestrating(
+    factory: sessionmaker[Session], cfg: OrchestratorConfig, launcher: ExitOnCue
+) -> Iterator[Orchestrator]:
+    """The real orchestrator's loop on a thread of this process, stopped at the end."""
+    orch = Orchestrator(factory, cfg, launchers={"scripted": launcher}, health=SweepHealthGateway(factory))
+    thread = threading.Thread(target=orch.run_forever, daemon=True)
+    thread.start()
+    try:
+        yield orch
+    finally:
+        orch.stop()
+        thread.join(10)
+
+
 @pytest.mark.postgres
 def test_a_slow_verification_of_one_run_never_delays_another_runs_crash_detection(
     postgres_url: str, tmp_path: Path
 ) -> None:
-    migrate.upgrade(postgres_url)
-    factory = make_session_factory(make_engine(postgres_url))
+    factory, big, small = big_and_small_runs(postgres_url, hosts=2)
     runs_dir = tmp_path / "runs"
-    with transaction(factory) as session:
-        for host in ("h1", "h2"):
-            register_node(session, hostname=host, author="test")
-        config = {"preset": "tiny", "target_steps": 1000, "host_count": 1, "launcher": "scripted"}
-        big = create_run(session, name="big", owner="test", config=config, start=True, author="test").id
-        small = create_run(session, name="small", owner="test", config=config, start=True, author="test").id
     cfg = OrchestratorConfig(
         loop_interval_s=0.05,
         runs_dir=str(runs_dir),
@@ -276,10 +297,7 @@ def test_a_slow_verification_of_one_run_never_delays_another_runs_crash_detectio
         checkpoint_verify={"workers": 2, "read_limit_mb_s": 8.0, "measure_min_mb": 16.0},
     )
     launcher = ExitOnCue()
-    orch = Orchestrator(factory, cfg, launchers={"scripted": launcher}, health=SweepHealthGateway(factory))
-    thread = threading.Thread(target=orch.run_forever, daemon=True)
-    thread.start()
-    try:
+    with orchestrating(factory, cfg, launcher) as orch:
         attempts = partial(attempts_of, factory)
         checkpoint = partial(checkpoint_of, factory)
 
@@ -316,9 +334,6 @@ def test_a_slow_verification_of_one_run_never_delays_another_runs_crash_detectio
         assert dt.datetime.fromisoformat(evidence["at"]).timestamp() > ended.detected_at.timestamp()
         # the pool measured what it really reads (8 MB/s here): later deadlines start from that
         assert orch.checkpoint_verifier.measured_bytes_per_s == pytest.approx(8 * MB, rel=0.15)
-    finally:
-        orch.stop()
-        thread.join(10)
     with transaction(factory) as session:
         messages = [e.message for e in list_logbook(session, run_id=small)[0]]
     assert any("state committed -> corrupt" in m and "bytes do not match its manifest" in m for m in messages)
@@ -327,7 +342,7 @@ def test_a_slow_verification_of_one_run_never_delays_another_runs_crash_detectio
 
 @pytest.mark.postgres
 def test_a_slow_metadata_check_before_one_runs_relaunch_never_holds_up_another_runs_relaunch(
-    postgres_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    postgres_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
 ) -> None:
     """At 8,192 ranks a restore point has ~16,000 files and its metadata check stats each one: seconds on
     a shared filesystem. The big run's relaunch waits for that check off the pass; the small run, which
@@ -335,15 +350,8 @@ def test_a_slow_metadata_check_before_one_runs_relaunch_never_holds_up_another_r
     exactly once when its check is done."""
     from service.orchestrator import apply as apply_module
 
-    migrate.upgrade(postgres_url)
-    factory = make_session_factory(make_engine(postgres_url))
+    factory, big, small = big_and_small_runs(postgres_url, hosts=4)
     runs_dir = tmp_path / "runs"
-    with transaction(factory) as session:
-        for host in ("h1", "h2", "h3", "h4"):
-            register_node(session, hostname=host, author="test")
-        config = {"preset": "tiny", "target_steps": 1000, "host_count": 1, "launcher": "scripted"}
-        big = create_run(session, name="big", owner="test", config=config, start=True, author="test").id
-        small = create_run(session, name="small", owner="test", config=config, start=True, author="test").id
 
     checking = threading.Event()  # the big checkpoint's metadata check has begun
     release = threading.Event()  # ... and may finish
@@ -356,6 +364,7 @@ def test_a_slow_metadata_check_before_one_runs_relaunch_never_holds_up_another_r
         return metadata_check(path, deep=deep)
 
     monkeypatch.setattr(apply_module, "verify_checkpoint", slow_for_the_big_run)
+    request.addfinalizer(release.set)  # a failed assertion must not leave the check waiting on `release`
     cfg = OrchestratorConfig(
         loop_interval_s=0.05,
         runs_dir=str(runs_dir),
@@ -363,10 +372,7 @@ def test_a_slow_metadata_check_before_one_runs_relaunch_never_holds_up_another_r
         remediation={"backoff_base_s": 0.0, "backoff_max_s": 0.0},
     )
     launcher = ExitOnCue()
-    orch = Orchestrator(factory, cfg, launchers={"scripted": launcher}, health=SweepHealthGateway(factory))
-    thread = threading.Thread(target=orch.run_forever, daemon=True)
-    thread.start()
-    try:
+    with orchestrating(factory, cfg, launcher) as orch:
         attempts = partial(attempts_of, factory)
         checkpoint = partial(checkpoint_of, factory)
 
@@ -393,10 +399,6 @@ def test_a_slow_metadata_check_before_one_runs_relaunch_never_holds_up_another_r
         wait_for(lambda: not orch.applier.restore_checks.pending())
         time.sleep(0.5)  # passes go on: the finished check is not consumed twice
         assert len(attempts(big)) == 2
-    finally:
-        release.set()
-        orch.stop()
-        thread.join(10)
 
 
 def test_a_restore_points_metadata_check_answers_in_the_pass_when_quick_and_waits_only_once(
