@@ -91,5 +91,28 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    # The schema is unchanged; the renamed runs keep fp16-mixed, which is what they trained in.
-    pass
+    """Give the runs this migration renamed (its logbook entries name them) their stored `fp16` back: the
+    code of revision 0010 and before reads `fp16` as the format they trained in."""
+    bind = op.get_bind()
+    renamed = sa.select(logbook.c.run_id).where(logbook.c.author == "migration 0011").scalar_subquery()
+    for run_id, config in bind.execute(
+        sa.select(runs.c.id, runs.c.config).where(runs.c.id.in_(renamed))
+    ).all():
+        config = dict(config or {})
+        if config.get("precision") != "fp16-mixed":
+            continue  # changed since (a run's config is not editable today, but say nothing we did not do)
+        bind.execute(
+            sa.update(runs).where(runs.c.id == run_id).values(config={**config, "precision": "fp16"})
+        )
+        bind.execute(
+            sa.insert(logbook).values(
+                run_id=run_id,
+                time=utcnow(),
+                kind="action",
+                severity="info",
+                author="migration 0011 (downgrade)",
+                message="precision fp16-mixed -> fp16: the schema went back before migration 0011, "
+                "whose code reads fp16 as this run's format",
+                evidence={"configured_precision": "fp16-mixed"},
+            )
+        )

@@ -212,3 +212,15 @@ def test_runs_that_trained_in_the_old_fp16_are_renamed_fp16_mixed(db_url: str) -
         "step": 1,
         "configured_precision": "fp16",
     }
+
+    # Going back before 0011 gives the renamed runs the `fp16` that revision's code reads as their format.
+    migrate.downgrade(db_url, "0010")
+    engine = make_engine(db_url)
+    try:
+        with transaction(make_session_factory(engine)) as session:
+            precision = {r.name: r.config.get("precision") for r in session.scalars(sa.select(Run))}
+            undone = [e.run_id for e in session.scalars(sa.select(LogEntry)) if "(downgrade)" in e.author]
+    finally:
+        engine.dispose()
+    assert precision["old"] == precision["old-default"] == "fp16" and precision["bf16"] == "bf16"
+    assert sorted(undone) == sorted([ids["old"], ids["old-default"]])
